@@ -1,0 +1,162 @@
+"""The ``risk-engine`` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from risk_engine.config import Settings
+
+app = typer.Typer(
+    help="risk-engine: trust, risk and fraud control for marketplaces.", no_args_is_help=True, add_completion=False
+)
+rules_app = typer.Typer(help="Policies in the rules language.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+lists_app = typer.Typer(help="Named lists.", no_args_is_help=True)
+models_app = typer.Typer(help="Detectors.", no_args_is_help=True)
+app.add_typer(rules_app, name="rules")
+app.add_typer(keys_app, name="keys")
+app.add_typer(lists_app, name="lists")
+app.add_typer(models_app, name="models")
+
+
+def _logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    access_log: Annotated[bool, typer.Option(help="Log each request line (paths only, never bodies).")] = True,
+) -> None:
+    """Migrate the database and serve the API."""
+    import uvicorn
+
+    from risk_engine.service import create_app
+
+    _logging()
+    uvicorn.run(create_app(Settings()), host=host, port=port, log_level=log_level, access_log=access_log)
+
+
+@app.command()
+def migrate() -> None:
+    """Bring the database schema up to date."""
+    from risk_engine.storage.db import make_engine
+    from risk_engine.storage.db import migrate as run_migrations
+
+    _logging()
+    settings = Settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    run_migrations(make_engine(settings.resolved_database_url))
+    typer.echo("ok: schema up to date")
+
+
+@app.command()
+def openapi() -> None:
+    """Print the OpenAPI document generated from the app."""
+    from risk_engine.service import create_app
+
+    typer.echo(json.dumps(create_app(Settings()).openapi(), indent=2, sort_keys=True))
+
+
+@rules_app.command("check")
+def rules_check(files: Annotated[list[Path], typer.Argument(help="Policy files to check.")]) -> None:
+    """Parse and type-check policy files: print every error with line:column, or ok with a rule count."""
+    from risk_engine.dsl import DslErrors, compile_policy
+    from risk_engine.engine import load_environments
+
+    envs, _, _ = load_environments(Settings())
+    failed = False
+    for path in files:
+        try:
+            policy = compile_policy(path.read_text(), envs, str(path))
+        except DslErrors as exc:
+            failed = True
+            for error in exc.errors:
+                typer.echo(f"{path}:{error}", err=False)
+        except OSError as exc:
+            failed = True
+            typer.echo(f"{path}: {exc.strerror}")
+        else:
+            typer.echo(f"{path}: ok ({len(policy.rules)} rules, subject {policy.subject})")
+    raise typer.Exit(1 if failed else 0)
+
+
+@keys_app.command("create")
+def keys_create(
+    role: Annotated[str, typer.Option(help="scorer, analyst or admin.")] = "scorer",
+    name: Annotated[str, typer.Option(help="What the key is for.")] = "cli",
+) -> None:
+    """Create an API key. The key alone is printed on the last line; only its hash is stored."""
+    from risk_engine.engine import ROLES, RiskEngine
+
+    if role not in ROLES:
+        typer.echo(f"role must be one of {', '.join(ROLES)}", err=True)
+        raise typer.Exit(2)
+    _logging(logging.WARNING)
+    engine = RiskEngine.open(Settings())
+    try:
+        key = engine.create_api_key(role, name, actor="cli")
+    finally:
+        engine.close()
+    typer.echo(f"created a {role} key named {name!r}; store it now, it is not shown again:")
+    typer.echo(key)
+
+
+@lists_app.command("add")
+def lists_add(
+    list_name: str,
+    value: str,
+    expires: Annotated[datetime | None, typer.Option(help="Expiry (ISO 8601, UTC if no zone).")] = None,
+    note: Annotated[str | None, typer.Option(help="Why.")] = None,
+) -> None:
+    """Add a value to a named list (PII lists keep only its blind index)."""
+    from datetime import UTC
+
+    from risk_engine.engine import NotFound, RiskEngine
+
+    _logging(logging.WARNING)
+    engine = RiskEngine.open(Settings())
+    try:
+        if expires is not None and expires.tzinfo is None:
+            expires = expires.replace(tzinfo=UTC)
+        view = engine.add_list_entry(list_name, value, "cli", expires, note)
+    except NotFound as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    finally:
+        engine.close()
+    typer.echo(json.dumps(view))
+
+
+@models_app.command("check")
+def models_check() -> None:
+    """Validate every detector spec under models/ (estimators, parameters, features)."""
+    from risk_engine.detectors import SpecError
+    from risk_engine.dsl import DslErrors
+    from risk_engine.engine import load_environments
+
+    try:
+        _, specs, _ = load_environments(Settings())
+    except (SpecError, DslErrors) as exc:
+        typer.echo(str(exc))
+        raise typer.Exit(1) from None
+    for spec in specs:
+        typer.echo(f"{spec.source}: {spec.name} ok ({spec.estimator}, {len(spec.features)} features)")
+
+
+def main() -> None:
+    """Entry point of the console script."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

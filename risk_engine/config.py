@@ -1,0 +1,48 @@
+"""Settings, read from the environment (prefix ``RISK_ENGINE_``) with embedded defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the engine needs to start. All paths the embedded default writes live under ``home``."""
+
+    model_config = SettingsConfigDict(env_prefix="RISK_ENGINE_", extra="ignore")
+
+    home: Path = Field(default=Path("var"), description="Data directory: database, key files, snapshots.")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; SQLite under home if unset.")
+    rules_dir: Path = Field(default=Path("rules"), description="Default policies (*.rules) and lists.toml.")
+    models_dir: Path = Field(default=Path("models"), description="Detector specs (*.toml).")
+    subjects_file: Path | None = Field(
+        default=None, description="Attribute declarations per subject; rules_dir/subjects.toml if unset."
+    )
+    master_key: str | None = Field(default=None, description="Base64 32-byte key wrapping the data keys.")
+    blind_index_key: str | None = Field(default=None, description="Base64 32-byte key for blind indexes.")
+    signing_key: str | None = Field(default=None, description="Base64 32-byte key signing model snapshots.")
+    max_body_bytes: int = Field(default=64 * 1024, description="Larger request bodies get HTTP 413.")
+    snapshot_every: int = Field(default=5000, description="Snapshot detectors every N learned events.")
+    writer_batch_max: int = Field(default=1000, description="Largest group commit.")
+    velocity_max_events_per_key: int = Field(
+        default=100_000, description="Cap per aggregate key; beyond it the oldest entries are dropped."
+    )
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to a SQLite file under ``home``."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.home / 'risk_engine.db').resolve()}"
+
+    @property
+    def resolved_subjects_file(self) -> Path:
+        """Where attribute declarations are read from."""
+        return self.subjects_file or self.rules_dir / "subjects.toml"
+
+    @property
+    def snapshot_dir(self) -> Path:
+        """Where detector snapshots are written."""
+        return self.home / "snapshots"

@@ -1,0 +1,43 @@
+"""Signed detector snapshots: HMAC-SHA256 over the pickled state, checked before anything is unpickled."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+MAGIC = b"RESNAP1\n"
+SIG_BYTES = 32
+
+
+class SnapshotError(Exception):
+    """A snapshot is missing its signature, was signed with another key, or was altered."""
+
+
+def write_snapshot(path: Path, state: Any, key: bytes) -> None:
+    """Pickle ``state``, sign it, and replace ``path`` atomically."""
+    payload = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+    signature = hmac.new(key, payload, hashlib.sha256).digest()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(MAGIC + signature + payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_snapshot(path: Path, key: bytes) -> Any:
+    """Verify and load a snapshot. Raises :class:`SnapshotError` if it does not verify."""
+    blob = path.read_bytes()
+    if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + SIG_BYTES:
+        raise SnapshotError(f"{path} is not a risk-engine snapshot")
+    signature = blob[len(MAGIC) : len(MAGIC) + SIG_BYTES]
+    payload = blob[len(MAGIC) + SIG_BYTES :]
+    expected = hmac.new(key, payload, hashlib.sha256).digest()
+    if not hmac.compare_digest(signature, expected):
+        raise SnapshotError(f"{path} failed its signature check: tampered, or signed with another key")
+    return pickle.loads(payload)  # only after the signature verified

@@ -1,0 +1,288 @@
+"""Text to syntax tree, with a real grammar (lark, LALR) and friendly syntax errors."""
+
+from __future__ import annotations
+
+import ast as pyast
+from functools import cache
+from pathlib import Path as FsPath
+from typing import Any
+
+from lark import Lark, Token, Transformer, Tree, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+
+from risk_engine.dsl import ast
+from risk_engine.dsl.errors import DslError, DslErrors
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+_TOKEN_WORDS = {
+    "LBRACE": "'{'",
+    "RBRACE": "'}'",
+    "LPAR": "'('",
+    "RPAR": "')'",
+    "LSQB": "'['",
+    "RSQB": "']'",
+    "COMMA": "','",
+    "DOT": "'.'",
+    "MINUS": "'-'",
+    "NAME": "a name",
+    "NUMBER": "a number",
+    "SIGNED_NUMBER": "a signed number like +20",
+    "STRING": 'a "string"',
+    "DURATION": "a duration like 10m",
+    "DECISION": "a decision (allow, challenge, review, block)",
+    "COMP_OP": "a comparison",
+    "ADD_OP": "'+' or '-'",
+    "MUL_OP": "'*' or '/'",
+    "STR_OP": "contains, starts_with or ends_with",
+    "AGG_FUNC": "an aggregate (count, sum, distinct, avg)",
+    "$END": "end of text",
+}
+
+
+@cache
+def _parser() -> Lark:
+    grammar = (FsPath(__file__).parent / "grammar.lark").read_text()
+    return Lark(
+        grammar,
+        parser="lalr",
+        lexer="contextual",
+        start=["start", "expr"],
+        propagate_positions=True,
+        maybe_placeholders=True,
+    )
+
+
+def _pos(item: Token | Tree[Any]) -> ast.Pos:
+    if isinstance(item, Token):
+        return ast.Pos(item.line or 1, item.column or 1)
+    return ast.Pos(item.meta.line, item.meta.column)
+
+
+def _duration(tok: Token) -> ast.DurationLit:
+    text = str(tok)
+    unit = "ms" if text.endswith("ms") else text[-1]
+    return ast.DurationLit(_pos(tok), float(text[: -len(unit)]) * _UNITS[unit], text)
+
+
+def _number(text: str) -> float | int:
+    return float(text) if "." in text else int(text)
+
+
+@v_args(meta=True)
+class _ToAst(Transformer[Token, Any]):
+    def _p(self, meta: Any) -> ast.Pos:
+        return ast.Pos(meta.line, meta.column)
+
+    # -- policy --
+    def start(self, meta: Any, items: list[Any]) -> ast.Policy:
+        subject_name, subject_pos = items[0]
+        rules = tuple(i for i in items[1:] if isinstance(i, ast.Rule))
+        blocks = [i for i in items[1:] if isinstance(i, tuple) and i and i[0] == "thresholds"]
+        thresholds = tuple(t for b in blocks for t in b[2])
+        return ast.Policy(subject_name, subject_pos, thresholds, rules, tuple(b[1] for b in blocks))
+
+    def subject_decl(self, meta: Any, items: list[Token]) -> tuple[str, ast.Pos]:
+        return str(items[0]), _pos(items[0])
+
+    def thresholds(self, meta: Any, items: list[ast.Threshold]) -> tuple[str, ast.Pos, list[ast.Threshold]]:
+        return ("thresholds", self._p(meta), items)
+
+    def threshold(self, meta: Any, items: list[Token]) -> ast.Threshold:
+        return ast.Threshold(ast.Decision(str(items[0])), float(items[1]), _pos(items[0]))
+
+    def rule(self, meta: Any, items: list[Any]) -> ast.Rule:
+        name = items[0]
+        description, condition, actions = items[1], items[2], items[3]
+        return ast.Rule(str(name), _pos(name), description, condition, tuple(actions))
+
+    def description(self, meta: Any, items: list[Token]) -> str:
+        return _unquote(items[0])
+
+    def when_clause(self, meta: Any, items: list[ast.Expr]) -> ast.Expr:
+        return items[0]
+
+    def then_clause(self, meta: Any, items: list[ast.Action]) -> list[ast.Action]:
+        return items
+
+    def decide(self, meta: Any, items: list[Token]) -> ast.Action:
+        return ast.Decide(self._p(meta), ast.Decision(str(items[0])))
+
+    def score(self, meta: Any, items: list[Token]) -> ast.Action:
+        return ast.ScoreChange(self._p(meta), float(items[0]))
+
+    def reason(self, meta: Any, items: list[Token | None]) -> ast.Action:
+        code, text = items
+        return ast.ReasonAction(self._p(meta), str(code), _unquote(text) if text is not None else None)
+
+    def tag(self, meta: Any, items: list[Token]) -> ast.Action:
+        return ast.Tag(self._p(meta), str(items[0]))
+
+    # -- expressions --
+    def or_(self, meta: Any, items: list[ast.Expr]) -> ast.Expr:
+        return _flatten_bool(self._p(meta), "or", items)
+
+    def and_(self, meta: Any, items: list[ast.Expr]) -> ast.Expr:
+        return _flatten_bool(self._p(meta), "and", items)
+
+    def not_(self, meta: Any, items: list[ast.Expr]) -> ast.Expr:
+        return ast.Unary(self._p(meta), "not", items[0])
+
+    def neg(self, meta: Any, items: list[ast.Expr]) -> ast.Expr:
+        return ast.Unary(self._p(meta), "-", items[0])
+
+    def compare(self, meta: Any, items: list[Any]) -> ast.Expr:
+        left, op, right = items
+        return ast.Binary(_pos(op), str(op), left, right)
+
+    def string_test(self, meta: Any, items: list[Any]) -> ast.Expr:
+        left, op, right = items
+        return ast.Binary(_pos(op), str(op), left, right)
+
+    def arith(self, meta: Any, items: list[Any]) -> ast.Expr:
+        left, op, right = items
+        return ast.Binary(_pos(op), str(op), left, right)
+
+    def in_(self, meta: Any, items: list[ast.Expr]) -> ast.Expr:
+        return ast.Binary(self._p(meta), "in", items[0], items[1])
+
+    def not_in(self, meta: Any, items: list[ast.Expr]) -> ast.Expr:
+        return ast.Binary(self._p(meta), "not in", items[0], items[1])
+
+    def number(self, meta: Any, items: list[Token]) -> ast.Expr:
+        return ast.Number(_pos(items[0]), _number(str(items[0])))
+
+    def neg_number(self, meta: Any, items: list[Token]) -> ast.Expr:
+        return ast.Number(self._p(meta), -_number(str(items[0])))
+
+    def duration(self, meta: Any, items: list[Token]) -> ast.Expr:
+        return _duration(items[0])
+
+    def string(self, meta: Any, items: list[Token]) -> ast.Expr:
+        return ast.String(_pos(items[0]), _unquote(items[0]))
+
+    def true(self, meta: Any, items: list[Any]) -> ast.Expr:
+        return ast.Bool(self._p(meta), True)
+
+    def false(self, meta: Any, items: list[Any]) -> ast.Expr:
+        return ast.Bool(self._p(meta), False)
+
+    def set_literal(self, meta: Any, items: list[ast.Expr | None]) -> ast.Expr:
+        return ast.SetLiteral(self._p(meta), tuple(i for i in items if i is not None))
+
+    def literal(self, meta: Any, items: list[ast.Expr]) -> ast.Expr:
+        return items[0]
+
+    def aggregate(self, meta: Any, items: list[Any]) -> ast.Expr:
+        func, value, key, window = items
+        return ast.Aggregate(self._p(meta), str(func), value, key, _duration(window))
+
+    def call(self, meta: Any, items: list[Any]) -> ast.Expr:
+        name, *args = items
+        return ast.Call(_pos(name), str(name), tuple(a for a in args if a is not None))
+
+    def path(self, meta: Any, items: list[Token]) -> ast.Expr:
+        return ast.Path(_pos(items[0]), ".".join(str(t) for t in items))
+
+
+def _flatten_bool(pos: ast.Pos, op: str, items: list[ast.Expr]) -> ast.Expr:
+    operands: list[ast.Expr] = []
+    for item in items:
+        if isinstance(item, ast.BoolOp) and item.op == op:
+            operands.extend(item.operands)
+        else:
+            operands.append(item)
+    return ast.BoolOp(operands[0].pos if operands else pos, op, tuple(operands))
+
+
+def _unquote(tok: Token | str) -> str:
+    value = pyast.literal_eval(str(tok))  # a STRING token is a valid Python string literal by construction
+    assert isinstance(value, str)
+    return value
+
+
+def _describe_expected(expected: set[str]) -> str:
+    words = []
+    for name in sorted(expected):
+        if name in _TOKEN_WORDS:
+            words.append(_TOKEN_WORDS[name])
+        elif name.isupper() and name.isalpha():
+            words.append(f"'{name.lower()}'")
+        else:
+            try:
+                pattern = _parser().get_terminal(name).pattern.value
+            except KeyError:
+                pattern = name
+            words.append(f"'{pattern}'")
+    unique = list(dict.fromkeys(words))
+    if len(unique) > 6:
+        unique = [*unique[:6], "..."]
+    return ", ".join(unique)
+
+
+def _syntax_error(exc: UnexpectedInput, text: str) -> DslError:
+    line, column = exc.line or 1, exc.column or 1
+    if isinstance(exc, UnexpectedCharacters):
+        at = exc.pos_in_stream if exc.pos_in_stream is not None else len(text)
+        ch = text[at] if at < len(text) else ""
+        hints = {
+            "=": "use '==' to compare",
+            "'": 'strings use double quotes: "like this"',
+            "&": "use 'and'",
+            "|": "use 'or'",
+            "!": "use 'not' or '!='",
+            '"': "the string is not closed on this line",
+            ";": "rules need no ';'",
+        }
+        return DslError(line, column, "syntax.character", f"unexpected character {ch!r}", hints.get(ch))
+    if isinstance(exc, UnexpectedToken):
+        token = exc.token
+        expected = set(exc.expected)
+        if token.type == "$END":
+            hint = "a '}' may be missing" if "RBRACE" in expected else None
+            return DslError(
+                line, column, "syntax.eof", f"unexpected end of text; expected {_describe_expected(expected)}", hint
+            )
+        hint = None
+        if "THEN" in expected:
+            hint = "a rule's condition is followed by 'then' and its actions"
+        elif "WHEN" in expected:
+            hint = "a rule needs 'when' and a condition"
+        elif "SUBJECT" in expected:
+            hint = "a policy starts with 'subject NAME', e.g. 'subject payment'"
+        elif token.type == "NAME" and "DECISION" in expected:
+            hint = "decisions are allow, challenge, review, block"
+        return DslError(
+            line,
+            column,
+            "syntax.token",
+            f"unexpected {str(token)!r}; expected {_describe_expected(expected)}",
+            hint,
+        )
+    if isinstance(exc, UnexpectedEOF):
+        return DslError(line, column, "syntax.eof", "unexpected end of text", "a '}' may be missing")
+    return DslError(line, column, "syntax", str(exc).splitlines()[0])
+
+
+def parse_policy(text: str, source: str = "<policy>") -> ast.Policy:
+    """Parse a policy. Raises :class:`DslErrors` with line:column on bad syntax."""
+    try:
+        tree = _parser().parse(text, start="start")
+        policy = _ToAst().transform(tree)
+    except UnexpectedInput as exc:
+        raise DslErrors([_syntax_error(exc, text)], source) from None
+    except VisitError as exc:
+        raise DslErrors([DslError(1, 1, "syntax", f"cannot read policy: {exc.orig_exc}")], source) from None
+    assert isinstance(policy, ast.Policy)
+    return policy
+
+
+def parse_expression(text: str, source: str = "<expression>") -> ast.Expr:
+    """Parse a single expression (used for detector features)."""
+    try:
+        tree = _parser().parse(text, start="expr")
+        expr = _ToAst().transform(tree)
+    except UnexpectedInput as exc:
+        raise DslErrors([_syntax_error(exc, text)], source) from None
+    assert isinstance(expr, ast.Expr)
+    return expr

@@ -1,0 +1,811 @@
+"""The engine: one object that scores events of every subject through the same pipeline.
+
+For each event: validate -> idempotency check -> flatten (PII to blind indexes) -> under the state lock:
+aggregates as they were before the event, detector features and scores, rules, decision; then the event
+is added to the velocity windows and taught to the detectors -> PII sealed -> the row goes to the group
+commit writer, and the caller answers once it is committed. If the commit fails the event is taken back
+out of the velocity windows and the caller answers 503.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from rbloom import Bloom
+from sqlalchemy import Engine as SqlEngine
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+from risk_engine.config import Settings
+from risk_engine.detectors import SnapshotError, StreamingDetector, load_specs, read_snapshot, write_snapshot
+from risk_engine.detectors.spec import DetectorSpec, SpecError
+from risk_engine.dsl import (
+    CompiledPolicy,
+    Environment,
+    aggregate_union,
+    compile_features,
+    compile_policy,
+)
+from risk_engine.features.lists import (
+    ListDecl,
+    ListEntry,
+    ListMatcher,
+    list_value_token,
+    load_list_declarations,
+)
+from risk_engine.features.velocity import GRACE_S, VelocityState
+from risk_engine.payments import PAYMENT_SCHEMA, PII_FIELD_KINDS, PaymentIn, flatten_payment
+from risk_engine.pipeline import ModelScore, Verdict, decide
+from risk_engine.schema import FieldType, SubjectSchema, load_attribute_declarations
+from risk_engine.storage import models as m
+from risk_engine.storage.db import DatabaseUnavailable, make_engine, migrate
+from risk_engine.storage.writer import GroupCommitWriter
+from risk_engine.vault import PiiKind, Vault, WrappedDataKey, load_or_create_key, mask
+
+log = logging.getLogger(__name__)
+
+ROLES = ("scorer", "analyst", "admin")
+ROLE_RANK = {role: i for i, role in enumerate(ROLES)}
+BASE_SCHEMAS: dict[str, SubjectSchema] = {"payment": PAYMENT_SCHEMA}
+LABELS = {"chargeback": True, "confirmed_fraud": True, "legitimate": False, "dispute_lost": True, "dispute_won": False}
+RECENT_CACHE = 50_000
+BLOOM_MIN_CAPACITY = 1_000_000
+
+
+class InvalidInput(Exception):
+    """Input that passed the schema but not the subject's configuration (attributes)."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"{e['field']}: {e['reason']}" for e in errors))
+
+
+class Conflict(Exception):
+    """An idempotency key reused with a different request."""
+
+
+class NotFound(Exception):
+    """The thing asked for does not exist."""
+
+
+def load_environments(settings: Settings) -> tuple[dict[str, Environment], list[DetectorSpec], dict[str, ListDecl]]:
+    """Type-checking environments of every subject, from subjects.toml, lists.toml and models/ (no database)."""
+    list_decls = load_list_declarations(settings.rules_dir / "lists.toml")
+    specs = load_specs(settings.models_dir) if settings.models_dir.exists() else []
+    for spec in specs:
+        if spec.subject not in BASE_SCHEMAS:
+            raise SpecError(f"{spec.source}: detector '{spec.name}' names unknown subject '{spec.subject}'")
+    attributes = load_attribute_declarations(settings.resolved_subjects_file)
+    lists = {name: d.kind for name, d in list_decls.items()}
+    envs = {
+        subject: Environment(
+            schema.with_attributes(attributes.get(subject, {})),
+            lists,
+            frozenset(s.name for s in specs if s.subject == subject),
+        )
+        for subject, schema in BASE_SCHEMAS.items()
+    }
+    for spec in specs:  # a spec whose features do not type-check is refused at start-up
+        compile_features(spec.features, envs[spec.subject], f"{spec.source}:{spec.name}")
+    return envs, specs, list_decls
+
+
+def now_utc() -> datetime:
+    """The wall-clock time, aware."""
+    return datetime.now(UTC)
+
+
+def request_digest(payload: Mapping[str, Any]) -> str:
+    """Canonical hash of a request body, to tell a replay from a different request under the same key."""
+    return hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+@dataclass
+class ActivePolicy:
+    """The compiled policy a subject is scored with, and its version label."""
+
+    compiled: CompiledPolicy
+    version: int
+
+    @property
+    def label(self) -> str:
+        """``payment:v3``."""
+        return f"{self.compiled.subject}:v{self.version}"
+
+
+@dataclass
+class SubjectRuntime:
+    """Per-subject state: schema, policy, detectors, velocity."""
+
+    schema: SubjectSchema
+    environment: Environment
+    policy: ActivePolicy
+    detectors: list[StreamingDetector]
+    velocity: VelocityState
+
+
+@dataclass
+class Pending:
+    """A decision made in this process, committed or not yet."""
+
+    request_hash: str
+    response: dict[str, Any]
+    committed: Future[None]
+
+
+@dataclass
+class ScoreOutcome:
+    """What the caller answers with once ``committed`` is done."""
+
+    response: dict[str, Any]
+    committed: Future[None]
+    replayed: bool = False
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling."""
+
+    key_id: str
+    role: str
+    name: str
+
+    def can(self, role: str) -> bool:
+        """Roles are ranked: admin > analyst > scorer."""
+        return ROLE_RANK[self.role] >= ROLE_RANK[role]
+
+
+@dataclass
+class _Counters:
+    decisions: dict[str, int] = field(default_factory=dict)
+    rule_hits: dict[str, int] = field(default_factory=dict)
+
+
+def _done_future() -> Future[None]:
+    f: Future[None] = Future()
+    f.set_result(None)
+    return f
+
+
+class RiskEngine:
+    """Scores events, records labels, manages keys and lists. Thread-safe."""
+
+    def __init__(self, settings: Settings, db: SqlEngine, vault: Vault, signing_key: bytes) -> None:
+        self.settings = settings
+        self.db = db
+        self.vault = vault
+        self.signing_key = signing_key
+        self.writer = GroupCommitWriter(db, settings.writer_batch_max)
+        self.subjects: dict[str, SubjectRuntime] = {}
+        self.list_decls: dict[str, ListDecl] = {}
+        self.lists = ListMatcher({})
+        self.counters = _Counters()
+        self._lock = threading.RLock()
+        self._recent: OrderedDict[str, Pending] = OrderedDict()
+        self._seq = 0
+        self._since_snapshot = 0
+        self._key_cache: dict[str, tuple[float, Principal | None]] = {}
+        self._events_table = m.Event.__table__
+        self._known_ids: Bloom = Bloom(BLOOM_MIN_CAPACITY, 0.001)
+        self._known_count = 0
+
+    # -- start and stop ------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, settings: Settings) -> RiskEngine:
+        """Connect, migrate, load keys, policies, lists and detectors, and rebuild state from storage."""
+        settings.home.mkdir(parents=True, exist_ok=True)
+        db = make_engine(settings.resolved_database_url)
+        try:
+            migrate(db)
+        except OperationalError as exc:
+            raise DatabaseUnavailable(f"cannot reach the database: {type(exc).__name__}") from exc
+        master = load_or_create_key(settings.master_key, settings.home / "master.key", "master_key")
+        blind = load_or_create_key(settings.blind_index_key, settings.home / "blind_index.key", "blind_index_key")
+        signing = load_or_create_key(settings.signing_key, settings.home / "signing.key", "signing_key")
+        engine = cls(settings, db, Vault(master, blind), signing)
+        engine._load_data_keys()
+        engine._load_subjects()
+        engine._load_lists()
+        engine._rebuild_state()
+        engine.writer.start()
+        return engine
+
+    def close(self) -> None:
+        """Flush writes and snapshot detectors."""
+        self.writer.close()
+        with self._lock:
+            self.snapshot_detectors()
+        self.db.dispose()
+
+    def _session(self) -> Session:
+        return Session(self.db, expire_on_commit=False)
+
+    def _load_data_keys(self) -> None:
+        with self._session() as s:
+            stored = s.scalars(select(m.DataKey)).all()
+            for k in stored:
+                self.vault.load_data_key(WrappedDataKey(k.key_id, k.wrapped), active=k.active)
+            if not any(k.active for k in stored):
+                wrapped = self.vault.new_data_key()
+                s.add(m.DataKey(key_id=wrapped.key_id, wrapped=wrapped.wrapped, created_at=now_utc(), active=True))
+                s.commit()
+
+    def _load_subjects(self) -> None:
+        envs, specs, self.list_decls = load_environments(self.settings)
+        self._seed_policies(envs)
+        for subject, env in envs.items():
+            policy = self._published_policy(subject, envs)
+            detectors = []
+            for spec in (s for s in specs if s.subject == subject):
+                features = compile_features(spec.features, env, f"{spec.source}:{spec.name}")
+                detectors.append(StreamingDetector(spec, features))
+            aggs = aggregate_union(policy.compiled.aggregates, *(d.features.aggregates for d in detectors))
+            velocity = VelocityState(aggs, self.settings.velocity_max_events_per_key)
+            self.subjects[subject] = SubjectRuntime(env.schema, env, policy, detectors, velocity)
+
+    def _seed_policies(self, envs: Mapping[str, Environment]) -> None:
+        """Store each ``rules/*.rules`` file as a published version when its text is new."""
+        for path in sorted(self.settings.rules_dir.glob("*.rules")):
+            text = path.read_text()
+            compiled = compile_policy(text, envs, str(path))
+            with self._session() as s:
+                known = s.scalar(
+                    select(m.PolicyVersion.id).where(
+                        m.PolicyVersion.subject == compiled.subject, m.PolicyVersion.digest == compiled.digest
+                    )
+                )
+                if known is not None:
+                    continue
+                latest = (
+                    s.scalar(
+                        select(func.max(m.PolicyVersion.version)).where(m.PolicyVersion.subject == compiled.subject)
+                    )
+                    or 0
+                )
+                s.execute(
+                    update(m.PolicyVersion)
+                    .where(m.PolicyVersion.subject == compiled.subject, m.PolicyVersion.status == "published")
+                    .values(status="archived")
+                )
+                s.add(
+                    m.PolicyVersion(
+                        subject=compiled.subject,
+                        version=latest + 1,
+                        status="published",
+                        text=text,
+                        digest=compiled.digest,
+                        source="file",
+                        created_by=f"file:{path.name}",
+                        created_at=now_utc(),
+                    )
+                )
+                self._audit(
+                    s,
+                    "system",
+                    "policy.publish",
+                    f"{compiled.subject}:v{latest + 1}",
+                    None,
+                    {"source": str(path), "digest": compiled.digest},
+                )
+                s.commit()
+                log.info("published %s as %s:v%d", path, compiled.subject, latest + 1)
+
+    def _published_policy(self, subject: str, envs: Mapping[str, Environment]) -> ActivePolicy:
+        with self._session() as s:
+            row = s.scalars(
+                select(m.PolicyVersion)
+                .where(m.PolicyVersion.subject == subject, m.PolicyVersion.status == "published")
+                .order_by(m.PolicyVersion.version.desc())
+            ).first()
+        if row is None:
+            text = f"subject {subject}\n"
+            return ActivePolicy(compile_policy(text, envs, "<empty>"), 0)
+        return ActivePolicy(compile_policy(row.text, envs, f"{subject}:v{row.version}"), row.version)
+
+    def _load_lists(self) -> None:
+        self.lists = ListMatcher(self.list_decls)
+        with self._session() as s:
+            for decl in self.list_decls.values():
+                present = set(s.scalars(select(m.ListEntry.token).where(m.ListEntry.list_name == decl.name)))
+                for value in decl.entries:
+                    if value not in present:
+                        s.add(
+                            m.ListEntry(
+                                list_name=decl.name,
+                                token=value,
+                                display=value,
+                                added_by="file:lists.toml",
+                                note=None,
+                                created_at=now_utc(),
+                                expires_at=None,
+                            )
+                        )
+            s.commit()
+            rows = s.scalars(select(m.ListEntry)).all()
+        self.lists.load((ListEntry(r.list_name, r.token, r.expires_at) for r in rows), now_utc())
+
+    def _load_known_ids(self) -> None:
+        """A Bloom filter of stored event ids: a new id (the common case) needs no database look-up."""
+        with self._session() as s:
+            count = s.scalar(select(func.count()).select_from(m.Event)) or 0
+            bloom = Bloom(max(BLOOM_MIN_CAPACITY, 2 * count), 0.001)
+            for subject, event_id in s.execute(
+                select(m.Event.subject, m.Event.event_id).execution_options(yield_per=10_000)
+            ):
+                bloom.add(f"{subject}\x1f{event_id}")
+        for event_id in self._recent:  # in flight, maybe not committed yet
+            bloom.add(f"payment\x1f{event_id}")
+        self._known_ids, self._known_count = bloom, count
+
+    def _mark_known(self, subject: str, event_id: str) -> None:
+        self._known_ids.add(f"{subject}\x1f{event_id}")
+        self._known_count += 1
+        if self._known_count * 2 > self._known_ids.size_in_bits // 15:  # ~half the capacity we sized for
+            self._load_known_ids()
+
+    def _rebuild_state(self) -> None:
+        """Velocity from recent stored events; detectors from their snapshots plus the events after them."""
+        self._load_known_ids()
+        with self._session() as s:
+            self._seq = s.scalar(select(func.max(m.Event.ingest_seq))) or 0
+        for subject, rt in self.subjects.items():
+            latest = self._latest_occurred(subject)
+            if latest is not None and rt.velocity.specs:
+                since = latest - rt.velocity.longest_window - GRACE_S
+                rt.velocity.replay(
+                    (row.record, row.occurred_at.timestamp(), row.ingest_seq)
+                    for row in self._stored_events(subject, since_ts=since)
+                )
+            for det in rt.detectors:
+                self._restore_detector(subject, det)
+
+    def _latest_occurred(self, subject: str) -> float | None:
+        with self._session() as s:
+            latest = s.scalar(select(func.max(m.Event.occurred_at)).where(m.Event.subject == subject))
+        if latest is None:
+            return None
+        return latest.replace(tzinfo=UTC).timestamp() if latest.tzinfo is None else latest.timestamp()
+
+    def _stored_events(
+        self, subject: str, since_ts: float | None = None, after_seq: int | None = None
+    ) -> Iterator[m.Event]:
+        stmt = select(m.Event).where(m.Event.subject == subject).order_by(m.Event.ingest_seq)
+        if since_ts is not None:
+            stmt = stmt.where(m.Event.occurred_at >= datetime.fromtimestamp(since_ts, UTC))
+        if after_seq is not None:
+            stmt = stmt.where(m.Event.ingest_seq > after_seq)
+        with self._session() as s:
+            yield from s.scalars(stmt.execution_options(yield_per=2000))
+
+    def snapshot_path(self, det: StreamingDetector) -> Any:
+        """Where a detector's snapshot lives."""
+        return self.settings.snapshot_dir / f"{det.name}.snapshot"
+
+    def _restore_detector(self, subject: str, det: StreamingDetector) -> None:
+        path = self.snapshot_path(det)
+        restored = False
+        if path.exists():
+            try:
+                restored = det.restore(read_snapshot(path, self.signing_key))
+                if not restored:
+                    log.warning("snapshot %s was made for another version of %s; rebuilding", path, det.name)
+            except SnapshotError as exc:
+                log.error("REFUSED detector snapshot: %s; rebuilding %s from stored events", exc, det.name)
+        if restored:
+            for row in self._stored_events(subject, after_seq=det.last_seq):
+                x = row.features.get(det.name, {})
+                raw, _ = det.score_one(x)
+                det.learn_one(x, raw, row.ingest_seq)
+            return
+        # full rebuild: recompute features from stored records with a private velocity state
+        velocity = VelocityState(det.features.aggregates, self.settings.velocity_max_events_per_key)
+        for row in self._stored_events(subject):
+            ts = row.occurred_at.timestamp()
+            aggs = velocity.query(row.record, ts)
+            x = det.features.compute(row.record, aggs, self.lists.sets, {})
+            raw, _ = det.score_one(x)
+            det.learn_one(x, raw, row.ingest_seq)
+            velocity.add(row.record, ts, row.ingest_seq)
+
+    def snapshot_detectors(self) -> None:
+        """Write every detector's signed snapshot (call with the state lock held)."""
+        for rt in self.subjects.values():
+            for det in rt.detectors:
+                write_snapshot(self.snapshot_path(det), det.state(), self.signing_key)
+        self._since_snapshot = 0
+
+    # -- scoring ---------------------------------------------------------------------------------------------
+    def _check_attributes(self, schema: SubjectSchema, attributes: Mapping[str, Any]) -> None:
+        declared = schema.attribute_types
+        errors = []
+        for name, value in attributes.items():
+            ftype = declared.get(name)
+            where = f"attributes.{name}"
+            if ftype is None:
+                errors.append(
+                    {
+                        "field": where,
+                        "reason": f"attribute '{name}' is not declared for subject "
+                        f"{schema.name} (declare it in subjects.toml)",
+                    }
+                )
+            elif ftype is FieldType.NUMBER and (isinstance(value, bool) or not isinstance(value, int | float)):
+                errors.append({"field": where, "reason": "must be a number"})
+            elif ftype is FieldType.STRING and not isinstance(value, str):
+                errors.append({"field": where, "reason": "must be a string"})
+            elif ftype is FieldType.BOOL and not isinstance(value, bool):
+                errors.append({"field": where, "reason": "must be true or false"})
+        if errors:
+            raise InvalidInput(errors)
+
+    def _lookup_stored(self, subject: str, event_id: str) -> tuple[str, dict[str, Any]] | None:
+        try:
+            with self.db.connect() as conn:
+                row = conn.execute(
+                    select(m.Event.request_hash, m.Event.response).where(
+                        m.Event.subject == subject, m.Event.event_id == event_id
+                    )
+                ).first()
+        except OperationalError as exc:
+            raise DatabaseUnavailable(type(exc).__name__) from exc
+        return (row[0], row[1]) if row is not None else None
+
+    def _replay(self, event_id: str, request_hash: str) -> ScoreOutcome | None:
+        with self._lock:
+            pending = self._recent.get(event_id)
+        if pending is not None:
+            if pending.request_hash != request_hash:
+                raise Conflict(f"payment_id {event_id} was already scored with a different request")
+            return ScoreOutcome(pending.response, pending.committed, replayed=True)
+        if f"payment\x1f{event_id}" not in self._known_ids:
+            return None
+        stored = self._lookup_stored("payment", event_id)
+        if stored is not None:
+            if stored[0] != request_hash:
+                raise Conflict(f"payment_id {event_id} was already scored with a different request")
+            return ScoreOutcome(stored[1], _done_future(), replayed=True)
+        return None
+
+    def score_payment(self, payment: PaymentIn, request_hash: str | None = None) -> ScoreOutcome:
+        """Score a payment; the same payment id again returns the stored decision and counts nothing."""
+        started = time.perf_counter()
+        request_hash = request_hash or hashlib.sha256(payment.model_dump_json().encode()).hexdigest()
+        replay = self._replay(payment.payment_id, request_hash)
+        if replay is not None:
+            return replay
+        rt = self.subjects["payment"]
+        self._check_attributes(rt.schema, payment.attributes)
+        record, pii = flatten_payment(payment, self.vault)
+        ts = payment.occurred_at.timestamp()
+        with self._lock:
+            pending = self._recent.get(payment.payment_id)
+            if pending is not None:  # a concurrent twin got here first
+                if pending.request_hash != request_hash:
+                    raise Conflict(f"payment_id {payment.payment_id} was already scored with a different request")
+                return ScoreOutcome(pending.response, pending.committed, replayed=True)
+            self._seq += 1
+            seq = self._seq
+            verdict, aggs, vectors, scores = self._evaluate(rt, record, ts, seq)
+            elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
+            response = self._response(payment.payment_id, verdict, rt, scores, elapsed_ms)
+            committed: Future[None] = Future()  # replaced by the writer's future below
+            self._remember(payment.payment_id, Pending(request_hash, response, committed))
+            self._mark_known("payment", payment.payment_id)
+            self._count(verdict)
+            self._since_snapshot += 1
+            if self._since_snapshot >= self.settings.snapshot_every:
+                self.snapshot_detectors()
+        key_id, blob = self.vault.seal(pii, f"payment:{payment.payment_id}") if pii else (None, None)
+        row = {
+            "subject": "payment",
+            "event_id": payment.payment_id,
+            "occurred_at": payment.occurred_at,
+            "ingest_seq": seq,
+            "record": record,
+            "features": vectors,
+            "aggregates": aggs,
+            "pii_key_id": key_id,
+            "pii_blob": blob,
+            "decision": verdict.decision.value,
+            "score": verdict.score,
+            "policy_version": rt.policy.label,
+            "model_versions": response["model_versions"],
+            "response": response,
+            "request_hash": request_hash,
+            "elapsed_ms": elapsed_ms,
+            "created_at": now_utc(),
+        }
+        write = self.writer.submit(self._events_table, row)  # type: ignore[arg-type]
+        write.add_done_callback(lambda f: self._after_write(f, rt, payment.payment_id, record, ts, seq))
+        with self._lock:
+            pending = self._recent.get(payment.payment_id)
+            if pending is not None:
+                pending.committed = write
+        return ScoreOutcome(response, write)
+
+    def _evaluate(
+        self, rt: SubjectRuntime, record: dict[str, Any], ts: float, seq: int
+    ) -> tuple[Verdict, dict[str, Any], dict[str, dict[str, float]], list[ModelScore]]:
+        aggs = rt.velocity.query(record, ts)
+        lists = self.lists.current(now_utc())
+        scores: list[ModelScore] = []
+        vectors: dict[str, dict[str, float]] = {}
+        raws: list[float] = []
+        for det in rt.detectors:
+            x = det.features.compute(record, aggs, lists, {})
+            raw, calibrated = det.score_one(x)
+            vectors[det.name] = x
+            raws.append(raw)
+            scores.append(ModelScore(det.name, det.version, raw, calibrated, det.contribution(calibrated)))
+        model_values = {s.name: s.score for s in scores}
+        hits = rt.policy.compiled.evaluate(record, aggs, lists, model_values)
+        verdict = decide(rt.policy.compiled, hits, scores)
+        rt.velocity.add(record, ts, seq)
+        for det, raw in zip(rt.detectors, raws, strict=True):
+            det.learn_one(vectors[det.name], raw, seq)
+        return verdict, aggs, vectors, scores
+
+    def _response(
+        self, event_id: str, verdict: Verdict, rt: SubjectRuntime, scores: list[ModelScore], elapsed_ms: float
+    ) -> dict[str, Any]:
+        return {
+            "payment_id": event_id,
+            "decision": verdict.decision.value,
+            "score": verdict.score,
+            "reasons": [
+                {"code": r.code, "text": r.text, "source": r.source, "score_delta": r.score_delta}
+                for r in verdict.reasons
+            ],
+            "tags": list(verdict.tags),
+            "policy_version": rt.policy.label,
+            "model_versions": {s.name: s.version for s in scores},
+            "elapsed_ms": elapsed_ms,
+        }
+
+    def _remember(self, event_id: str, pending: Pending) -> None:
+        self._recent[event_id] = pending
+        self._recent.move_to_end(event_id)
+        while len(self._recent) > RECENT_CACHE:
+            self._recent.popitem(last=False)
+
+    def _count(self, verdict: Verdict) -> None:
+        c = self.counters
+        c.decisions[verdict.decision.value] = c.decisions.get(verdict.decision.value, 0) + 1
+        for rule in verdict.fired:
+            c.rule_hits[rule.name] = c.rule_hits.get(rule.name, 0) + 1
+
+    def _after_write(
+        self, write: Future[None], rt: SubjectRuntime, event_id: str, record: dict[str, Any], ts: float, seq: int
+    ) -> None:
+        """Runs in the writer thread: a failed write takes the event back out of the velocity windows."""
+        if write.exception() is None:
+            return
+        with self._lock:
+            rt.velocity.retract(record, ts, seq)
+            self._recent.pop(event_id, None)
+
+    # -- reading back -----------------------------------------------------------------------------------------
+    def get_payment(self, payment_id: str) -> dict[str, Any]:
+        """The stored decision and the payment's PII, masked."""
+        try:
+            with self._session() as s:
+                row = s.scalars(
+                    select(m.Event).where(m.Event.subject == "payment", m.Event.event_id == payment_id)
+                ).first()
+        except OperationalError as exc:
+            raise DatabaseUnavailable(type(exc).__name__) from exc
+        if row is None:
+            raise NotFound(f"no payment {payment_id}")
+        masked: dict[str, str] = {}
+        if row.pii_blob is not None and row.pii_key_id is not None:
+            pii = self.vault.open(row.pii_key_id, row.pii_blob, f"payment:{payment_id}")
+            masked = {k: mask(PII_FIELD_KINDS.get(k, PiiKind.ADDRESS), v) for k, v in pii.items()}
+        return {
+            "payment_id": payment_id,
+            "occurred_at": row.occurred_at.isoformat(),
+            "decision": row.response,
+            "pii_masked": masked,
+            "aggregates": row.aggregates,
+            "features": row.features,
+        }
+
+    # -- labels -------------------------------------------------------------------------------------------------
+    def record_label(
+        self, label_id: str, payment_id: str, label: str, occurred_at: datetime | None, source: str | None
+    ) -> tuple[dict[str, Any], bool]:
+        """Store an outcome for a payment, idempotently on ``label_id``. Returns (label, created)."""
+        body = {
+            "label_id": label_id,
+            "payment_id": payment_id,
+            "label": label,
+            "occurred_at": occurred_at.isoformat() if occurred_at else None,
+            "source": source,
+        }
+        digest = request_digest(body)
+        try:
+            with self._session() as s:
+                existing = s.scalars(select(m.Label).where(m.Label.label_id == label_id)).first()
+                if existing is not None:
+                    if existing.request_hash != digest:
+                        raise Conflict(f"label_id {label_id} was already used for a different label")
+                    return self._label_view(existing), False
+                exists = s.scalar(
+                    select(m.Event.id).where(m.Event.subject == "payment", m.Event.event_id == payment_id)
+                )
+                if exists is None:
+                    raise NotFound(f"no payment {payment_id}")
+                row = m.Label(
+                    label_id=label_id,
+                    subject="payment",
+                    event_id=payment_id,
+                    label=label,
+                    is_fraud=LABELS[label],
+                    occurred_at=occurred_at or now_utc(),
+                    received_at=now_utc(),
+                    source=source,
+                    request_hash=digest,
+                )
+                s.add(row)
+                try:
+                    s.commit()
+                except IntegrityError:
+                    s.rollback()
+                    return self.record_label(label_id, payment_id, label, occurred_at, source)
+                return self._label_view(row), True
+        except OperationalError as exc:
+            raise DatabaseUnavailable(type(exc).__name__) from exc
+
+    @staticmethod
+    def _label_view(row: m.Label) -> dict[str, Any]:
+        return {
+            "label_id": row.label_id,
+            "payment_id": row.event_id,
+            "label": row.label,
+            "is_fraud": row.is_fraud,
+            "occurred_at": row.occurred_at.isoformat(),
+            "received_at": row.received_at.isoformat(),
+            "source": row.source,
+        }
+
+    # -- API keys ----------------------------------------------------------------------------------------------
+    def create_api_key(self, role: str, name: str, actor: str = "cli") -> str:
+        """Create a key and return it; only its hash is stored."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}")
+        key_id = secrets.token_hex(6)
+        secret = secrets.token_urlsafe(32)
+        with self._session() as s:
+            s.add(
+                m.ApiKey(
+                    key_id=key_id,
+                    secret_hash=hashlib.sha256(secret.encode()).hexdigest(),
+                    role=role,
+                    name=name,
+                    created_at=now_utc(),
+                    revoked_at=None,
+                )
+            )
+            self._audit(s, actor, "key.create", f"key:{key_id}", None, {"role": role, "name": name})
+            s.commit()
+        return f"rk_{key_id}_{secret}"
+
+    def has_api_keys(self) -> bool:
+        """True once any key exists."""
+        with self._session() as s:
+            return s.scalar(select(func.count()).select_from(m.ApiKey)) != 0
+
+    def authenticate(self, token: str) -> Principal | None:
+        """The principal behind a bearer token, or None. Cached for a few seconds."""
+        now = time.monotonic()
+        cached = self._key_cache.get(token)
+        if cached is not None and now - cached[0] < 5.0:
+            return cached[1]
+        principal = None
+        parts = token.split("_", 2)
+        if len(parts) == 3 and parts[0] == "rk":
+            key_id, secret = parts[1], parts[2]
+            try:
+                with self._session() as s:
+                    row = s.get(m.ApiKey, key_id)
+            except OperationalError as exc:
+                raise DatabaseUnavailable(type(exc).__name__) from exc
+            if row is not None and row.revoked_at is None:
+                digest = hashlib.sha256(secret.encode()).hexdigest()
+                if secrets.compare_digest(digest, row.secret_hash):
+                    principal = Principal(key_id, row.role, row.name)
+        if len(self._key_cache) > 10_000:
+            self._key_cache.clear()
+        self._key_cache[token] = (now, principal)
+        return principal
+
+    # -- lists ---------------------------------------------------------------------------------------------------
+    def add_list_entry(
+        self, list_name: str, value: str, actor: str, expires_at: datetime | None = None, note: str | None = None
+    ) -> dict[str, Any]:
+        """Add a value to a declared list (PII kinds stored as blind indexes only)."""
+        decl = self.list_decls.get(list_name)
+        if decl is None:
+            raise NotFound(f"no list {list_name}")
+        token = list_value_token(decl, value, self.vault)
+        display = value if decl.kind == "string" else mask(PiiKind(decl.kind), value)
+        with self._session() as s:
+            existing = s.scalars(
+                select(m.ListEntry).where(m.ListEntry.list_name == list_name, m.ListEntry.token == token)
+            ).first()
+            if existing is None:
+                existing = m.ListEntry(
+                    list_name=list_name,
+                    token=token,
+                    display=display,
+                    added_by=actor,
+                    note=note,
+                    created_at=now_utc(),
+                    expires_at=expires_at,
+                )
+                s.add(existing)
+                self._audit(
+                    s,
+                    actor,
+                    "list.add",
+                    f"list:{list_name}",
+                    None,
+                    {"display": display, "expires_at": expires_at.isoformat() if expires_at else None},
+                )
+                s.commit()
+        with self._lock:
+            self.lists.add(ListEntry(list_name, token, existing.expires_at), now_utc())
+        return {
+            "list": list_name,
+            "entry": display,
+            "added_by": existing.added_by,
+            "expires_at": existing.expires_at.isoformat() if existing.expires_at else None,
+        }
+
+    # -- audit and introspection -------------------------------------------------------------------------------
+    @staticmethod
+    def _audit(
+        s: Session, actor: str, action: str, target: str, before: dict[str, Any] | None, after: dict[str, Any] | None
+    ) -> None:
+        s.add(m.AuditEntry(at=now_utc(), actor=actor, action=action, target=target, before=before, after=after))
+
+    def models_info(self) -> list[dict[str, Any]]:
+        """Detectors with versions, events seen and the current raw-score distribution."""
+        out = []
+        with self._lock:
+            for subject, rt in self.subjects.items():
+                for det in rt.detectors:
+                    out.append(
+                        {
+                            "name": det.name,
+                            "subject": subject,
+                            "version": det.version,
+                            "estimator": det.spec.estimator,
+                            "events_seen": det.events_seen,
+                            "labels_seen": 0,
+                            "features": list(det.features.names),
+                            "score_quantiles": det.calibrator.quantiles(),
+                            "calibrated": det.calibrator.warm,
+                        }
+                    )
+        return out
+
+    def ping(self) -> bool:
+        """True if the database answers."""
+        try:
+            with self.db.connect() as conn:
+                conn.execute(select(1))
+            return True
+        except OperationalError:
+            return False

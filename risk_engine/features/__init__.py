@@ -1,0 +1,1 @@
+"""Features: velocity windows, named lists and, later, profiles."""

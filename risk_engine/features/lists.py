@@ -1,0 +1,109 @@
+"""Named lists (blocked devices, e-mails, cards, IPs, VIP buyers) for ``x in list("name")``.
+
+A list has a kind: ``string`` (matched against plain string fields) or a PII kind (``email``, ``phone``,
+``card``, ``ip``, ...), whose entries are held only as blind indexes, never in clear.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from risk_engine.schema import ConfigError
+from risk_engine.vault import PiiKind, Vault
+
+LIST_KINDS = ("string", *(k.value for k in PiiKind))
+
+
+@dataclass(frozen=True, slots=True)
+class ListDecl:
+    """A declared list: its name, kind and purpose."""
+
+    name: str
+    kind: str
+    description: str = ""
+    entries: tuple[str, ...] = ()
+
+
+def load_list_declarations(path: Path) -> dict[str, ListDecl]:
+    """Read ``lists.toml``: ``[blocked_emails] kind = "email"``."""
+    if not path.exists():
+        return {}
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    result: dict[str, ListDecl] = {}
+    for name, body in data.items():
+        kind = body.get("kind", "string") if isinstance(body, dict) else None
+        if kind not in LIST_KINDS:
+            raise ConfigError(f"{path}: list {name!r} has kind {kind!r}; expected one of {', '.join(LIST_KINDS)}")
+        entries = body.get("entries", [])
+        if entries and kind != "string":
+            raise ConfigError(f"{path}: list {name!r}: only string lists may be seeded with entries (no PII in files)")
+        result[name] = ListDecl(name, kind, str(body.get("description", "")), tuple(str(e) for e in entries))
+    return result
+
+
+def list_value_token(decl: ListDecl, value: str, vault: Vault) -> str:
+    """What is stored and matched for a list entry: the value itself, or its blind index for PII kinds."""
+    if decl.kind == "string":
+        return value.strip()
+    return vault.blind_index(PiiKind(decl.kind), value)
+
+
+@dataclass(frozen=True, slots=True)
+class ListEntry:
+    """A stored entry, as the matcher needs it."""
+
+    list_name: str
+    token: str
+    expires_at: datetime | None
+
+
+class ListMatcher:
+    """In-memory sets of tokens per list, rebuilt when entries change or expire."""
+
+    def __init__(self, declarations: Mapping[str, ListDecl]) -> None:
+        self.declarations = dict(declarations)
+        self._entries: list[ListEntry] = []
+        self.sets: dict[str, frozenset[str]] = {name: frozenset() for name in self.declarations}
+        self._next_expiry: datetime | None = None
+
+    def load(self, entries: Iterable[ListEntry], now: datetime) -> None:
+        """Replace all entries."""
+        self._entries = list(entries)
+        self._rebuild(now)
+
+    def _rebuild(self, now: datetime) -> None:
+        live: dict[str, set[str]] = {name: set() for name in self.declarations}
+        expiries = []
+        for e in self._entries:
+            if e.expires_at is not None:
+                if e.expires_at <= now:
+                    continue
+                expiries.append(e.expires_at)
+            live.setdefault(e.list_name, set()).add(e.token)
+        self._entries = [e for e in self._entries if e.expires_at is None or e.expires_at > now]
+        self.sets = {name: frozenset(tokens) for name, tokens in live.items()}
+        self._next_expiry = min(expiries) if expiries else None
+
+    def current(self, now: datetime) -> Mapping[str, frozenset[str]]:
+        """The sets to evaluate with at time ``now`` (expired entries dropped)."""
+        if self._next_expiry is not None and now >= self._next_expiry:
+            self._rebuild(now)
+        return self.sets
+
+    def add(self, entry: ListEntry, now: datetime) -> None:
+        """Add or replace one entry."""
+        self._entries = [e for e in self._entries if (e.list_name, e.token) != (entry.list_name, entry.token)]
+        self._entries.append(entry)
+        self._rebuild(now)
+
+    def remove(self, list_name: str, token: str, now: datetime) -> None:
+        """Remove one entry."""
+        self._entries = [e for e in self._entries if (e.list_name, e.token) != (list_name, token)]
+        self._rebuild(now)

@@ -1,0 +1,264 @@
+"""The payment subject: the payment flows' contract (pydantic) and its flat record."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+
+from risk_engine.money import UnknownCurrencyError, currency_exponent
+from risk_engine.schema import FieldSpec, FieldType, SubjectSchema
+from risk_engine.vault import PiiKind, Vault
+
+Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+ShortText = Annotated[str, Field(max_length=256)]
+AttributeValue = float | int | str | bool
+
+
+def looks_like_card_number(text: str) -> bool:
+    """True for 13-19 digits (spaces or dashes allowed) passing the Luhn check: a full PAN."""
+    digits = re.sub(r"[\s\-]", "", text)
+    if not digits.isdigit() or not 13 <= len(digits) <= 19:
+        return False
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+class Strict(BaseModel):
+    """Unknown fields are rejected, so a CVV or card number sent by mistake is never accepted."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class Amount(Strict):
+    value: int = Field(ge=0, le=10**15, description="Minor units (fen, cents): 129900 is 1,299.00 CNY.")
+    currency: str = Field(min_length=3, max_length=3, description="ISO 4217 code.")
+
+    @field_validator("value", mode="before")
+    @classmethod
+    def _integer_only(cls, v: Any) -> Any:
+        if isinstance(v, float | str | bool):
+            raise ValueError("must be an integer number of minor units (no floats, no strings)")
+        return v
+
+    @field_validator("currency")
+    @classmethod
+    def _iso_currency(cls, v: str) -> str:
+        try:
+            currency_exponent(v)
+        except UnknownCurrencyError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+
+class Buyer(Strict):
+    id: Id
+    created_at: AwareDatetime | None = None
+    email: Annotated[str, Field(max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")] | None = None
+    phone: Annotated[str, Field(max_length=32, pattern=r"^\+?[0-9 ()\-]{5,31}$")] | None = None
+    name: ShortText | None = None
+    verified: bool = False
+
+
+class PaymentMethod(Strict):
+    type: Literal["card", "wallet", "bank_transfer", "balance", "cod", "other"]
+    card_bin: Annotated[str, Field(pattern=r"^[0-9]{6,8}$")] | None = None
+    card_last4: Annotated[str, Field(pattern=r"^[0-9]{4}$")] | None = None
+    card_fingerprint: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    issuer_country: Annotated[str, Field(pattern=r"^[A-Z]{2}$")] | None = None
+
+    @field_validator("card_fingerprint")
+    @classmethod
+    def _not_a_pan(cls, v: str | None) -> str | None:
+        if v is not None and looks_like_card_number(v):
+            raise ValueError("looks like a full card number; send a token or fingerprint, never the PAN")
+        return v
+
+
+class Device(Strict):
+    id: Id | None = None
+    ip: str | None = None
+    user_agent: Annotated[str, Field(max_length=512)] | None = None
+
+    @field_validator("ip")
+    @classmethod
+    def _ip(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            return str(ipaddress.ip_address(v))
+        except ValueError:
+            raise ValueError("not an IPv4 or IPv6 address") from None
+
+
+class Address(Strict):
+    country: Annotated[str, Field(pattern=r"^[A-Z]{2}$")] | None = None
+    city: ShortText | None = None
+    postal_code: Annotated[str, Field(max_length=16)] | None = None
+    line1: ShortText | None = None
+    line2: ShortText | None = None
+
+
+class PaymentIn(Strict):
+    """A payment to score."""
+
+    payment_id: Id
+    occurred_at: AwareDatetime
+    amount: Amount
+    order_id: Id | None = None
+    seller_id: Id | None = None
+    buyer: Buyer
+    payment_method: PaymentMethod
+    device: Device | None = None
+    shipping_address: Address | None = None
+    billing_country: Annotated[str, Field(pattern=r"^[A-Z]{2}$")] | None = None
+    item_count: int = Field(default=1, ge=0, le=100_000)
+    channel: Literal["app", "web", "mini_program", "pos", "api", "other"] = "web"
+    attributes: dict[Annotated[str, Field(max_length=64)], AttributeValue] = Field(default_factory=dict, max_length=256)
+
+    @field_validator("attributes")
+    @classmethod
+    def _no_pan_in_attributes(cls, v: dict[str, AttributeValue]) -> dict[str, AttributeValue]:
+        for key, value in v.items():
+            if isinstance(value, str) and looks_like_card_number(value):
+                raise ValueError(f"attribute {key!r} looks like a full card number; never send the PAN")
+        return v
+
+
+def _spec(path: str, ftype: FieldType, description: str, pii: PiiKind | None = None) -> FieldSpec:
+    return FieldSpec(path, ftype, description, pii)
+
+
+N, S, B, D, P = FieldType.NUMBER, FieldType.STRING, FieldType.BOOL, FieldType.DURATION, FieldType.PII
+
+PAYMENT_SCHEMA = SubjectSchema(
+    "payment",
+    {
+        s.path: s
+        for s in [
+            _spec("payment_id", S, "caller's payment id"),
+            _spec("order_id", S, "order id"),
+            _spec("seller_id", S, "seller id"),
+            _spec("hour", N, "hour of day of occurred_at, UTC, 0-23"),
+            _spec("weekday", N, "day of week of occurred_at, Monday 0"),
+            _spec("amount.value", N, "amount in minor units"),
+            _spec("amount.major", N, "amount in major units (yuan, euros)"),
+            _spec("amount.currency", S, "ISO 4217 code"),
+            _spec("buyer.id", S, "buyer id"),
+            _spec("buyer.account_age", D, "time since the buyer's account was created"),
+            _spec("buyer.verified", B, "buyer passed identity verification"),
+            _spec("buyer.email", P, "buyer e-mail (blind index)", PiiKind.EMAIL),
+            _spec("buyer.email_domain", S, "domain of the buyer's e-mail"),
+            _spec("buyer.phone", P, "buyer phone (blind index)", PiiKind.PHONE),
+            _spec("buyer.name", P, "buyer name (blind index)", PiiKind.NAME),
+            _spec("buyer.has_email", B, "an e-mail was given"),
+            _spec("buyer.has_phone", B, "a phone was given"),
+            _spec("payment_method.type", S, "card, wallet, bank_transfer, balance, cod, other"),
+            _spec("payment_method.card_bin", S, "first 6-8 digits of the card"),
+            _spec("payment_method.card_last4", S, "last 4 digits of the card"),
+            _spec("payment_method.card_fingerprint", P, "card token (blind index)", PiiKind.CARD),
+            _spec("payment_method.issuer_country", S, "card issuer country"),
+            _spec("device.id", S, "device id"),
+            _spec("device.ip", P, "IP address (blind index)", PiiKind.IP),
+            _spec("device.ip_version", N, "4 or 6"),
+            _spec("device.user_agent", S, "user agent"),
+            _spec("shipping.country", S, "shipping country"),
+            _spec("shipping.city", S, "shipping city"),
+            _spec("shipping.postal_code", S, "shipping postal code"),
+            _spec("shipping.address", P, "full shipping address (blind index)", PiiKind.ADDRESS),
+            _spec("billing_country", S, "billing country"),
+            _spec("item_count", N, "number of items"),
+            _spec("channel", S, "app, web, mini_program, pos, api, other"),
+        ]
+    },
+)
+
+Record = dict[str, Any]
+
+
+def flatten_payment(p: PaymentIn, vault: Vault) -> tuple[Record, dict[str, str]]:
+    """The payment's flat record (PII as blind indexes) and its PII bundle to seal."""
+    occurred = p.occurred_at
+    record: Record = {
+        "payment_id": p.payment_id,
+        "order_id": p.order_id,
+        "seller_id": p.seller_id,
+        "hour": occurred.astimezone(UTC).hour,
+        "weekday": occurred.weekday(),
+        "amount.value": p.amount.value,
+        "amount.major": p.amount.value / 10 ** currency_exponent(p.amount.currency),
+        "amount.currency": p.amount.currency,
+        "buyer.id": p.buyer.id,
+        "buyer.verified": p.buyer.verified,
+        "buyer.has_email": p.buyer.email is not None,
+        "buyer.has_phone": p.buyer.phone is not None,
+        "payment_method.type": p.payment_method.type,
+        "payment_method.card_bin": p.payment_method.card_bin,
+        "payment_method.card_last4": p.payment_method.card_last4,
+        "payment_method.issuer_country": p.payment_method.issuer_country,
+        "billing_country": p.billing_country,
+        "item_count": p.item_count,
+        "channel": p.channel,
+    }
+    pii: dict[str, str] = {}
+    bi = vault.blind_index
+    if p.buyer.created_at is not None:
+        record["buyer.account_age"] = max((occurred - p.buyer.created_at).total_seconds(), 0.0)
+    if p.buyer.email is not None:
+        pii["buyer.email"] = p.buyer.email
+        record["buyer.email"] = bi(PiiKind.EMAIL, p.buyer.email)
+        record["buyer.email_domain"] = p.buyer.email.rsplit("@", 1)[1].lower()
+    if p.buyer.phone is not None:
+        pii["buyer.phone"] = p.buyer.phone
+        record["buyer.phone"] = bi(PiiKind.PHONE, p.buyer.phone)
+    if p.buyer.name is not None:
+        pii["buyer.name"] = p.buyer.name
+        record["buyer.name"] = bi(PiiKind.NAME, p.buyer.name)
+    if p.payment_method.card_fingerprint is not None:
+        pii["payment_method.card_fingerprint"] = p.payment_method.card_fingerprint
+        record["payment_method.card_fingerprint"] = bi(PiiKind.CARD, p.payment_method.card_fingerprint)
+    if p.device is not None:
+        record["device.id"] = p.device.id
+        record["device.user_agent"] = p.device.user_agent
+        if p.device.ip is not None:
+            pii["device.ip"] = p.device.ip
+            record["device.ip"] = bi(PiiKind.IP, p.device.ip)
+            record["device.ip_version"] = 6 if ":" in p.device.ip else 4
+    if p.shipping_address is not None:
+        a = p.shipping_address
+        record["shipping.country"] = a.country
+        record["shipping.city"] = a.city
+        record["shipping.postal_code"] = a.postal_code
+        if a.line1 is not None:
+            pii["shipping.line1"] = a.line1
+            if a.line2:
+                pii["shipping.line2"] = a.line2
+            full = " ".join(x for x in (a.line1, a.line2, a.city, a.postal_code, a.country) if x)
+            record["shipping.address"] = bi(PiiKind.ADDRESS, full)
+    for name, value in p.attributes.items():
+        record[f"attributes.{name}"] = value
+    return record, pii
+
+
+PII_FIELD_KINDS: dict[str, PiiKind] = {
+    "buyer.email": PiiKind.EMAIL,
+    "buyer.phone": PiiKind.PHONE,
+    "buyer.name": PiiKind.NAME,
+    "payment_method.card_fingerprint": PiiKind.CARD,
+    "device.ip": PiiKind.IP,
+    "shipping.line1": PiiKind.ADDRESS,
+    "shipping.line2": PiiKind.ADDRESS,
+}
+
+
+def epoch_seconds(moment: datetime) -> float:
+    """Seconds since the Unix epoch of an aware datetime."""
+    return moment.timestamp()

@@ -1,0 +1,89 @@
+"""The decision pipeline's pure core: rule hits and model scores in, decision, score and reasons out.
+
+How a decision is made (also in the README):
+
+1. **Score.** Start at 0; add every fired rule's ``score`` change and every detector's contribution
+   (0 below the detector's floor, rising linearly to its weight at a calibrated score of 1.0); round and
+   clamp to 0-100.
+2. **Forced decisions.** A fired rule's ``block`` wins over everything. Otherwise a fired ``allow`` (a
+   trusted-buyer or allow-list rule) wins over the score and over forced ``review``/``challenge``.
+   Otherwise the decision is the stricter of the forced ones and the score's threshold decision.
+3. **Thresholds.** The score maps to the strictest decision whose threshold it reaches; below all, allow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from risk_engine.dsl import CompiledPolicy, CompiledRule, Decision
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    """Why a score or decision came out as it did."""
+
+    code: str
+    text: str
+    source: Literal["rule", "model"]
+    score_delta: float
+    decision: Decision | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelScore:
+    """One detector's output for an event."""
+
+    name: str
+    version: str
+    raw: float
+    score: float  # calibrated 0-1
+    contribution: float  # points of the 0-100 score
+    explanation: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The pipeline's answer for one event."""
+
+    decision: Decision
+    score: int
+    reasons: tuple[Reason, ...]
+    fired: tuple[CompiledRule, ...]
+    tags: tuple[str, ...]
+
+
+def threshold_decision(score: float, thresholds: Sequence[tuple[Decision, float]]) -> Decision:
+    """Strictest decision whose threshold the score reaches."""
+    result = Decision.ALLOW
+    for decision, at in thresholds:
+        if score >= at and decision.severity > result.severity:
+            result = decision
+    return result
+
+
+def decide(policy: CompiledPolicy, hits: Sequence[int], models: Sequence[ModelScore]) -> Verdict:
+    """Combine fired rules and detector scores into a verdict (see the module docstring)."""
+    fired = tuple(policy.rules[i] for i in hits)
+    total = sum(r.score_delta for r in fired) + sum(m.contribution for m in models)
+    score = max(0, min(100, round(total)))
+    forced = {r.decision for r in fired if r.decision is not None}
+    if Decision.BLOCK in forced:
+        decision = Decision.BLOCK
+    elif Decision.ALLOW in forced:
+        decision = Decision.ALLOW
+    else:
+        decision = threshold_decision(score, policy.thresholds)
+        for f in forced:
+            if f.severity > decision.severity:
+                decision = f
+    reasons = [Reason(r.code, r.text, "rule", r.score_delta, r.decision) for r in fired]
+    reasons.sort(key=lambda r: (r.decision is None, -abs(r.score_delta)))
+    for m in models:
+        text = f"{m.name} anomaly score {m.score:.3f} (1.0 = most unusual of recent events)"
+        if m.explanation:
+            text += f": {m.explanation}"
+        reasons.append(Reason(f"MODEL_{m.name.upper()}", text, "model", round(m.contribution, 2)))
+    tags = tuple(dict.fromkeys(t for r in fired for t in r.tags))
+    return Verdict(decision, score, tuple(reasons), fired, tags)

@@ -1,0 +1,70 @@
+"""The FastAPI application: routers per resource, dependency-injected engine, one error shape."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from risk_engine import __version__
+from risk_engine.config import Settings
+from risk_engine.engine import RiskEngine
+from risk_engine.service.errors import install_error_handlers
+from risk_engine.service.metrics import Metrics, RequestGuard
+from risk_engine.service.responses import JsonResponse
+from risk_engine.service.routers import health, labels, lists, models, payments
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Trust, risk and fraud control for online marketplaces.
+
+Every endpoint but `/healthz` and `/metrics` needs an API key: `Authorization: Bearer rk_...`.
+Roles: `scorer` (score, labels), `analyst` (+ lists, policies), `admin` (+ keys).
+Errors share one shape: `{"error", "message", "errors": [{"field", "reason"}]}`.
+"""
+
+
+def bootstrap_admin_key(engine: RiskEngine) -> None:
+    """On a database with no keys, create an admin key and write it to ``$RISK_ENGINE_HOME/admin.key`` (0600)."""
+    if engine.has_api_keys():
+        return
+    key = engine.create_api_key("admin", "bootstrap", actor="system")
+    path = engine.settings.home / "admin.key"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key + "\n")
+    log.warning("no API keys existed: an admin key was written to %s (mode 0600)", path)
+
+
+def create_app(settings: Settings | None = None, engine: RiskEngine | None = None) -> FastAPI:
+    """Build the app. Without ``engine`` it opens one from ``settings`` at startup and closes it at shutdown."""
+    settings = settings or (engine.settings if engine else Settings())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = engine is None
+        live = engine or RiskEngine.open(settings)
+        bootstrap_admin_key(live)
+        app.state.engine = live
+        app.state.metrics = Metrics(live)
+        try:
+            yield
+        finally:
+            if owned:
+                live.close()
+
+    app = FastAPI(
+        title="risk-engine",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        default_response_class=JsonResponse,
+    )
+    install_error_handlers(app)
+    for module in (payments, labels, lists, models, health):
+        app.include_router(module.router)
+    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,88 @@
+"""One error shape for every failure: ``{"error": KIND, "message": ..., "errors": [{"field", "reason"}]}``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from risk_engine.dsl import DslErrors
+from risk_engine.engine import Conflict, InvalidInput, NotFound
+from risk_engine.service.responses import JsonResponse
+from risk_engine.storage.db import DatabaseUnavailable
+from risk_engine.storage.writer import DuplicateRow
+
+log = logging.getLogger(__name__)
+
+
+def _field(loc: tuple[Any, ...] | list[Any]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
+
+
+def error_body(kind: str, message: str, errors: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The JSON every error response carries."""
+    body: dict[str, Any] = {"error": kind, "message": message}
+    if errors is not None:
+        body["errors"] = errors
+    return body
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map the engine's exceptions to HTTP answers."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JsonResponse:
+        errors = []
+        for e in exc.errors():
+            reason = str(e.get("msg", "invalid"))
+            if e.get("type") == "json_invalid":
+                reason = "malformed JSON: " + str(e.get("ctx", {}).get("error", reason))
+            elif e.get("type") == "extra_forbidden":
+                reason = "unknown field (never send CVV or a full card number)"
+            errors.append({"field": _field(e.get("loc", ())), "reason": reason, "type": e.get("type")})
+        return JsonResponse(error_body("invalid_request", "the request failed validation", errors), 422)
+
+    @app.exception_handler(InvalidInput)
+    async def _invalid(_: Request, exc: InvalidInput) -> JsonResponse:
+        return JsonResponse(error_body("invalid_request", "the request failed validation", exc.errors), 422)
+
+    @app.exception_handler(DslErrors)
+    async def _dsl(_: Request, exc: DslErrors) -> JsonResponse:
+        errors = [{"field": "text", "reason": str(e), **e.as_dict()} for e in exc.errors]
+        return JsonResponse(error_body("invalid_policy", "the policy does not type-check", errors), 422)
+
+    @app.exception_handler(Conflict)
+    async def _conflict(_: Request, exc: Conflict) -> JsonResponse:
+        return JsonResponse(error_body("conflict", str(exc)), 409)
+
+    @app.exception_handler(DuplicateRow)
+    async def _duplicate(_: Request, exc: DuplicateRow) -> JsonResponse:
+        return JsonResponse(error_body("conflict", "written concurrently by another worker; retry"), 409)
+
+    @app.exception_handler(NotFound)
+    async def _not_found(_: Request, exc: NotFound) -> JsonResponse:
+        return JsonResponse(error_body("not_found", str(exc)), 404)
+
+    @app.exception_handler(DatabaseUnavailable)
+    async def _unavailable(_: Request, exc: DatabaseUnavailable) -> JsonResponse:
+        log.error("database unavailable: %s", exc)
+        return JsonResponse(
+            error_body("unavailable", "storage is unavailable; nothing was decided or stored, retry later"),
+            503,
+            headers={"Retry-After": "1"},
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JsonResponse:
+        kind = {
+            401: "unauthorized",
+            403: "forbidden",
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "too_large",
+        }.get(exc.status_code, "error")
+        return JsonResponse(error_body(kind, str(exc.detail)), exc.status_code, headers=exc.headers)

@@ -1,0 +1,133 @@
+"""Prometheus metrics: request latency (middleware), decisions, rule hits and detectors (read at scrape)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from risk_engine.engine import RiskEngine
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class EngineCollector(Collector):
+    """Counts kept by the engine, exported when Prometheus scrapes (no cost per request)."""
+
+    def __init__(self, engine: RiskEngine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Any]:
+        decisions = CounterMetricFamily("risk_engine_decisions", "Decisions made, by outcome", labels=["decision"])
+        for decision, n in sorted(self.engine.counters.decisions.items()):
+            decisions.add_metric([decision], n)
+        yield decisions
+        hits = CounterMetricFamily("risk_engine_rule_hits", "Times each rule fired", labels=["rule"])
+        for rule, n in sorted(self.engine.counters.rule_hits.items()):
+            hits.add_metric([rule], n)
+        yield hits
+        seen = GaugeMetricFamily(
+            "risk_engine_model_events_seen", "Events a detector learned from", labels=["model", "version"]
+        )
+        quantiles = GaugeMetricFamily(
+            "risk_engine_model_raw_score", "Raw detector score quantiles (drift)", labels=["model", "quantile"]
+        )
+        for info in self.engine.models_info():
+            seen.add_metric([info["name"], info["version"]], info["events_seen"])
+            for q, value in info["score_quantiles"].items():
+                quantiles.add_metric([info["name"], q], value)
+        yield seen
+        yield quantiles
+
+
+class Metrics:
+    """A registry per app, so several apps (tests, workers) never share counters."""
+
+    def __init__(self, engine: RiskEngine) -> None:
+        self.registry = CollectorRegistry()
+        self.latency = Histogram(
+            "risk_engine_request_seconds",
+            "HTTP request latency",
+            ["method", "route", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(EngineCollector(engine))
+
+
+class RequestGuard:
+    """Pure ASGI middleware: rejects oversized bodies with 413 and times every request."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = [500]
+        limit = self.max_body_bytes
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > limit
+                except ValueError:
+                    too_big = True
+                if too_big:
+                    await _reject_413(send, limit)
+                    self._observe(scope, 413, started)
+                    return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            await _reject_413(send, limit)
+            status[0] = 413
+        self._observe(scope, status[0], started)
+
+    def _observe(self, scope: Scope, status: int, started: float) -> None:
+        app = scope.get("app")
+        metrics: Metrics | None = getattr(getattr(app, "state", None), "metrics", None)
+        if metrics is None:
+            return
+        route = scope.get("route")
+        path = getattr(route, "path", None) or "unmatched"
+        metrics.latency.labels(scope["method"], path, str(status)).observe(time.perf_counter() - started)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _reject_413(send: Send, limit: int) -> None:
+    body = b'{"error":"too_large","message":"request body exceeds ' + str(limit).encode() + b' bytes"}'
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

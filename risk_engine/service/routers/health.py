@@ -1,0 +1,27 @@
+"""Health and metrics: no API key, no PII."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from risk_engine.service.deps import EngineDep
+from risk_engine.service.responses import JsonResponse
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz(engine: EngineDep) -> JsonResponse:
+    """200 when the database answers, 503 when it does not."""
+    ok = engine.ping()
+    policies = {s: rt.policy.label for s, rt in engine.subjects.items()}
+    return JsonResponse(
+        {"status": "ok" if ok else "unavailable", "database": ok, "policies": policies}, status_code=200 if ok else 503
+    )
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Prometheus exposition: request latency, decisions by outcome, rule hits, detector state."""
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

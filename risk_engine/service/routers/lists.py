@@ -1,0 +1,30 @@
+"""Named lists used by rules (`x in list("name")`)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from risk_engine.service.deps import Analyst, EngineDep
+from risk_engine.service.responses import JsonResponse
+from risk_engine.service.schemas import ERRORS, ListEntryIn, ListEntryOut
+
+router = APIRouter(prefix="/v1/lists", tags=["lists"])
+
+
+@router.get("", responses=ERRORS)
+async def list_lists(engine: EngineDep, _: Analyst) -> JsonResponse:
+    """Declared lists with their kinds and live entry counts."""
+    sets = engine.lists.sets
+    return JsonResponse(
+        [
+            {"name": d.name, "kind": d.kind, "description": d.description, "entries": len(sets.get(d.name, ()))}
+            for d in engine.list_decls.values()
+        ]
+    )
+
+
+@router.post("/{list_name}/entries", response_model=ListEntryOut, status_code=201, responses=ERRORS)
+async def add_entry(list_name: str, entry: ListEntryIn, engine: EngineDep, who: Analyst) -> JsonResponse:
+    """Add a value; PII lists keep only its blind index. Idempotent on the value."""
+    view = engine.add_list_entry(list_name, entry.value, f"key:{who.key_id}", entry.expires_at, entry.note)
+    return JsonResponse(view, status_code=201)

@@ -1,0 +1,31 @@
+"""Payments: score one, read one back (PII masked)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter
+
+from risk_engine.payments import PaymentIn
+from risk_engine.service.deps import EngineDep, Scorer
+from risk_engine.service.responses import JsonResponse
+from risk_engine.service.schemas import ERRORS, PaymentOut, ScoreOut
+
+router = APIRouter(prefix="/v1/payments", tags=["payments"])
+
+
+@router.post("/score", response_model=ScoreOut, responses={**ERRORS, 409: ERRORS[422]})
+async def score_payment(payment: PaymentIn, engine: EngineDep, _: Scorer) -> JsonResponse:
+    """Score a payment: decision, 0-100 score and reasons. Idempotent on ``payment_id``."""
+    outcome = engine.score_payment(payment)
+    if not outcome.committed.done():
+        await asyncio.wrap_future(outcome.committed)
+    outcome.committed.result()  # raises if the write failed: the error handlers answer 503 / 409
+    headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
+    return JsonResponse(outcome.response, headers=headers)
+
+
+@router.get("/{payment_id}", response_model=PaymentOut, responses=ERRORS)
+async def get_payment(payment_id: str, engine: EngineDep, _: Scorer) -> JsonResponse:
+    """A stored payment's decision, aggregates and features, with its PII masked."""
+    return JsonResponse(engine.get_payment(payment_id))

@@ -1,0 +1,166 @@
+"""Typed SQLAlchemy 2 models. Alembic migrations under ``migrations/`` create these tables.
+
+No column holds PII in clear: ``events.record`` has blind indexes in its place, ``events.pii_blob`` the
+AES-GCM-sealed originals, ``list_entries.token`` blind indexes for PII lists and ``display`` a masked form.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Dialect,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite keeps no zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every table."""
+
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UtcDateTime, dict[str, Any]: JSON}
+
+
+class DataKey(Base):
+    """A data key wrapped under the master key."""
+
+    __tablename__ = "data_keys"
+    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    wrapped: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime]
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class Event(Base):
+    """A scored event of any subject with its decision: the engine's memory and its replay source."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        UniqueConstraint("subject", "event_id", name="uq_events_subject_event_id"),
+        Index("ix_events_subject_occurred_at", "subject", "occurred_at"),
+        Index("ix_events_subject_ingest_seq", "subject", "ingest_seq"),
+    )
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    subject: Mapped[str] = mapped_column(String(32))
+    event_id: Mapped[str] = mapped_column(String(128))
+    occurred_at: Mapped[datetime]
+    ingest_seq: Mapped[int] = mapped_column(BigInteger)
+    record: Mapped[dict[str, Any]]
+    features: Mapped[dict[str, Any]]
+    aggregates: Mapped[dict[str, Any]]
+    pii_key_id: Mapped[str | None] = mapped_column(String(32))
+    pii_blob: Mapped[bytes | None] = mapped_column(LargeBinary)
+    decision: Mapped[str] = mapped_column(String(16))
+    score: Mapped[int] = mapped_column(Integer)
+    policy_version: Mapped[str] = mapped_column(String(64))
+    model_versions: Mapped[dict[str, Any]]
+    response: Mapped[dict[str, Any]]
+    request_hash: Mapped[str] = mapped_column(String(64))
+    elapsed_ms: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime]
+
+
+class Label(Base):
+    """A late outcome for an event: chargeback, confirmed fraud, legitimate, dispute outcome."""
+
+    __tablename__ = "labels"
+    __table_args__ = (Index("ix_labels_subject_event_id", "subject", "event_id"),)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    label_id: Mapped[str] = mapped_column(String(128), unique=True)
+    subject: Mapped[str] = mapped_column(String(32))
+    event_id: Mapped[str] = mapped_column(String(128))
+    label: Mapped[str] = mapped_column(String(32))
+    is_fraud: Mapped[bool] = mapped_column(Boolean)
+    occurred_at: Mapped[datetime]
+    received_at: Mapped[datetime]
+    source: Mapped[str | None] = mapped_column(String(64))
+    request_hash: Mapped[str] = mapped_column(String(64))
+
+
+class ApiKey(Base):
+    """An API key: only its SHA-256 is kept."""
+
+    __tablename__ = "api_keys"
+    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+
+
+class ListEntry(Base):
+    """An entry of a named list: a plain value or a blind index, with a masked display form."""
+
+    __tablename__ = "list_entries"
+    __table_args__ = (UniqueConstraint("list_name", "token", name="uq_list_entries_list_token"),)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    list_name: Mapped[str] = mapped_column(String(64))
+    token: Mapped[str] = mapped_column(String(128))
+    display: Mapped[str] = mapped_column(String(256))
+    added_by: Mapped[str] = mapped_column(String(128))
+    note: Mapped[str | None] = mapped_column(String(512))
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime | None]
+
+
+class PolicyVersion(Base):
+    """A version of a subject's policy text."""
+
+    __tablename__ = "policy_versions"
+    __table_args__ = (UniqueConstraint("subject", "version", name="uq_policy_versions_subject_version"),)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    subject: Mapped[str] = mapped_column(String(32))
+    version: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))  # draft | published | archived
+    text: Mapped[str] = mapped_column(Text)
+    digest: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(32))  # file | api
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime]
+
+
+class AuditEntry(Base):
+    """Append-only record of every change: who, when, what, before and after."""
+
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime]
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(256))
+    before: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    after: Mapped[dict[str, Any] | None] = mapped_column(JSON)

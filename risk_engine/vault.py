@@ -1,0 +1,216 @@
+"""The PII vault: envelope encryption (AES-256-GCM), keyed blind indexes and masking.
+
+A master key (KEK) wraps data keys (DEKs); each ciphertext carries the id of the data key that sealed it,
+and the data keys are stored wrapped, so rotating the master key means re-wrapping data keys only.
+Equality look-ups use HMAC-SHA256 blind indexes under a separate key, with a domain per PII kind, so the
+same e-mail always indexes to the same token while the token says nothing without the key.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import logging
+import os
+import secrets
+import stat
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import orjson
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+log = logging.getLogger(__name__)
+
+KEY_BYTES = 32
+NONCE_BYTES = 12
+
+
+class PiiKind(StrEnum):
+    """The kinds of personal data the engine holds; each has its own blind-index domain."""
+
+    EMAIL = "email"
+    PHONE = "phone"
+    NAME = "name"
+    ADDRESS = "address"
+    IP = "ip"
+    CARD = "card"
+    ID_NUMBER = "id_number"
+
+
+_DOMAIN = {k: f"{k.value}\x1f".encode() for k in PiiKind}
+_PREFIX = {k: f"bi:{k.value}:" for k in PiiKind}
+
+
+class VaultKeyError(Exception):
+    """A key is missing, malformed or does not open a ciphertext."""
+
+
+def _decode_key(text: str, name: str) -> bytes:
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except ValueError as exc:
+        raise VaultKeyError(f"{name} is not valid base64") from exc
+    if len(raw) != KEY_BYTES:
+        raise VaultKeyError(f"{name} must decode to {KEY_BYTES} bytes, got {len(raw)}")
+    return raw
+
+
+def load_or_create_key(env_value: str | None, path: Path, name: str) -> bytes:
+    """Return a 32-byte key from the environment, or from a 0600 key file created on first use."""
+    if env_value:
+        return _decode_key(env_value, name)
+    if path.exists():
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            log.warning("key file %s is readable by others (mode %o); chmod 600 it", path, mode)
+        return _decode_key(path.read_text(), name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_bytes(KEY_BYTES)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(base64.b64encode(key).decode() + "\n")
+    log.warning(
+        "generated %s in %s (embedded default); in production set RISK_ENGINE_%s from a secret store",
+        name,
+        path,
+        name.upper(),
+    )
+    return key
+
+
+@dataclass(frozen=True, slots=True)
+class WrappedDataKey:
+    """A data key as stored: its id and its bytes sealed under the master key."""
+
+    key_id: str
+    wrapped: bytes
+
+
+def _normalize(kind: PiiKind, value: str) -> str:
+    text = value.strip()
+    if kind in (PiiKind.EMAIL, PiiKind.NAME, PiiKind.ADDRESS):
+        return " ".join(text.lower().split())
+    if kind is PiiKind.PHONE:
+        return "".join(ch for ch in text if ch.isdigit() or ch == "+")
+    if kind is PiiKind.IP:
+        return text.lower()
+    return text
+
+
+class Vault:
+    """Seals and opens PII, computes blind indexes. Holds keys in memory only."""
+
+    def __init__(self, master_key: bytes, blind_index_key: bytes) -> None:
+        self._kek = AESGCM(master_key)
+        self._bi_key = blind_index_key
+        self._deks: dict[str, AESGCM] = {}
+        self._active_id: str | None = None
+
+    # -- data keys -------------------------------------------------------------------------------------
+    def new_data_key(self) -> WrappedDataKey:
+        """Create a data key, make it the active one, and return it wrapped for storage."""
+        key_id = "dk_" + secrets.token_hex(8)
+        dek = secrets.token_bytes(KEY_BYTES)
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        wrapped = nonce + self._kek.encrypt(nonce, dek, key_id.encode())
+        self._deks[key_id] = AESGCM(dek)
+        self._active_id = key_id
+        return WrappedDataKey(key_id, wrapped)
+
+    def load_data_key(self, stored: WrappedDataKey, *, active: bool = False) -> None:
+        """Unwrap a stored data key so ciphertexts under it can be opened."""
+        nonce, body = stored.wrapped[:NONCE_BYTES], stored.wrapped[NONCE_BYTES:]
+        try:
+            dek = self._kek.decrypt(nonce, body, stored.key_id.encode())
+        except Exception as exc:  # cryptography raises InvalidTag
+            raise VaultKeyError(f"data key {stored.key_id} does not open under this master key") from exc
+        self._deks[stored.key_id] = AESGCM(dek)
+        if active:
+            self._active_id = stored.key_id
+
+    @property
+    def active_key_id(self) -> str:
+        """Id of the data key new ciphertexts are sealed with."""
+        if self._active_id is None:
+            raise VaultKeyError("no active data key")
+        return self._active_id
+
+    # -- sealing ---------------------------------------------------------------------------------------
+    def seal(self, fields: Mapping[str, str], associated: str) -> tuple[str, bytes]:
+        """Encrypt a bundle of PII fields; ``associated`` (a row id) is bound as AAD. Returns (key id, blob)."""
+        key_id = self.active_key_id
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        blob = nonce + self._deks[key_id].encrypt(nonce, orjson.dumps(dict(fields)), associated.encode())
+        return key_id, blob
+
+    def open(self, key_id: str, blob: bytes, associated: str) -> dict[str, str]:
+        """Decrypt a bundle sealed by :meth:`seal`."""
+        try:
+            dek = self._deks[key_id]
+        except KeyError:
+            raise VaultKeyError(f"unknown data key {key_id}") from None
+        try:
+            plain = dek.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], associated.encode())
+        except Exception as exc:
+            raise VaultKeyError("ciphertext does not open: wrong key, row or tampered data") from exc
+        result: dict[str, str] = orjson.loads(plain)
+        return result
+
+    # -- blind indexes ---------------------------------------------------------------------------------
+    def blind_index(self, kind: PiiKind, value: str) -> str:
+        """Keyed, deterministic token for equality look-ups on a PII value."""
+        message = _DOMAIN[kind] + _normalize(kind, value).encode()
+        digest = hmac.digest(self._bi_key, message, "sha256")
+        return _PREFIX[kind] + base64.urlsafe_b64encode(digest[:18]).decode()
+
+
+# -- masking -------------------------------------------------------------------------------------------
+
+
+def mask_email(value: str) -> str:
+    """``li.wei@example.com`` -> ``l****@example.com``."""
+    local, _, domain = value.partition("@")
+    return (local[:1] + "****@" + domain) if domain else "****"
+
+
+def mask_phone(value: str) -> str:
+    """Keep the last four digits."""
+    digits = [c for c in value if c.isdigit()]
+    return "*" * max(len(digits) - 4, 0) + "".join(digits[-4:])
+
+
+def mask_name(value: str) -> str:
+    """Keep each word's first letter."""
+    return " ".join(word[:1] + "***" for word in value.split()) or "***"
+
+
+def mask_ip(value: str) -> str:
+    """Keep the network part only."""
+    if ":" in value:
+        return ":".join(value.split(":")[:2]) + ":****"
+    parts = value.split(".")
+    return ".".join([*parts[:2], "*", "*"]) if len(parts) == 4 else "****"
+
+
+def mask_generic(value: str) -> str:
+    """Keep two characters at each end of long values."""
+    return value[:2] + "****" + value[-2:] if len(value) > 6 else "****"
+
+
+MASKERS: dict[PiiKind, Callable[[str], str]] = {
+    PiiKind.EMAIL: mask_email,
+    PiiKind.PHONE: mask_phone,
+    PiiKind.NAME: mask_name,
+    PiiKind.IP: mask_ip,
+    PiiKind.ADDRESS: lambda v: "****",
+    PiiKind.CARD: mask_generic,
+    PiiKind.ID_NUMBER: mask_generic,
+}
+
+
+def mask(kind: PiiKind, value: str) -> str:
+    """Mask a PII value for a response or a log line."""
+    return MASKERS[kind](value)
