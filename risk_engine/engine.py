@@ -25,7 +25,7 @@ import orjson
 from rbloom import Bloom
 from sqlalchemy import Engine as SqlEngine
 from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from risk_engine.config import Settings
@@ -51,7 +51,7 @@ from risk_engine.pipeline import ModelScore, Verdict, decide
 from risk_engine.schema import FieldType, SubjectSchema, load_attribute_declarations
 from risk_engine.storage import models as m
 from risk_engine.storage.db import DatabaseUnavailable, make_engine, migrate
-from risk_engine.storage.writer import GroupCommitWriter
+from risk_engine.storage.writer import DuplicateRow, GroupCommitWriter
 from risk_engine.vault import PiiKind, Vault, WrappedDataKey, load_or_create_key, mask
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,17 @@ class ScoreOutcome:
     committed: Future[None]
     replayed: bool = False
 
+    def raise_if_not_stored(self) -> None:
+        """After ``committed`` is done: raise :class:`DatabaseUnavailable` or :class:`Conflict` if the write failed."""
+        exc = self.committed.exception()
+        if exc is None:
+            return
+        if isinstance(exc, DuplicateRow):
+            raise Conflict(f"{self.response.get('payment_id')} was written concurrently by another worker") from exc
+        if isinstance(exc, DBAPIError):
+            raise DatabaseUnavailable(type(exc.orig).__name__ if exc.orig else type(exc).__name__) from exc
+        raise exc
+
 
 @dataclass(frozen=True)
 class Principal:
@@ -206,7 +217,7 @@ class RiskEngine:
     def open(cls, settings: Settings) -> RiskEngine:
         """Connect, migrate, load keys, policies, lists and detectors, and rebuild state from storage."""
         settings.home.mkdir(parents=True, exist_ok=True)
-        db = make_engine(settings.resolved_database_url)
+        db = make_engine(settings.resolved_database_url, settings.db_busy_timeout_s)
         try:
             migrate(db)
         except OperationalError as exc:

@@ -239,6 +239,8 @@ def _syntax_error(exc: UnexpectedInput, text: str) -> DslError:
         token = exc.token
         expected = set(exc.expected)
         if token.type == "$END":
+            lines = text.split("\n")
+            line, column = len(lines), len(lines[-1]) + 1
             hint = "a '}' may be missing" if "RBRACE" in expected else None
             return DslError(
                 line, column, "syntax.eof", f"unexpected end of text; expected {_describe_expected(expected)}", hint

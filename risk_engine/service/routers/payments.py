@@ -19,8 +19,8 @@ async def score_payment(payment: PaymentIn, engine: EngineDep, _: Scorer) -> Jso
     """Score a payment: decision, 0-100 score and reasons. Idempotent on ``payment_id``."""
     outcome = engine.score_payment(payment)
     if not outcome.committed.done():
-        await asyncio.wrap_future(outcome.committed)
-    outcome.committed.result()  # raises if the write failed: the error handlers answer 503 / 409
+        await asyncio.wait([asyncio.wrap_future(outcome.committed)])  # done either way; failures mapped below
+    outcome.raise_if_not_stored()  # the error handlers answer 503 (storage down) or 409 (written elsewhere)
     headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
     return JsonResponse(outcome.response, headers=headers)
 

@@ -1,0 +1,181 @@
+"""The payment path through HTTP, on SQLite and PostgreSQL: scoring, idempotency, labels, access, bad input."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from risk_engine.storage import models as m
+from tests.conftest import DELETE, Api, payment
+
+
+def stored_events(api: Api) -> int:
+    with api.engine.db.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(m.Event)).scalar_one())
+
+
+def test_score_answers_the_contract(api: Api) -> None:
+    result = api.score(payment())
+    assert set(result) >= {"payment_id", "decision", "score", "reasons", "policy_version", "model_versions"}
+    assert result["payment_id"] == "pay_0001"
+    assert result["decision"] in ("allow", "challenge", "review", "block")
+    assert 0 <= result["score"] <= 100
+    assert result["policy_version"] == "payment:v1"
+    assert "payment_anomaly" in result["model_versions"]
+    assert all(r["source"] in ("rule", "model") for r in result["reasons"])
+    assert result["elapsed_ms"] > 0
+    assert stored_events(api) == 1
+
+
+def test_same_payment_again_returns_the_stored_decision_and_counts_nothing_twice(api: Api) -> None:
+    first = api.score(payment(payment_id="p1"))
+    response = api.client.post("/v1/payments/score", json=payment(payment_id="p1"), headers=api.headers())
+    assert response.status_code == 200
+    assert response.headers["Idempotent-Replayed"] == "true"
+    assert response.json() == first
+    # a third payment on the same card sees exactly one earlier payment on it, not two
+    third = api.client.get("/v1/payments/p1", headers=api.headers())
+    assert third.status_code == 200
+    api.score(payment(payment_id="p2", occurred_at="2026-11-22T10:16:00Z"))
+    stored = api.client.get("/v1/payments/p2", headers=api.headers()).json()
+    assert stored["aggregates"]["count(by payment_method.card_fingerprint within 10m)"] == 1
+    assert stored_events(api) == 2
+
+
+def test_same_payment_id_with_a_different_body_is_a_conflict(api: Api) -> None:
+    api.score(payment(payment_id="p1"))
+    response = api.client.post(
+        "/v1/payments/score", json=payment(payment_id="p1", **{"amount.value": 5}), headers=api.headers()
+    )
+    assert response.status_code == 409
+    assert response.json()["error"] == "conflict"
+    assert stored_events(api) == 1
+
+
+def test_stored_payment_shows_pii_masked(api: Api) -> None:
+    api.score(payment())
+    body = api.client.get("/v1/payments/pay_0001", headers=api.headers()).json()
+    masked = body["pii_masked"]
+    assert masked["buyer.email"] == "l****@example.com"
+    assert masked["buyer.phone"].endswith("8000") and "13800" not in masked["buyer.phone"]
+    assert masked["device.ip"] == "203.0.*.*"
+    assert "Li Wei" not in str(body) and "li.wei@example.com" not in str(body)
+
+
+def test_unknown_payment_is_404(api: Api) -> None:
+    response = api.client.get("/v1/payments/nope", headers=api.headers())
+    assert response.status_code == 404
+
+
+def test_labels_are_idempotent_on_label_id(api: Api) -> None:
+    api.score(payment())
+    label = {"label_id": "lbl_1", "payment_id": "pay_0001", "label": "chargeback", "source": "issuer"}
+    first = api.client.post("/v1/labels", json=label, headers=api.headers())
+    assert first.status_code == 201
+    assert first.json()["is_fraud"] is True
+    again = api.client.post("/v1/labels", json=label, headers=api.headers())
+    assert again.status_code == 200
+    assert again.json() == first.json()
+    different = api.client.post("/v1/labels", json={**label, "label": "legitimate"}, headers=api.headers())
+    assert different.status_code == 409
+    missing = api.client.post(
+        "/v1/labels", json={**label, "label_id": "lbl_2", "payment_id": "zz"}, headers=api.headers()
+    )
+    assert missing.status_code == 404
+    with api.engine.db.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(m.Label)).scalar_one() == 1
+
+
+def test_every_endpoint_but_health_and_metrics_needs_a_key(api: Api) -> None:
+    assert api.client.post("/v1/payments/score", json=payment()).status_code == 401
+    bad = {"Authorization": "Bearer rk_000000000000_nope"}
+    assert api.client.post("/v1/payments/score", json=payment(), headers=bad).status_code == 401
+    assert api.client.get("/v1/models").status_code == 401
+    assert api.client.post("/v1/labels", json={}).status_code == 401
+    assert api.client.get("/healthz").status_code == 200
+    assert api.client.get("/metrics").status_code == 200
+    assert stored_events(api) == 0
+
+
+def test_roles_are_enforced(api: Api) -> None:
+    entry = {"value": "dev_bad"}
+    scorer = api.client.post("/v1/lists/blocked_devices/entries", json=entry, headers=api.headers("scorer"))
+    assert scorer.status_code == 403
+    analyst = api.client.post("/v1/lists/blocked_devices/entries", json=entry, headers=api.headers("analyst"))
+    assert analyst.status_code == 201
+
+
+def test_keys_are_stored_hashed(api: Api) -> None:
+    with api.engine.db.connect() as conn:
+        hashes = [row.secret_hash for row in conn.execute(select(m.ApiKey))]
+    secret = api.scorer_key.split("_", 2)[2]
+    assert hashes and all(secret not in h for h in hashes)
+
+
+def test_metrics_count_decisions_and_rule_hits(api: Api) -> None:
+    api.score(payment(**{"billing_country": "US"}))
+    text = api.client.get("/metrics").text
+    assert "risk_engine_request_seconds_bucket" in text
+    assert 'risk_engine_rule_hits_total{rule="billing_shipping_mismatch"} 1.0' in text
+    assert "risk_engine_decisions_total" in text
+
+
+def test_models_endpoint_lists_the_detector(api: Api) -> None:
+    api.score(payment())
+    models = api.client.get("/v1/models", headers=api.headers()).json()
+    assert [d["name"] for d in models] == ["payment_anomaly"]
+    assert models[0]["events_seen"] == 1
+
+
+BAD_INPUTS: list[tuple[str, Any, str]] = [
+    ("negative amount", payment(**{"amount.value": -1}), "amount.value"),
+    ("float amount", payment(**{"amount.value": 12.5}), "amount.value"),
+    ("amount as string", payment(**{"amount.value": "100"}), "amount.value"),
+    ("unknown currency", payment(**{"amount.currency": "XYZ"}), "amount.currency"),
+    ("missing buyer", payment(buyer=DELETE), "buyer"),
+    ("naive time", payment(occurred_at="2026-11-22T10:15:00"), "occurred_at"),
+    ("wrong type", payment(item_count="many"), "item_count"),
+    ("cvv sent", payment(**{"payment_method.cvv": "123"}), "payment_method.cvv"),
+    ("full card number", payment(**{"payment_method.card_number": "4111111111111111"}), "payment_method.card_number"),
+    (
+        "PAN as fingerprint",
+        payment(**{"payment_method.card_fingerprint": "4111 1111 1111 1111"}),
+        "payment_method.card_fingerprint",
+    ),
+    ("bad ip", payment(**{"device.ip": "999.1.1.1"}), "device.ip"),
+    ("bad email", payment(**{"buyer.email": "not-an-email"}), "buyer.email"),
+    ("undeclared attribute", payment(attributes={"mystery": 1}), "attributes.mystery"),
+    ("attribute of wrong type", payment(attributes={"V1": "high"}), "attributes.V1"),
+    ("unknown top-level field", payment(cardholder="x"), "cardholder"),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "field"), BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_422_with_field_and_reason_and_nothing_stored(api: Api, case: str, body: Any, field: str) -> None:
+    response = api.client.post("/v1/payments/score", json=body, headers=api.headers())
+    assert response.status_code == 422, response.text
+    errors = response.json()["errors"]
+    assert field in [e["field"] for e in errors], errors
+    assert all(e["reason"] for e in errors)
+    assert stored_events(api) == 0
+
+
+def test_malformed_json_is_422(api: Api) -> None:
+    response = api.client.post(
+        "/v1/payments/score",
+        content=b'{"payment_id": "x",',
+        headers={**api.headers(), "content-type": "application/json"},
+    )
+    assert response.status_code == 422
+    assert "JSON" in response.json()["errors"][0]["reason"]
+    assert stored_events(api) == 0
+
+
+def test_oversized_body_is_413(api: Api) -> None:
+    huge = payment(attributes={f"x{i}": "y" * 200 for i in range(400)})
+    response = api.client.post("/v1/payments/score", json=huge, headers=api.headers())
+    assert response.status_code == 413
+    assert response.json()["error"] == "too_large"
+    assert stored_events(api) == 0

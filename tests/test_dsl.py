@@ -1,0 +1,301 @@
+"""The rules language: errors with line:column and suggestions, and the semantics of what compiles."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from risk_engine.dsl import Decision, DslErrors, Environment, compile_features, compile_policy
+from risk_engine.payments import PAYMENT_SCHEMA
+from risk_engine.pipeline import ModelScore, decide
+from risk_engine.schema import FieldType
+
+ENV = Environment(
+    PAYMENT_SCHEMA.with_attributes({"V1": FieldType.NUMBER, "segment": FieldType.STRING}),
+    {"blocked_devices": "string", "blocked_emails": "email"},
+    frozenset({"payment_anomaly"}),
+)
+ENVS = {"payment": ENV}
+
+
+def one_rule(condition: str, then: str = "block") -> str:
+    return f"subject payment\nrule r {{\n  when {condition}\n  then {then}\n}}\n"
+
+
+# (case, policy text, line, column, error code, words the message must contain, words the suggestion must contain)
+ERRORS: list[tuple[str, str, int, int, str, str, str | None]] = [
+    ("single = instead of ==", one_rule('channel = "app"'), 3, 16, "syntax.character", "'='", "=="),
+    ("single-quoted string", one_rule("channel == 'app'"), 3, 19, "syntax.character", '"\'"', "double quotes"),
+    ("&& instead of and", one_rule("buyer.verified && true"), 3, 23, "syntax.character", "'&'", "and"),
+    ("missing then", "subject payment\nrule r {\n  when true\n  block\n}\n", 4, 3, "syntax.token", "'block'", "then"),
+    (
+        "missing closing brace",
+        "subject payment\nrule r {\n  when true\n  then block\n",
+        5,
+        1,
+        "syntax.eof",
+        "end of text",
+        "'}'",
+    ),
+    ("no subject line", "rule r { when true then block }", 1, 1, "syntax.token", "'rule'", "subject payment"),
+    ("misspelt decision", one_rule("true", "blok"), 4, 8, "syntax.token", "'blok'", "allow, challenge"),
+    (
+        "unknown field",
+        one_rule("buyer.acount_age < 7d"),
+        3,
+        8,
+        "type.unknown_field",
+        "buyer.acount_age",
+        "buyer.account_age",
+    ),
+    (
+        "undeclared attribute",
+        one_rule("attributes.V99 > 1"),
+        3,
+        8,
+        "type.unknown_field",
+        "attributes.V99",
+        "attributes.V1",
+    ),
+    (
+        "string compared with number",
+        one_rule('amount.value > "100"'),
+        3,
+        21,
+        "type.mismatch",
+        "a number with a string",
+        "quote both",
+    ),
+    (
+        "duration compared with number",
+        one_rule("buyer.account_age < 7"),
+        3,
+        26,
+        "type.mismatch",
+        "duration with a number",
+        "7d",
+    ),
+    ("unknown function", one_rule('lowr(channel) == "app"'), 3, 8, "type.unknown_function", "lowr", "lower"),
+    ("wrong argument count", one_rule("abs(amount.value, 2) > 1"), 3, 8, "type.arity", "1 argument", None),
+    (
+        "unknown list",
+        one_rule('device.id in list("blocked_device")'),
+        3,
+        26,
+        "type.unknown_list",
+        "blocked_device",
+        "blocked_devices",
+    ),
+    (
+        "unknown detector",
+        one_rule('model("payment_anomly") > 0.9'),
+        3,
+        14,
+        "type.unknown_model",
+        "payment_anomly",
+        "payment_anomaly",
+    ),
+    ("condition is not true/false", one_rule("amount.value"), 3, 8, "type.condition", "got a number", "> 0"),
+    ("and on a number", one_rule("amount.value and buyer.verified"), 3, 8, "type.not_bool", "'and'", None),
+    ("arithmetic on a string", one_rule("channel + 1 > 2"), 3, 16, "type.arithmetic", "a string and a number", None),
+    (
+        "sum of a string field",
+        one_rule("sum(channel by buyer.id within 1d) > 2"),
+        3,
+        12,
+        "type.aggregate_value",
+        "'channel' is a string",
+        None,
+    ),
+    ("window too long", one_rule("count(by buyer.id within 91d) > 2"), 3, 33, "type.window", "91d", "90d"),
+    (
+        "personal data compared with a literal",
+        one_rule('buyer.email == "a@b.c"'),
+        3,
+        20,
+        "type.mismatch",
+        "personal data",
+        "list",
+    ),
+    (
+        "string test on personal data",
+        one_rule('buyer.email contains "x"'),
+        3,
+        20,
+        "type.string_test",
+        "personal data",
+        "list",
+    ),
+    (
+        "wrong list kind",
+        one_rule('device.id in list("blocked_emails")'),
+        3,
+        8,
+        "type.list_kind",
+        "named list of email",
+        None,
+    ),
+    ("ordering strings", one_rule('channel > "a"'), 3, 16, "type.ordering", "'>'", None),
+    (
+        "duplicate rule name",
+        "subject payment\nrule a { when true then block }\nrule a { when true then review }\n",
+        3,
+        6,
+        "rule.duplicate",
+        "line 2",
+        "unique",
+    ),
+    ("two decisions in a rule", one_rule("true", "block, allow"), 4, 15, "rule.decisions", "more than one", None),
+    ("score change out of range", one_rule("true", "score +150"), 4, 8, "rule.score_range", "+150", None),
+    (
+        "reason code not upper snake",
+        one_rule("true", "reason card_test"),
+        4,
+        8,
+        "rule.reason_code",
+        "card_test",
+        "CARD_TEST",
+    ),
+    (
+        "thresholds out of order",
+        "subject payment\nthresholds { review at 50 block at 40 }\n",
+        2,
+        27,
+        "thresholds.order",
+        "block at 40",
+        "higher",
+    ),
+    ("threshold for allow", "subject payment\nthresholds { allow at 10 }\n", 2, 14, "thresholds.allow", "allow", None),
+    ("unknown subject", "subject paymnt\n", 1, 9, "type.unknown_subject", "paymnt", "payment"),
+    ("mixed list literal", one_rule('channel in ["app", 1]'), 3, 19, "type.mixed_list", "mixes", None),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "text", "line", "column", "code", "message", "suggestion"), ERRORS, ids=[e[0] for e in ERRORS]
+)
+def test_error_has_position_message_and_suggestion(
+    case: str, text: str, line: int, column: int, code: str, message: str, suggestion: str | None
+) -> None:
+    with pytest.raises(DslErrors) as caught:
+        compile_policy(text, ENVS)
+    error = caught.value.errors[0]
+    assert (error.line, error.column, error.code) == (line, column, code), str(error)
+    assert message in error.message, error.message
+    if suggestion is not None:
+        assert error.suggestion is not None and suggestion in error.suggestion, error.suggestion
+    assert f"{line}:{column}" in str(caught.value)
+
+
+def test_every_error_in_a_policy_is_reported_in_text_order() -> None:
+    text = "subject payment\nrule a { when foo > 1 then block }\nrule b { when bar > 1 then block }\n"
+    with pytest.raises(DslErrors) as caught:
+        compile_policy(text, ENVS)
+    assert [(e.line, e.code) for e in caught.value.errors] == [(2, "type.unknown_field"), (3, "type.unknown_field")]
+
+
+def evaluate(
+    text: str,
+    record: dict[str, Any],
+    aggregates: dict[str, Any] | None = None,
+    lists: dict[str, frozenset[str]] | None = None,
+    models: dict[str, float] | None = None,
+) -> list[str]:
+    policy = compile_policy(text, ENVS)
+    hits = policy.evaluate(record, aggregates or {}, lists or {}, models or {})
+    return [policy.rules[i].name for i in hits]
+
+
+def test_arithmetic_precedence_and_durations() -> None:
+    text = one_rule("amount.value + 2 * 3 == 13 and buyer.account_age >= 1d + 12h")
+    assert evaluate(text, {"amount.value": 7, "buyer.account_age": 36 * 3600}) == ["r"]
+    assert evaluate(text, {"amount.value": 7, "buyer.account_age": 35 * 3600}) == []
+    assert evaluate(one_rule("days(buyer.account_age) > 1.4"), {"buyer.account_age": 1.5 * 86400}) == ["r"]
+
+
+def test_missing_values_never_fire_a_comparison() -> None:
+    assert evaluate(one_rule("buyer.account_age < 1d"), {}) == []
+    assert evaluate(one_rule("billing_country != shipping.country"), {"billing_country": "CN"}) == []
+    assert evaluate(
+        one_rule("billing_country != shipping.country"), {"billing_country": "CN", "shipping.country": "US"}
+    ) == ["r"]
+    assert evaluate(one_rule('channel not in ["app"]'), {}) == []
+    assert evaluate(one_rule("exists(buyer.email)"), {"buyer.email": "bi:email:x"}) == ["r"]
+    assert evaluate(one_rule("not exists(buyer.email)"), {}) == ["r"]
+
+
+def test_runtime_errors_stop_only_their_rule() -> None:
+    text = "subject payment\nrule div { when amount.value / item_count > 1 then block }\nrule ok { when true then review }\n"
+    assert evaluate(text, {"amount.value": 5, "item_count": 0}) == ["ok"]
+
+
+def test_string_tests_sets_and_lists() -> None:
+    text = one_rule('lower(device.user_agent) contains "curl" and channel in ["api", "web"]')
+    assert evaluate(text, {"device.user_agent": "CURL/8.0", "channel": "api"}) == ["r"]
+    assert evaluate(text, {"device.user_agent": "Mozilla", "channel": "api"}) == []
+    listed = one_rule('device.id in list("blocked_devices")')
+    assert evaluate(listed, {"device.id": "d1"}, lists={"blocked_devices": frozenset({"d1"})}) == ["r"]
+    assert evaluate(listed, {"device.id": "d2"}, lists={"blocked_devices": frozenset({"d1"})}) == []
+
+
+def test_user_text_is_data_never_code() -> None:
+    text = one_rule("channel == \"__import__('os').system('false')\"")
+    policy = compile_policy(text, ENVS)
+    assert "__import__('os')" in policy.python_source  # only inside a string literal
+    assert evaluate(text, {"channel": "__import__('os').system('false')"}) == ["r"]
+    assert evaluate(text, {"channel": "app"}) == []
+
+
+def test_aggregates_and_models_are_read_by_name() -> None:
+    text = one_rule('count(by payment_method.card_fingerprint within 10m) >= 3 and model("payment_anomaly") > 0.9')
+    policy = compile_policy(text, ENVS)
+    (spec,) = policy.aggregates
+    assert spec.id == "count(by payment_method.card_fingerprint within 10m)"
+    assert evaluate(text, {}, {spec.id: 3}, models={"payment_anomaly": 0.95}) == ["r"]
+    assert evaluate(text, {}, {spec.id: 2}, models={"payment_anomaly": 0.95}) == []
+
+
+def test_features_compile_to_numbers() -> None:
+    features = compile_features({"amt": "log1p(amount.major)", "new": "buyer.verified", "v": "attributes.V1"}, ENV)
+    out = features.compute({"amount.major": 0.0, "buyer.verified": True}, {}, {}, {})
+    assert out == {"amt": 0.0, "new": 1.0}
+    with pytest.raises(DslErrors) as caught:
+        compile_features({"bad": "channel"}, ENV)
+    assert "must be numeric" in str(caught.value)
+
+
+POLICY = """subject payment
+thresholds { challenge at 30 review at 60 block at 85 }
+rule plus40 { when attributes.V1 > 0 then score +40 }
+rule plus30 { when attributes.V1 > 1 then score +30 }
+rule minus20 { when buyer.verified then score -20 }
+rule force_block { when channel == "pos" then block }
+rule force_allow { when channel == "api" then allow }
+rule force_review { when channel == "web" then review }
+"""
+
+
+def verdict(record: dict[str, Any], contribution: float = 0.0) -> tuple[Decision, int]:
+    policy = compile_policy(POLICY, ENVS)
+    hits = policy.evaluate(record, {}, {}, {})
+    models = [ModelScore("payment_anomaly", "1", 0.0, 0.99, contribution)]
+    v = decide(policy, hits, models)
+    return v.decision, v.score
+
+
+def test_scores_add_up_clamp_and_map_to_thresholds() -> None:
+    assert verdict({"attributes.V1": 0.5}) == (Decision.CHALLENGE, 40)
+    assert verdict({"attributes.V1": 2}) == (Decision.REVIEW, 70)
+    assert verdict({"attributes.V1": 2}, contribution=20) == (Decision.BLOCK, 90)
+    assert verdict({"attributes.V1": 2, "buyer.verified": True}) == (Decision.CHALLENGE, 50)
+    assert verdict({"buyer.verified": True}) == (Decision.ALLOW, 0)  # clamped at 0
+    assert verdict({"attributes.V1": 2}, contribution=80) == (Decision.BLOCK, 100)  # clamped at 100
+
+
+def test_forced_decision_precedence() -> None:
+    # block beats everything; allow beats the score and forced review; review beats a lower score decision
+    assert verdict({"channel": "pos"})[0] is Decision.BLOCK
+    assert verdict({"channel": "api", "attributes.V1": 2}, contribution=20)[0] is Decision.ALLOW
+    assert verdict({"channel": "web"})[0] is Decision.REVIEW
+    assert verdict({"channel": "web", "attributes.V1": 2}, contribution=20)[0] is Decision.BLOCK

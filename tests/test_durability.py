@@ -1,0 +1,201 @@
+"""Restart keeps decisions, velocity and model state; outages answer 503 and leave nothing half-written."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+from sqlalchemy import create_engine, func, select, text
+
+from risk_engine.storage import models as m
+from tests.conftest import Api, make_settings, open_api, payment
+from tests.helpers import TcpProxy
+
+CARD_AGG = "count(by payment_method.card_fingerprint within 1h)"
+
+
+def traffic(n: int, start: int = 0) -> list[dict[str, Any]]:
+    """Varied payments, one a minute, over a handful of cards, buyers and devices."""
+    out = []
+    for i in range(start, start + n):
+        out.append(
+            payment(
+                **{
+                    "payment_id": f"t{i}",
+                    "occurred_at": f"2026-11-22T{8 + i // 60:02d}:{i % 60:02d}:00Z",
+                    "amount.value": 1_000 + (i * 7919) % 300_000,
+                    "buyer.id": f"b{i % 23}",
+                    "payment_method.card_fingerprint": f"fp{i % 17}",
+                    "device.id": f"d{i % 11}",
+                    "item_count": 1 + i % 4,
+                    "attributes": {"V1": ((i * 37) % 100) / 10.0, "V2": ((i * 53) % 100) / 25.0},
+                }
+            )
+        )
+    return out
+
+
+def comparable(response: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in response.items() if k != "elapsed_ms"}
+
+
+def run_control(tmp_path: Path, payments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The same traffic through a service that never restarts."""
+    client, api = open_api(make_settings(tmp_path / "control", f"sqlite:///{tmp_path / 'control.db'}"))
+    try:
+        return [comparable(api.score(p)) for p in payments]
+    finally:
+        client.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("snapshot_state", ["clean", "crashed", "tampered", "missing"])
+def test_restart_keeps_decisions_velocity_and_model_state(
+    tmp_path: Path, database_url: str, snapshot_state: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    before, after = traffic(240), traffic(30, start=240)
+    expected = run_control(tmp_path, before + after)[len(before) :]
+
+    settings = make_settings(tmp_path / "var", database_url, snapshot_every=100)
+    client, api = open_api(settings)
+    snapshot = settings.snapshot_dir / "payment_anomaly.snapshot"
+    first = [api.score(p) for p in before]
+    shutil.copy(snapshot, tmp_path / "at-200.snapshot")  # written after the 200th payment
+    client.__exit__(None, None, None)
+
+    if snapshot_state == "crashed":  # as if the process died after the snapshot at 200
+        shutil.copy(tmp_path / "at-200.snapshot", snapshot)
+    elif snapshot_state == "tampered":
+        blob = bytearray(snapshot.read_bytes())
+        blob[len(blob) // 2] ^= 0x01
+        snapshot.write_bytes(bytes(blob))
+    elif snapshot_state == "missing":
+        snapshot.unlink()
+
+    caplog.set_level(logging.INFO)
+    client, api = open_api(settings)
+    try:
+        if snapshot_state == "tampered":
+            assert "REFUSED detector snapshot" in caplog.text
+        stored = api.client.get("/v1/payments/t5", headers=api.headers()).json()
+        assert stored["decision"] == first[5]
+        replay = api.score(before[7])
+        assert replay == first[7]  # idempotent across the restart
+        got = [comparable(api.score(p)) for p in after]
+        assert got == expected  # velocity and detector state exactly as if never restarted
+        probe = api.client.get(f"/v1/payments/{after[0]['payment_id']}", headers=api.headers()).json()
+        assert probe["aggregates"][CARD_AGG] > 0
+        models = api.client.get("/v1/models", headers=api.headers()).json()
+        assert models[0]["events_seen"] == len(before) + len(after)
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_database_outage_on_sqlite_is_503_and_nothing_is_half_written(tmp_path: Path) -> None:
+    db_path = tmp_path / "risk.db"
+    settings = make_settings(tmp_path / "var", f"sqlite:///{db_path}", db_busy_timeout_s=0.2)
+    client, api = open_api(settings)
+    try:
+        api.score(payment(payment_id="ok1", occurred_at="2026-11-22T10:00:00Z"))
+        locker = sqlite3.connect(db_path, timeout=0.1)
+        locker.execute("BEGIN EXCLUSIVE")
+        down = api.client.post(
+            "/v1/payments/score",
+            json=payment(payment_id="p2", occurred_at="2026-11-22T10:01:00Z"),
+            headers=api.headers(),
+        )
+        assert down.status_code == 503
+        assert down.json()["error"] == "unavailable"
+        assert "decision" not in down.json()
+        locker.rollback()
+        locker.close()
+        again = api.score(payment(payment_id="p2", occurred_at="2026-11-22T10:01:00Z"))
+        assert again["payment_id"] == "p2"
+        api.score(payment(payment_id="p3", occurred_at="2026-11-22T10:02:00Z"))
+        stored = api.client.get("/v1/payments/p3", headers=api.headers()).json()
+        assert stored["aggregates"][CARD_AGG] == 2  # ok1 and p2 once, the failed attempt not at all
+        with api.engine.db.connect() as conn:
+            assert conn.execute(select(func.count()).select_from(m.Event)).scalar_one() == 3
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_database_outage_on_postgres_is_503_and_nothing_is_half_written(tmp_path: Path, pg_schema_url: str) -> None:
+    parts = urlsplit(pg_schema_url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    proxy.start()
+    netloc = f"{parts.username}@127.0.0.1:{proxy.port}" if parts.username else f"127.0.0.1:{proxy.port}"
+    proxied = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    client, api = open_api(make_settings(tmp_path / "var", proxied, db_busy_timeout_s=1))
+    try:
+        api.score(payment(payment_id="ok1", occurred_at="2026-11-22T10:00:00Z"))
+        proxy.cut()
+        down = api.client.post(
+            "/v1/payments/score",
+            json=payment(payment_id="p2", occurred_at="2026-11-22T10:01:00Z"),
+            headers=api.headers(),
+        )
+        assert down.status_code == 503
+        assert api.client.get("/healthz").status_code == 503
+        proxy.start()
+        api.score(payment(payment_id="p2", occurred_at="2026-11-22T10:01:00Z"))
+        api.score(payment(payment_id="p3", occurred_at="2026-11-22T10:02:00Z"))
+        stored = api.client.get("/v1/payments/p3", headers=api.headers()).json()
+        assert stored["aggregates"][CARD_AGG] == 2
+    finally:
+        client.__exit__(None, None, None)
+        proxy.cut()
+    direct = create_engine(pg_schema_url)
+    with direct.connect() as conn:
+        assert conn.execute(text("select count(*) from events")).scalar_one() == 3
+    direct.dispose()
+
+
+PII = {
+    "buyer.email": "zhang.sanfeng@wudang.example",
+    "buyer.phone": "+8613912345678",
+    "buyer.name": "Zhang Sanfeng",
+    "device.ip": "198.51.100.77",
+    "shipping_address.line1": "77 Secret Garden Road",
+    "payment_method.card_fingerprint": "tok_secret_fingerprint_777",
+}
+
+
+def test_pii_is_never_stored_or_logged_in_clear(
+    tmp_path: Path, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    settings = make_settings(tmp_path / "var", database_url)
+    client, api = open_api(settings)
+    try:
+        api.score(payment(payment_id="pii1", **PII))
+        api.client.post(
+            "/v1/lists/blocked_emails/entries",
+            json={"value": "blocked.person@evil.example"},
+            headers=api.headers("analyst"),
+        )
+        api.score(payment(payment_id="pii2", **{**PII, "buyer.email": "blocked.person@evil.example"}))
+        shown = api.client.get("/v1/payments/pii1", headers=api.headers()).text
+    finally:
+        client.__exit__(None, None, None)
+    secrets = [*PII.values(), "blocked.person@evil.example", "13912345678", "Secret Garden"]
+    if database_url.startswith("sqlite"):
+        raw = b"".join(p.read_bytes() for p in tmp_path.glob("risk.db*"))
+    else:
+        engine = create_engine(database_url)
+        with engine.connect() as conn:
+            tables = [
+                r[0] for r in conn.execute(text("select tablename from pg_tables where schemaname = current_schema()"))
+            ]
+            raw = "\n".join(str(row) for t in tables for row in conn.execute(text(f'select * from "{t}"'))).encode()
+        engine.dispose()
+        assert b"bi:email:" in raw  # the rows were read
+    for secret in secrets:
+        assert secret.encode() not in raw, f"{secret} found in the database"
+        assert secret.lower().encode() not in raw.lower()
+        assert secret not in caplog.text, f"{secret} found in the logs"
+        assert secret not in shown, f"{secret} shown unmasked"

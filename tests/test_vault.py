@@ -1,0 +1,64 @@
+"""The PII vault: envelope encryption, AAD binding, tamper detection, blind indexes, masking, key files."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from risk_engine.vault import PiiKind, Vault, VaultKeyError, load_or_create_key, mask
+
+KEY_A = b"a" * 32
+KEY_B = b"b" * 32
+
+
+def test_seal_and_open_round_trip_bound_to_the_row() -> None:
+    vault = Vault(KEY_A, KEY_B)
+    wrapped = vault.new_data_key()
+    key_id, blob = vault.seal({"email": "li.wei@example.com"}, "payment:p1")
+    assert key_id == wrapped.key_id
+    assert b"li.wei" not in blob
+    assert vault.open(key_id, blob, "payment:p1") == {"email": "li.wei@example.com"}
+    with pytest.raises(VaultKeyError):
+        vault.open(key_id, blob, "payment:p2")  # moved to another row
+    tampered = blob[:-1] + bytes([blob[-1] ^ 1])
+    with pytest.raises(VaultKeyError):
+        vault.open(key_id, tampered, "payment:p1")
+
+
+def test_data_keys_only_unwrap_under_their_master_key() -> None:
+    vault = Vault(KEY_A, KEY_B)
+    wrapped = vault.new_data_key()
+    key_id, blob = vault.seal({"x": "y"}, "row")
+    reopened = Vault(KEY_A, KEY_B)
+    reopened.load_data_key(wrapped, active=True)
+    assert reopened.open(key_id, blob, "row") == {"x": "y"}
+    with pytest.raises(VaultKeyError):
+        Vault(b"c" * 32, KEY_B).load_data_key(wrapped)
+
+
+def test_blind_indexes_are_keyed_normalised_and_separated_by_kind() -> None:
+    vault = Vault(KEY_A, KEY_B)
+    a = vault.blind_index(PiiKind.EMAIL, "Li.Wei@Example.com ")
+    assert a == vault.blind_index(PiiKind.EMAIL, "li.wei@example.com")
+    assert a != vault.blind_index(PiiKind.NAME, "li.wei@example.com")
+    assert a != Vault(KEY_A, b"z" * 32).blind_index(PiiKind.EMAIL, "li.wei@example.com")
+    assert "li.wei" not in a
+    assert vault.blind_index(PiiKind.PHONE, "+86 138-0013-8000") == vault.blind_index(PiiKind.PHONE, "+8613800138000")
+
+
+def test_masking() -> None:
+    assert mask(PiiKind.EMAIL, "li.wei@example.com") == "l****@example.com"
+    assert mask(PiiKind.PHONE, "+8613800138000") == "*********8000"
+    assert mask(PiiKind.IP, "203.0.113.7") == "203.0.*.*"
+    assert mask(PiiKind.NAME, "Li Wei") == "L*** W***"
+
+
+def test_generated_key_file_is_private_and_reused(tmp_path: Path) -> None:
+    path = tmp_path / "master.key"
+    key = load_or_create_key(None, path, "master_key")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_or_create_key(None, path, "master_key") == key
+    with pytest.raises(VaultKeyError):
+        load_or_create_key("not base64!", path, "master_key")
