@@ -8,8 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from risk_engine.detectors import RunningQuantile, SnapshotError, SpecError, StreamingDetector, read_snapshot
-from risk_engine.detectors import write_snapshot
+from risk_engine.detectors import (
+    RunningQuantile,
+    SnapshotError,
+    SpecError,
+    StreamingDetector,
+    read_snapshot,
+    write_snapshot,
+)
 from risk_engine.detectors.spec import parse_spec_file
 from risk_engine.dsl import DslErrors, Environment, compile_features
 from risk_engine.engine import load_environments

@@ -226,7 +226,10 @@ def test_missing_values_never_fire_a_comparison() -> None:
 
 
 def test_runtime_errors_stop_only_their_rule() -> None:
-    text = "subject payment\nrule div { when amount.value / item_count > 1 then block }\nrule ok { when true then review }\n"
+    text = (
+        "subject payment\nrule div { when amount.value / item_count > 1 then block }\n"
+        "rule ok { when true then review }\n"
+    )
     assert evaluate(text, {"amount.value": 5, "item_count": 0}) == ["ok"]
 
 

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import create_engine, func, select, text
 
 from risk_engine.storage import models as m
-from tests.conftest import Api, make_settings, open_api, payment
+from tests.conftest import make_settings, open_api, payment
 from tests.helpers import TcpProxy
 
 CARD_AGG = "count(by payment_method.card_fingerprint within 1h)"
