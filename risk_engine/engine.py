@@ -559,7 +559,16 @@ class RiskEngine:
             raw, calibrated = det.score_one(x)
             vectors[det.name] = x
             raws.append(raw)
-            scores.append(ModelScore(det.name, det.version, raw, calibrated, det.contribution(calibrated)))
+            scores.append(
+                ModelScore(
+                    det.name,
+                    det.version,
+                    raw,
+                    calibrated,
+                    det.contribution(calibrated),
+                    warming_up=not det.calibrator.warm,
+                )
+            )
         model_values = {s.name: s.score for s in scores}
         hits = rt.policy.compiled.evaluate(record, aggs, lists, model_values)
         verdict = decide(rt.policy.compiled, hits, scores)

@@ -1,0 +1,64 @@
+"""The command line, run as a user would run it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from risk_engine.config import Settings
+from risk_engine.engine import RiskEngine
+from tests.conftest import REPO
+
+CLI = [sys.executable, "-m", "risk_engine.cli"]
+
+
+def run(*args: str, home: Path, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RISK_ENGINE_HOME": str(home)}
+    env.pop("RISK_ENGINE_DATABASE_URL", None)
+    return subprocess.run([*CLI, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_rules_check_reports_ok_with_a_rule_count(tmp_path: Path) -> None:
+    result = run("rules", "check", "rules/payment.rules", home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "rules/payment.rules: ok (30 rules, subject payment)" in result.stdout
+
+
+def test_rules_check_prints_every_error_with_its_position(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.rules"
+    bad.write_text('subject payment\nrule a {\n  when buyer.acount_age < 7d and channel = "app"\n  then block\n}\n')
+    result = run("rules", "check", str(bad), home=tmp_path)
+    assert result.returncode == 1
+    assert f"{bad}:3:42: unexpected character '=' (use '==' to compare)" in result.stdout
+    typed = tmp_path / "typed.rules"
+    typed.write_text('subject payment\nrule a { when buyer.acount_age < 7d and amount.value > "5" then block }\n')
+    result = run("rules", "check", str(typed), home=tmp_path)
+    assert result.returncode == 1
+    lines = result.stdout.strip().splitlines()
+    assert lines == [
+        f"{typed}:2:15: unknown field 'buyer.acount_age' for subject payment (did you mean 'buyer.account_age'?)",
+        f"{typed}:2:54: cannot compare a number with a string (quote both sides or neither)",
+    ]
+
+
+def test_keys_create_prints_the_key_alone_on_the_last_line(tmp_path: Path) -> None:
+    result = run("keys", "create", "--role", "scorer", home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    key = result.stdout.strip().splitlines()[-1]
+    assert key.startswith("rk_") and " " not in key
+    engine = RiskEngine.open(Settings(home=tmp_path, rules_dir=REPO / "rules", models_dir=REPO / "models"))
+    try:
+        principal = engine.authenticate(key)
+        assert principal is not None and principal.role == "scorer"
+        assert engine.authenticate(key[:-1] + ("A" if key[-1] != "A" else "B")) is None
+    finally:
+        engine.close()
+    assert run("keys", "create", "--role", "root", home=tmp_path).returncode == 2
+
+
+def test_models_check_names_each_detector(tmp_path: Path) -> None:
+    result = run("models", "check", home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "payment_anomaly ok (HalfSpaceTrees, 34 features)" in result.stdout
