@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import ipaddress
 import re
+import socket
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -93,9 +93,10 @@ class Device(Strict):
     def _ip(cls, v: str | None) -> str | None:
         if v is None:
             return v
+        family = socket.AF_INET6 if ":" in v else socket.AF_INET
         try:
-            return str(ipaddress.ip_address(v))
-        except ValueError:
+            return socket.inet_ntop(family, socket.inet_pton(family, v))  # canonical form, fast
+        except (OSError, ValueError):
             raise ValueError("not an IPv4 or IPv6 address") from None
 
 

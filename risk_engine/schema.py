@@ -52,6 +52,11 @@ class SubjectSchema:
         return SubjectSchema(self.name, {**self.fields, **extra})
 
     @cached_property
+    def number_attributes(self) -> frozenset[str]:
+        """Names of the declared numeric attributes."""
+        return frozenset(name for name, t in self.attribute_types.items() if t is FieldType.NUMBER)
+
+    @cached_property
     def attribute_types(self) -> dict[str, FieldType]:
         """Declared attributes, by bare name."""
         prefix = "attributes."

@@ -9,6 +9,7 @@ same e-mail always indexes to the same token while the token says nothing withou
 from __future__ import annotations
 
 import base64
+import hashlib
 import hmac
 import logging
 import os
@@ -105,31 +106,35 @@ class Vault:
 
     def __init__(self, master_key: bytes, blind_index_key: bytes) -> None:
         self._kek = AESGCM(master_key)
-        self._bi_key = blind_index_key
+        self._bi_base = hmac.new(blind_index_key, digestmod=hashlib.sha256)
         self._deks: dict[str, AESGCM] = {}
         self._active_id: str | None = None
+        self._nonce_counter = 0
 
     # -- data keys -------------------------------------------------------------------------------------
     def new_data_key(self) -> WrappedDataKey:
-        """Create a data key, make it the active one, and return it wrapped for storage."""
+        """Create a data key, make it the active one, and return it wrapped for storage.
+
+        Each process seals with a data key of its own, created at start, so the nonces under it can be a
+        counter (NIST SP 800-38D, 8.2.1, deterministic construction): unique without drawing randomness.
+        """
         key_id = "dk_" + secrets.token_hex(8)
         dek = secrets.token_bytes(KEY_BYTES)
         nonce = secrets.token_bytes(NONCE_BYTES)
         wrapped = nonce + self._kek.encrypt(nonce, dek, key_id.encode())
         self._deks[key_id] = AESGCM(dek)
         self._active_id = key_id
+        self._nonce_counter = 0
         return WrappedDataKey(key_id, wrapped)
 
-    def load_data_key(self, stored: WrappedDataKey, *, active: bool = False) -> None:
-        """Unwrap a stored data key so ciphertexts under it can be opened."""
+    def load_data_key(self, stored: WrappedDataKey) -> None:
+        """Unwrap a stored data key so ciphertexts under it can be opened (never to seal: see new_data_key)."""
         nonce, body = stored.wrapped[:NONCE_BYTES], stored.wrapped[NONCE_BYTES:]
         try:
             dek = self._kek.decrypt(nonce, body, stored.key_id.encode())
         except Exception as exc:  # cryptography raises InvalidTag
             raise VaultKeyError(f"data key {stored.key_id} does not open under this master key") from exc
         self._deks[stored.key_id] = AESGCM(dek)
-        if active:
-            self._active_id = stored.key_id
 
     @property
     def active_key_id(self) -> str:
@@ -142,7 +147,8 @@ class Vault:
     def seal(self, fields: Mapping[str, str], associated: str) -> tuple[str, bytes]:
         """Encrypt a bundle of PII fields; ``associated`` (a row id) is bound as AAD. Returns (key id, blob)."""
         key_id = self.active_key_id
-        nonce = secrets.token_bytes(NONCE_BYTES)
+        self._nonce_counter += 1
+        nonce = self._nonce_counter.to_bytes(NONCE_BYTES, "big")
         blob = nonce + self._deks[key_id].encrypt(nonce, orjson.dumps(dict(fields)), associated.encode())
         return key_id, blob
 
@@ -162,9 +168,9 @@ class Vault:
     # -- blind indexes ---------------------------------------------------------------------------------
     def blind_index(self, kind: PiiKind, value: str) -> str:
         """Keyed, deterministic token for equality look-ups on a PII value."""
-        message = _DOMAIN[kind] + _normalize(kind, value).encode()
-        digest = hmac.digest(self._bi_key, message, "sha256")
-        return _PREFIX[kind] + base64.urlsafe_b64encode(digest[:18]).decode()
+        mac = self._bi_base.copy()  # a copied HMAC keeps the GIL for short inputs; hmac.digest() releases it
+        mac.update(_DOMAIN[kind] + _normalize(kind, value).encode())
+        return _PREFIX[kind] + base64.urlsafe_b64encode(mac.digest()[:18]).decode()
 
 
 # -- masking -------------------------------------------------------------------------------------------

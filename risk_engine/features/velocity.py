@@ -22,40 +22,34 @@ SWEEP_EVERY = 20_000
 
 
 class SlidingWindow:
-    """The entries of one key for one aggregate, and running totals over its live part."""
+    """Entries of one key for one aggregate, sorted by time, with a running value over ``entries[cursor:]``.
 
-    __slots__ = ("count", "cursor", "distinct", "entries", "max_ts", "total", "window")
+    Subclasses keep only what their function needs: a count, a sum, or the multiset of distinct values.
+    """
+
+    __slots__ = ("cursor", "entries", "max_ts", "window")
 
     def __init__(self, window: float) -> None:
         self.window = window
         self.entries: list[tuple[float, int, Any]] = []  # (ts, seq, value), sorted by (ts, seq)
         self.cursor = 0
-        self.count = 0
-        self.total: float = 0
-        self.distinct: dict[Any, int] = {}
         self.max_ts = float("-inf")
 
-    # running totals over entries[cursor:]
     def _include(self, value: Any) -> None:
-        self.count += 1
-        if value is not None:
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                self.total += value
-            self.distinct[value] = self.distinct.get(value, 0) + 1
+        raise NotImplementedError
 
     def _exclude(self, value: Any) -> None:
-        self.count -= 1
-        if value is not None:
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                self.total -= value
-            left = self.distinct[value] - 1
-            if left:
-                self.distinct[value] = left
-            else:
-                del self.distinct[value]
+        raise NotImplementedError
 
-    def query(self, ts: float) -> tuple[int, float, int]:
-        """(count, sum, distinct) over entries with time in (ts - window, ts]."""
+    def _current(self) -> float:
+        raise NotImplementedError
+
+    @staticmethod
+    def _over(chunk: list[tuple[float, int, Any]]) -> float:
+        raise NotImplementedError
+
+    def query(self, ts: float) -> float:
+        """The aggregate over entries with time in (ts - window, ts]."""
         if ts >= self.max_ts:
             horizon = ts - self.window
             entries = self.entries
@@ -64,35 +58,33 @@ class SlidingWindow:
                 self._exclude(entries[cursor][2])
                 cursor += 1
             self.cursor = cursor
-            return self.count, self.total, len(self.distinct)
-        lo = bisect_right(self.entries, ts - self.window, key=lambda e: e[0])
-        hi = bisect_right(self.entries, ts, key=lambda e: e[0])
-        chunk = self.entries[lo:hi]
-        numeric = [v for _, _, v in chunk if isinstance(v, int | float) and not isinstance(v, bool)]
-        return len(chunk), sum(numeric), len({v for _, _, v in chunk if v is not None})
+            return self._current()
+        lo = bisect_right(self.entries, ts - self.window, key=_ts)
+        hi = bisect_right(self.entries, ts, key=_ts)
+        return self._over(self.entries[lo:hi])
 
     def add(self, ts: float, seq: int, value: Any, cap: int) -> None:
         """Add an entry; in time order this is an append."""
-        entry = (ts, seq, value)
+        entries = self.entries
         if ts >= self.max_ts:
-            self.entries.append(entry)
+            entries.append((ts, seq, value))
             self.max_ts = ts
             self._include(value)
         else:
-            pos = bisect_right(self.entries, (ts, seq), key=lambda e: (e[0], e[1]))
-            self.entries.insert(pos, entry)
+            pos = bisect_right(entries, (ts, seq), key=_ts_seq)
+            entries.insert(pos, (ts, seq, value))
             if pos < self.cursor:
                 self.cursor += 1  # already behind the live part
             else:
                 self._include(value)  # a later query evicts it if it is already too old
-        if len(self.entries) > cap:
-            self._drop_oldest(len(self.entries) - cap)
-        elif self.cursor > 256 and self.cursor * 2 > len(self.entries):
+        if len(entries) > cap:
+            self._drop_oldest(len(entries) - cap)
+        elif self.cursor > 256 and self.cursor * 2 > len(entries):
             self._compact()
 
     def retract(self, ts: float, seq: int) -> bool:
         """Remove an entry added by mistake (its write failed). True if it was found."""
-        pos = bisect_left(self.entries, (ts, seq), key=lambda e: (e[0], e[1]))
+        pos = bisect_left(self.entries, (ts, seq), key=_ts_seq)
         if pos >= len(self.entries) or self.entries[pos][:2] != (ts, seq):
             return False
         _, _, value = self.entries.pop(pos)
@@ -111,20 +103,114 @@ class SlidingWindow:
 
     def _compact(self) -> None:
         horizon = self.max_ts - self.window - GRACE_S
-        cut = bisect_right(self.entries, horizon, key=lambda e: e[0], hi=self.cursor)
+        cut = bisect_right(self.entries, horizon, key=_ts, hi=self.cursor)
         if cut:
             del self.entries[:cut]
             self.cursor -= cut
-            if isinstance(self.total, float):  # recompute to shed floating-point drift
-                self.total = sum(
-                    v
-                    for _, _, v in self.entries[self.cursor :]
-                    if isinstance(v, int | float) and not isinstance(v, bool)
-                )
+            self._recompute()
+
+    def _recompute(self) -> None:
+        """Rebuild the running value from the live entries (sheds floating-point drift)."""
 
     def expired(self, now: float) -> bool:
         """True when every entry is beyond the window and its grace period."""
         return self.max_ts < now - self.window - GRACE_S
+
+
+def _ts(entry: tuple[float, int, Any]) -> float:
+    return entry[0]
+
+
+def _ts_seq(entry: tuple[float, int, Any]) -> tuple[float, int]:
+    return entry[0], entry[1]
+
+
+class CountWindow(SlidingWindow):
+    """How many entries."""
+
+    __slots__ = ()
+
+    def _include(self, value: Any) -> None:
+        pass
+
+    def _exclude(self, value: Any) -> None:
+        pass
+
+    def _current(self) -> float:
+        return len(self.entries) - self.cursor
+
+    @staticmethod
+    def _over(chunk: list[tuple[float, int, Any]]) -> float:
+        return len(chunk)
+
+
+class SumWindow(SlidingWindow):
+    """The sum (and count) of numeric values."""
+
+    __slots__ = ("total",)
+
+    def __init__(self, window: float) -> None:
+        super().__init__(window)
+        self.total: float = 0
+
+    def _include(self, value: Any) -> None:
+        self.total += value
+
+    def _exclude(self, value: Any) -> None:
+        self.total -= value
+
+    def _current(self) -> float:
+        return self.total
+
+    @staticmethod
+    def _over(chunk: list[tuple[float, int, Any]]) -> float:
+        return float(sum(v for _, _, v in chunk))
+
+    def _recompute(self) -> None:
+        if isinstance(self.total, float):
+            self.total = sum(v for _, _, v in self.entries[self.cursor :])
+
+    def count(self, ts: float) -> int:
+        """Entries in the window ending at ``ts`` (call after :meth:`query`)."""
+        if ts >= self.max_ts:
+            return len(self.entries) - self.cursor
+        lo = bisect_right(self.entries, ts - self.window, key=_ts)
+        return bisect_right(self.entries, ts, key=_ts) - lo
+
+
+class DistinctWindow(SlidingWindow):
+    """How many different values."""
+
+    __slots__ = ("seen",)
+
+    def __init__(self, window: float) -> None:
+        super().__init__(window)
+        self.seen: dict[Any, int] = {}
+
+    def _include(self, value: Any) -> None:
+        self.seen[value] = self.seen.get(value, 0) + 1
+
+    def _exclude(self, value: Any) -> None:
+        left = self.seen[value] - 1
+        if left:
+            self.seen[value] = left
+        else:
+            del self.seen[value]
+
+    def _current(self) -> float:
+        return len(self.seen)
+
+    @staticmethod
+    def _over(chunk: list[tuple[float, int, Any]]) -> float:
+        return len({v for _, _, v in chunk})
+
+
+_WINDOWS: dict[str, type[SlidingWindow]] = {
+    "count": CountWindow,
+    "sum": SumWindow,
+    "avg": SumWindow,
+    "distinct": DistinctWindow,
+}
 
 
 class VelocityState:
@@ -134,6 +220,9 @@ class VelocityState:
         self.specs = tuple(specs)
         self.cap = max_events_per_key
         self._windows: dict[str, dict[Any, SlidingWindow]] = {s.id: {} for s in self.specs}
+        self._window_s = {s.id: s.window_s for s in self.specs}
+        # (id, function, key field, value field, windows by key), resolved once
+        self._plan = [(s.id, s.func, s.key, s.value, self._windows[s.id]) for s in self.specs]
         self._adds = 0
         self._latest = float("-inf")
 
@@ -145,47 +234,44 @@ class VelocityState:
     def query(self, record: Mapping[str, Any], ts: float) -> dict[str, float | None]:
         """Every aggregate's value for this record at time ``ts``, from state before the record."""
         out: dict[str, float | None] = {}
-        for spec in self.specs:
-            key = record.get(spec.key)
-            window = self._windows[spec.id].get(key) if key is not None else None
+        for spec_id, func, key_field, _, windows in self._plan:
+            key = record.get(key_field)
+            window = windows.get(key) if key is not None else None
             if window is None:
-                out[spec.id] = None if spec.func == "avg" else 0
-                continue
-            count, total, distinct = window.query(ts)
-            if spec.func == "count":
-                out[spec.id] = count
-            elif spec.func == "sum":
-                out[spec.id] = total
-            elif spec.func == "distinct":
-                out[spec.id] = distinct
+                out[spec_id] = None if func == "avg" else 0
+            elif func == "avg":
+                total = window.query(ts)
+                n = window.count(ts)  # type: ignore[attr-defined]
+                out[spec_id] = total / n if n else None
             else:
-                out[spec.id] = total / count if count else None
+                out[spec_id] = window.query(ts)
         return out
 
     def add(self, record: Mapping[str, Any], ts: float, seq: int) -> None:
         """Count a record in every aggregate whose key it has."""
-        for spec in self.specs:
-            key = record.get(spec.key)
+        cap = self.cap
+        for spec_id, func, key_field, value_field, windows in self._plan:
+            key = record.get(key_field)
             if key is None:
                 continue
-            value = record.get(spec.value) if spec.value else None
-            if spec.value is not None and value is None:
+            value = record.get(value_field) if value_field else None
+            if value_field is not None and value is None:
                 continue
-            windows = self._windows[spec.id]
             window = windows.get(key)
             if window is None:
-                window = windows[key] = SlidingWindow(spec.window_s)
-            window.add(ts, seq, value, self.cap)
-        self._latest = max(self._latest, ts)
+                window = windows[key] = _WINDOWS[func](self._window_s[spec_id])
+            window.add(ts, seq, value, cap)
+        if ts > self._latest:
+            self._latest = ts
         self._adds += 1
         if self._adds % SWEEP_EVERY == 0:
             self.sweep(self._latest)
 
     def retract(self, record: Mapping[str, Any], ts: float, seq: int) -> None:
         """Undo :meth:`add` for a record whose write failed."""
-        for spec in self.specs:
-            key = record.get(spec.key)
-            window = self._windows[spec.id].get(key) if key is not None else None
+        for _, _, key_field, _, windows in self._plan:
+            key = record.get(key_field)
+            window = windows.get(key) if key is not None else None
             if window is not None:
                 window.retract(ts, seq)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ from fastapi import FastAPI
 from risk_engine import __version__
 from risk_engine.config import Settings
 from risk_engine.engine import RiskEngine
+from risk_engine.service.commits import CommitWaiter
 from risk_engine.service.errors import install_error_handlers
 from risk_engine.service.metrics import Metrics, RequestGuard
 from risk_engine.service.responses import JsonResponse
@@ -50,6 +52,7 @@ def create_app(settings: Settings | None = None, engine: RiskEngine | None = Non
         bootstrap_admin_key(live)
         app.state.engine = live
         app.state.metrics = Metrics(live)
+        app.state.commits = CommitWaiter(asyncio.get_running_loop())
         try:
             yield
         finally:

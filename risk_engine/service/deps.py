@@ -13,7 +13,7 @@ from risk_engine.engine import Principal, RiskEngine
 bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer rk_...`")
 
 
-def get_engine(request: Request) -> RiskEngine:
+async def get_engine(request: Request) -> RiskEngine:
     """The engine this app serves."""
     engine: RiskEngine = request.app.state.engine
     return engine

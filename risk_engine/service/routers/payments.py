@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
 
 from risk_engine.payments import PaymentIn
 from risk_engine.service.deps import EngineDep, Scorer
@@ -15,14 +13,14 @@ router = APIRouter(prefix="/v1/payments", tags=["payments"])
 
 
 @router.post("/score", response_model=ScoreOut, responses={**ERRORS, 409: ERRORS[422]})
-async def score_payment(payment: PaymentIn, engine: EngineDep, _: Scorer) -> JsonResponse:
+async def score_payment(payment: PaymentIn, engine: EngineDep, _: Scorer, request: Request) -> Response:
     """Score a payment: decision, 0-100 score and reasons. Idempotent on ``payment_id``."""
     outcome = engine.score_payment(payment)
     if not outcome.committed.done():
-        await asyncio.wait([asyncio.wrap_future(outcome.committed)])  # done either way; failures mapped below
+        await request.app.state.commits.wait(outcome.committed)
     outcome.raise_if_not_stored()  # the error handlers answer 503 (storage down) or 409 (written elsewhere)
     headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
-    return JsonResponse(outcome.response, headers=headers)
+    return Response(outcome.body, media_type="application/json", headers=headers)
 
 
 @router.get("/{payment_id}", response_model=PaymentOut, responses=ERRORS)
