@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import statistics
@@ -179,12 +180,18 @@ def serve(kind: str) -> tuple[subprocess.Popen[bytes], int, str | None]:
     return proc, port, key
 
 
-def http_run(kind: str, payload: list[dict[str, Any]], seconds: float) -> dict[str, float]:
+def endless_requests(key: str | None) -> Iterator[bytes]:
+    """The ULB stream over and over, each pass later in time and with fresh payment ids: never a replay."""
+    for p in itertools.count():
+        for event in ulb_payments(DATA / "ulb_stream.csv", prefix=f"h{p}", time_offset_s=p * 200_000):
+            yield build_request("/v1/payments/score", orjson.dumps(event.body), key)
+
+
+def http_run(kind: str, seconds: float) -> dict[str, float]:
     """Maximum throughput, then p50/p99 at 1,000 requests/s, against a fresh server."""
     proc, port, key = serve(kind)
     try:
-        encoded = [build_request("/v1/payments/score", orjson.dumps(b), key) for b in payload]
-        stream: Iterator[bytes] = iter(encoded)
+        stream = endless_requests(key)
         # warm-up, then the measured runs on fresh payments
         asyncio.run(max_throughput(port, stream, 8, 1.0))
         top = asyncio.run(max_throughput(port, stream, 32, seconds))
@@ -233,9 +240,8 @@ def main() -> None:
     if not args.skip_http:
         _pin(1)
         seconds = 3.0 if args.quick else 8.0
-        http_payload = bodies(4 if args.quick else 6)
-        service = http_run("service", http_payload, seconds)
-        baseline = http_run("bare", http_payload, seconds)
+        service = http_run("service", seconds)
+        baseline = http_run("bare", seconds)
         share = service["max_rps"] / baseline["max_rps"] if baseline["max_rps"] else 0.0
         print("over HTTP on loopback (uvicorn, one worker on one core; load generator on the other):")
         for name, r in (("service", service), ("bare FastAPI", baseline)):
