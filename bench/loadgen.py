@@ -24,6 +24,15 @@ class Result:
     latencies_s: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
 
+    def record(self, status: int, latency_s: float) -> None:
+        """Count one answer."""
+        self.latencies_s.append(latency_s)
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        if status == 200:
+            self.ok += 1
+        else:
+            self.errors += 1
+
     def rate(self) -> float:
         return self.ok / self.elapsed_s if self.elapsed_s else 0.0
 
@@ -72,12 +81,7 @@ async def max_throughput(port: int, requests: Iterator[bytes], connections: int,
                 started = time.perf_counter()
                 result.sent += 1
                 status = await _exchange(reader, writer, request)
-                result.latencies_s.append(time.perf_counter() - started)
-                result.statuses[status] = result.statuses.get(status, 0) + 1
-                if status == 200:
-                    result.ok += 1
-                else:
-                    result.errors += 1
+                result.record(status, time.perf_counter() - started)
         finally:
             writer.close()
 
@@ -99,12 +103,7 @@ async def fixed_rate(port: int, requests: Iterator[bytes], rate: float, seconds:
             while (item := await queue.get()) is not None:
                 due, request = item
                 status = await _exchange(reader, writer, request)
-                result.latencies_s.append(time.perf_counter() - due)
-                result.statuses[status] = result.statuses.get(status, 0) + 1
-                if status == 200:
-                    result.ok += 1
-                else:
-                    result.errors += 1
+                result.record(status, time.perf_counter() - due)
         finally:
             writer.close()
 
