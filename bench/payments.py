@@ -24,7 +24,6 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from risk_engine.config import Settings  # noqa: E402
 from risk_engine.datasets import ulb_payments  # noqa: E402
 from risk_engine.engine import RiskEngine  # noqa: E402
 from risk_engine.payments import PaymentIn  # noqa: E402
+from risk_engine.storage.writer import Ticket  # noqa: E402
 
 
 def bodies(passes: int) -> list[dict[str, Any]]:
@@ -61,7 +61,7 @@ def in_process(payload: list[dict[str, Any]], window: int = 256) -> tuple[dict[s
     engine = RiskEngine.open(settings)
     decide_s: list[float] = []
     commit_s: list[float] = []
-    pending: deque[tuple[float, Future[None]]] = deque()
+    pending: deque[tuple[float, Ticket]] = deque()
     started = time.perf_counter()
     for body in payload:
         t0 = time.perf_counter()

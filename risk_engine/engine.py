@@ -17,7 +17,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -52,7 +51,7 @@ from risk_engine.pipeline import ModelScore, Verdict, decide
 from risk_engine.schema import FieldType, SubjectSchema, load_attribute_declarations
 from risk_engine.storage import models as m
 from risk_engine.storage.db import DatabaseUnavailable, make_engine, migrate
-from risk_engine.storage.writer import DuplicateRow, GroupCommitWriter, RawInsert
+from risk_engine.storage.writer import DuplicateRow, GroupCommitWriter, RawInsert, Ticket, done_ticket
 from risk_engine.vault import PiiKind, Vault, WrappedDataKey, load_or_create_key, mask
 
 log = logging.getLogger(__name__)
@@ -161,7 +160,7 @@ class Pending:
 
     request_hash: str
     body: bytes
-    committed: Future[None]
+    committed: Ticket
 
 
 @dataclass
@@ -169,7 +168,7 @@ class ScoreOutcome:
     """What the caller answers with once ``committed`` is done."""
 
     body: bytes  # the answer, as JSON
-    committed: Future[None]
+    committed: Ticket
     replayed: bool = False
 
     @property
@@ -207,12 +206,6 @@ class Principal:
 class _Counters:
     decisions: dict[str, int] = field(default_factory=dict)
     rule_hits: dict[str, int] = field(default_factory=dict)
-
-
-def _done_future() -> Future[None]:
-    f: Future[None] = Future()
-    f.set_result(None)
-    return f
 
 
 class RiskEngine:
@@ -520,7 +513,7 @@ class RiskEngine:
         if stored is not None:
             if stored[0] != request_hash:
                 raise Conflict(f"payment_id {event_id} was already scored with a different request")
-            return ScoreOutcome(orjson.dumps(stored[1]), _done_future(), replayed=True)
+            return ScoreOutcome(orjson.dumps(stored[1]), done_ticket(), replayed=True)
         return None
 
     def score_payment(self, payment: PaymentIn, request_hash: str | None = None) -> ScoreOutcome:
@@ -548,7 +541,7 @@ class RiskEngine:
             verdict, aggs, vectors, scores = self._evaluate(rt, record, ts, seq)
             elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
             response = self._response(payment.payment_id, verdict, rt, scores, elapsed_ms)
-            committed: Future[None] = Future()  # resolved by the writer once the row is committed
+            committed = Ticket()  # completed by the writer once the row is committed
             body = orjson.dumps(response)
             self._remember(payment.payment_id, Pending(request_hash, body, committed))
             self._mark_known("payment", payment.payment_id)
@@ -641,7 +634,7 @@ class RiskEngine:
             c.rule_hits[rule.name] = c.rule_hits.get(rule.name, 0) + 1
 
     def _after_write(
-        self, write: Future[None], rt: SubjectRuntime, event_id: str, record: dict[str, Any], ts: float, seq: int
+        self, write: Ticket, rt: SubjectRuntime, event_id: str, record: dict[str, Any], ts: float, seq: int
     ) -> None:
         """Runs in the writer thread: a failed write takes the event back out of the velocity windows."""
         if write.exception() is None:

@@ -244,9 +244,18 @@ def flatten_payment(p: PaymentIn, vault: Vault) -> tuple[Record, dict[str, str]]
                 pii["shipping.line2"] = a.line2
             full = " ".join(x for x in (a.line1, a.line2, a.city, a.postal_code, a.country) if x)
             record["shipping.address"] = bi(PiiKind.ADDRESS, full)
+    keys = _ATTRIBUTE_KEYS
     for name, value in p.attributes.items():
-        record[f"attributes.{name}"] = value
+        key = keys.get(name)
+        if key is None:
+            key = "attributes." + name
+            if len(keys) < 10_000:  # declared names are few; never let odd input grow the cache
+                keys[name] = key
+        record[key] = value
     return record, pii
+
+
+_ATTRIBUTE_KEYS: dict[str, str] = {}  # "V1" -> "attributes.V1", built once per name
 
 
 PII_FIELD_KINDS: dict[str, PiiKind] = {

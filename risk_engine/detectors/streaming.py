@@ -37,7 +37,7 @@ class StreamingDetector:
         if not x:
             return 0.0, self.calibrator.transform(0.0)
         transformers, estimator = self._steps
-        z = dict(x)
+        z = x  # river's transformers return new dicts and never change their input
         for t in transformers:
             z = t.transform_one(z)
         raw = float(estimator.score_one(z))
@@ -48,7 +48,7 @@ class StreamingDetector:
         if x:
             # what river's Pipeline.learn_one does, without its per-call overhead
             transformers, estimator = self._steps
-            z = dict(x)
+            z = x
             for t in transformers:
                 t.learn_one(z)
                 z = t.transform_one(z)

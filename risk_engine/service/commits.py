@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from concurrent.futures import Future
+
+from risk_engine.storage.writer import Ticket
 
 
 class CommitWaiter:
@@ -21,7 +22,7 @@ class CommitWaiter:
         self._done: list[asyncio.Future[None]] = []
         self._scheduled = False
 
-    def wait(self, committed: Future[None]) -> asyncio.Future[None]:
+    def wait(self, committed: Ticket) -> asyncio.Future[None]:
         """An asyncio future that completes (always with None) once ``committed`` is done."""
         waiter: asyncio.Future[None] = self.loop.create_future()
         committed.add_done_callback(lambda _: self._finished(waiter))

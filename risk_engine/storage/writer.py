@@ -16,7 +16,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -49,7 +48,7 @@ class RawInsert:
         self._convert: list[Any] = []
         for column in self.columns:
             if isinstance(column.type, JSON):
-                self._convert.append(_json)
+                self._convert.append(_json_bytes if sqlite else _json)
             elif _python_type(column) is datetime:
                 self._convert.append(_sqlite_time if sqlite else _utc)
             else:
@@ -72,6 +71,10 @@ def _python_type(column: Any) -> type | None:
     return result
 
 
+def _json_bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else orjson.dumps(value)
+
+
 def _json(value: Any) -> str:
     if isinstance(value, bytes):  # already serialized by the caller
         return value.decode()
@@ -87,11 +90,95 @@ def _sqlite_time(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
+_TICKETS_LOCK = threading.Lock()
+
+
+class Ticket:
+    """The completion of one queued write, like a ``concurrent.futures.Future`` without its per-instance
+    ``Condition`` (creating one costs more than scoring's velocity step): an ``Event`` is made only if some
+    caller actually blocks."""
+
+    __slots__ = ("_callbacks", "_done", "_error", "_event")
+
+    def __init__(self) -> None:
+        self._done = False
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable[[Ticket], None]] | None = None
+        self._event: threading.Event | None = None
+
+    def done(self) -> bool:
+        """True once the write committed or failed."""
+        return self._done
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until done; False on timeout."""
+        if self._done:
+            return True
+        with _TICKETS_LOCK:
+            if self._done:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The write's error, or None once it committed."""
+        if not self.wait(timeout):
+            raise TimeoutError("write not committed in time")
+        return self._error
+
+    def result(self, timeout: float | None = None) -> None:
+        """Return once committed; raise the write's error if it failed."""
+        error = self.exception(timeout)
+        if error is not None:
+            raise error
+
+    def add_done_callback(self, fn: Callable[[Ticket], None]) -> None:
+        """Call ``fn(ticket)`` when done (at once if it already is)."""
+        with _TICKETS_LOCK:
+            if not self._done:
+                if self._callbacks is None:
+                    self._callbacks = []
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def set_result(self, _: None = None) -> None:
+        """Mark committed."""
+        self._finish(None)
+
+    def set_exception(self, error: BaseException) -> None:
+        """Mark failed."""
+        self._finish(error)
+
+    def _finish(self, error: BaseException | None) -> None:
+        with _TICKETS_LOCK:
+            self._error = error
+            self._done = True
+            callbacks, self._callbacks = self._callbacks, None
+            event = self._event
+        for fn in callbacks or ():
+            try:
+                fn(self)
+            except Exception:
+                log.exception("write callback failed")
+        if event is not None:
+            event.set()
+
+
+def done_ticket() -> Ticket:
+    """A ticket that is already committed (for answers replayed from storage)."""
+    ticket = Ticket()
+    ticket.set_result(None)
+    return ticket
+
+
 @dataclass(slots=True)
 class _Job:
     insert: RawInsert
     params: tuple[Any, ...]
-    future: Future[None] = field(default_factory=Future)
+    future: Ticket = field(default_factory=Ticket)
 
 
 _STOP = object()
@@ -117,9 +204,9 @@ class GroupCommitWriter:
             self._started = True
             self._thread.start()
 
-    def submit(self, insert: RawInsert, row: dict[str, Any], future: Future[None] | None = None) -> Future[None]:
-        """Queue one insert; the future completes after its batch commits."""
-        job = _Job(insert, insert.params(row), future if future is not None else Future())
+    def submit(self, insert: RawInsert, row: dict[str, Any], ticket: Ticket | None = None) -> Ticket:
+        """Queue one insert; the ticket completes after its batch commits."""
+        job = _Job(insert, insert.params(row), ticket if ticket is not None else Ticket())
         self._queue.put(job)
         return job.future
 
