@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
@@ -136,6 +137,48 @@ def lists_add(
     finally:
         engine.close()
     typer.echo(json.dumps(view))
+
+
+@app.command("eval")
+def evaluate(
+    subject: Annotated[str, typer.Argument(help="payments (reviews and accounts arrive with their subjects).")],
+    data: Annotated[Path, typer.Option("--data", help="Labelled CSV (the layouts of ../shared/data).")],
+    label_delay: Annotated[int, typer.Option(help="Reveal each label this many events later.")] = 0,
+    limit: Annotated[int | None, typer.Option(help="Only the first N events.")] = None,
+    report: Annotated[Path | None, typer.Option(help="Write PNG plots and figures.json here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="End with the figures as one JSON object.")] = False,
+) -> None:
+    """Stream a labelled CSV through a fresh engine (score, then learn) and print prequential figures."""
+    from risk_engine.evaluation import SUBJECTS, evaluate, write_report
+
+    if subject not in SUBJECTS:
+        typer.echo(f"unknown subject {subject!r}; known: {', '.join(sorted(SUBJECTS))}", err=True)
+        raise typer.Exit(2)
+    if not data.exists():
+        typer.echo(f"no such file: {data}", err=True)
+        raise typer.Exit(2)
+    _logging(logging.WARNING)
+    settings = Settings(home=Path(tempfile.mkdtemp(prefix="risk-engine-eval-")))
+    result, arrays = evaluate(subject, data, label_delay, settings, limit)
+    r = result.risk_score
+    typer.echo(
+        f"{result.subject}: {result.events} events, {result.positives} positives, label delay "
+        f"{result.label_delay}{', weighted' if result.weighted else ''}, {result.events_per_s:.0f} events/s"
+    )
+    typer.echo(
+        f"  risk score        ROC AUC {r.roc_auc:.4f}  AP {r.average_precision:.4f}  "
+        f"recall@0.5% {r.recall_at_0_5pct:.4f}  recall@1% {r.recall_at_1pct:.4f}"
+    )
+    for name, f in result.models.items():
+        typer.echo(
+            f"  {name:17s} ROC AUC {f.roc_auc:.4f}  AP {f.average_precision:.4f}  "
+            f"recall@0.5% {f.recall_at_0_5pct:.4f}  recall@1% {f.recall_at_1pct:.4f}"
+        )
+    if report is not None:
+        for path in write_report(result, arrays, report):
+            typer.echo(f"  wrote {path}")
+    if as_json:
+        typer.echo(json.dumps(result.summary()))
 
 
 @models_app.command("check")

@@ -170,6 +170,7 @@ class ScoreOutcome:
     body: bytes  # the answer, as JSON
     committed: Ticket
     replayed: bool = False
+    model_scores: tuple[ModelScore, ...] = ()  # raw and calibrated detector outputs (not for replays)
 
     @property
     def response(self) -> dict[str, Any]:
@@ -571,7 +572,7 @@ class RiskEngine:
         }
         committed.add_done_callback(lambda f: self._after_write(f, rt, payment.payment_id, record, ts, seq))
         self.writer.submit(self._event_insert, row, committed)
-        return ScoreOutcome(body, committed)
+        return ScoreOutcome(body, committed, model_scores=tuple(scores))
 
     def _evaluate(
         self, rt: SubjectRuntime, record: dict[str, Any], ts: float, seq: int
@@ -713,6 +714,33 @@ class RiskEngine:
                 return self._label_view(row), True
         except OperationalError as exc:
             raise DatabaseUnavailable(type(exc).__name__) from exc
+
+    def record_labels(self, labels: list[tuple[str, str, datetime | None]], source: str) -> int:
+        """Store many outcomes ``(payment_id, label, occurred_at)`` in one transaction, idempotently: each
+        gets the label id ``source:payment_id``. Returns how many were new."""
+        now = now_utc()
+        rows = {
+            f"{source}:{pid}": m.Label(
+                label_id=f"{source}:{pid}",
+                subject="payment",
+                event_id=pid,
+                label=label,
+                is_fraud=LABELS[label],
+                occurred_at=at or now,
+                received_at=now,
+                source=source,
+                request_hash=request_digest({"payment_id": pid, "label": label, "source": source}),
+            )
+            for pid, label, at in labels
+        }
+        try:
+            with self._session() as s:
+                known = set(s.scalars(select(m.Label.label_id).where(m.Label.label_id.in_(list(rows)))))
+                s.add_all(row for key, row in rows.items() if key not in known)
+                s.commit()
+        except OperationalError as exc:
+            raise DatabaseUnavailable(type(exc).__name__) from exc
+        return len(rows) - len(known)
 
     @staticmethod
     def _label_view(row: m.Label) -> dict[str, Any]:
