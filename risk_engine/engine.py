@@ -227,6 +227,9 @@ class RiskEngine:
         self._seq = 0
         self._since_snapshot = 0
         self._key_cache: dict[str, tuple[float, Principal | None]] = {}
+        self.environments: dict[str, Environment] = {}
+        self._poller: threading.Thread | None = None
+        self._stopping = threading.Event()
         self._event_insert = RawInsert(m.Event.__table__, db)  # type: ignore[arg-type]
         self._known_ids: Bloom = Bloom(BLOOM_MIN_CAPACITY, 0.001)
         self._known_count = 0
@@ -252,10 +255,15 @@ class RiskEngine:
         engine.writer.start()
         if settings.gc_tuning:
             tune_garbage_collector()
+        if settings.policy_poll_s > 0:
+            engine._start_policy_poller()
         return engine
 
     def close(self) -> None:
         """Flush writes and snapshot detectors."""
+        self._stopping.set()
+        if self._poller is not None:
+            self._poller.join(5)
         self.writer.close()
         with self._lock:
             self.snapshot_detectors()
@@ -276,6 +284,7 @@ class RiskEngine:
 
     def _load_subjects(self) -> None:
         envs, specs, self.list_decls = load_environments(self.settings)
+        self.environments = envs
         self._seed_policies(envs)
         for subject, env in envs.items():
             policy = self._published_policy(subject, envs)
@@ -346,6 +355,62 @@ class RiskEngine:
             return ActivePolicy(compile_policy(text, envs, "<empty>"), 0)
         return ActivePolicy(compile_policy(row.text, envs, f"{subject}:v{row.version}"), row.version)
 
+    # -- policy activation (hot reload) ------------------------------------------------------------------
+    def activate_policy(self, subject: str, text: str, version: int) -> ActivePolicy:
+        """Make a stored version the one this process scores with, without a restart.
+
+        When the new policy names aggregates the running state does not keep, velocity is rebuilt from the
+        stored events (after the writer has committed everything in flight), under the state lock.
+        """
+        compiled = compile_policy(text, self.environments, f"{subject}:v{version}")
+        active = ActivePolicy(compiled, version)
+        rt = self.subjects[subject]
+        needed = aggregate_union(compiled.aggregates, *(d.features.aggregates for d in rt.detectors))
+        with self._lock:
+            if {a.id for a in needed} != {a.id for a in rt.velocity.specs}:
+                self.writer.barrier().wait(30)
+                rt.velocity = self._rebuilt_velocity(subject, needed)
+            rt.policy = active
+        log.info("now scoring %s with %s", subject, active.label)
+        return active
+
+    def _rebuilt_velocity(self, subject: str, specs: tuple[Any, ...]) -> VelocityState:
+        velocity = VelocityState(specs, self.settings.velocity_max_events_per_key)
+        latest = self._latest_occurred(subject)
+        if latest is not None and specs:
+            since = latest - velocity.longest_window - GRACE_S
+            velocity.replay(
+                (row.record, row.occurred_at.timestamp(), row.ingest_seq)
+                for row in self._stored_events(subject, since_ts=since)
+            )
+        return velocity
+
+    def refresh_policies(self) -> list[str]:
+        """Pick up versions published by other workers. Returns the labels newly activated."""
+        with self._session() as s:
+            rows = s.execute(
+                select(m.PolicyVersion.subject, m.PolicyVersion.version, m.PolicyVersion.text).where(
+                    m.PolicyVersion.status == "published"
+                )
+            ).all()
+        changed = []
+        for subject, version, text in rows:
+            rt = self.subjects.get(subject)
+            if rt is not None and rt.policy.version != version:
+                changed.append(self.activate_policy(subject, text, version).label)
+        return changed
+
+    def _start_policy_poller(self) -> None:
+        def poll() -> None:
+            while not self._stopping.wait(self.settings.policy_poll_s):
+                try:
+                    self.refresh_policies()
+                except Exception as exc:  # a bad poll must not kill the worker; the next one retries
+                    log.warning("policy refresh failed: %s", type(exc).__name__)
+
+        self._poller = threading.Thread(target=poll, name="risk-engine-policy-poller", daemon=True)
+        self._poller.start()
+
     def _load_lists(self) -> None:
         self.lists = ListMatcher(self.list_decls)
         with self._session() as s:
@@ -393,13 +458,7 @@ class RiskEngine:
         with self._session() as s:
             self._seq = s.scalar(select(func.max(m.Event.ingest_seq))) or 0
         for subject, rt in self.subjects.items():
-            latest = self._latest_occurred(subject)
-            if latest is not None and rt.velocity.specs:
-                since = latest - rt.velocity.longest_window - GRACE_S
-                rt.velocity.replay(
-                    (row.record, row.occurred_at.timestamp(), row.ingest_seq)
-                    for row in self._stored_events(subject, since_ts=since)
-                )
+            rt.velocity = self._rebuilt_velocity(subject, rt.velocity.specs)
             for det in rt.detectors:
                 self._restore_detector(subject, det)
 

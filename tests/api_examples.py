@@ -9,7 +9,17 @@ from typing import Any
 from tests.conftest import REPO, payment
 
 EXAMPLES = REPO / "api" / "examples"
-VOLATILE = {"elapsed_ms", "received_at", "added_by"}
+VOLATILE = {"elapsed_ms", "received_at", "added_by", "at", "actor", "created_at", "created_by"}
+SMALL_POLICY = """subject payment
+
+thresholds { challenge at 30  review at 60  block at 85 }
+
+rule new_account_large_ticket {
+  description "Account less than a day old paying 3,000 or more"
+  when buyer.account_age < 1d and amount.major >= 3000
+  then score +45, reason NEW_ACCOUNT_LARGE_TICKET
+}
+"""
 
 REQUESTS: list[dict[str, Any]] = [
     {"name": "01_score_payment", "method": "POST", "path": "/v1/payments/score", "role": "scorer", "body": payment()},
@@ -75,7 +85,50 @@ REQUESTS: list[dict[str, Any]] = [
     },
     {"name": "10_missing_key", "method": "POST", "path": "/v1/payments/score", "role": None, "body": payment()},
     {"name": "11_healthz", "method": "GET", "path": "/healthz", "role": None},
+    {"name": "12_list_policy_versions", "method": "GET", "path": "/v1/policies/payment", "role": "analyst"},
+    {
+        "name": "13_create_draft",
+        "method": "POST",
+        "path": "/v1/policies/payment/drafts",
+        "role": "analyst",
+        "body": {"text": SMALL_POLICY},
+    },
+    {
+        "name": "14_draft_that_does_not_check",
+        "method": "POST",
+        "path": "/v1/policies/payment/drafts",
+        "role": "analyst",
+        "body": {"text": SMALL_POLICY.replace("buyer.account_age < 1d", "buyer.acount_age < 1")},
+    },
+    {"name": "15_get_policy_version", "method": "GET", "path": "/v1/policies/payment/versions/2", "role": "analyst"},
+    {
+        "name": "16_diff_policy_versions",
+        "method": "GET",
+        "path": "/v1/policies/payment/diff?from=1&to=2",
+        "role": "analyst",
+    },
+    {
+        "name": "17_publish_policy_version",
+        "method": "POST",
+        "path": "/v1/policies/payment/versions/2/publish",
+        "role": "analyst",
+    },
+    {
+        "name": "18_roll_back_policy",
+        "method": "POST",
+        "path": "/v1/policies/payment/rollback",
+        "role": "analyst",
+        "body": {"to_version": 1},
+    },
+    {"name": "19_audit_log", "method": "GET", "path": "/v1/audit?limit=3", "role": "analyst"},
 ]
+
+
+def response_body(response: Any) -> Any:
+    """JSON answers as data, plain-text ones (diffs) as text."""
+    if response.headers.get("content-type", "").startswith("text/plain"):
+        return response.text
+    return response.json()
 
 
 def strip(value: Any) -> Any:

@@ -6,7 +6,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from tests.api_examples import EXAMPLES, REQUESTS, example_path
+from tests.api_examples import EXAMPLES, REQUESTS, example_path, response_body
 from tests.conftest import make_settings, open_api
 
 
@@ -26,7 +26,7 @@ def main() -> None:
                     "headers": shown_headers,
                     **({"body": req["body"]} if "body" in req else {}),
                 },
-                "response": {"status": response.status_code, "body": response.json()},
+                "response": {"status": response.status_code, "body": response_body(response)},
             }
             example_path(req["name"]).write_text(json.dumps(example, indent=2) + "\n")
     finally:

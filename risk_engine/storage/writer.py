@@ -176,7 +176,7 @@ def done_ticket() -> Ticket:
 
 @dataclass(slots=True)
 class _Job:
-    insert: RawInsert
+    insert: RawInsert | None  # None: a barrier, done once everything queued before it is committed
     params: tuple[Any, ...]
     future: Ticket = field(default_factory=Ticket)
 
@@ -207,6 +207,14 @@ class GroupCommitWriter:
     def submit(self, insert: RawInsert, row: dict[str, Any], ticket: Ticket | None = None) -> Ticket:
         """Queue one insert; the ticket completes after its batch commits."""
         job = _Job(insert, insert.params(row), ticket if ticket is not None else Ticket())
+        self._queue.put(job)
+        return job.future
+
+    def barrier(self) -> Ticket:
+        """A ticket done once every write queued before it has committed (or failed)."""
+        if not self._started:
+            return done_ticket()
+        job = _Job(None, ())
         self._queue.put(job)
         return job.future
 
@@ -252,6 +260,9 @@ class GroupCommitWriter:
         except IntegrityError:
             # one bad row must not fail its neighbours: retry them one at a time
             for job in batch:
+                if job.insert is None:
+                    job.future.set_result(None)
+                    continue
                 try:
                     with self.engine.begin() as conn:
                         conn.exec_driver_sql(job.insert.sql, [job.params])
@@ -279,7 +290,8 @@ class GroupCommitWriter:
         """One multi-row INSERT per table (and per few thousand rows): one round trip to the driver."""
         by_insert: dict[int, tuple[RawInsert, list[tuple[Any, ...]]]] = {}
         for job in batch:
-            by_insert.setdefault(id(job.insert), (job.insert, []))[1].append(job.params)
+            if job.insert is not None:
+                by_insert.setdefault(id(job.insert), (job.insert, []))[1].append(job.params)
         for insert, rows in by_insert.values():
             step = insert.rows_per_statement
             for start in range(0, len(rows), step):

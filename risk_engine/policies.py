@@ -1,0 +1,186 @@
+"""The analyst's policy workflow: versions per subject (draft, published, archived), diff, publish, roll back.
+
+Every change writes an audit row (who, when, what, before and after). A draft is type-checked when it is
+stored and again when it is published (the schema, lists or detectors may have changed since), so a policy
+that does not check can never go live. Publishing swaps the policy in this process at once; other workers
+pick it up through their poller (``RiskEngine.refresh_policies``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from risk_engine.dsl import compile_policy
+from risk_engine.engine import NotFound, RiskEngine, now_utc
+from risk_engine.storage import models as m
+
+
+def _view(row: m.PolicyVersion, with_text: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "subject": row.subject,
+        "version": row.version,
+        "label": f"{row.subject}:v{row.version}",
+        "status": row.status,
+        "digest": row.digest,
+        "source": row.source,
+        "created_by": row.created_by,
+        "created_at": row.created_at.isoformat(),
+    }
+    if with_text:
+        out["text"] = row.text
+    return out
+
+
+class PolicyWorkflow:
+    """Drafts, versions, diffs, publishing and rollback for one engine's database."""
+
+    def __init__(self, engine: RiskEngine) -> None:
+        self.engine = engine
+
+    def _session(self) -> Session:
+        return Session(self.engine.db, expire_on_commit=False)
+
+    def _subject(self, subject: str) -> None:
+        if subject not in self.engine.subjects:
+            raise NotFound(f"no subject {subject}; subjects: {', '.join(sorted(self.engine.subjects))}")
+
+    def _row(self, s: Session, subject: str, version: int) -> m.PolicyVersion:
+        row = s.scalars(
+            select(m.PolicyVersion).where(m.PolicyVersion.subject == subject, m.PolicyVersion.version == version)
+        ).first()
+        if row is None:
+            raise NotFound(f"no version {version} of the {subject} policy")
+        return row
+
+    def versions(self, subject: str) -> list[dict[str, Any]]:
+        """Every version of a subject's policy, newest first."""
+        self._subject(subject)
+        with self._session() as s:
+            rows = s.scalars(
+                select(m.PolicyVersion)
+                .where(m.PolicyVersion.subject == subject)
+                .order_by(m.PolicyVersion.version.desc())
+            ).all()
+        return [_view(r) for r in rows]
+
+    def version(self, subject: str, version: int) -> dict[str, Any]:
+        """One version with its text."""
+        self._subject(subject)
+        with self._session() as s:
+            return _view(self._row(s, subject, version), with_text=True)
+
+    def diff(self, subject: str, old: int, new: int) -> str:
+        """Unified diff between two versions' texts."""
+        a, b = self.version(subject, old), self.version(subject, new)
+        lines = difflib.unified_diff(
+            a["text"].splitlines(keepends=True), b["text"].splitlines(keepends=True), a["label"], b["label"]
+        )
+        return "".join(lines)
+
+    def create_draft(self, subject: str, text: str, actor: str) -> tuple[dict[str, Any], bool]:
+        """Check and store a draft. The same text again returns the version already stored (not created)."""
+        self._subject(subject)
+        compiled = compile_policy(text, self.engine.environments, f"{subject}:draft")  # raises DslErrors
+        if compiled.subject != subject:
+            from risk_engine.dsl import DslError, DslErrors
+
+            raise DslErrors(
+                [
+                    DslError(
+                        1,
+                        1,
+                        "policy.subject",
+                        f"the text is for subject {compiled.subject}, not {subject}",
+                        f"start it with 'subject {subject}'",
+                    )
+                ]
+            )
+        with self._session() as s:
+            existing = s.scalars(
+                select(m.PolicyVersion).where(
+                    m.PolicyVersion.subject == subject, m.PolicyVersion.digest == compiled.digest
+                )
+            ).first()
+            if existing is not None:
+                return _view(existing), False
+            latest = s.scalar(select(func.max(m.PolicyVersion.version)).where(m.PolicyVersion.subject == subject)) or 0
+            row = m.PolicyVersion(
+                subject=subject,
+                version=latest + 1,
+                status="draft",
+                text=text,
+                digest=compiled.digest,
+                source="api",
+                created_by=actor,
+                created_at=now_utc(),
+            )
+            s.add(row)
+            RiskEngine._audit(
+                s,
+                actor,
+                "policy.draft",
+                f"{subject}:v{latest + 1}",
+                None,
+                {"digest": compiled.digest, "rules": len(compiled.rules)},
+            )
+            s.commit()
+            return _view(row), True
+
+    def publish(self, subject: str, version: int, actor: str, action: str = "policy.publish") -> dict[str, Any]:
+        """Make a version live (check it again first); the previous live version is archived."""
+        self._subject(subject)
+        with self._session() as s:
+            row = self._row(s, subject, version)
+            compile_policy(row.text, self.engine.environments, f"{subject}:v{version}")  # raises DslErrors
+            current = s.scalars(
+                select(m.PolicyVersion).where(m.PolicyVersion.subject == subject, m.PolicyVersion.status == "published")
+            ).first()
+            if current is not None and current.version == version:
+                return _view(row)
+            s.execute(
+                update(m.PolicyVersion)
+                .where(m.PolicyVersion.subject == subject, m.PolicyVersion.status == "published")
+                .values(status="archived")
+            )
+            row.status = "published"
+            RiskEngine._audit(
+                s,
+                actor,
+                action,
+                f"{subject}:v{version}",
+                {"version": current.version if current else None},
+                {"version": version},
+            )
+            s.commit()
+            text = row.text
+            view = _view(row)
+        self.engine.activate_policy(subject, text, version)
+        return view
+
+    def rollback(self, subject: str, to_version: int, actor: str) -> dict[str, Any]:
+        """Make an earlier version live again."""
+        return self.publish(subject, to_version, actor, action="policy.rollback")
+
+    def audit(self, limit: int = 100, before_id: int | None = None) -> list[dict[str, Any]]:
+        """The audit log, newest first."""
+        stmt = select(m.AuditEntry).order_by(m.AuditEntry.id.desc()).limit(limit)
+        if before_id is not None:
+            stmt = stmt.where(m.AuditEntry.id < before_id)
+        with self._session() as s:
+            rows = s.scalars(stmt).all()
+        return [
+            {
+                "id": r.id,
+                "at": r.at.isoformat(),
+                "actor": r.actor,
+                "action": r.action,
+                "target": r.target,
+                "before": r.before,
+                "after": r.after,
+            }
+            for r in rows
+        ]

@@ -1,0 +1,92 @@
+"""Policies: versions, drafts (checked), diffs, publish and roll back; and the audit log."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from risk_engine.policies import PolicyWorkflow
+from risk_engine.service.deps import Analyst, EngineDep
+from risk_engine.service.responses import JsonResponse
+from risk_engine.service.schemas import ERRORS
+
+router = APIRouter(tags=["policies"])
+
+
+class DraftIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=1, max_length=200_000, description="The policy in the rules language")
+
+
+class RollbackIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    to_version: int = Field(ge=1)
+
+
+class PolicyVersionOut(BaseModel):
+    subject: str
+    version: int
+    label: str
+    status: str
+    digest: str
+    source: str
+    created_by: str
+    created_at: str
+    text: str | None = None
+
+
+@router.get("/v1/policies/{subject}", response_model=list[PolicyVersionOut], responses=ERRORS)
+async def list_versions(subject: str, engine: EngineDep, _: Analyst) -> JsonResponse:
+    """Every version of the subject's policy, newest first, with its status."""
+    return JsonResponse(PolicyWorkflow(engine).versions(subject))
+
+
+@router.get("/v1/policies/{subject}/versions/{version}", response_model=PolicyVersionOut, responses=ERRORS)
+async def get_version(subject: str, version: int, engine: EngineDep, _: Analyst) -> JsonResponse:
+    """One version with its text."""
+    return JsonResponse(PolicyWorkflow(engine).version(subject, version))
+
+
+@router.get("/v1/policies/{subject}/diff", response_class=PlainTextResponse, responses=ERRORS)
+async def diff_versions(
+    subject: str,
+    engine: EngineDep,
+    _: Analyst,
+    old: Annotated[int, Query(alias="from", ge=1)],
+    new: Annotated[int, Query(alias="to", ge=1)],
+) -> PlainTextResponse:
+    """Unified diff between two versions."""
+    return PlainTextResponse(PolicyWorkflow(engine).diff(subject, old, new))
+
+
+@router.post("/v1/policies/{subject}/drafts", response_model=PolicyVersionOut, status_code=201, responses=ERRORS)
+async def create_draft(subject: str, draft: DraftIn, engine: EngineDep, who: Analyst) -> JsonResponse:
+    """Check and store a draft: a 422 lists every error with line:column. The same text again answers 200."""
+    view, created = PolicyWorkflow(engine).create_draft(subject, draft.text, f"key:{who.key_id}")
+    return JsonResponse(view, status_code=201 if created else 200)
+
+
+@router.post("/v1/policies/{subject}/versions/{version}/publish", response_model=PolicyVersionOut, responses=ERRORS)
+async def publish(subject: str, version: int, engine: EngineDep, who: Analyst) -> JsonResponse:
+    """Make a version live in every worker (checked again first). Publishing the live version is a no-op."""
+    return JsonResponse(PolicyWorkflow(engine).publish(subject, version, f"key:{who.key_id}"))
+
+
+@router.post("/v1/policies/{subject}/rollback", response_model=PolicyVersionOut, responses=ERRORS)
+async def rollback(subject: str, body: RollbackIn, engine: EngineDep, who: Analyst) -> JsonResponse:
+    """Make an earlier version live again."""
+    return JsonResponse(PolicyWorkflow(engine).rollback(subject, body.to_version, f"key:{who.key_id}"))
+
+
+@router.get("/v1/audit", responses=ERRORS)
+async def audit(
+    engine: EngineDep,
+    _: Analyst,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    before_id: Annotated[int | None, Query(ge=1)] = None,
+) -> JsonResponse:
+    """The append-only audit log, newest first: who, when, what, before and after."""
+    return JsonResponse(PolicyWorkflow(engine).audit(limit, before_id))
