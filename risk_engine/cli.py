@@ -92,6 +92,49 @@ def rules_check(files: Annotated[list[Path], typer.Argument(help="Policy files t
     raise typer.Exit(1 if failed else 0)
 
 
+@rules_app.command("backtest")
+def rules_backtest(
+    file: Annotated[Path, typer.Argument(help="The draft policy to replay.")],
+    since: Annotated[str, typer.Option(help="How far back from the latest stored event (30d, 12h, ...).")] = "30d",
+) -> None:
+    """Replay stored events through FILE and the published policy; print the comparison, then one JSON line."""
+    from risk_engine.dsl import DslErrors, compile_policy
+    from risk_engine.dsl.parser import parse_duration
+    from risk_engine.engine import RiskEngine
+    from risk_engine.policies import PolicyWorkflow
+
+    _logging(logging.WARNING)
+    try:
+        since_s = parse_duration(since)
+    except ValueError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    engine = RiskEngine.open(Settings(policy_poll_s=0))
+    try:
+        text = file.read_text()
+        subject = compile_policy(text, engine.environments, str(file)).subject
+        report = PolicyWorkflow(engine).backtest(subject, text, str(file), since_s)
+    except DslErrors as exc:
+        for error in exc.errors:
+            typer.echo(f"{file}:{error}")
+        raise typer.Exit(1) from None
+    finally:
+        engine.close()
+    d, p = report.draft, report.published
+    typer.echo(
+        f"{report.events} {subject} events ({report.labelled} labelled, {report.fraud} fraud), "
+        f"{report.events_per_s:.0f} events/s"
+    )
+    typer.echo(f"  {'decisions':22s} {p.label}: {p.decisions}   {d.label}: {d.decisions}")
+    typer.echo(f"  changed {report.changed}: {report.transitions}")
+    for name, q_p, q_d in (("block", p.block, d.block), ("block or review", p.block_or_review, d.block_or_review)):
+        typer.echo(
+            f"  {name:22s} precision {q_p.precision} -> {q_d.precision}   recall {q_p.recall} -> "
+            f"{q_d.recall}   FPR {q_p.false_positive_rate} -> {q_d.false_positive_rate}"
+        )
+    typer.echo(json.dumps(report.as_dict()))
+
+
 @keys_app.command("create")
 def keys_create(
     role: Annotated[str, typer.Option(help="scorer, analyst or admin.")] = "scorer",

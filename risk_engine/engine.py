@@ -16,7 +16,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -28,6 +28,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
+from risk_engine.backtest import StoredEvent
 from risk_engine.config import Settings
 from risk_engine.detectors import SnapshotError, StreamingDetector, load_specs, read_snapshot, write_snapshot
 from risk_engine.detectors.spec import DetectorSpec, SpecError
@@ -480,6 +481,49 @@ class RiskEngine:
         with self._session() as s:
             yield from s.scalars(stmt.execution_options(yield_per=2000))
 
+    def backtest_events(self, subject: str, since_ts: float, warmup_s: float) -> Iterator[StoredEvent]:
+        """Stored events from ``since_ts - warmup_s`` on, in scoring order, with their labels (if any)."""
+        with self._session() as s:
+            fraud: dict[str, bool] = {}
+            for event_id, is_fraud in s.execute(
+                select(m.Label.event_id, m.Label.is_fraud).where(m.Label.subject == subject)
+            ):
+                fraud[event_id] = fraud.get(event_id, False) or is_fraud
+            stmt = (
+                select(
+                    m.Event.event_id,
+                    m.Event.record,
+                    m.Event.occurred_at,
+                    m.Event.ingest_seq,
+                    m.Event.model_scores,
+                    m.Event.policy_version,
+                    m.Event.decision,
+                    m.Event.score,
+                )
+                .where(
+                    m.Event.subject == subject, m.Event.occurred_at >= datetime.fromtimestamp(since_ts - warmup_s, UTC)
+                )
+                .order_by(m.Event.ingest_seq)
+                .execution_options(yield_per=5000)
+            )
+            for row in s.execute(stmt):
+                yield StoredEvent(
+                    row[0], row[1], row[2].timestamp(), row[3], row[4] or {}, row[5], row[6], row[7], fraud.get(row[0])
+                )
+
+    def latest_event_time(self, subject: str) -> float | None:
+        """Time of the subject's latest stored event."""
+        return self._latest_occurred(subject)
+
+    def model_points(self, subject: str) -> Callable[[Mapping[str, float]], float]:
+        """Points a subject's detectors add for given calibrated scores (as in live scoring)."""
+        detectors = {d.name: d for d in self.subjects[subject].detectors}
+
+        def points(scores: Mapping[str, float]) -> float:
+            return sum(detectors[name].contribution(v) for name, v in scores.items() if name in detectors)
+
+        return points
+
     def snapshot_path(self, det: StreamingDetector) -> Any:
         """Where a detector's snapshot lives."""
         return self.settings.snapshot_dir / f"{det.name}.snapshot"
@@ -624,6 +668,7 @@ class RiskEngine:
             "score": verdict.score,
             "policy_version": rt.policy.label,
             "model_versions": response["model_versions"],
+            "model_scores": {m.name: m.score for m in scores},
             "response": body,
             "request_hash": request_hash,
             "elapsed_ms": elapsed_ms,

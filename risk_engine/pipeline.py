@@ -64,21 +64,35 @@ def threshold_decision(score: float, thresholds: Sequence[tuple[Decision, float]
     return result
 
 
-def decide(policy: CompiledPolicy, hits: Sequence[int], models: Sequence[ModelScore]) -> Verdict:
-    """Combine fired rules and detector scores into a verdict (see the module docstring)."""
-    fired = tuple(policy.rules[i] for i in hits)
-    total = sum(r.score_delta for r in fired) + sum(m.contribution for m in models)
+def decision_for(policy: CompiledPolicy, hits: Sequence[int], model_points: float) -> tuple[Decision, int]:
+    """Decision and 0-100 score for fired rules plus detector points (the rules in the module docstring)."""
+    rules = policy.rules
+    total = model_points
+    forced_block = forced_allow = False
+    forced = Decision.ALLOW
+    for i in hits:
+        rule = rules[i]
+        total += rule.score_delta
+        d = rule.decision
+        if d is Decision.BLOCK:
+            forced_block = True
+        elif d is Decision.ALLOW:
+            forced_allow = True
+        elif d is not None and d.severity > forced.severity:
+            forced = d
     score = max(0, min(100, round(total)))
-    forced = {r.decision for r in fired if r.decision is not None}
-    if Decision.BLOCK in forced:
-        decision = Decision.BLOCK
-    elif Decision.ALLOW in forced:
-        decision = Decision.ALLOW
-    else:
-        decision = threshold_decision(score, policy.thresholds)
-        for f in forced:
-            if f.severity > decision.severity:
-                decision = f
+    if forced_block:
+        return Decision.BLOCK, score
+    if forced_allow:
+        return Decision.ALLOW, score
+    decision = threshold_decision(score, policy.thresholds)
+    return (forced if forced.severity > decision.severity else decision), score
+
+
+def decide(policy: CompiledPolicy, hits: Sequence[int], models: Sequence[ModelScore]) -> Verdict:
+    """Combine fired rules and detector scores into a verdict with its reasons (see the module docstring)."""
+    fired = tuple(policy.rules[i] for i in hits)
+    decision, score = decision_for(policy, hits, sum(m.contribution for m in models))
     reasons = [Reason(r.code, r.text, "rule", r.score_delta, r.decision) for r in fired]
     reasons.sort(key=lambda r: (r.decision is None, -abs(r.score_delta)))
     for m in models:

@@ -9,13 +9,17 @@ pick it up through their poller (``RiskEngine.refresh_policies``).
 from __future__ import annotations
 
 import difflib
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from risk_engine.backtest import BacktestReport, Job, run_backtest
 from risk_engine.dsl import compile_policy
 from risk_engine.engine import NotFound, RiskEngine, now_utc
+from risk_engine.features.velocity import GRACE_S
 from risk_engine.storage import models as m
 
 
@@ -164,6 +168,47 @@ class PolicyWorkflow:
     def rollback(self, subject: str, to_version: int, actor: str) -> dict[str, Any]:
         """Make an earlier version live again."""
         return self.publish(subject, to_version, actor, action="policy.rollback")
+
+    def backtest(
+        self,
+        subject: str,
+        draft_text: str,
+        draft_label: str,
+        since_s: float,
+        progress: Callable[[int], None] | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> BacktestReport:
+        """Replay the last ``since_s`` seconds of stored events (up to the latest) through a draft and the
+        published version."""
+        self._subject(subject)
+        envs = self.engine.environments
+        draft = compile_policy(draft_text, envs, draft_label)
+        live = self.engine.subjects[subject].policy
+        latest = self.engine.latest_event_time(subject)
+        since_ts = (latest - since_s) if latest is not None else 0.0
+        warmup = max((a.window_s for a in (*draft.aggregates, *live.compiled.aggregates)), default=0.0) + GRACE_S
+        events = self.engine.backtest_events(subject, since_ts, warmup)
+        return run_backtest(
+            subject,
+            (draft_label, draft),
+            (live.label, live.compiled),
+            events,
+            since_ts,
+            self.engine.lists.current(now_utc()),
+            self.engine.model_points(subject),
+            progress,
+            cancelled,
+            self.engine.settings.velocity_max_events_per_key,
+        )
+
+    def backtest_version(self, subject: str, version: int, since_s: float, job: Job) -> dict[str, Any]:
+        """A stored version's backtest, as a background job's work."""
+        row = self.version(subject, version)
+
+        def progress(n: int) -> None:
+            job.processed = n
+
+        return self.backtest(subject, row["text"], row["label"], since_s, progress, job.cancel).as_dict()
 
     def audit(self, limit: int = 100, before_id: int | None = None) -> list[dict[str, Any]]:
         """The audit log, newest first."""

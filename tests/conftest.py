@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,6 +120,20 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'risk.db'}"
     url: str = request.getfixturevalue("pg_schema_url")
     return url
+
+
+def run_cli(*args: str, home: Path, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the ``risk-engine`` command line as a user would, with its own data directory."""
+    env = {**os.environ, "RISK_ENGINE_HOME": str(home)}
+    env.pop("RISK_ENGINE_DATABASE_URL", None)
+    return subprocess.run(
+        [sys.executable, "-m", "risk_engine.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def make_settings(home: Path, database_url: str, **overrides: Any) -> Settings:

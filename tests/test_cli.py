@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from risk_engine.config import Settings
 from risk_engine.engine import RiskEngine
-from tests.conftest import REPO
+from tests.conftest import REPO, run_cli
 
-CLI = [sys.executable, "-m", "risk_engine.cli"]
-
-
-def run(*args: str, home: Path, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "RISK_ENGINE_HOME": str(home)}
-    env.pop("RISK_ENGINE_DATABASE_URL", None)
-    return subprocess.run([*CLI, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+run = run_cli
 
 
 def test_rules_check_reports_ok_with_a_rule_count(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from risk_engine.config import Settings
 from risk_engine.service import create_app
-from tests.api_examples import REQUESTS, load, response_body, strip
+from tests.api_examples import REQUESTS, load, response_body, send, strip
 from tests.conftest import REPO, make_settings, open_api
 
 
@@ -35,11 +35,12 @@ def test_every_endpoint_has_an_example() -> None:
 def test_examples_replay_exactly(tmp_path: Path) -> None:
     client, api = open_api(make_settings(tmp_path / "var", f"sqlite:///{tmp_path / 'risk.db'}"))
     try:
+        state: dict[str, str] = {}
         for req in REQUESTS:
             example = load(req["name"])
             assert example["request"].get("body") == req.get("body"), req["name"]
             headers = api.headers(req["role"]) if req["role"] else {}
-            response = client.request(req["method"], req["path"], json=req.get("body"), headers=headers)
+            response = send(client, req, headers, state)
             assert response.status_code == example["response"]["status"], (req["name"], response.text)
             assert strip(response_body(response)) == strip(example["response"]["body"]), req["name"]
     finally:

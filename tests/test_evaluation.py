@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from risk_engine.evaluation import evaluate, recall_at_alert_rate
-from tests.conftest import DATA, IN_CI, REPO, make_settings
+from tests.conftest import DATA, IN_CI, make_settings, run_cli
 
 
 def write_ulb_like(path: Path, rows: int, frauds: set[int], seed: int = 5) -> None:
@@ -75,27 +72,17 @@ def test_eval_command_ends_with_one_json_object(tmp_path: Path) -> None:
     data = tmp_path / "stream.csv"
     write_ulb_like(data, 200, {150, 170})
     report = tmp_path / "report"
-    env = {**os.environ, "RISK_ENGINE_HOME": str(tmp_path / "var")}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "risk_engine.cli",
-            "eval",
-            "payments",
-            "--data",
-            str(data),
-            "--label-delay",
-            "10",
-            "--json",
-            "--report",
-            str(report),
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_cli(
+        "eval",
+        "payments",
+        "--data",
+        str(data),
+        "--label-delay",
+        "10",
+        "--json",
+        "--report",
+        str(report),
+        home=tmp_path / "var",
     )
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout.strip().splitlines()[-1])

@@ -6,7 +6,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from tests.api_examples import EXAMPLES, REQUESTS, example_path, response_body
+from tests.api_examples import EXAMPLES, REQUESTS, example_path, response_body, send
 from tests.conftest import make_settings, open_api
 
 
@@ -15,9 +15,10 @@ def main() -> None:
     client, api = open_api(make_settings(home / "var", f"sqlite:///{home / 'risk.db'}"))
     EXAMPLES.mkdir(parents=True, exist_ok=True)
     try:
+        state: dict[str, str] = {}
         for req in REQUESTS:
             headers = api.headers(req["role"]) if req["role"] else {}
-            response = client.request(req["method"], req["path"], json=req.get("body"), headers=headers)
+            response = send(client, req, headers, state)
             shown_headers = {"Authorization": f"Bearer rk_<{req['role']} key>"} if req["role"] else {}
             example = {
                 "request": {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast as pyast
+import re
 from functools import cache
 from pathlib import Path as FsPath
 from typing import Any
@@ -63,6 +64,17 @@ def _duration(tok: Token) -> ast.DurationLit:
     text = str(tok)
     unit = "ms" if text.endswith("ms") else text[-1]
     return ast.DurationLit(_pos(tok), float(text[: -len(unit)]) * _UNITS[unit], text)
+
+
+_DURATION_TEXT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d|w)\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration written as in the rules language: ``500ms``, ``10m``, ``30d``, ``2w``."""
+    match = _DURATION_TEXT.match(text)
+    if match is None:
+        raise ValueError(f"not a duration: {text!r} (write e.g. 30d, 12h, 10m)")
+    return float(match.group(1)) * _UNITS[match.group(2)]
 
 
 def _number(text: str) -> float | int:

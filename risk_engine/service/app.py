@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from risk_engine import __version__
+from risk_engine.backtest import Jobs
 from risk_engine.config import Settings
 from risk_engine.engine import RiskEngine
 from risk_engine.service.commits import CommitWaiter
@@ -53,6 +54,7 @@ def create_app(settings: Settings | None = None, engine: RiskEngine | None = Non
         app.state.engine = live
         app.state.metrics = Metrics(live)
         app.state.commits = CommitWaiter(asyncio.get_running_loop())
+        app.state.jobs = Jobs()
         try:
             yield
         finally:

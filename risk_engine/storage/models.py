@@ -87,6 +87,7 @@ class Event(Base):
     score: Mapped[int] = mapped_column(Integer)
     policy_version: Mapped[str] = mapped_column(String(64))
     model_versions: Mapped[dict[str, Any]]
+    model_scores: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # calibrated detector scores used
     response: Mapped[dict[str, Any]]
     request_hash: Mapped[str] = mapped_column(String(64))
     elapsed_ms: Mapped[float] = mapped_column(Float)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from risk_engine.backtest import Jobs
+from risk_engine.dsl.parser import parse_duration
+from risk_engine.engine import NotFound
 from risk_engine.policies import PolicyWorkflow
 from risk_engine.service.deps import Analyst, EngineDep
 from risk_engine.service.responses import JsonResponse
@@ -24,6 +27,28 @@ class DraftIn(BaseModel):
 class RollbackIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     to_version: int = Field(ge=1)
+
+
+class BacktestIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    since: str = Field(default="30d", description="How far back from the latest stored event, e.g. 30d, 12h")
+
+    @field_validator("since")
+    @classmethod
+    def _duration(cls, v: str) -> str:
+        parse_duration(v)
+        return v
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    state: str = Field(description="running, done, failed or cancelled")
+    processed: int
+    started_at: float
+    finished_at: float | None
+    result: dict[str, Any] | None
+    error: str | None
 
 
 class PolicyVersionOut(BaseModel):
@@ -79,6 +104,39 @@ async def publish(subject: str, version: int, engine: EngineDep, who: Analyst) -
 async def rollback(subject: str, body: RollbackIn, engine: EngineDep, who: Analyst) -> JsonResponse:
     """Make an earlier version live again."""
     return JsonResponse(PolicyWorkflow(engine).rollback(subject, body.to_version, f"key:{who.key_id}"))
+
+
+@router.post(
+    "/v1/policies/{subject}/drafts/{version}/backtest", response_model=JobOut, status_code=202, responses=ERRORS
+)
+async def start_backtest(
+    subject: str, version: int, body: BacktestIn, request: Request, engine: EngineDep, _: Analyst
+) -> JsonResponse:
+    """Replay stored events through this version and the published one, in the background; poll the job."""
+    workflow = PolicyWorkflow(engine)
+    workflow.version(subject, version)  # 404 now rather than a failed job later
+    since_s = parse_duration(body.since)
+    jobs: Jobs = request.app.state.jobs
+    job = jobs.start("backtest", lambda j: workflow.backtest_version(subject, version, since_s, j))
+    return JsonResponse(job.view(), status_code=202)
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobOut, responses=ERRORS)
+async def get_job(job_id: str, request: Request, _: Analyst) -> JsonResponse:
+    """A background job's state, progress (events processed) and, once done, its report."""
+    job = request.app.state.jobs.get(job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    return JsonResponse(job.view())
+
+
+@router.delete("/v1/jobs/{job_id}", response_model=JobOut, status_code=202, responses=ERRORS)
+async def cancel_job(job_id: str, request: Request, _: Analyst) -> JsonResponse:
+    """Ask a running job to stop; it ends in the cancelled state."""
+    job = request.app.state.jobs.cancel(job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    return JsonResponse(job.view(), status_code=202)
 
 
 @router.get("/v1/audit", responses=ERRORS)

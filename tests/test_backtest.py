@@ -1,0 +1,135 @@
+"""Backtests: equal to live with the same policy, honest about what a draft changes, measured against labels."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from risk_engine.backtest import Cancelled, Jobs
+from risk_engine.policies import PolicyWorkflow
+from risk_engine.storage import models as m
+from tests.conftest import REPO, Api, make_settings, open_api, run_cli
+from tests.test_durability import traffic
+
+DEFAULT = (REPO / "rules" / "payment.rules").read_text()
+
+
+def stored_decisions(api: Api) -> Counter[str]:
+    with api.engine.db.connect() as conn:
+        return Counter(r[0] for r in conn.execute(select(m.Event.decision)))
+
+
+def test_backtest_of_the_live_policy_equals_live(api: Api) -> None:
+    for p in traffic(400):
+        api.score(p)
+    report = PolicyWorkflow(api.engine).backtest("payment", DEFAULT, "same text", since_s=90 * 86400)
+    assert report.events == 400
+    assert report.live_mismatches == 0
+    assert report.changed == 0
+    assert report.published.decisions == report.draft.decisions == dict(stored_decisions(api))
+    assert sum(report.published.rule_hits.values()) > 0
+
+
+def test_a_stricter_draft_only_moves_decisions_up(api: Api) -> None:
+    for p in traffic(300):
+        api.score(p)
+    stricter = DEFAULT.replace("challenge at 35", "challenge at 10").replace("review at 60", "review at 30")
+    report = PolicyWorkflow(api.engine).backtest("payment", stricter, "stricter", since_s=90 * 86400)
+    assert report.changed > 0
+    order = ["allow", "challenge", "review", "block"]
+    for transition in report.transitions:
+        before, after = transition.split("->")
+        assert order.index(after) > order.index(before), transition
+
+
+def test_quality_against_labels(api: Api) -> None:
+    for p in traffic(300):
+        api.score(p)
+    with api.engine.db.connect() as conn:
+        rows = conn.execute(select(m.Event.event_id, m.Event.decision)).all()
+    blocked = [event_id for event_id, decision in rows if decision == "block"]
+    assert blocked, "the traffic should have some blocks"
+    api.engine.record_labels([(e, "chargeback", None) for e in blocked], source="test")
+    report = PolicyWorkflow(api.engine).backtest("payment", DEFAULT, "same", since_s=90 * 86400)
+    assert (report.labelled, report.fraud) == (len(blocked), len(blocked))
+    assert report.published.block.precision == 1.0
+    assert report.published.block.recall == 1.0
+    assert report.published.block.false_positive_rate == 0.0
+
+
+def test_backtest_runs_as_a_job_with_progress(api: Api) -> None:
+    for p in traffic(200):
+        api.score(p)
+    draft = api.client.post(
+        "/v1/policies/payment/drafts",
+        json={"text": DEFAULT.replace("block at 85", "block at 80")},
+        headers=api.headers("analyst"),
+    ).json()
+    started = api.client.post(
+        f"/v1/policies/payment/drafts/{draft['version']}/backtest",
+        json={"since": "30d"},
+        headers=api.headers("analyst"),
+    )
+    assert started.status_code == 202
+    job_id = started.json()["id"]
+    deadline = time.monotonic() + 60
+    job: dict[str, Any] = started.json()
+    while job["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+        job = api.client.get(f"/v1/jobs/{job_id}", headers=api.headers("analyst")).json()
+    assert job["state"] == "done", job
+    assert job["result"]["events"] == 200 and job["result"]["draft"]["label"] == "payment:v2"
+    assert (
+        api.client.post("/v1/policies/payment/drafts/9/backtest", json={}, headers=api.headers("analyst")).status_code
+        == 404
+    )
+    assert (
+        api.client.post(
+            f"/v1/policies/payment/drafts/{draft['version']}/backtest",
+            json={"since": "soon"},
+            headers=api.headers("analyst"),
+        ).status_code
+        == 422
+    )
+    assert api.client.delete(f"/v1/jobs/{job_id}", headers=api.headers()).status_code == 403
+
+
+def test_jobs_can_be_cancelled() -> None:
+    jobs = Jobs()
+    entered = threading.Event()
+
+    def work(job: Any) -> dict[str, Any]:
+        entered.set()
+        while not job.cancel.wait(0.01):
+            job.processed += 1
+        raise Cancelled()
+
+    job = jobs.start("backtest", work)
+    assert entered.wait(10)
+    jobs.cancel(job.id)
+    deadline = time.monotonic() + 10
+    while job.state == "running" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert job.state == "cancelled" and job.finished_at is not None
+
+
+def test_rules_backtest_command_ends_with_json(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "var", f"sqlite:///{tmp_path / 'var' / 'risk_engine.db'}")
+    client, api = open_api(settings)
+    try:
+        for p in traffic(120):
+            api.score(p)
+    finally:
+        client.__exit__(None, None, None)
+    draft = tmp_path / "draft.rules"
+    draft.write_text(DEFAULT.replace("block at 85", "block at 70"))
+    result = run_cli("rules", "backtest", str(draft), "--since", "7d", home=tmp_path / "var")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["events"] == 120 and figures["live_mismatches"] == 0
