@@ -48,7 +48,7 @@ from risk_engine.features.lists import (
 )
 from risk_engine.features.velocity import GRACE_S, VelocityState
 from risk_engine.payments import PAYMENT_SCHEMA, PII_FIELD_KINDS, PaymentIn, flatten_payment
-from risk_engine.pipeline import ModelScore, Verdict, decide
+from risk_engine.pipeline import ModelScore, Verdict, decide, decision_for
 from risk_engine.schema import FieldType, SubjectSchema, load_attribute_declarations
 from risk_engine.storage import models as m
 from risk_engine.storage.db import DatabaseUnavailable, make_engine, migrate
@@ -152,6 +152,18 @@ class SubjectRuntime:
     policy: ActivePolicy
     detectors: list[StreamingDetector]
     velocity: VelocityState
+    shadow: ActivePolicy | None = None
+
+
+@dataclass(slots=True)
+class Evaluation:
+    """One event through the pipeline: the verdict and what it was made from."""
+
+    verdict: Verdict
+    aggregates: dict[str, Any]
+    vectors: dict[str, dict[str, float]]
+    scores: list[ModelScore]
+    shadow: dict[str, Any] | None
 
 
 @dataclass(slots=True)
@@ -254,6 +266,7 @@ class RiskEngine:
         engine._load_lists()
         engine._rebuild_state()
         engine.writer.start()
+        engine.refresh_policies()  # a version put in shadow before this start
         if settings.gc_tuning:
             tune_garbage_collector()
         if settings.policy_poll_s > 0:
@@ -357,6 +370,26 @@ class RiskEngine:
         return ActivePolicy(compile_policy(row.text, envs, f"{subject}:v{row.version}"), row.version)
 
     # -- policy activation (hot reload) ------------------------------------------------------------------
+    def _ensure_velocity(self, subject: str, *policies: CompiledPolicy) -> None:
+        """Rebuild velocity from storage if these policies need aggregates it does not keep (lock held)."""
+        rt = self.subjects[subject]
+        needed = aggregate_union(*(p.aggregates for p in policies), *(d.features.aggregates for d in rt.detectors))
+        if {a.id for a in needed} != {a.id for a in rt.velocity.specs}:
+            self.writer.barrier().wait(30)
+            rt.velocity = self._rebuilt_velocity(subject, needed)
+
+    def set_shadow(self, subject: str, text: str | None, version: int | None) -> ActivePolicy | None:
+        """Score live events with this version too (recording its decisions only); None stops the shadow."""
+        rt = self.subjects[subject]
+        shadow = None
+        if text is not None and version is not None:
+            shadow = ActivePolicy(compile_policy(text, self.environments, f"{subject}:v{version}"), version)
+        with self._lock:
+            policies = [rt.policy.compiled] + ([shadow.compiled] if shadow else [])
+            self._ensure_velocity(subject, *policies)
+            rt.shadow = shadow
+        return shadow
+
     def activate_policy(self, subject: str, text: str, version: int) -> ActivePolicy:
         """Make a stored version the one this process scores with, without a restart.
 
@@ -366,11 +399,11 @@ class RiskEngine:
         compiled = compile_policy(text, self.environments, f"{subject}:v{version}")
         active = ActivePolicy(compiled, version)
         rt = self.subjects[subject]
-        needed = aggregate_union(compiled.aggregates, *(d.features.aggregates for d in rt.detectors))
         with self._lock:
-            if {a.id for a in needed} != {a.id for a in rt.velocity.specs}:
-                self.writer.barrier().wait(30)
-                rt.velocity = self._rebuilt_velocity(subject, needed)
+            if rt.shadow is not None and rt.shadow.version == version:
+                rt.shadow = None  # a shadow that goes live stops shadowing
+            policies = [compiled] + ([rt.shadow.compiled] if rt.shadow else [])
+            self._ensure_velocity(subject, *policies)
             rt.policy = active
         log.info("now scoring %s with %s", subject, active.label)
         return active
@@ -390,15 +423,22 @@ class RiskEngine:
         """Pick up versions published by other workers. Returns the labels newly activated."""
         with self._session() as s:
             rows = s.execute(
-                select(m.PolicyVersion.subject, m.PolicyVersion.version, m.PolicyVersion.text).where(
-                    m.PolicyVersion.status == "published"
-                )
+                select(
+                    m.PolicyVersion.subject, m.PolicyVersion.version, m.PolicyVersion.text, m.PolicyVersion.status
+                ).where(m.PolicyVersion.status.in_(("published", "shadow")))
             ).all()
         changed = []
-        for subject, version, text in rows:
+        shadows = {subject: (text, version) for subject, version, text, status in rows if status == "shadow"}
+        for subject, version, text, status in rows:
             rt = self.subjects.get(subject)
-            if rt is not None and rt.policy.version != version:
+            if status == "published" and rt is not None and rt.policy.version != version:
                 changed.append(self.activate_policy(subject, text, version).label)
+        for subject, rt in self.subjects.items():
+            wanted = shadows.get(subject)
+            current = rt.shadow.version if rt.shadow else None
+            if (wanted[1] if wanted else None) != current:
+                shadow = self.set_shadow(subject, *(wanted if wanted else (None, None)))
+                changed.append(f"shadow {shadow.label}" if shadow else f"shadow {subject} stopped")
         return changed
 
     def _start_policy_poller(self) -> None:
@@ -642,7 +682,8 @@ class RiskEngine:
                 return ScoreOutcome(pending.body, pending.committed, replayed=True)
             self._seq += 1
             seq = self._seq
-            verdict, aggs, vectors, scores = self._evaluate(rt, record, ts, seq)
+            ev = self._evaluate(rt, record, ts, seq)
+            verdict, aggs, vectors, scores = ev.verdict, ev.aggregates, ev.vectors, ev.scores
             elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
             response = self._response(payment.payment_id, verdict, rt, scores, elapsed_ms)
             committed = Ticket()  # completed by the writer once the row is committed
@@ -669,6 +710,7 @@ class RiskEngine:
             "policy_version": rt.policy.label,
             "model_versions": response["model_versions"],
             "model_scores": {m.name: m.score for m in scores},
+            "shadow": ev.shadow,
             "response": body,
             "request_hash": request_hash,
             "elapsed_ms": elapsed_ms,
@@ -678,9 +720,7 @@ class RiskEngine:
         self.writer.submit(self._event_insert, row, committed)
         return ScoreOutcome(body, committed, model_scores=tuple(scores))
 
-    def _evaluate(
-        self, rt: SubjectRuntime, record: dict[str, Any], ts: float, seq: int
-    ) -> tuple[Verdict, dict[str, Any], dict[str, dict[str, float]], list[ModelScore]]:
+    def _evaluate(self, rt: SubjectRuntime, record: dict[str, Any], ts: float, seq: int) -> Evaluation:
         aggs = rt.velocity.query(record, ts)
         lists = self.lists.current(now_utc())
         scores: list[ModelScore] = []
@@ -704,10 +744,21 @@ class RiskEngine:
         model_values = {s.name: s.score for s in scores}
         hits = rt.policy.compiled.evaluate(record, aggs, lists, model_values)
         verdict = decide(rt.policy.compiled, hits, scores)
+        shadow_record = None
+        shadow = rt.shadow
+        if shadow is not None:
+            shadow_hits = shadow.compiled.evaluate(record, aggs, lists, model_values)
+            decision, score = decision_for(shadow.compiled, shadow_hits, sum(s.contribution for s in scores))
+            shadow_record = {
+                "version": shadow.label,
+                "decision": decision.value,
+                "score": score,
+                "rules": [shadow.compiled.rules[i].name for i in shadow_hits],
+            }
         rt.velocity.add(record, ts, seq)
         for det, raw in zip(rt.detectors, raws, strict=True):
             det.learn_one(vectors[det.name], raw, seq)
-        return verdict, aggs, vectors, scores
+        return Evaluation(verdict, aggs, vectors, scores, shadow_record)
 
     def _response(
         self, event_id: str, verdict: Verdict, rt: SubjectRuntime, scores: list[ModelScore], elapsed_ms: float

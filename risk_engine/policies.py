@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import threading
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -59,6 +60,12 @@ class PolicyWorkflow:
         if row is None:
             raise NotFound(f"no version {version} of the {subject} policy")
         return row
+
+    @staticmethod
+    def _shadow_row(s: Session, subject: str) -> m.PolicyVersion | None:
+        return s.scalars(
+            select(m.PolicyVersion).where(m.PolicyVersion.subject == subject, m.PolicyVersion.status == "shadow")
+        ).first()
 
     def versions(self, subject: str) -> list[dict[str, Any]]:
         """Every version of a subject's policy, newest first."""
@@ -164,6 +171,85 @@ class PolicyWorkflow:
             view = _view(row)
         self.engine.activate_policy(subject, text, version)
         return view
+
+    def start_shadow(self, subject: str, version: int, actor: str) -> dict[str, Any]:
+        """Score live events with this version too, recording its decisions only (one shadow per subject)."""
+        self._subject(subject)
+        with self._session() as s:
+            row = self._row(s, subject, version)
+            compile_policy(row.text, self.engine.environments, f"{subject}:v{version}")  # raises DslErrors
+            if row.status == "published":
+                from risk_engine.engine import Conflict
+
+                raise Conflict(f"{subject}:v{version} is the published version; shadow a draft")
+            previous = self._shadow_row(s, subject)
+            if previous is not None and previous.version == version:
+                return _view(row)
+            if previous is not None:
+                previous.status = "draft"
+            row.status = "shadow"
+            RiskEngine._audit(
+                s,
+                actor,
+                "policy.shadow",
+                f"{subject}:v{version}",
+                {"shadow": previous.version if previous else None},
+                {"shadow": version},
+            )
+            s.commit()
+            text, view = row.text, _view(row)
+        self.engine.set_shadow(subject, text, version)
+        return view
+
+    def stop_shadow(self, subject: str, actor: str) -> dict[str, Any]:
+        """Stop the shadow; its version becomes a draft again."""
+        self._subject(subject)
+        with self._session() as s:
+            row = self._shadow_row(s, subject)
+            if row is None:
+                raise NotFound(f"no {subject} policy is in shadow")
+            row.status = "draft"
+            RiskEngine._audit(
+                s, actor, "policy.shadow_stop", f"{subject}:v{row.version}", {"shadow": row.version}, {"shadow": None}
+            )
+            s.commit()
+            view = _view(row)
+        self.engine.set_shadow(subject, None, None)
+        return view
+
+    def shadow_report(self, subject: str) -> dict[str, Any]:
+        """How the shadow version's recorded decisions compare with the live ones, so far."""
+        self._subject(subject)
+        with self._session() as s:
+            row = self._shadow_row(s, subject)
+            if row is None:
+                raise NotFound(f"no {subject} policy is in shadow")
+            label = f"{subject}:v{row.version}"
+            records = s.execute(
+                select(m.Event.decision, m.Event.shadow).where(m.Event.subject == subject, m.Event.shadow.is_not(None))
+            ).all()
+        transitions: Counter[str] = Counter()
+        hits: Counter[str] = Counter()
+        events = agreed = 0
+        for live, shadow in records:
+            if shadow.get("version") != label:
+                continue
+            events += 1
+            hits.update(shadow.get("rules", ()))
+            if shadow["decision"] == live:
+                agreed += 1
+            else:
+                transitions[f"{live}->{shadow['decision']}"] += 1
+        return {
+            "subject": subject,
+            "shadow": label,
+            "live": self.engine.subjects[subject].policy.label,
+            "events": events,
+            "agreed": agreed,
+            "disagreed": events - agreed,
+            "transitions": dict(transitions.most_common()),
+            "rule_hits": dict(hits.most_common()),
+        }
 
     def rollback(self, subject: str, to_version: int, actor: str) -> dict[str, Any]:
         """Make an earlier version live again."""

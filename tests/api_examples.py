@@ -145,6 +145,26 @@ REQUESTS: list[dict[str, Any]] = [
     },
     {"name": "21_get_job", "method": "GET", "path": f"/v1/jobs/{JOB_ID}", "role": "analyst", "poll": True},
     {"name": "22_cancel_job", "method": "DELETE", "path": f"/v1/jobs/{JOB_ID}", "role": "analyst"},
+    {"name": "23_start_shadow", "method": "POST", "path": "/v1/policies/payment/versions/2/shadow", "role": "analyst"},
+    {
+        "name": "24_score_while_in_shadow",
+        "method": "POST",
+        "path": "/v1/payments/score",
+        "role": "scorer",
+        "body": payment(
+            **{
+                "payment_id": "pay_0003",
+                "order_id": "ord_0003",
+                "occurred_at": "2026-11-22T11:00:00Z",
+                "buyer.id": "b_9",
+                "buyer.created_at": "2026-11-21T20:00:00Z",
+                "amount.value": 450000,
+                "payment_method.card_fingerprint": "fp_33cc",
+            }
+        ),
+    },
+    {"name": "25_shadow_report", "method": "GET", "path": "/v1/policies/payment/shadow", "role": "analyst"},
+    {"name": "26_stop_shadow", "method": "DELETE", "path": "/v1/policies/payment/shadow", "role": "analyst"},
 ]
 
 

@@ -137,3 +137,70 @@ def test_a_second_worker_picks_up_a_publish_without_restart(tmp_path: Path, data
     finally:
         client_b.__exit__(None, None, None)
         client_a.__exit__(None, None, None)
+
+
+STRICTER = DEFAULT.replace("challenge at 35", "challenge at 10").replace("review at 60", "review at 30") + NEW_RULE
+
+
+def test_a_shadow_version_is_scored_and_recorded_but_never_decides(api: Api) -> None:
+    from tests.test_durability import traffic
+
+    assert draft(api, STRICTER)[0] == 201
+    assert api.client.post("/v1/policies/payment/versions/2/shadow", headers=api.headers()).status_code == 403
+    for i in range(3):  # volume before the shadow starts: its new aggregate must still see it
+        api.score(
+            payment(
+                payment_id=f"pre{i}",
+                seller_id="s_big",
+                occurred_at=f"2026-11-22T07:0{i}:00Z",
+                **{"amount.value": 50_000 * 100},
+            )
+        )
+    started = api.client.post("/v1/policies/payment/versions/2/shadow", headers=api.headers("analyst"))
+    assert started.status_code == 200 and started.json()["status"] == "shadow"
+    live = [api.score(p) for p in traffic(150)]
+    assert {r["policy_version"] for r in live} == {"payment:v1"}  # the shadow never decides
+    big = api.score(payment(payment_id="big", seller_id="s_big", occurred_at="2026-11-22T07:05:00Z"))
+    assert "SELLER_DAY_VOLUME" not in [r["code"] for r in big["reasons"]]
+
+    report = api.client.get("/v1/policies/payment/shadow", headers=api.headers("analyst")).json()
+    assert (report["shadow"], report["live"], report["events"]) == ("payment:v2", "payment:v1", 151)
+    assert report["disagreed"] > 0 and report["agreed"] + report["disagreed"] == 151
+    order = ["allow", "challenge", "review", "block"]
+    for transition in report["transitions"]:
+        before, after = transition.split("->")
+        assert order.index(after) > order.index(before), transition
+    assert report["rule_hits"]["seller_day_volume"] >= 1
+    with api.engine.db.connect() as conn:
+        recorded = conn.execute(select(m.Event.shadow).where(m.Event.event_id == "big")).scalar_one()
+    assert recorded["version"] == "payment:v2" and "seller_day_volume" in recorded["rules"]
+
+    stopped = api.client.delete("/v1/policies/payment/shadow", headers=api.headers("analyst"))
+    assert stopped.status_code == 200 and stopped.json()["status"] == "draft"
+    assert api.client.get("/v1/policies/payment/shadow", headers=api.headers("analyst")).status_code == 404
+    actions = [a["action"] for a in api.client.get("/v1/audit", headers=api.headers("analyst")).json()]
+    assert actions[:2] == ["policy.shadow_stop", "policy.shadow"]
+
+
+def test_publishing_the_shadow_version_ends_the_shadow(api: Api) -> None:
+    draft(api, STRICTER)
+    api.client.post("/v1/policies/payment/versions/2/shadow", headers=api.headers("analyst"))
+    assert api.engine.subjects["payment"].shadow is not None
+    api.client.post("/v1/policies/payment/versions/2/publish", headers=api.headers("analyst"))
+    assert api.engine.subjects["payment"].shadow is None
+    assert api.score(payment())["policy_version"] == "payment:v2"
+    assert api.client.get("/v1/policies/payment/shadow", headers=api.headers("analyst")).status_code == 404
+
+
+def test_a_shadow_survives_a_restart(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "var", f"sqlite:///{tmp_path / 'risk.db'}", policy_poll_s=0)
+    client, api = open_api(settings)
+    draft(api, STRICTER)
+    api.client.post("/v1/policies/payment/versions/2/shadow", headers=api.headers("analyst"))
+    client.__exit__(None, None, None)
+    client, api = open_api(settings)
+    try:
+        shadow = api.engine.subjects["payment"].shadow
+        assert shadow is not None and shadow.label == "payment:v2"
+    finally:
+        client.__exit__(None, None, None)

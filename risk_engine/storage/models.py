@@ -88,6 +88,7 @@ class Event(Base):
     policy_version: Mapped[str] = mapped_column(String(64))
     model_versions: Mapped[dict[str, Any]]
     model_scores: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # calibrated detector scores used
+    shadow: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # a shadow policy's decision, recorded only
     response: Mapped[dict[str, Any]]
     request_hash: Mapped[str] = mapped_column(String(64))
     elapsed_ms: Mapped[float] = mapped_column(Float)
@@ -146,7 +147,7 @@ class PolicyVersion(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     subject: Mapped[str] = mapped_column(String(32))
     version: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(16))  # draft | published | archived
+    status: Mapped[str] = mapped_column(String(16))  # draft | shadow | published | archived
     text: Mapped[str] = mapped_column(Text)
     digest: Mapped[str] = mapped_column(String(64))
     source: Mapped[str] = mapped_column(String(32))  # file | api

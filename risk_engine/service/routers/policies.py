@@ -106,6 +106,24 @@ async def rollback(subject: str, body: RollbackIn, engine: EngineDep, who: Analy
     return JsonResponse(PolicyWorkflow(engine).rollback(subject, body.to_version, f"key:{who.key_id}"))
 
 
+@router.post("/v1/policies/{subject}/versions/{version}/shadow", response_model=PolicyVersionOut, responses=ERRORS)
+async def start_shadow(subject: str, version: int, engine: EngineDep, who: Analyst) -> JsonResponse:
+    """Score live events with this version too, recording (never acting on) its decisions."""
+    return JsonResponse(PolicyWorkflow(engine).start_shadow(subject, version, f"key:{who.key_id}"))
+
+
+@router.get("/v1/policies/{subject}/shadow", responses=ERRORS)
+async def shadow_report(subject: str, engine: EngineDep, _: Analyst) -> JsonResponse:
+    """The shadow version's disagreement with live decisions so far, and its rule hits."""
+    return JsonResponse(PolicyWorkflow(engine).shadow_report(subject))
+
+
+@router.delete("/v1/policies/{subject}/shadow", response_model=PolicyVersionOut, responses=ERRORS)
+async def stop_shadow(subject: str, engine: EngineDep, who: Analyst) -> JsonResponse:
+    """Stop the shadow; its version becomes a draft again."""
+    return JsonResponse(PolicyWorkflow(engine).stop_shadow(subject, f"key:{who.key_id}"))
+
+
 @router.post(
     "/v1/policies/{subject}/drafts/{version}/backtest", response_model=JobOut, status_code=202, responses=ERRORS
 )
