@@ -12,6 +12,8 @@ import difflib
 import threading
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -22,6 +24,28 @@ from risk_engine.dsl import compile_policy
 from risk_engine.engine import NotFound, RiskEngine, now_utc
 from risk_engine.features.velocity import GRACE_S
 from risk_engine.storage import models as m
+
+
+@dataclass
+class RuleStat:
+    """How often one rule fired, and how its labelled hits turned out."""
+
+    rule: str
+    code: str
+    hits_1h: int = 0
+    hits_1d: int = 0
+    hits_window: int = 0
+    labelled: int = 0
+    labelled_fraud: int = 0
+
+    def count(self, age_s: float, fraud: bool | None) -> None:
+        """One hit, ``age_s`` before the latest event, with its label if it has one."""
+        self.hits_window += 1
+        self.hits_1d += age_s < 86400
+        self.hits_1h += age_s < 3600
+        if fraud is not None:
+            self.labelled += 1
+            self.labelled_fraud += fraud
 
 
 def _view(row: m.PolicyVersion, with_text: bool = False) -> dict[str, Any]:
@@ -250,6 +274,42 @@ class PolicyWorkflow:
             "transitions": dict(transitions.most_common()),
             "rule_hits": dict(hits.most_common()),
         }
+
+    def rule_statistics(self, subject: str, window_days: int = 30) -> dict[str, Any]:
+        """Per rule of the live policy: hits in the last hour, day and ``window_days`` (counted back from the
+        latest stored event), and among its hits that have a label, the share labelled fraud."""
+        self._subject(subject)
+        latest = self.engine.latest_event_time(subject)
+        policy = self.engine.subjects[subject].policy
+        codes = {r.code: r.name for r in policy.compiled.rules}
+        stats = {r.name: RuleStat(r.name, r.code) for r in policy.compiled.rules}
+        if latest is not None:
+            since = datetime.fromtimestamp(latest - window_days * 86400, UTC)
+            with self._session() as s:
+                fraud: dict[str, bool] = {}
+                for event_id, is_fraud in s.execute(
+                    select(m.Label.event_id, m.Label.is_fraud).where(m.Label.subject == subject)
+                ):
+                    fraud[event_id] = fraud.get(event_id, False) or is_fraud
+                rows = s.execute(
+                    select(m.Event.event_id, m.Event.occurred_at, m.Event.response).where(
+                        m.Event.subject == subject, m.Event.occurred_at >= since
+                    )
+                )
+                for event_id, occurred_at, response in rows:
+                    age = latest - occurred_at.timestamp()
+                    for reason in response.get("reasons", ()):
+                        name = codes.get(reason["code"]) if reason.get("source") == "rule" else None
+                        if name is not None:
+                            stats[name].count(age, fraud.get(event_id))
+        rules = []
+        for stat in sorted(stats.values(), key=lambda r: -r.hits_window):
+            view = asdict(stat)
+            view[f"hits_{window_days}d"] = view.pop("hits_window")
+            view["fraud_share"] = round(stat.labelled_fraud / stat.labelled, 4) if stat.labelled else None
+            rules.append(view)
+        as_of = datetime.fromtimestamp(latest, UTC).isoformat() if latest is not None else None
+        return {"subject": subject, "policy": policy.label, "as_of": as_of, "rules": rules}
 
     def rollback(self, subject: str, to_version: int, actor: str) -> dict[str, Any]:
         """Make an earlier version live again."""

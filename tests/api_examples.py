@@ -165,6 +165,12 @@ REQUESTS: list[dict[str, Any]] = [
     },
     {"name": "25_shadow_report", "method": "GET", "path": "/v1/policies/payment/shadow", "role": "analyst"},
     {"name": "26_stop_shadow", "method": "DELETE", "path": "/v1/policies/payment/shadow", "role": "analyst"},
+    {
+        "name": "27_rule_statistics",
+        "method": "GET",
+        "path": "/v1/policies/payment/rules/stats?days=30",
+        "role": "analyst",
+    },
 ]
 
 

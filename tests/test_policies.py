@@ -204,3 +204,28 @@ def test_a_shadow_survives_a_restart(tmp_path: Path) -> None:
         assert shadow is not None and shadow.label == "payment:v2"
     finally:
         client.__exit__(None, None, None)
+
+
+def test_rule_statistics_count_hits_by_age_and_the_share_labelled_fraud(api: Api) -> None:
+    # three geo-mismatch payments: two days ago, two hours ago, just now; two of them later turn out fraud
+    for pid, at in (("g1", "2026-11-20T12:00:00Z"), ("g2", "2026-11-22T10:00:00Z"), ("g3", "2026-11-22T12:00:00Z")):
+        api.score(
+            payment(
+                payment_id=pid,
+                occurred_at=at,
+                billing_country="US",
+                **{"payment_method.card_fingerprint": f"fp_{pid}", "device.id": f"d_{pid}"},
+            )
+        )
+    api.score(payment(payment_id="ok", occurred_at="2026-11-22T12:00:30Z", **{"payment_method.card_fingerprint": "x"}))
+    api.engine.record_labels(
+        [("g1", "chargeback", None), ("g2", "legitimate", None), ("g3", "confirmed_fraud", None)], source="test"
+    )
+    stats = api.client.get("/v1/policies/payment/rules/stats", headers=api.headers("analyst")).json()
+    by_rule = {r["rule"]: r for r in stats["rules"]}
+    geo = by_rule["billing_shipping_mismatch"]
+    assert (geo["hits_1h"], geo["hits_1d"], geo["hits_30d"]) == (1, 2, 3)
+    assert (geo["labelled"], geo["labelled_fraud"], geo["fraud_share"]) == (3, 2, 0.6667)
+    assert by_rule["blocked_device"]["hits_30d"] == 0 and by_rule["blocked_device"]["fraud_share"] is None
+    assert stats["policy"] == "payment:v1"
+    assert api.client.get("/v1/policies/payment/rules/stats", headers=api.headers()).status_code == 403

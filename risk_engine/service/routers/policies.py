@@ -157,6 +157,15 @@ async def cancel_job(job_id: str, request: Request, _: Analyst) -> JsonResponse:
     return JsonResponse(job.view(), status_code=202)
 
 
+@router.get("/v1/policies/{subject}/rules/stats", responses=ERRORS)
+async def rule_statistics(
+    subject: str, engine: EngineDep, _: Analyst, days: Annotated[int, Query(ge=1, le=90)] = 30
+) -> JsonResponse:
+    """Per rule of the live policy: hits in the last hour, day and N days, and the share of its labelled hits
+    that were fraud (counted back from the latest stored event)."""
+    return JsonResponse(PolicyWorkflow(engine).rule_statistics(subject, days))
+
+
 @router.get("/v1/audit", responses=ERRORS)
 async def audit(
     engine: EngineDep,
