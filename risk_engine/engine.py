@@ -965,11 +965,8 @@ class RiskEngine:
         self, list_name: str, value: str, actor: str, expires_at: datetime | None = None, note: str | None = None
     ) -> dict[str, Any]:
         """Add a value to a declared list (PII kinds stored as blind indexes only)."""
-        decl = self.list_decls.get(list_name)
-        if decl is None:
-            raise NotFound(f"no list {list_name}")
-        token = list_value_token(decl, value, self.vault)
-        display = value if decl.kind == "string" else mask(PiiKind(decl.kind), value)
+        decl, token = self._list_token(list_name, value)
+        display = token if decl.kind in ("string", "ip_range") else mask(PiiKind(decl.kind), value)
         with self._session() as s:
             existing = s.scalars(
                 select(m.ListEntry).where(m.ListEntry.list_name == list_name, m.ListEntry.token == token)
@@ -1002,6 +999,49 @@ class RiskEngine:
             "added_by": existing.added_by,
             "expires_at": existing.expires_at.isoformat() if existing.expires_at else None,
         }
+
+    def _list_token(self, list_name: str, value: str) -> tuple[ListDecl, str]:
+        """The list's declaration and what is stored for ``value`` on it (a blind index for PII lists)."""
+        decl = self.list_decls.get(list_name)
+        if decl is None:
+            raise NotFound(f"no list {list_name}")
+        try:
+            return decl, list_value_token(decl, value, self.vault)
+        except ValueError as exc:
+            raise InvalidInput([{"field": "value", "reason": str(exc)}]) from None
+
+    def list_entries(self, list_name: str) -> list[dict[str, Any]]:
+        """A list's entries as stored (PII lists show masked values only)."""
+        if list_name not in self.list_decls:
+            raise NotFound(f"no list {list_name}")
+        with self._session() as s:
+            rows = s.scalars(select(m.ListEntry).where(m.ListEntry.list_name == list_name).order_by(m.ListEntry.id))
+            return [
+                {
+                    "entry": r.display,
+                    "added_by": r.added_by,
+                    "note": r.note,
+                    "created_at": r.created_at.isoformat(),
+                    "expires_at": r.expires_at.isoformat() if r.expires_at else None,
+                }
+                for r in rows
+            ]
+
+    def remove_list_entry(self, list_name: str, value: str, actor: str) -> bool:
+        """Remove a value from a list (audited). False if it was not there."""
+        _, token = self._list_token(list_name, value)
+        with self._session() as s:
+            row = s.scalars(
+                select(m.ListEntry).where(m.ListEntry.list_name == list_name, m.ListEntry.token == token)
+            ).first()
+            if row is None:
+                return False
+            self._audit(s, actor, "list.remove", f"list:{list_name}", {"display": row.display}, None)
+            s.delete(row)
+            s.commit()
+        with self._lock:
+            self.lists.remove(list_name, token, now_utc())
+        return True
 
     # -- audit and introspection -------------------------------------------------------------------------------
     @staticmethod

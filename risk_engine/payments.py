@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
+from risk_engine.features.lists import ip_prefix
 from risk_engine.money import UnknownCurrencyError, currency_exponent
 from risk_engine.schema import FieldSpec, FieldType, SubjectSchema
 from risk_engine.vault import PiiKind, Vault
@@ -170,6 +171,7 @@ PAYMENT_SCHEMA = SubjectSchema(
             _spec("device.id", S, "device id"),
             _spec("device.ip", P, "IP address (blind index)", PiiKind.IP),
             _spec("device.ip_version", N, "4 or 6"),
+            _spec("device.ip_prefix", S, "the IP's /24 (IPv4) or /48 (IPv6) network, for ip_range lists"),
             _spec("device.user_agent", S, "user agent"),
             _spec("shipping.country", S, "shipping country"),
             _spec("shipping.city", S, "shipping city"),
@@ -233,6 +235,7 @@ def flatten_payment(p: PaymentIn, vault: Vault) -> tuple[Record, dict[str, str]]
             pii["device.ip"] = p.device.ip
             record["device.ip"] = bi(PiiKind.IP, p.device.ip)
             record["device.ip_version"] = 6 if ":" in p.device.ip else 4
+            record["device.ip_prefix"] = ip_prefix(p.device.ip)
     if p.shipping_address is not None:
         a = p.shipping_address
         record["shipping.country"] = a.country

@@ -171,6 +171,14 @@ REQUESTS: list[dict[str, Any]] = [
         "path": "/v1/policies/payment/rules/stats?days=30",
         "role": "analyst",
     },
+    {"name": "28_list_entries", "method": "GET", "path": "/v1/lists/blocked_devices/entries", "role": "analyst"},
+    {
+        "name": "29_remove_list_entry",
+        "method": "DELETE",
+        "path": "/v1/lists/blocked_devices/entries",
+        "role": "analyst",
+        "body": {"value": "dev_bad_1"},
+    },
 ]
 
 

@@ -179,3 +179,32 @@ def test_oversized_body_is_413(api: Api) -> None:
     assert response.status_code == 413
     assert response.json()["error"] == "too_large"
     assert stored_events(api) == 0
+
+
+def test_lists_can_be_read_and_edited_and_every_edit_is_audited(api: Api) -> None:
+    h = api.headers("analyst")
+    added = api.client.post("/v1/lists/blocked_emails/entries", json={"value": "Bad.Actor@Example.com"}, headers=h)
+    assert added.status_code == 201 and added.json()["entry"] == "B****@Example.com"
+    entries = api.client.get("/v1/lists/blocked_emails/entries", headers=h).json()
+    assert [e["entry"] for e in entries] == ["B****@Example.com"]
+    assert "bad.actor" not in str(entries).lower()
+    bad_range = api.client.post("/v1/lists/blocked_ip_ranges/entries", json={"value": "10.0.0.0/8"}, headers=h)
+    assert bad_range.status_code == 422 and "broader than /12" in bad_range.json()["errors"][0]["reason"]
+    assert (
+        api.client.post("/v1/lists/blocked_ip_ranges/entries", json={"value": "203.0.112.0/23"}, headers=h).status_code
+        == 201
+    )
+    blocked = api.score(payment(payment_id="r1"))  # 203.0.113.7 is inside 203.0.112.0/23
+    assert blocked["decision"] == "block" and "BLOCKED_IP_RANGE" in [r["code"] for r in blocked["reasons"]]
+    removed = api.client.request(
+        "DELETE", "/v1/lists/blocked_ip_ranges/entries", json={"value": "203.0.112.0/23"}, headers=h
+    )
+    assert removed.status_code == 200
+    after = api.score(payment(payment_id="r2", occurred_at="2026-11-22T10:16:00Z"))
+    assert "BLOCKED_IP_RANGE" not in [r["code"] for r in after["reasons"]]
+    again = api.client.request(
+        "DELETE", "/v1/lists/blocked_ip_ranges/entries", json={"value": "203.0.112.0/23"}, headers=h
+    )
+    assert again.status_code == 404
+    actions = [a["action"] for a in api.client.get("/v1/audit?limit=5", headers=h).json()]
+    assert actions[:3] == ["list.remove", "list.add", "list.add"]

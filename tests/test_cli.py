@@ -14,7 +14,7 @@ run = run_cli
 def test_rules_check_reports_ok_with_a_rule_count(tmp_path: Path) -> None:
     result = run("rules", "check", "rules/payment.rules", home=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "rules/payment.rules: ok (30 rules, subject payment)" in result.stdout
+    assert "rules/payment.rules: ok (31 rules, subject payment)" in result.stdout
 
 
 def test_rules_check_prints_every_error_with_its_position(tmp_path: Path) -> None:

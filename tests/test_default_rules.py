@@ -94,6 +94,12 @@ def s_blocked_ip(s: Scenario, fire: bool) -> dict[str, Any]:
     return s.pay()
 
 
+def s_blocked_ip_range(s: Scenario, fire: bool) -> dict[str, Any]:
+    network = s.ip.rsplit(".", 1)[0] + ".0/24"  # this scenario's own network only
+    s.add_to_list("blocked_ip_ranges", network if fire else "192.0.2.0/24")
+    return s.pay()
+
+
 def s_blocked_phone(s: Scenario, fire: bool) -> dict[str, Any]:
     body = s.body()
     s.add_to_list("blocked_phones", body["buyer"]["phone"] if fire else "+15550000000")
@@ -287,6 +293,7 @@ SCENARIOS: dict[str, tuple[str, Run]] = {
     "blocked_email": ("BLOCKED_EMAIL", s_blocked_email),
     "blocked_card": ("BLOCKED_CARD", s_blocked_card),
     "blocked_ip": ("BLOCKED_IP", s_blocked_ip),
+    "blocked_ip_range": ("BLOCKED_IP_RANGE", s_blocked_ip_range),
     "blocked_phone": ("BLOCKED_PHONE", s_blocked_phone),
     "fraud_address": ("FRAUD_ADDRESS", s_fraud_address),
     "vip_buyer": ("VIP_BUYER", s_vip_buyer),

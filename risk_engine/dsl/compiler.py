@@ -490,7 +490,7 @@ class _Walk:
                 )
         elif rt.startswith("list:"):
             kind = rt[5:]
-            want = STRING if kind == STRING_LIST_KIND else f"pii:{kind}"
+            want = STRING if kind in (STRING_LIST_KIND, "ip_range") else f"pii:{kind}"
             if lt != want and not (kind == STRING_LIST_KIND and lt == NUMBER):
                 return self.error(node.pos, "type.list_kind", f"cannot look for {_describe(lt)} in {_describe(rt)}")
         if node.op == "in":

@@ -6,6 +6,7 @@ A list has a kind: ``string`` (matched against plain string fields) or a PII kin
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -15,7 +16,26 @@ from pathlib import Path
 from risk_engine.schema import ConfigError
 from risk_engine.vault import PiiKind, Vault
 
-LIST_KINDS = ("string", *(k.value for k in PiiKind))
+LIST_KINDS = ("string", "ip_range", *(k.value for k in PiiKind))
+MIN_PREFIX = {4: 12, 6: 32}  # broadest range accepted: a /12 expands to 4,096 networks of /24
+PREFIX_LEN = {4: 24, 6: 48}  # the network a payment's IP is reduced to (device.ip_prefix)
+
+
+def ip_prefix(ip: str) -> str:
+    """The /24 (IPv4) or /48 (IPv6) network of an address: what rules may see of an IP in clear."""
+    address = ipaddress.ip_address(ip)
+    return str(ipaddress.ip_network(f"{address}/{PREFIX_LEN[address.version]}", strict=False))
+
+
+def expand_range(cidr: str) -> list[str]:
+    """The /24 (or /48) networks a range covers; a narrower range counts as its enclosing network."""
+    network = ipaddress.ip_network(cidr.strip(), strict=False)
+    target = PREFIX_LEN[network.version]
+    if network.prefixlen < MIN_PREFIX[network.version]:
+        raise ValueError(f"range {cidr} is broader than /{MIN_PREFIX[network.version]}")
+    if network.prefixlen >= target:
+        return [str(network.supernet(new_prefix=target))]
+    return [str(n) for n in network.subnets(new_prefix=target)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +72,9 @@ def list_value_token(decl: ListDecl, value: str, vault: Vault) -> str:
     """What is stored and matched for a list entry: the value itself, or its blind index for PII kinds."""
     if decl.kind == "string":
         return value.strip()
+    if decl.kind == "ip_range":
+        expand_range(value)  # validates
+        return str(ipaddress.ip_network(value.strip(), strict=False))
     return vault.blind_index(PiiKind(decl.kind), value)
 
 
@@ -86,7 +109,11 @@ class ListMatcher:
                 if e.expires_at <= now:
                     continue
                 expiries.append(e.expires_at)
-            live.setdefault(e.list_name, set()).add(e.token)
+            decl = self.declarations.get(e.list_name)
+            if decl is not None and decl.kind == "ip_range":
+                live.setdefault(e.list_name, set()).update(expand_range(e.token))
+            else:
+                live.setdefault(e.list_name, set()).add(e.token)
         self._entries = [e for e in self._entries if e.expires_at is None or e.expires_at > now]
         self.sets = {name: frozenset(tokens) for name, tokens in live.items()}
         self._next_expiry = min(expiries) if expiries else None

@@ -63,6 +63,11 @@ class ListEntryIn(BaseModel):
     note: str | None = Field(default=None, max_length=512)
 
 
+class ListEntryRemove(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    value: str = Field(min_length=1, max_length=256)
+
+
 class ListEntryOut(BaseModel):
     list: str
     entry: str = Field(description="The value, masked for PII lists")
