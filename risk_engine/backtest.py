@@ -30,6 +30,7 @@ class StoredEvent:
     ts: float
     seq: int
     model_scores: Mapping[str, float]
+    model_points: float  # what the detectors added to the live score
     live_policy: str
     live_decision: str
     live_score: int
@@ -102,7 +103,6 @@ def run_backtest(
     events: Iterable[StoredEvent],
     since_ts: float,
     lists: Mapping[str, frozenset[str]],
-    model_points: Callable[[Mapping[str, float]], float],
     progress: Callable[[int], None] | None = None,
     cancelled: threading.Event | None = None,
     max_events_per_key: int = 100_000,
@@ -120,7 +120,7 @@ def run_backtest(
     for event in events:
         aggregates = velocity.query(event.record, event.ts)
         if event.ts >= since_ts:
-            points = model_points(event.model_scores)
+            points = event.model_points
             for k, policy in enumerate(policies):
                 hits = policy.evaluate(event.record, aggregates, lists, event.model_scores)
                 decision, score = decision_for(policy, hits, points)

@@ -16,7 +16,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -547,22 +547,23 @@ class RiskEngine:
                 .execution_options(yield_per=5000)
             )
             for row in s.execute(stmt):
+                stored = row[4] or {}
                 yield StoredEvent(
-                    row[0], row[1], row[2].timestamp(), row[3], row[4] or {}, row[5], row[6], row[7], fraud.get(row[0])
+                    row[0],
+                    row[1],
+                    row[2].timestamp(),
+                    row[3],
+                    stored.get("scores", {}),
+                    float(stored.get("points", 0.0)),
+                    row[5],
+                    row[6],
+                    row[7],
+                    fraud.get(row[0]),
                 )
 
     def latest_event_time(self, subject: str) -> float | None:
         """Time of the subject's latest stored event."""
         return self._latest_occurred(subject)
-
-    def model_points(self, subject: str) -> Callable[[Mapping[str, float]], float]:
-        """Points a subject's detectors add for given calibrated scores (as in live scoring)."""
-        detectors = {d.name: d for d in self.subjects[subject].detectors}
-
-        def points(scores: Mapping[str, float]) -> float:
-            return sum(detectors[name].contribution(v) for name, v in scores.items() if name in detectors)
-
-        return points
 
     def snapshot_path(self, det: StreamingDetector) -> Any:
         """Where a detector's snapshot lives."""
@@ -583,6 +584,8 @@ class RiskEngine:
                 x = row.features.get(det.name, {})
                 raw, _ = det.score_one(x)
                 det.learn_one(x, raw, row.ingest_seq)
+            if det.supervised:
+                self._replay_labels(subject, det)
             return
         # full rebuild: recompute features from stored records with a private velocity state
         velocity = VelocityState(det.features.aggregates, self.settings.velocity_max_events_per_key)
@@ -593,6 +596,8 @@ class RiskEngine:
             raw, _ = det.score_one(x)
             det.learn_one(x, raw, row.ingest_seq)
             velocity.add(row.record, ts, row.ingest_seq)
+        if det.supervised:
+            self._replay_labels(subject, det)
 
     def snapshot_detectors(self) -> None:
         """Write every detector's signed snapshot (call with the state lock held)."""
@@ -709,7 +714,10 @@ class RiskEngine:
             "score": verdict.score,
             "policy_version": rt.policy.label,
             "model_versions": response["model_versions"],
-            "model_scores": {m.name: m.score for m in scores},
+            "model_scores": {
+                "scores": {m.name: m.score for m in scores},
+                "points": sum(m.contribution for m in scores),
+            },
             "shadow": ev.shadow,
             "response": body,
             "request_hash": request_hash,
@@ -738,7 +746,7 @@ class RiskEngine:
                     raw,
                     calibrated,
                     det.contribution(calibrated),
-                    warming_up=not det.calibrator.warm,
+                    warming_up=det.warming_up,
                 )
             )
         model_values = {s.name: s.score for s in scores}
@@ -866,9 +874,45 @@ class RiskEngine:
                 except IntegrityError:
                     s.rollback()
                     return self.record_label(label_id, payment_id, label, occurred_at, source)
-                return self._label_view(row), True
+                view = self._label_view(row)
+                learned = [(row.id, row.event_id, row.is_fraud)]
         except OperationalError as exc:
             raise DatabaseUnavailable(type(exc).__name__) from exc
+        self._learn_from_labels("payment", learned)
+        return view, True
+
+    def _learn_from_labels(self, subject: str, labels: list[tuple[int, str, bool]]) -> None:
+        """Teach the subject's supervised detectors new labels ``(label id, event id, fraud)``, in label order,
+        with the feature vectors their events were scored with."""
+        supervised = [d for d in self.subjects[subject].detectors if d.supervised]
+        if not supervised or not labels:
+            return
+        with self._session() as s:
+            vectors: dict[str, dict[str, Any]] = dict(
+                s.execute(
+                    select(m.Event.event_id, m.Event.features).where(
+                        m.Event.subject == subject, m.Event.event_id.in_([e for _, e, _ in labels])
+                    )
+                ).all()
+            )
+        with self._lock:
+            for label_id, event_id, fraud in sorted(labels):
+                stored = vectors.get(event_id) or {}
+                for det in supervised:
+                    if label_id > det.last_label_id:
+                        det.learn_label(stored.get(det.name, {}), fraud, label_id)
+
+    def _replay_labels(self, subject: str, det: StreamingDetector) -> None:
+        """Labels received after a supervised detector's snapshot, learned again in order."""
+        stmt = (
+            select(m.Label.id, m.Label.is_fraud, m.Event.features)
+            .join(m.Event, (m.Event.subject == m.Label.subject) & (m.Event.event_id == m.Label.event_id))
+            .where(m.Label.subject == subject, m.Label.id > det.last_label_id)
+            .order_by(m.Label.id)
+        )
+        with self._session() as s:
+            for label_id, fraud, features in s.execute(stmt):
+                det.learn_label((features or {}).get(det.name, {}), fraud, label_id)
 
     def record_labels(self, labels: list[tuple[str, str, datetime | None]], source: str) -> int:
         """Store many outcomes ``(payment_id, label, occurred_at)`` in one transaction, idempotently: each
@@ -891,10 +935,13 @@ class RiskEngine:
         try:
             with self._session() as s:
                 known = set(s.scalars(select(m.Label.label_id).where(m.Label.label_id.in_(list(rows)))))
-                s.add_all(row for key, row in rows.items() if key not in known)
+                new = [row for key, row in rows.items() if key not in known]
+                s.add_all(new)
                 s.commit()
+                learned = [(row.id, row.event_id, row.is_fraud) for row in new]
         except OperationalError as exc:
             raise DatabaseUnavailable(type(exc).__name__) from exc
+        self._learn_from_labels("payment", learned)
         return len(rows) - len(known)
 
     @staticmethod
@@ -1063,7 +1110,7 @@ class RiskEngine:
                             "version": det.version,
                             "estimator": det.spec.estimator,
                             "events_seen": det.events_seen,
-                            "labels_seen": 0,
+                            "labels_seen": det.labels_seen,
                             "features": list(det.features.names),
                             "score_quantiles": det.calibrator.quantiles(),
                             "calibrated": det.calibrator.warm,

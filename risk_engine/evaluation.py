@@ -117,6 +117,8 @@ def evaluate(
     model_raw: dict[str, list[float]] = {}
     waiting: deque[tuple[int, str, int, Ticket]] = deque()
     due: list[tuple[str, str, Ticket]] = []
+    # labels reach the engine in small batches: at most this many events after they are due
+    reveal_batch = max(1, min(50, label_delay))
     started = time.perf_counter()
 
     def reveal() -> None:
@@ -139,7 +141,7 @@ def evaluate(
             while waiting and waiting[0][0] <= i - label_delay:
                 _, payment_id, label, committed = waiting.popleft()
                 due.append((payment_id, "confirmed_fraud" if label else "legitimate", committed))
-            if len(due) >= 500:
+            if len(due) >= reveal_batch:
                 reveal()
             if progress is not None and i % 1000 == 0:
                 progress(i)

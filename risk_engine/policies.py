@@ -341,7 +341,6 @@ class PolicyWorkflow:
             events,
             since_ts,
             self.engine.lists.current(now_utc()),
-            self.engine.model_points(subject),
             progress,
             cancelled,
             self.engine.settings.velocity_max_events_per_key,

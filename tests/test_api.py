@@ -122,11 +122,15 @@ def test_metrics_count_decisions_and_rule_hits(api: Api) -> None:
     assert "risk_engine_decisions_total" in text
 
 
-def test_models_endpoint_lists_the_detector(api: Api) -> None:
+def test_models_endpoint_lists_the_detectors(api: Api) -> None:
     api.score(payment())
-    models = api.client.get("/v1/models", headers=api.headers()).json()
-    assert [d["name"] for d in models] == ["payment_anomaly"]
-    assert models[0]["events_seen"] == 1
+    api.client.post(
+        "/v1/labels", json={"label_id": "l1", "payment_id": "pay_0001", "label": "legitimate"}, headers=api.headers()
+    )
+    models = {d["name"]: d for d in api.client.get("/v1/models", headers=api.headers()).json()}
+    assert set(models) == {"payment_anomaly", "payment_fraud"}
+    assert models["payment_anomaly"]["events_seen"] == 1 and models["payment_anomaly"]["labels_seen"] == 0
+    assert models["payment_fraud"]["labels_seen"] == 1
 
 
 BAD_INPUTS: list[tuple[str, Any, str]] = [

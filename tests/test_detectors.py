@@ -137,3 +137,39 @@ def test_calibration_keeps_the_alert_rate_when_the_raw_scale_shifts() -> None:
     shifted = alert_rate(40.0, 7.0)
     assert 0.005 < base < 0.02
     assert shifted == base
+
+
+SUPERVISED = """
+[detectors.s]
+subject = "payment"
+kind = "supervised"
+estimator = "LogisticRegression"
+scaler = "StandardScaler"
+warmup = 10
+[detectors.s.features]
+amount = "amount.major"
+items = "item_count"
+"""
+
+
+def test_a_supervised_detector_learns_only_from_labels(tmp_path: Path) -> None:
+    det = detector(tmp_path, SUPERVISED)
+    rng = random.Random(4)
+    normal = [{"amount": rng.gauss(100, 10), "items": 1.0} for _ in range(200)]
+    fraud = [{"amount": rng.gauss(900, 50), "items": 8.0} for _ in range(40)]
+    before = det.score_one(fraud[0])
+    for i, x in enumerate(normal + fraud):
+        raw, _ = det.score_one(x)
+        det.learn_one(x, raw, i)
+    assert det.score_one(fraud[0]) == before  # events alone teach it nothing
+    assert det.warming_up and det.contribution(0.99) == 0.0
+    for label_id, (x, y) in enumerate([(x, False) for x in normal] + [(x, True) for x in fraud], start=1):
+        det.learn_label(x, y, label_id)
+    assert not det.warming_up and det.labels_seen == 240 and det.last_label_id == 240
+    fraud_like = det.score_one({"amount": 950.0, "items": 8.0})[1]
+    normal_like = det.score_one({"amount": 95.0, "items": 1.0})[1]
+    assert fraud_like > 0.7 and fraud_like - normal_like > 0.4
+    with pytest.raises(SpecError, match="not a supervised estimator"):
+        p = tmp_path / "bad.toml"
+        p.write_text(SUPERVISED.replace("LogisticRegression", "HalfSpaceTrees"))
+        parse_spec_file(p)

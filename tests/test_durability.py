@@ -199,3 +199,49 @@ def test_pii_is_never_stored_or_logged_in_clear(
         assert secret.lower().encode() not in raw.lower()
         assert secret not in caplog.text, f"{secret} found in the logs"
         assert secret not in shown, f"{secret} shown unmasked"
+
+
+def test_delayed_labels_teach_the_supervised_detector_from_stored_vectors_and_survive_restart(
+    tmp_path: Path, database_url: str
+) -> None:
+    settings = make_settings(tmp_path / "var", database_url, snapshot_every=100)
+    client, api = open_api(settings)
+    payments = traffic(160)
+    scored = [api.score(p) for p in payments]
+    fraud_ids = {p["payment_id"] for p in payments if p["attributes"]["V1"] > 8}
+    probe = payment(
+        **{"payment_id": "probe", "occurred_at": "2026-11-22T11:00:30Z", "attributes": {"V1": 9.5, "V2": 3.0}}
+    )
+    det = api.engine.subjects["payment"].detectors[1]
+    assert det.name == "payment_fraud" and det.labels_seen == 0
+    score_before = det.score_one(
+        api.engine.subjects["payment"]
+        .detectors[1]
+        .features.compute({"attributes.V1": 9.5, "attributes.V2": 3.0}, {}, {}, {})
+    )
+    labels = [
+        (p["payment_id"], "confirmed_fraud" if p["payment_id"] in fraud_ids else "legitimate", None) for p in payments
+    ]
+    api.engine.record_labels(labels[:100], source="bank")
+    client.__exit__(None, None, None)  # snapshot holds the first 100 labels
+    client, api = open_api(settings)
+    api.engine.record_labels(labels[100:], source="bank")
+    try:
+        det = api.engine.subjects["payment"].detectors[1]
+        assert det.labels_seen == 160
+        x = det.features.compute({"attributes.V1": 9.5, "attributes.V2": 3.0}, {}, {}, {})
+        assert det.score_one(x)[1] > score_before[1]  # it learned that high V1 means fraud
+        # the stored answers were made before any label arrived: unchanged
+        assert api.client.get("/v1/payments/t0", headers=api.headers()).json()["decision"] == scored[0]
+        result = api.score(probe)
+        assert "MODEL_PAYMENT_FRAUD" in [r["code"] for r in result["reasons"]]
+    finally:
+        client.__exit__(None, None, None)
+    # a third start replays nothing new and lands on the same state
+    client, api = open_api(settings)
+    try:
+        again = api.engine.subjects["payment"].detectors[1]
+        assert again.labels_seen == 160
+        assert again.score_one(x) == det.score_one(x)
+    finally:
+        client.__exit__(None, None, None)

@@ -31,9 +31,14 @@ class SpecError(ValueError):
 
 
 def _river_estimators() -> dict[str, Callable[..., Any]]:
-    from river import anomaly
+    from river import anomaly, linear_model, tree
 
-    return {"HalfSpaceTrees": anomaly.HalfSpaceTrees, "OneClassSVM": anomaly.OneClassSVM}
+    return {
+        "HalfSpaceTrees": anomaly.HalfSpaceTrees,
+        "OneClassSVM": anomaly.OneClassSVM,
+        "LogisticRegression": linear_model.LogisticRegression,
+        "HoeffdingTreeClassifier": tree.HoeffdingTreeClassifier,
+    }
 
 
 def _river_scalers() -> dict[str, Callable[..., Any]]:
@@ -42,7 +47,11 @@ def _river_scalers() -> dict[str, Callable[..., Any]]:
     return {"MinMaxScaler": preprocessing.MinMaxScaler, "StandardScaler": preprocessing.StandardScaler}
 
 
-ESTIMATOR_NAMES = ("HalfSpaceTrees", "OneClassSVM")
+ESTIMATORS_BY_KIND = {
+    "anomaly": ("HalfSpaceTrees", "OneClassSVM"),
+    "supervised": ("LogisticRegression", "HoeffdingTreeClassifier"),
+}
+ESTIMATOR_NAMES = tuple(name for names in ESTIMATORS_BY_KIND.values() for name in names)
 SCALER_NAMES = ("MinMaxScaler", "StandardScaler", "none")
 
 
@@ -57,6 +66,7 @@ class DetectorSpec:
     scaler: str
     params: Mapping[str, Any]
     features: Mapping[str, str]
+    kind: str = "anomaly"  # anomaly: learns from every event; supervised: learns from labels
     weight: float = 20.0
     floor: float = 0.9
     calibration_window: int = 2000
@@ -93,6 +103,7 @@ def parse_spec_file(path: Path) -> list[DetectorSpec]:
         raise SpecError(f"{path}: expected one or more [detectors.NAME] tables")
     specs = []
     known = {
+        "kind",
         "subject",
         "version",
         "estimator",
@@ -112,7 +123,15 @@ def parse_spec_file(path: Path) -> list[DetectorSpec]:
             key = sorted(unknown)[0]
             hint = did_you_mean(key, known)
             raise SpecError(f"{where}: detector '{name}': unknown key '{key}'" + (f" ({hint})" if hint else ""))
+        kind = body.get("kind", "anomaly")
+        if kind not in ESTIMATORS_BY_KIND:
+            raise SpecError(f"{where}: detector '{name}': unknown kind {kind!r}; known: anomaly, supervised")
         estimator = body.get("estimator")
+        if estimator in ESTIMATOR_NAMES and estimator not in ESTIMATORS_BY_KIND[kind]:
+            raise SpecError(
+                f"{where}: detector '{name}': {estimator} is not a {kind} estimator; "
+                f"{kind} estimators: {', '.join(ESTIMATORS_BY_KIND[kind])}"
+            )
         if estimator not in ESTIMATOR_NAMES:
             hint = did_you_mean(str(estimator), ESTIMATOR_NAMES)
             raise SpecError(
@@ -140,6 +159,7 @@ def parse_spec_file(path: Path) -> list[DetectorSpec]:
                 subject=str(body["subject"]),
                 version=int(body.get("version", 1)),
                 estimator=estimator,
+                kind=kind,
                 scaler=scaler,
                 params=params,
                 features=dict(features),

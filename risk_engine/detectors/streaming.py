@@ -1,4 +1,12 @@
-"""A streaming anomaly detector: a river pipeline that scores each event first, then learns from it."""
+"""Streaming detectors: river pipelines that score each event with the state before it.
+
+* ``anomaly`` detectors learn from every event right after scoring it; their score is the raw output's rank
+  among recent outputs (calibration), so 0.99 means "more unusual than 99% of recent events".
+* ``supervised`` detectors learn only when a label arrives, from the feature vector stored with that event's
+  decision, so a label never reaches a score made before it arrived; their score is the predicted
+  probability of fraud. Their model depends only on the sequence of labels, and the calibrator (kept for
+  drift monitoring) only on the sequence of events, so both replay exactly after a restart.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +29,8 @@ class StreamingDetector:
         self.calibrator = RunningQuantile(spec.calibration_window, spec.warmup)
         self.events_seen = 0
         self.last_seq = -1
+        self.labels_seen = 0
+        self.last_label_id = 0
 
     @property
     def name(self) -> str:
@@ -32,20 +42,35 @@ class StreamingDetector:
         """Declared version and spec digest: changes whenever the spec does."""
         return f"{self.spec.version}.{self.spec.digest[:8]}"
 
+    @property
+    def supervised(self) -> bool:
+        """True for detectors that learn from labels."""
+        return self.spec.kind == "supervised"
+
+    @property
+    def warming_up(self) -> bool:
+        """True until the detector has seen enough to be listened to."""
+        if self.supervised:
+            return self.labels_seen < self.spec.warmup
+        return not self.calibrator.warm
+
     def score_one(self, x: Mapping[str, float]) -> tuple[float, float]:
-        """(raw, calibrated) for an event, from the state before it."""
+        """(raw, score) for an event, from the state before it."""
         if not x:
-            return 0.0, self.calibrator.transform(0.0)
+            return 0.0, 0.0 if self.supervised else self.calibrator.transform(0.0)
         transformers, estimator = self._steps
         z = x  # river's transformers return new dicts and never change their input
         for t in transformers:
             z = t.transform_one(z)
+        if self.supervised:
+            raw = float(estimator.predict_proba_one(z).get(True, 0.0))
+            return raw, raw
         raw = float(estimator.score_one(z))
         return raw, self.calibrator.transform(raw)
 
     def learn_one(self, x: Mapping[str, float], raw: float, seq: int) -> None:
-        """Learn from an event after it was scored."""
-        if x:
+        """Learn from an event after it was scored (a supervised detector waits for its label)."""
+        if x and not self.supervised:
             # what river's Pipeline.learn_one does, without its per-call overhead
             transformers, estimator = self._steps
             z = x
@@ -57,8 +82,24 @@ class StreamingDetector:
         self.events_seen += 1
         self.last_seq = seq
 
+    def learn_label(self, x: Mapping[str, float], fraud: bool, label_id: int) -> None:
+        """Learn from a label, with the features the labelled event was scored with."""
+        if not self.supervised:
+            return
+        if x:
+            transformers, estimator = self._steps
+            z = x
+            for t in transformers:
+                t.learn_one(z)
+                z = t.transform_one(z)
+            estimator.learn_one(z, fraud)
+        self.labels_seen += 1
+        self.last_label_id = label_id
+
     def contribution(self, calibrated: float) -> float:
         """Points of the 0-100 risk score: 0 below the floor, rising linearly to ``weight`` at 1.0."""
+        if self.warming_up:
+            return 0.0
         floor = self.spec.floor
         if calibrated <= floor:
             return 0.0
@@ -73,6 +114,8 @@ class StreamingDetector:
             "calibrator": self.calibrator,
             "events_seen": self.events_seen,
             "last_seq": self.last_seq,
+            "labels_seen": self.labels_seen,
+            "last_label_id": self.last_label_id,
         }
 
     def restore(self, state: Mapping[str, Any]) -> bool:
@@ -84,6 +127,8 @@ class StreamingDetector:
         self.calibrator = state["calibrator"]
         self.events_seen = int(state["events_seen"])
         self.last_seq = int(state["last_seq"])
+        self.labels_seen = int(state.get("labels_seen", 0))
+        self.last_label_id = int(state.get("last_label_id", 0))
         return True
 
 
