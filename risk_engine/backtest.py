@@ -21,7 +21,7 @@ from risk_engine.features.velocity import VelocityState
 from risk_engine.pipeline import decision_for
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen init costs a setattr call per field, on every replayed event
 class StoredEvent:
     """What a backtest needs of a stored event."""
 
