@@ -212,3 +212,11 @@ def test_lists_can_be_read_and_edited_and_every_edit_is_audited(api: Api) -> Non
     assert again.status_code == 404
     actions = [a["action"] for a in api.client.get("/v1/audit?limit=5", headers=h).json()]
     assert actions[:3] == ["list.remove", "list.add", "list.add"]
+
+
+def test_key_creation_is_audited_without_the_secret(api: Api) -> None:
+    audit = api.client.get("/v1/audit?limit=50", headers=api.headers("analyst")).json()
+    created = [a for a in audit if a["action"] == "key.create"]
+    assert {a["after"]["role"] for a in created} == {"admin", "scorer", "analyst"}
+    secret = api.scorer_key.split("_", 2)[2]
+    assert secret not in str(audit)
