@@ -115,6 +115,8 @@ def evaluate(
     weights: list[float] = []
     risk: list[float] = []
     model_raw: dict[str, list[float]] = {}
+    combined: list[float] = []
+    weights_by_model = {d.name: d.spec.weight for d in engine.subjects[subject].detectors}
     waiting: deque[tuple[int, str, int, Ticket]] = deque()
     due: list[tuple[str, str, Ticket]] = []
     # labels reach the engine in small batches: at most this many events after they are due
@@ -137,6 +139,9 @@ def evaluate(
             risk.append(float(outcome.response["score"]))
             for m in outcome.model_scores:
                 model_raw.setdefault(m.name, []).append(m.raw)
+            if outcome.model_scores:
+                total_weight = sum(weights_by_model[m.name] for m in outcome.model_scores)
+                combined.append(sum(weights_by_model[m.name] * m.score for m in outcome.model_scores) / total_weight)
             waiting.append((i, event.body["payment_id"], event.label, outcome.committed))
             while waiting and waiting[0][0] <= i - label_delay:
                 _, payment_id, label, committed = waiting.popleft()
@@ -158,6 +163,9 @@ def evaluate(
     for name, values in model_raw.items():
         arrays[f"model:{name}"] = np.asarray(values)
         models[name] = figures(y, arrays[f"model:{name}"], w)
+    if len(model_raw) > 1:
+        arrays["models:combined"] = np.asarray(combined)
+        models["combined"] = figures(y, arrays["models:combined"], w)
     result = EvalResult(
         subject=subject,
         data=str(data),

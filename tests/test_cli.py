@@ -52,4 +52,5 @@ def test_keys_create_prints_the_key_alone_on_the_last_line(tmp_path: Path) -> No
 def test_models_check_names_each_detector(tmp_path: Path) -> None:
     result = run("models", "check", home=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "payment_anomaly ok (HalfSpaceTrees, 34 features)" in result.stdout
+    assert "payment_anomaly ok (HalfSpaceTrees, 31 features)" in result.stdout
+    assert "payment_fraud ok (LogisticRegression, 29 features)" in result.stdout

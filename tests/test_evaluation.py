@@ -45,6 +45,8 @@ def test_evaluation_scores_before_labels_and_finds_planted_outliers(tmp_path: Pa
     assert (result.events, result.positives) == (900, len(frauds))
     assert len(arrays["model:payment_anomaly"]) == 900
     assert result.models["payment_anomaly"].roc_auc > 0.9  # the detector ranks far-out rows high
+    assert set(result.models) == {"payment_anomaly", "payment_fraud", "combined"}
+    assert len(arrays["models:combined"]) == 900
     summary = result.summary()
     for key in (
         "roc_auc",
