@@ -17,6 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -30,7 +31,8 @@ from sqlalchemy.orm import Session
 
 from risk_engine.backtest import StoredEvent
 from risk_engine.config import Settings
-from risk_engine.detectors import SnapshotError, StreamingDetector, load_specs, read_snapshot, write_snapshot
+from risk_engine.detectors import SnapshotError, StreamingDetector, load_specs, read_snapshot
+from risk_engine.detectors.snapshot import encode_state, write_encoded
 from risk_engine.detectors.spec import DetectorSpec, SpecError
 from risk_engine.dsl import (
     CompiledPolicy,
@@ -242,6 +244,7 @@ class RiskEngine:
         self._key_cache: dict[str, tuple[float, Principal | None]] = {}
         self.environments: dict[str, Environment] = {}
         self._poller: threading.Thread | None = None
+        self._snapshot_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="risk-engine-snapshot")
         self._stopping = threading.Event()
         self._event_insert = RawInsert(m.Event.__table__, db)  # type: ignore[arg-type]
         self._known_ids: Bloom = Bloom(BLOOM_MIN_CAPACITY, 0.001)
@@ -281,6 +284,7 @@ class RiskEngine:
         self.writer.close()
         with self._lock:
             self.snapshot_detectors()
+        self._snapshot_writer.shutdown(wait=True)
         self.db.dispose()
 
     def _session(self) -> Session:
@@ -599,12 +603,35 @@ class RiskEngine:
         if det.supervised:
             self._replay_labels(subject, det)
 
-    def snapshot_detectors(self) -> None:
-        """Write every detector's signed snapshot (call with the state lock held)."""
-        for rt in self.subjects.values():
-            for det in rt.detectors:
-                write_snapshot(self.snapshot_path(det), det.state(), self.signing_key)
+    def snapshot_detectors(self, background: bool = False) -> None:
+        """Write every detector's signed snapshot (call with the state lock held).
+
+        The state is pickled here, under the lock, so it is consistent; with ``background`` the signing,
+        writing and fsync happen on a thread, off the request path.
+        """
+        encoded = [
+            (self.snapshot_path(det), encode_state(det.state()))
+            for rt in self.subjects.values()
+            for det in rt.detectors
+        ]
         self._since_snapshot = 0
+
+        def write() -> None:
+            for path, payload in encoded:
+                try:
+                    write_encoded(path, payload, self.signing_key)
+                except OSError as exc:  # the next snapshot retries; restart replays from the last good one
+                    log.error("could not write snapshot %s: %s", path, exc)
+
+        if background:
+            self._snapshot_writer.submit(write)  # one thread, in order: writes never interleave
+        else:
+            self.flush_snapshots()
+            write()
+
+    def flush_snapshots(self) -> None:
+        """Wait until snapshots queued for writing are on disk."""
+        self._snapshot_writer.submit(lambda: None).result()
 
     # -- scoring ---------------------------------------------------------------------------------------------
     def _check_attributes(self, schema: SubjectSchema, attributes: Mapping[str, Any]) -> None:
@@ -698,7 +725,7 @@ class RiskEngine:
             self._count(verdict)
             self._since_snapshot += 1
             if self._since_snapshot >= self.settings.snapshot_every:
-                self.snapshot_detectors()
+                self.snapshot_detectors(background=True)
         key_id, blob = self.vault.seal(pii, f"payment:{payment.payment_id}") if pii else (None, None)
         row = {
             "subject": "payment",

@@ -64,6 +64,7 @@ def test_restart_keeps_decisions_velocity_and_model_state(
     client, api = open_api(settings)
     snapshot = settings.snapshot_dir / "payment_anomaly.snapshot"
     first = [api.score(p) for p in before]
+    api.engine.flush_snapshots()
     shutil.copy(snapshot, tmp_path / "at-200.snapshot")  # written after the 200th payment
     client.__exit__(None, None, None)
 

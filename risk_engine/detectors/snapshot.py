@@ -17,9 +17,18 @@ class SnapshotError(Exception):
     """A snapshot is missing its signature, was signed with another key, or was altered."""
 
 
+def encode_state(state: Any) -> bytes:
+    """The pickled state (take it while the state is consistent; signing and writing can wait)."""
+    return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+
+
 def write_snapshot(path: Path, state: Any, key: bytes) -> None:
     """Pickle ``state``, sign it, and replace ``path`` atomically."""
-    payload = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+    write_encoded(path, encode_state(state), key)
+
+
+def write_encoded(path: Path, payload: bytes, key: bytes) -> None:
+    """Sign an encoded state and replace ``path`` atomically (fsynced)."""
     signature = hmac.new(key, payload, hashlib.sha256).digest()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
