@@ -556,8 +556,16 @@ class RiskEngine:
                     ts = occurred.timestamp()
                     stored = stored or {}
                 yield StoredEvent(
-                    event_id, record, ts, seq, stored.get("scores", {}), float(stored.get("points", 0.0)),
-                    policy, decision, score, fraud.get(event_id),
+                    event_id,
+                    record,
+                    ts,
+                    seq,
+                    stored.get("scores", {}),
+                    float(stored.get("points", 0.0)),
+                    policy,
+                    decision,
+                    score,
+                    fraud.get(event_id),
                 )
 
     def latest_event_time(self, subject: str) -> float | None:
