@@ -769,13 +769,17 @@ class RiskEngine:
             raw, calibrated = det.score_one(x)
             vectors[det.name] = x
             raws.append(raw)
+            points = det.contribution(calibrated)
+            # explained only when the detector adds points: that is when an analyst needs to know why
+            explanation = ", ".join(name for name, _ in det.explain(x)) if points > 0 else None
             scores.append(
                 ModelScore(
                     det.name,
                     det.version,
                     raw,
                     calibrated,
-                    det.contribution(calibrated),
+                    points,
+                    explanation=f"driven by {explanation}" if explanation else None,
                     warming_up=det.warming_up,
                 )
             )

@@ -96,10 +96,7 @@ def decide(policy: CompiledPolicy, hits: Sequence[int], models: Sequence[ModelSc
     reasons = [Reason(r.code, r.text, "rule", r.score_delta, r.decision) for r in fired]
     reasons.sort(key=lambda r: (r.decision is None, -abs(r.score_delta)))
     for m in models:
-        if m.warming_up:
-            text = f"{m.name} is still learning what normal looks like; it adds nothing yet"
-        else:
-            text = f"{m.name} anomaly score {m.score:.3f} (1.0 = most unusual of recent events)"
+        text = f"{m.name} is still learning; it adds nothing yet" if m.warming_up else f"{m.name} score {m.score:.3f}"
         if m.explanation:
             text += f": {m.explanation}"
         reasons.append(Reason(f"MODEL_{m.name.upper()}", text, "model", round(m.contribution, 2)))

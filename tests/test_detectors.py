@@ -173,3 +173,23 @@ def test_a_supervised_detector_learns_only_from_labels(tmp_path: Path) -> None:
         p = tmp_path / "bad.toml"
         p.write_text(SUPERVISED.replace("LogisticRegression", "HalfSpaceTrees"))
         parse_spec_file(p)
+
+
+def test_explanations_name_the_feature_that_was_made_extreme(tmp_path: Path) -> None:
+    spec = SPEC.replace('items = "item_count"', 'items = "item_count"\nage = "days(buyer.account_age)"')
+    det = detector(tmp_path, spec)
+    rng = random.Random(9)
+    for i in range(600):
+        x = {"amount": rng.gauss(100, 10), "items": float(rng.randint(1, 3)), "age": rng.gauss(300, 30)}
+        raw, _ = det.score_one(x)
+        det.learn_one(x, raw, i)
+    odd = {"amount": 100.0, "items": 2.0, "age": 5000.0}  # only the account age is unusual
+    top = det.explain(odd)
+    assert top and top[0][0] == "age", top
+
+    sup = detector(tmp_path, SUPERVISED)
+    for label_id in range(1, 401):
+        fraud = label_id % 5 == 0
+        x = {"amount": 900.0 if fraud else rng.gauss(100, 10), "items": float(rng.randint(1, 3))}
+        sup.learn_label(x, fraud, label_id)
+    assert sup.explain({"amount": 950.0, "items": 2.0})[0][0] == "amount"

@@ -82,6 +82,32 @@ class StreamingDetector:
         self.events_seen += 1
         self.last_seq = seq
 
+    def explain(self, x: Mapping[str, float], k: int = 3, candidates: int = 8) -> list[tuple[str, float]]:
+        """The features that pushed this event's score up most, with how much, largest first.
+
+        Supervised (linear) detectors: each feature's term, weight times its standardized value. Anomaly
+        detectors: how much the raw score drops when the feature is set to the middle of its observed range;
+        only the ``candidates`` features farthest from that middle are tried, to bound the cost.
+        """
+        if not x:
+            return []
+        transformers, estimator = self._steps
+        z: Mapping[str, float] = x
+        for t in transformers:
+            z = t.transform_one(z)
+        if self.supervised:
+            weights = getattr(estimator, "weights", None)
+            if not isinstance(weights, Mapping):
+                return []
+            terms = [(name, float(weights.get(name, 0.0)) * value) for name, value in z.items()]
+        else:
+            middle = 0.5 if self.spec.scaler == "MinMaxScaler" else 0.0
+            base = float(estimator.score_one(z))
+            extreme = sorted(z, key=lambda name: -abs(z[name] - middle))[:candidates]
+            terms = [(name, base - float(estimator.score_one({**z, name: middle}))) for name in extreme]
+        ranked = sorted((t for t in terms if t[1] > 0), key=lambda t: -t[1])
+        return [(name, round(effect, 4)) for name, effect in ranked[:k]]
+
     def learn_label(self, x: Mapping[str, float], fraud: bool, label_id: int) -> None:
         """Learn from a label, with the features the labelled event was scored with."""
         if not self.supervised:
