@@ -702,8 +702,9 @@ class RiskEngine:
         self._check_attributes(rt.schema, payment.attributes)
         record, pii = flatten_payment(payment, self.vault)
         if request_hash is None:
-            # the record and the PII bundle carry every field of the request: hashing them is hashing it
-            canonical = orjson.dumps([record, pii, payment.buyer.created_at], option=orjson.OPT_SORT_KEYS)
+            # the record carries every field of the request, PII as keyed blind indexes: hashing it is hashing
+            # the request, and the stored hash derives from no PII in clear
+            canonical = orjson.dumps([record, payment.buyer.created_at], option=orjson.OPT_SORT_KEYS)
             request_hash = hashlib.sha256(canonical).hexdigest()
         replay = self._replay(payment.payment_id, request_hash)
         if replay is not None:

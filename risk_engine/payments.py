@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
@@ -241,8 +241,9 @@ def flatten_payment(p: PaymentIn, vault: Vault) -> tuple[Record, dict[str, str]]
         record["shipping.country"] = a.country
         record["shipping.city"] = a.city
         record["shipping.postal_code"] = a.postal_code
-        if a.line1 is not None:
-            pii["shipping.line1"] = a.line1
+        if a.line1 or a.line2:
+            if a.line1:
+                pii["shipping.line1"] = a.line1
             if a.line2:
                 pii["shipping.line2"] = a.line2
             full = " ".join(x for x in (a.line1, a.line2, a.city, a.postal_code, a.country) if x)
@@ -270,8 +271,3 @@ PII_FIELD_KINDS: dict[str, PiiKind] = {
     "shipping.line1": PiiKind.ADDRESS,
     "shipping.line2": PiiKind.ADDRESS,
 }
-
-
-def epoch_seconds(moment: datetime) -> float:
-    """Seconds since the Unix epoch of an aware datetime."""
-    return moment.timestamp()

@@ -54,6 +54,14 @@ def test_same_payment_id_with_a_different_body_is_a_conflict(api: Api) -> None:
     assert stored_events(api) == 1
 
 
+def test_a_replay_that_differs_only_in_pii_is_a_conflict(api: Api) -> None:
+    api.score(payment(payment_id="p1"))
+    for change in ({"buyer.email": "someone.else@example.com"}, {"shipping_address.line2": "Flat 2"}):
+        response = api.client.post("/v1/payments/score", json=payment(payment_id="p1", **change), headers=api.headers())
+        assert response.status_code == 409, change
+    assert stored_events(api) == 1
+
+
 def test_stored_payment_shows_pii_masked(api: Api) -> None:
     api.score(payment())
     body = api.client.get("/v1/payments/pay_0001", headers=api.headers()).json()
