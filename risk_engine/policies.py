@@ -20,8 +20,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from risk_engine.backtest import BacktestReport, Job, run_backtest
-from risk_engine.dsl import compile_policy
-from risk_engine.engine import NotFound, RiskEngine, now_utc
+from risk_engine.dsl import DslError, DslErrors, compile_policy
+from risk_engine.engine import Conflict, NotFound, RiskEngine, now_utc
 from risk_engine.features.velocity import GRACE_S
 from risk_engine.storage import models as m
 
@@ -121,8 +121,6 @@ class PolicyWorkflow:
         self._subject(subject)
         compiled = compile_policy(text, self.engine.environments, f"{subject}:draft")  # raises DslErrors
         if compiled.subject != subject:
-            from risk_engine.dsl import DslError, DslErrors
-
             raise DslErrors(
                 [
                     DslError(
@@ -203,8 +201,6 @@ class PolicyWorkflow:
             row = self._row(s, subject, version)
             compile_policy(row.text, self.engine.environments, f"{subject}:v{version}")  # raises DslErrors
             if row.status == "published":
-                from risk_engine.engine import Conflict
-
                 raise Conflict(f"{subject}:v{version} is the published version; shadow a draft")
             previous = self._shadow_row(s, subject)
             if previous is not None and previous.version == version:

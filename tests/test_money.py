@@ -1,0 +1,38 @@
+"""Money: integer minor units with an ISO 4217 currency, never a float."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from risk_engine.money import Money, UnknownCurrencyError, currency_exponent
+
+values = st.integers(min_value=-(10**15), max_value=10**15)
+
+
+@given(values, values)
+def test_adding_and_subtracting_neither_creates_nor_loses_money(a: int, b: int) -> None:
+    x, y = Money(a, "CNY"), Money(b, "CNY")
+    assert (x + y) - y == x
+    assert (x + y).value == a + b
+    assert x + (-x) == Money(0, "CNY")
+
+
+def test_currencies_do_not_mix_and_floats_are_refused() -> None:
+    with pytest.raises(ValueError, match="cannot combine CNY with USD"):
+        Money(100, "CNY") + Money(100, "USD")
+    with pytest.raises(TypeError):
+        Money(1.5, "CNY")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        Money(True, "CNY")
+    with pytest.raises(UnknownCurrencyError):
+        Money(1, "XYZ")
+
+
+def test_minor_units_follow_iso_4217() -> None:
+    assert (currency_exponent("JPY"), currency_exponent("CNY"), currency_exponent("KWD")) == (0, 2, 3)
+    assert str(Money(129900, "CNY")) == "1299.00 CNY"
+    assert str(Money(-5, "KWD")) == "-0.005 KWD"
+    assert str(Money(1500, "JPY")) == "1500 JPY"
+    assert Money(129900, "CNY").major == 1299.0
