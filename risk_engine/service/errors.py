@@ -13,7 +13,6 @@ from risk_engine.dsl import DslErrors
 from risk_engine.engine import Conflict, InvalidInput, NotFound
 from risk_engine.service.responses import JsonResponse
 from risk_engine.storage.db import DatabaseUnavailable
-from risk_engine.storage.writer import DuplicateRow
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +57,6 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Conflict)
     async def _conflict(_: Request, exc: Conflict) -> JsonResponse:
         return JsonResponse(error_body("conflict", str(exc)), 409)
-
-    @app.exception_handler(DuplicateRow)
-    async def _duplicate(_: Request, exc: DuplicateRow) -> JsonResponse:
-        return JsonResponse(error_body("conflict", "written concurrently by another worker; retry"), 409)
 
     @app.exception_handler(NotFound)
     async def _not_found(_: Request, exc: NotFound) -> JsonResponse:
