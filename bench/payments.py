@@ -98,7 +98,7 @@ def detector_cost(settings: Settings) -> float:
     from risk_engine.storage import models as m
     from risk_engine.storage.db import make_engine
 
-    envs, specs, _ = load_environments(settings)
+    envs, models, _ = load_environments(settings)
     db = make_engine(settings.resolved_database_url)
     with db.connect() as conn:
         rows = [(r.record, r.aggregates) for r in conn.execute(select(m.Event.record, m.Event.aggregates))]
@@ -106,7 +106,9 @@ def detector_cost(settings: Settings) -> float:
     from risk_engine.dsl import compile_features
 
     detectors = [
-        StreamingDetector(s, compile_features(s.features, envs[s.subject])) for s in specs if s.subject == "payment"
+        StreamingDetector(s, compile_features(s.features, envs[s.subject]))
+        for s in models.specs
+        if s.subject == "payment"
     ]
     started = time.perf_counter()
     for i, (record, aggregates) in enumerate(rows):

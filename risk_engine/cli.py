@@ -232,12 +232,41 @@ def models_check() -> None:
     from risk_engine.engine import load_environments
 
     try:
-        _, specs, _ = load_environments(Settings())
+        _, models, _ = load_environments(Settings())
     except (SpecError, DslErrors) as exc:
         typer.echo(str(exc))
         raise typer.Exit(1) from None
-    for spec in specs:
-        typer.echo(f"{spec.source}: {spec.name} ok ({spec.estimator}, {len(spec.features)} features)")
+    for spec in models.specs:
+        typer.echo(
+            f"{spec.source}: {spec.name} ok ({spec.kind} {spec.estimator}, {len(spec.features)} features,"
+            f" weight {spec.weight:g})"
+        )
+    for subject, c in sorted(models.combine.items()):
+        typer.echo(f"[combine.{subject}] ok (up to {c.weight:g} points above a model score of {c.floor:g})")
+
+
+@models_app.command("fit")
+def models_fit(
+    name: Annotated[str, typer.Argument(help="A population detector declared in models/")],
+    events: Annotated[
+        int | None, typer.Option(help="How many recent stored events (default: the spec's fit_events)")
+    ] = None,
+) -> None:
+    """Fit a population detector (pyod) on its subject's recent stored events; running workers pick the fit
+    up within a poll interval. Prints a summary, ending with one JSON line."""
+    from risk_engine.engine import InvalidInput, NotFound, RiskEngine
+
+    engine = RiskEngine.open(Settings(policy_poll_s=0))
+    try:
+        summary = engine.fit_detector(name, actor="cli", max_events=events)
+    except (InvalidInput, NotFound) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        engine.close()
+    typer.echo(f"fitted {summary['name']} ({summary['estimator']}) on {summary['events']} {summary['subject']} events")
+    typer.echo(f"version {summary['version']}; raw-score quantiles {summary['score_quantiles']}")
+    typer.echo(json.dumps(summary, sort_keys=True))
 
 
 def main() -> None:

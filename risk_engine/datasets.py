@@ -9,6 +9,9 @@ thousand of each, some reused), which gives the velocity windows realistic work 
 from __future__ import annotations
 
 import csv
+import math
+import random
+import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -79,3 +82,45 @@ def ulb_payments(path: Path, *, prefix: str = "ulb", time_offset_s: float = 0.0)
                 "attributes": attributes,
             }
             yield LabelledEvent(body, label, weight)
+
+
+def attribute_name(column: str) -> str:
+    """A CSV column as an attribute name: ``" ERC20 uniq sent addr.1"`` -> ``erc20_uniq_sent_addr_1``."""
+    return re.sub(r"[^a-z0-9]+", "_", column.strip().lower()).strip("_")
+
+
+ETHEREUM_STRING_COLUMNS = frozenset({"erc20_most_sent_token_type", "erc20_most_rec_token_type"})
+ETHEREUM_SKIPPED = frozenset({"index", "flag"})
+ETHEREUM_START = datetime(2020, 1, 1, tzinfo=UTC)
+
+
+def ethereum_accounts(path: Path, *, prefix: str = "eth", seed: int = 2026) -> Iterator[LabelledEvent]:
+    """Accounts from the Ethereum accounts CSV (``FLAG`` is the label), in a shuffled but fixed order: the file
+    is sorted by its label, which no stream is. Empty cells are left out (an account with no ERC20 activity has
+    no ERC20 figures); columns become attributes named by :func:`attribute_name`."""
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    random.Random(seed).shuffle(rows)
+    for i, row in enumerate(rows):
+        label = int(float(row.get("FLAG", "0") or 0))
+        attributes: dict[str, Any] = {}
+        for column, value in row.items():
+            name = attribute_name(column)
+            if name in ETHEREUM_SKIPPED or value is None or value.strip() == "":
+                continue
+            if name in ETHEREUM_STRING_COLUMNS:
+                attributes[name] = value.strip()[:128]
+                continue
+            try:
+                number = float(value)
+            except ValueError:
+                continue
+            if math.isfinite(number):
+                attributes[name] = number
+        body = {
+            "account_id": f"{prefix}_{i}",
+            "occurred_at": (ETHEREUM_START + timedelta(minutes=i)).isoformat().replace("+00:00", "Z"),
+            "role": "wallet",
+            "attributes": attributes,
+        }
+        yield LabelledEvent(body, label, float(row.get("weight", "1") or 1))

@@ -31,9 +31,11 @@ from sqlalchemy.orm import Session
 
 from risk_engine.backtest import StoredEvent
 from risk_engine.config import Settings
-from risk_engine.detectors import SnapshotError, StreamingDetector, load_specs, read_snapshot
-from risk_engine.detectors.snapshot import encode_state, write_encoded
-from risk_engine.detectors.spec import DetectorSpec, SpecError
+from risk_engine.detectors import SnapshotError, StreamingDetector, read_snapshot
+from risk_engine.detectors.combine import CombineSpec, DetectorOutput, combine
+from risk_engine.detectors.population import PopulationDetector, fit_population
+from risk_engine.detectors.snapshot import encode_state, open_signed, sign_encoded, write_encoded
+from risk_engine.detectors.spec import ModelsConfig, SpecError, load_models
 from risk_engine.dsl import (
     CompiledPolicy,
     Environment,
@@ -41,6 +43,7 @@ from risk_engine.dsl import (
     compile_features,
     compile_policy,
 )
+from risk_engine.dsl.errors import did_you_mean
 from risk_engine.features.lists import (
     ListDecl,
     ListEntry,
@@ -49,19 +52,21 @@ from risk_engine.features.lists import (
     load_list_declarations,
 )
 from risk_engine.features.velocity import GRACE_S, VelocityState
-from risk_engine.payments import PAYMENT_SCHEMA, PII_FIELD_KINDS, PaymentIn, flatten_payment
+from risk_engine.payments import PaymentIn
 from risk_engine.pipeline import ModelScore, Verdict, decide, decision_for
 from risk_engine.schema import FieldType, SubjectSchema, load_attribute_declarations
 from risk_engine.storage import models as m
 from risk_engine.storage.db import DatabaseUnavailable, make_engine, migrate
 from risk_engine.storage.writer import DuplicateRow, GroupCommitWriter, RawInsert, Ticket, done_ticket
+from risk_engine.subjects import SUBJECT_KINDS, SubjectKind
 from risk_engine.vault import PiiKind, Vault, WrappedDataKey, load_or_create_key, mask
 
 log = logging.getLogger(__name__)
 
 ROLES = ("scorer", "analyst", "admin")
 ROLE_RANK = {role: i for i, role in enumerate(ROLES)}
-BASE_SCHEMAS: dict[str, SubjectSchema] = {"payment": PAYMENT_SCHEMA}
+BASE_SCHEMAS: dict[str, SubjectSchema] = {name: kind.schema for name, kind in SUBJECT_KINDS.items()}
+Detector = StreamingDetector | PopulationDetector
 LABELS = {"chargeback": True, "confirmed_fraud": True, "legitimate": False, "dispute_lost": True, "dispute_won": False}
 RECENT_CACHE = 50_000
 BLOOM_MIN_CAPACITY = 1_000_000
@@ -91,10 +96,15 @@ _ATTRIBUTE_OK: dict[FieldType | None, Any] = {
 }
 
 
-def load_environments(settings: Settings) -> tuple[dict[str, Environment], list[DetectorSpec], dict[str, ListDecl]]:
+def load_environments(settings: Settings) -> tuple[dict[str, Environment], ModelsConfig, dict[str, ListDecl]]:
     """Type-checking environments of every subject, from subjects.toml, lists.toml and models/ (no database)."""
     list_decls = load_list_declarations(settings.rules_dir / "lists.toml")
-    specs = load_specs(settings.models_dir) if settings.models_dir.exists() else []
+    models = load_models(settings.models_dir) if settings.models_dir.exists() else ModelsConfig([], {})
+    specs = models.specs
+    for subject in models.combine:
+        if subject not in BASE_SCHEMAS:
+            hint = did_you_mean(subject, BASE_SCHEMAS)
+            raise SpecError(f"[combine.{subject}] names unknown subject '{subject}'" + (f" ({hint})" if hint else ""))
     for spec in specs:
         if spec.subject not in BASE_SCHEMAS:
             raise SpecError(f"{spec.source}: detector '{spec.name}' names unknown subject '{spec.subject}'")
@@ -110,7 +120,7 @@ def load_environments(settings: Settings) -> tuple[dict[str, Environment], list[
     }
     for spec in specs:  # a spec whose features do not type-check is refused at start-up
         compile_features(spec.features, envs[spec.subject], f"{spec.source}:{spec.name}")
-    return envs, specs, list_decls
+    return envs, models, list_decls
 
 
 def tune_garbage_collector() -> None:
@@ -152,8 +162,9 @@ class SubjectRuntime:
     schema: SubjectSchema
     environment: Environment
     policy: ActivePolicy
-    detectors: list[StreamingDetector]
+    detectors: list[Detector]
     velocity: VelocityState
+    combine: CombineSpec
     shadow: ActivePolicy | None = None
 
 
@@ -165,6 +176,7 @@ class Evaluation:
     aggregates: dict[str, Any]
     vectors: dict[str, dict[str, float]]
     scores: list[ModelScore]
+    model_score: float
     shadow: dict[str, Any] | None
 
 
@@ -186,6 +198,7 @@ class ScoreOutcome:
     committed: Ticket
     replayed: bool = False
     model_scores: tuple[ModelScore, ...] = ()  # raw and calibrated detector outputs (not for replays)
+    model_score: float = 0.0  # the detectors combined (not for replays)
 
     @property
     def response(self) -> dict[str, Any]:
@@ -199,7 +212,7 @@ class ScoreOutcome:
         if exc is None:
             return
         if isinstance(exc, DuplicateRow):
-            raise Conflict(f"{self.response.get('payment_id')} was written concurrently by another worker") from exc
+            raise Conflict("the same id was written concurrently by another worker") from exc
         if isinstance(exc, DBAPIError):
             raise DatabaseUnavailable(type(exc.orig).__name__ if exc.orig else type(exc).__name__) from exc
         raise exc
@@ -247,6 +260,7 @@ class RiskEngine:
         self._snapshot_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="risk-engine-snapshot")
         self._stopping = threading.Event()
         self._event_insert = RawInsert(m.Event.__table__, db)  # type: ignore[arg-type]
+        self._fit_ids: dict[str, int] = {}  # the stored fit each population detector scores with
         self._known_ids: Bloom = Bloom(BLOOM_MIN_CAPACITY, 0.001)
         self._known_count = 0
 
@@ -301,18 +315,21 @@ class RiskEngine:
             s.commit()
 
     def _load_subjects(self) -> None:
-        envs, specs, self.list_decls = load_environments(self.settings)
+        envs, models, self.list_decls = load_environments(self.settings)
         self.environments = envs
         self._seed_policies(envs)
         for subject, env in envs.items():
             policy = self._published_policy(subject, envs)
-            detectors = []
-            for spec in (s for s in specs if s.subject == subject):
+            detectors: list[Detector] = []
+            for spec in (s for s in models.specs if s.subject == subject):
                 features = compile_features(spec.features, env, f"{spec.source}:{spec.name}")
-                detectors.append(StreamingDetector(spec, features))
+                kind = PopulationDetector if spec.kind == "population" else StreamingDetector
+                detectors.append(kind(spec, features))
             aggs = aggregate_union(policy.compiled.aggregates, *(d.features.aggregates for d in detectors))
             velocity = VelocityState(aggs, self.settings.velocity_max_events_per_key)
-            self.subjects[subject] = SubjectRuntime(env.schema, env, policy, detectors, velocity)
+            self.subjects[subject] = SubjectRuntime(
+                env.schema, env, policy, detectors, velocity, models.combine_for(subject)
+            )
 
     def _seed_policies(self, envs: Mapping[str, Environment]) -> None:
         """Store each ``rules/*.rules`` file as a published version when its text is new."""
@@ -450,6 +467,7 @@ class RiskEngine:
             while not self._stopping.wait(self.settings.policy_poll_s):
                 try:
                     self.refresh_policies()
+                    self.refresh_fits()
                 except Exception as exc:  # a bad poll must not kill the worker; the next one retries
                     log.warning("policy refresh failed: %s", type(exc).__name__)
 
@@ -487,8 +505,8 @@ class RiskEngine:
                 select(m.Event.subject, m.Event.event_id).execution_options(yield_per=10_000)
             ):
                 bloom.add(f"{subject}\x1f{event_id}")
-        for event_id in self._recent:  # in flight, maybe not committed yet
-            bloom.add(f"payment\x1f{event_id}")
+        for key in self._recent:  # in flight, maybe not committed yet ("subject\x1fevent id")
+            bloom.add(key)
         self._known_ids, self._known_count = bloom, count
 
     def _mark_known(self, subject: str, event_id: str) -> None:
@@ -572,11 +590,14 @@ class RiskEngine:
         """Time of the subject's latest stored event."""
         return self._latest_occurred(subject)
 
-    def snapshot_path(self, det: StreamingDetector) -> Any:
+    def snapshot_path(self, det: Detector) -> Any:
         """Where a detector's snapshot lives."""
         return self.settings.snapshot_dir / f"{det.name}.snapshot"
 
-    def _restore_detector(self, subject: str, det: StreamingDetector) -> None:
+    def _restore_detector(self, subject: str, det: Detector) -> None:
+        if isinstance(det, PopulationDetector):
+            self._restore_population(subject, det)
+            return
         path = self.snapshot_path(det)
         restored = False
         if path.exists():
@@ -605,6 +626,128 @@ class RiskEngine:
             velocity.add(row.record, ts, row.ingest_seq)
         if det.supervised:
             self._replay_labels(subject, det)
+
+    def _restore_population(self, subject: str, det: PopulationDetector) -> None:
+        """A population detector's fit comes from the database; its event counter from storage."""
+        self._load_fit(det)
+        with self._session() as s:
+            count, last = s.execute(
+                select(func.count(), func.max(m.Event.ingest_seq)).where(m.Event.subject == subject)
+            ).one()
+        det.events_seen, det.last_seq = int(count or 0), int(last if last is not None else -1)
+
+    def _load_fit(self, det: PopulationDetector) -> bool:
+        """Use the newest stored fit of ``det`` if it is newer than the one in use. True if it changed."""
+        with self._session() as s:
+            row = s.execute(
+                select(m.ModelFit.id, m.ModelFit.digest, m.ModelFit.blob)
+                .where(m.ModelFit.name == det.name)
+                .order_by(m.ModelFit.id.desc())
+                .limit(1)
+            ).first()
+        if row is None or row[0] == self._fit_ids.get(det.name):
+            return False
+        fit_id, digest, blob = row
+        self._fit_ids[det.name] = fit_id
+        if digest != det.spec.digest:
+            log.warning("the stored fit of %s was made for another version of its spec; refit it", det.name)
+            return False
+        try:
+            fit = open_signed(blob, self.signing_key, f"model_fits[{fit_id}]")
+        except SnapshotError as exc:
+            log.error("REFUSED fit of %s: %s", det.name, exc)
+            return False
+        with self._lock:
+            return det.use_fit(fit)
+
+    def refresh_fits(self) -> list[str]:
+        """Pick up population fits made since (by `risk-engine models fit` or another worker)."""
+        changed = []
+        for rt in self.subjects.values():
+            for det in rt.detectors:
+                if isinstance(det, PopulationDetector) and self._load_fit(det):
+                    changed.append(det.version)
+        return changed
+
+    def detector(self, name: str) -> tuple[str, Detector]:
+        """``(subject, detector)`` by name."""
+        for subject, rt in self.subjects.items():
+            for det in rt.detectors:
+                if det.name == name:
+                    return subject, det
+        raise NotFound(f"no detector {name}")
+
+    def fit_detector(self, name: str, actor: str, max_events: int | None = None) -> dict[str, Any]:
+        """Fit a population detector on its subject's most recent stored events, store the fit (every worker
+        picks it up) and start scoring with it. Returns what was fitted."""
+        subject, det = self.detector(name)
+        if not isinstance(det, PopulationDetector):
+            raise InvalidInput(
+                [
+                    {
+                        "field": "name",
+                        "reason": f"{name} is a {det.spec.kind} detector; only population detectors are fitted",
+                    }
+                ]
+            )
+        limit = max_events or det.spec.fit_events
+        self.writer.barrier().wait(30)  # what was scored before this call is part of the population
+        rows: list[list[float]] = []
+        stmt = (
+            select(m.Event.record, m.Event.features, m.Event.aggregates)
+            .where(m.Event.subject == subject)
+            .order_by(m.Event.ingest_seq.desc())
+            .limit(limit)
+        )
+        names = list(det.spec.features)
+        lists = self.lists.sets
+        with self._session() as s:
+            for record, features, aggs in s.execute(stmt):
+                x = (features or {}).get(name)
+                if x is None:  # stored before this detector existed: its features from the stored record
+                    try:
+                        x = det.features.compute(record, aggs or {}, lists, {})
+                    except KeyError:
+                        continue
+                rows.append([float(x.get(f, 0.0)) for f in names])
+        if len(rows) < 10:
+            raise InvalidInput(
+                [
+                    {
+                        "field": "name",
+                        "reason": f"{name} needs at least 10 stored {subject} events to fit; found {len(rows)}",
+                    }
+                ]
+            )
+        import numpy as np
+
+        fit = fit_population(det.spec, np.asarray(rows[::-1]), now_utc())
+        blob = sign_encoded(encode_state(fit), self.signing_key)
+        with self._session() as s:
+            row = m.ModelFit(
+                name=name,
+                digest=det.spec.digest,
+                events=fit.events,
+                fitted_at=fit.fitted_at,
+                fitted_by=actor,
+                blob=blob,
+            )
+            s.add(row)
+            self._audit(s, actor, "model.fit", f"model:{name}", None, {"events": fit.events, "digest": det.spec.digest})
+            s.commit()
+            fit_id = row.id
+        with self._lock:
+            det.use_fit(fit)
+            self._fit_ids[name] = fit_id
+        return {
+            "name": name,
+            "subject": subject,
+            "version": det.version,
+            "estimator": det.spec.estimator,
+            "events": fit.events,
+            "fitted_at": fit.fitted_at.isoformat(),
+            "score_quantiles": det.quantiles(),
+        }
 
     def snapshot_detectors(self, background: bool = False) -> None:
         """Write every detector's signed snapshot (call with the state lock held).
@@ -679,62 +822,75 @@ class RiskEngine:
             raise DatabaseUnavailable(type(exc).__name__) from exc
         return (row[0], row[1]) if row is not None else None
 
-    def _replay(self, event_id: str, request_hash: str) -> ScoreOutcome | None:
+    def _replay(self, kind: SubjectKind, event_id: str, request_hash: str) -> ScoreOutcome | None:
+        key = f"{kind.name}\x1f{event_id}"
         with self._lock:
-            pending = self._recent.get(event_id)
+            pending = self._recent.get(key)
         if pending is not None:
             if pending.request_hash != request_hash:
-                raise Conflict(f"payment_id {event_id} was already scored with a different request")
+                raise Conflict(f"{kind.id_field} {event_id} was already scored with a different request")
             return ScoreOutcome(pending.body, pending.committed, replayed=True)
-        if f"payment\x1f{event_id}" not in self._known_ids:
+        if key not in self._known_ids:
             return None
-        stored = self._lookup_stored("payment", event_id)
+        stored = self._lookup_stored(kind.name, event_id)
         if stored is not None:
             if stored[0] != request_hash:
-                raise Conflict(f"payment_id {event_id} was already scored with a different request")
+                raise Conflict(f"{kind.id_field} {event_id} was already scored with a different request")
             return ScoreOutcome(orjson.dumps(stored[1]), done_ticket(), replayed=True)
         return None
 
     def score_payment(self, payment: PaymentIn, request_hash: str | None = None) -> ScoreOutcome:
         """Score a payment; the same payment id again returns the stored decision and counts nothing."""
+        return self.score_event("payment", payment, request_hash)
+
+    def score_event(self, subject: str, event: Any, request_hash: str | None = None) -> ScoreOutcome:
+        """Score an event of any subject (a validated model of its contract) through the one pipeline.
+
+        The same id again returns the stored answer and counts nothing; with a different request, a conflict.
+        """
         started = time.perf_counter()
-        rt = self.subjects["payment"]
-        self._check_attributes(rt.schema, payment.attributes)
-        record, pii = flatten_payment(payment, self.vault)
+        kind = SUBJECT_KINDS[subject]
+        rt = self.subjects[subject]
+        self._check_attributes(rt.schema, event.attributes)
+        event_id = kind.event_id(event)
+        record, pii = kind.flatten(event, self.vault)
         if request_hash is None:
             # the record carries every field of the request, PII as keyed blind indexes: hashing it is hashing
             # the request, and the stored hash derives from no PII in clear
-            canonical = orjson.dumps([record, payment.buyer.created_at], option=orjson.OPT_SORT_KEYS)
+            created = event.buyer.created_at if subject == "payment" else getattr(event, "created_at", None)
+            canonical = orjson.dumps([record, created], option=orjson.OPT_SORT_KEYS)
             request_hash = hashlib.sha256(canonical).hexdigest()
-        replay = self._replay(payment.payment_id, request_hash)
+        replay = self._replay(kind, event_id, request_hash)
         if replay is not None:
             return replay
-        ts = payment.occurred_at.timestamp()
+        occurred_at: datetime = event.occurred_at
+        ts = occurred_at.timestamp()
+        key = f"{subject}\x1f{event_id}"
         with self._lock:
-            pending = self._recent.get(payment.payment_id)
+            pending = self._recent.get(key)
             if pending is not None:  # a concurrent twin got here first
                 if pending.request_hash != request_hash:
-                    raise Conflict(f"payment_id {payment.payment_id} was already scored with a different request")
+                    raise Conflict(f"{kind.id_field} {event_id} was already scored with a different request")
                 return ScoreOutcome(pending.body, pending.committed, replayed=True)
             self._seq += 1
             seq = self._seq
             ev = self._evaluate(rt, record, ts, seq)
             verdict, aggs, vectors, scores = ev.verdict, ev.aggregates, ev.vectors, ev.scores
             elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
-            response = self._response(payment.payment_id, verdict, rt, scores, elapsed_ms)
+            response = self._response(kind, event_id, verdict, rt, scores, ev.model_score, elapsed_ms)
             committed = Ticket()  # completed by the writer once the row is committed
             body = orjson.dumps(response)
-            self._remember(payment.payment_id, Pending(request_hash, body, committed))
-            self._mark_known("payment", payment.payment_id)
+            self._remember(key, Pending(request_hash, body, committed))
+            self._mark_known(subject, event_id)
             self._count(verdict)
             self._since_snapshot += 1
             if self._since_snapshot >= self.settings.snapshot_every:
                 self.snapshot_detectors(background=True)
-        key_id, blob = self.vault.seal(pii, f"payment:{payment.payment_id}") if pii else (None, None)
+        key_id, blob = self.vault.seal(pii, f"{subject}:{event_id}") if pii else (None, None)
         row = {
-            "subject": "payment",
-            "event_id": payment.payment_id,
-            "occurred_at": payment.occurred_at,
+            "subject": subject,
+            "event_id": event_id,
+            "occurred_at": occurred_at,
             "ingest_seq": seq,
             "record": record,
             "features": vectors,
@@ -748,6 +904,7 @@ class RiskEngine:
             "model_scores": {
                 "scores": {m.name: m.score for m in scores},
                 "points": sum(m.contribution for m in scores),
+                "model_score": ev.model_score,
             },
             "shadow": ev.shadow,
             "response": body,
@@ -755,33 +912,37 @@ class RiskEngine:
             "elapsed_ms": elapsed_ms,
             "created_at": now_utc(),
         }
-        committed.add_done_callback(lambda f: self._after_write(f, rt, payment.payment_id, record, ts, seq))
+        committed.add_done_callback(lambda f: self._after_write(f, rt, key, record, ts, seq))
         self.writer.submit(self._event_insert, row, committed)
-        return ScoreOutcome(body, committed, model_scores=tuple(scores))
+        return ScoreOutcome(body, committed, model_scores=tuple(scores), model_score=ev.model_score)
 
     def _evaluate(self, rt: SubjectRuntime, record: dict[str, Any], ts: float, seq: int) -> Evaluation:
         aggs = rt.velocity.query(record, ts)
         lists = self.lists.current(now_utc())
-        scores: list[ModelScore] = []
         vectors: dict[str, dict[str, float]] = {}
         raws: list[float] = []
+        outputs: list[DetectorOutput] = []
         for det in rt.detectors:
             x = det.features.compute(record, aggs, lists, {})
             raw, calibrated = det.score_one(x)
             vectors[det.name] = x
             raws.append(raw)
-            points = det.contribution(calibrated)
+            outputs.append(DetectorOutput(det.spec.weight, calibrated, det.warming_up))
+        combined, points = combine(rt.combine, outputs)
+        scores: list[ModelScore] = []
+        for det, out, share in zip(rt.detectors, outputs, points, strict=True):
             # explained only when the detector adds points: that is when an analyst needs to know why
-            explanation = ", ".join(name for name, _ in det.explain(x)) if points > 0 else None
+            top = tuple(det.explain(vectors[det.name])) if share > 0 else ()
             scores.append(
                 ModelScore(
                     det.name,
                     det.version,
-                    raw,
-                    calibrated,
-                    points,
-                    explanation=f"driven by {explanation}" if explanation else None,
-                    warming_up=det.warming_up,
+                    raws[len(scores)],
+                    out.score,
+                    share,
+                    explanation=f"driven by {', '.join(n for n, _ in top)}" if top else None,
+                    warming_up=out.warming_up,
+                    top_features=top,
                 )
             )
         model_values = {s.name: s.score for s in scores}
@@ -791,7 +952,7 @@ class RiskEngine:
         shadow = rt.shadow
         if shadow is not None:
             shadow_hits = shadow.compiled.evaluate(record, aggs, lists, model_values)
-            decision, score = decision_for(shadow.compiled, shadow_hits, sum(s.contribution for s in scores))
+            decision, score = decision_for(shadow.compiled, shadow_hits, sum(points))
             shadow_record = {
                 "version": shadow.label,
                 "decision": decision.value,
@@ -801,13 +962,20 @@ class RiskEngine:
         rt.velocity.add(record, ts, seq)
         for det, raw in zip(rt.detectors, raws, strict=True):
             det.learn_one(vectors[det.name], raw, seq)
-        return Evaluation(verdict, aggs, vectors, scores, shadow_record)
+        return Evaluation(verdict, aggs, vectors, scores, combined, shadow_record)
 
     def _response(
-        self, event_id: str, verdict: Verdict, rt: SubjectRuntime, scores: list[ModelScore], elapsed_ms: float
+        self,
+        kind: SubjectKind,
+        event_id: str,
+        verdict: Verdict,
+        rt: SubjectRuntime,
+        scores: list[ModelScore],
+        model_score: float,
+        elapsed_ms: float,
     ) -> dict[str, Any]:
         return {
-            "payment_id": event_id,
+            kind.id_field: event_id,
             "decision": verdict.decision.value,
             "score": verdict.score,
             "reasons": [
@@ -815,6 +983,17 @@ class RiskEngine:
                 for r in verdict.reasons
             ],
             "tags": list(verdict.tags),
+            "model_score": round(model_score, 4),
+            "models": [
+                {
+                    "name": s.name,
+                    "score": round(s.score, 4),
+                    "points": round(s.contribution, 2),
+                    "warming_up": s.warming_up,
+                    "top_features": [{"feature": f, "effect": e} for f, e in s.top_features],
+                }
+                for s in scores
+            ],
             "policy_version": rt.policy.label,
             "model_versions": {s.name: s.version for s in scores},
             "elapsed_ms": elapsed_ms,
@@ -833,33 +1012,36 @@ class RiskEngine:
             c.rule_hits[rule.name] = c.rule_hits.get(rule.name, 0) + 1
 
     def _after_write(
-        self, write: Ticket, rt: SubjectRuntime, event_id: str, record: dict[str, Any], ts: float, seq: int
+        self, write: Ticket, rt: SubjectRuntime, key: str, record: dict[str, Any], ts: float, seq: int
     ) -> None:
         """Runs in the writer thread: a failed write takes the event back out of the velocity windows."""
         if write.exception() is None:
             return
         with self._lock:
             rt.velocity.retract(record, ts, seq)
-            self._recent.pop(event_id, None)
+            self._recent.pop(key, None)
 
     # -- reading back -----------------------------------------------------------------------------------------
     def get_payment(self, payment_id: str) -> dict[str, Any]:
         """The stored decision and the payment's PII, masked."""
+        return self.get_event("payment", payment_id)
+
+    def get_event(self, subject: str, event_id: str) -> dict[str, Any]:
+        """A stored event's decision, features and PII (masked)."""
+        kind = SUBJECT_KINDS[subject]
         try:
             with self._session() as s:
-                row = s.scalars(
-                    select(m.Event).where(m.Event.subject == "payment", m.Event.event_id == payment_id)
-                ).first()
+                row = s.scalars(select(m.Event).where(m.Event.subject == subject, m.Event.event_id == event_id)).first()
         except OperationalError as exc:
             raise DatabaseUnavailable(type(exc).__name__) from exc
         if row is None:
-            raise NotFound(f"no payment {payment_id}")
+            raise NotFound(f"no {subject} {event_id}")
         masked: dict[str, str] = {}
         if row.pii_blob is not None and row.pii_key_id is not None:
-            pii = self.vault.open(row.pii_key_id, row.pii_blob, f"payment:{payment_id}")
-            masked = {k: mask(PII_FIELD_KINDS.get(k, PiiKind.ADDRESS), v) for k, v in pii.items()}
+            pii = self.vault.open(row.pii_key_id, row.pii_blob, f"{subject}:{event_id}")
+            masked = {k: mask(kind.pii_kinds.get(k, PiiKind.ADDRESS), v) for k, v in pii.items()}
         return {
-            "payment_id": payment_id,
+            kind.id_field: event_id,
             "occurred_at": row.occurred_at.isoformat(),
             "decision": row.response,
             "pii_masked": masked,
@@ -869,16 +1051,25 @@ class RiskEngine:
 
     # -- labels -------------------------------------------------------------------------------------------------
     def record_label(
-        self, label_id: str, payment_id: str, label: str, occurred_at: datetime | None, source: str | None
+        self,
+        label_id: str,
+        payment_id: str,
+        label: str,
+        occurred_at: datetime | None,
+        source: str | None,
+        subject: str = "payment",
     ) -> tuple[dict[str, Any], bool]:
-        """Store an outcome for a payment, idempotently on ``label_id``. Returns (label, created)."""
-        body = {
+        """Store an outcome for an event (a payment unless ``subject`` says otherwise), idempotently on
+        ``label_id``. Returns (label, created)."""
+        body: dict[str, Any] = {
             "label_id": label_id,
             "payment_id": payment_id,
             "label": label,
             "occurred_at": occurred_at.isoformat() if occurred_at else None,
             "source": source,
         }
+        if subject != "payment":
+            body["subject"] = subject
         digest = request_digest(body)
         try:
             with self._session() as s:
@@ -887,14 +1078,12 @@ class RiskEngine:
                     if existing.request_hash != digest:
                         raise Conflict(f"label_id {label_id} was already used for a different label")
                     return self._label_view(existing), False
-                exists = s.scalar(
-                    select(m.Event.id).where(m.Event.subject == "payment", m.Event.event_id == payment_id)
-                )
+                exists = s.scalar(select(m.Event.id).where(m.Event.subject == subject, m.Event.event_id == payment_id))
                 if exists is None:
-                    raise NotFound(f"no payment {payment_id}")
+                    raise NotFound(f"no {subject} {payment_id}")
                 row = m.Label(
                     label_id=label_id,
-                    subject="payment",
+                    subject=subject,
                     event_id=payment_id,
                     label=label,
                     is_fraud=LABELS[label],
@@ -908,12 +1097,12 @@ class RiskEngine:
                     s.commit()
                 except IntegrityError:
                     s.rollback()
-                    return self.record_label(label_id, payment_id, label, occurred_at, source)
+                    return self.record_label(label_id, payment_id, label, occurred_at, source, subject)
                 view = self._label_view(row)
                 learned = [(row.id, row.event_id, row.is_fraud)]
         except OperationalError as exc:
             raise DatabaseUnavailable(type(exc).__name__) from exc
-        self._learn_from_labels("payment", learned)
+        self._learn_from_labels(subject, learned)
         return view, True
 
     def _learn_from_labels(self, subject: str, labels: list[tuple[int, str, bool]]) -> None:
@@ -937,7 +1126,7 @@ class RiskEngine:
                     if label_id > det.last_label_id:
                         det.learn_label(stored.get(det.name, {}), fraud, label_id)
 
-    def _replay_labels(self, subject: str, det: StreamingDetector) -> None:
+    def _replay_labels(self, subject: str, det: Detector) -> None:
         """Labels received after a supervised detector's snapshot, learned again in order."""
         stmt = (
             select(m.Label.id, m.Label.is_fraud, m.Event.features)
@@ -949,14 +1138,16 @@ class RiskEngine:
             for label_id, fraud, features in s.execute(stmt):
                 det.learn_label((features or {}).get(det.name, {}), fraud, label_id)
 
-    def record_labels(self, labels: list[tuple[str, str, datetime | None]], source: str) -> int:
-        """Store many outcomes ``(payment_id, label, occurred_at)`` in one transaction, idempotently: each
-        gets the label id ``source:payment_id``. Returns how many were new."""
+    def record_labels(
+        self, labels: list[tuple[str, str, datetime | None]], source: str, subject: str = "payment"
+    ) -> int:
+        """Store many outcomes ``(event id, label, occurred_at)`` in one transaction, idempotently: each
+        gets the label id ``source:event id``. Returns how many were new."""
         now = now_utc()
         rows = {
             f"{source}:{pid}": m.Label(
                 label_id=f"{source}:{pid}",
-                subject="payment",
+                subject=subject,
                 event_id=pid,
                 label=label,
                 is_fraud=LABELS[label],
@@ -976,7 +1167,7 @@ class RiskEngine:
                 learned = [(row.id, row.event_id, row.is_fraud) for row in new]
         except OperationalError as exc:
             raise DatabaseUnavailable(type(exc).__name__) from exc
-        self._learn_from_labels("payment", learned)
+        self._learn_from_labels(subject, learned)
         return len(rows) - len(known)
 
     @staticmethod
@@ -1133,7 +1324,8 @@ class RiskEngine:
         s.add(m.AuditEntry(at=now_utc(), actor=actor, action=action, target=target, before=before, after=after))
 
     def models_info(self) -> list[dict[str, Any]]:
-        """Detectors with versions, events seen and the current raw-score distribution."""
+        """Detectors with versions, events seen and the current raw-score distribution (a population
+        detector's: that of the population it was fitted on)."""
         out = []
         with self._lock:
             for subject, rt in self.subjects.items():
@@ -1143,12 +1335,14 @@ class RiskEngine:
                             "name": det.name,
                             "subject": subject,
                             "version": det.version,
+                            "kind": det.spec.kind,
                             "estimator": det.spec.estimator,
+                            "weight": det.spec.weight,
                             "events_seen": det.events_seen,
                             "labels_seen": det.labels_seen,
                             "features": list(det.features.names),
-                            "score_quantiles": det.calibrator.quantiles(),
-                            "calibrated": det.calibrator.warm,
+                            "score_quantiles": det.quantiles(),
+                            "calibrated": not det.warming_up,
                         }
                     )
         return out

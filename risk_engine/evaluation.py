@@ -19,12 +19,12 @@ import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from risk_engine.config import Settings
-from risk_engine.datasets import LabelledEvent, ulb_payments
+from risk_engine.datasets import LabelledEvent, ethereum_accounts, ulb_payments
 from risk_engine.engine import RiskEngine
-from risk_engine.payments import PaymentIn
 from risk_engine.storage.writer import Ticket
+from risk_engine.subjects import SUBJECT_KINDS
 
-SUBJECTS = {"payments": "payment", "payment": "payment"}
+SUBJECTS = {"payments": "payment", "payment": "payment", "accounts": "account", "account": "account"}
 
 
 @dataclass
@@ -96,7 +96,10 @@ def _events(subject: str, path: Path) -> Iterator[LabelledEvent]:
     if subject == "payment":
         yield from ulb_payments(path, prefix="eval")
         return
-    raise ValueError(f"no evaluation for subject {subject!r} yet")
+    if subject == "account":
+        yield from ethereum_accounts(path, prefix="eval")
+        return
+    raise ValueError(f"no evaluation for subject {subject!r} yet; known: {', '.join(sorted(set(SUBJECTS)))}")
 
 
 def evaluate(
@@ -116,7 +119,7 @@ def evaluate(
     risk: list[float] = []
     model_raw: dict[str, list[float]] = {}
     combined: list[float] = []
-    weights_by_model = {d.name: d.spec.weight for d in engine.subjects[subject].detectors}
+    kind = SUBJECT_KINDS[subject]
     waiting: deque[tuple[int, str, int, Ticket]] = deque()
     due: list[tuple[str, str, Ticket]] = []
     # labels reach the engine in small batches: at most this many events after they are due
@@ -126,23 +129,21 @@ def evaluate(
     def reveal() -> None:
         for _, _, committed in due:
             committed.result()  # a label follows its payment into storage
-        engine.record_labels([(pid, label, None) for pid, label, _ in due], source="eval")
+        engine.record_labels([(pid, label, None) for pid, label, _ in due], source="eval", subject=subject)
         due.clear()
 
     try:
         for i, event in enumerate(_events(subject, data)):
             if limit is not None and i >= limit:
                 break
-            outcome = engine.score_payment(PaymentIn.model_validate(event.body))
+            outcome = engine.score_event(subject, kind.model.model_validate(event.body))
             labels.append(event.label)
             weights.append(event.weight)
             risk.append(float(outcome.response["score"]))
             for m in outcome.model_scores:
                 model_raw.setdefault(m.name, []).append(m.raw)
-            if outcome.model_scores:
-                total_weight = sum(weights_by_model[m.name] for m in outcome.model_scores)
-                combined.append(sum(weights_by_model[m.name] * m.score for m in outcome.model_scores) / total_weight)
-            waiting.append((i, event.body["payment_id"], event.label, outcome.committed))
+            combined.append(outcome.model_score)
+            waiting.append((i, event.body[kind.id_field], event.label, outcome.committed))
             while waiting and waiting[0][0] <= i - label_delay:
                 _, payment_id, label, committed = waiting.popleft()
                 due.append((payment_id, "confirmed_fraud" if label else "legitimate", committed))

@@ -7,7 +7,7 @@ import socket
 from datetime import UTC
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 from risk_engine.features.lists import ip_prefix
 from risk_engine.money import UnknownCurrencyError, currency_exponent
@@ -31,6 +31,19 @@ def looks_like_card_number(text: str) -> bool:
             d = d * 2 - 9 if d > 4 else d * 2
         total += d
     return total % 10 == 0
+
+
+def _no_pan_in_attributes(v: dict[str, AttributeValue]) -> dict[str, AttributeValue]:
+    for key, value in v.items():
+        if isinstance(value, str) and looks_like_card_number(value):
+            raise ValueError(f"attribute {key!r} looks like a full card number; never send the PAN")
+    return v
+
+
+# Caller-declared fields of any subject (checked against subjects.toml by the engine); never a card number.
+Attributes = Annotated[
+    dict[Annotated[str, Field(max_length=64)], AttributeValue], AfterValidator(_no_pan_in_attributes)
+]
 
 
 class Strict(BaseModel):
@@ -124,15 +137,7 @@ class PaymentIn(Strict):
     billing_country: Annotated[str, Field(pattern=r"^[A-Z]{2}$")] | None = None
     item_count: int = Field(default=1, ge=0, le=100_000)
     channel: Literal["app", "web", "mini_program", "pos", "api", "other"] = "web"
-    attributes: dict[Annotated[str, Field(max_length=64)], AttributeValue] = Field(default_factory=dict, max_length=256)
-
-    @field_validator("attributes")
-    @classmethod
-    def _no_pan_in_attributes(cls, v: dict[str, AttributeValue]) -> dict[str, AttributeValue]:
-        for key, value in v.items():
-            if isinstance(value, str) and looks_like_card_number(value):
-                raise ValueError(f"attribute {key!r} looks like a full card number; never send the PAN")
-        return v
+    attributes: Attributes = Field(default_factory=dict, max_length=256)
 
 
 def _spec(path: str, ftype: FieldType, description: str, pii: PiiKind | None = None) -> FieldSpec:

@@ -2,9 +2,9 @@
 
 How a decision is made (also in the README):
 
-1. **Score.** Start at 0; add every fired rule's ``score`` change and every detector's contribution
-   (0 below the detector's floor, rising linearly to its weight at a calibrated score of 1.0); round and
-   clamp to 0-100.
+1. **Score.** Start at 0; add every fired rule's ``score`` change and the model part (the detectors'
+   combined score above the subject's floor, up to its weight: ``detectors/combine.py``); round and clamp
+   to 0-100.
 2. **Forced decisions.** A fired rule's ``block`` wins over everything. Otherwise a fired ``allow`` (a
    trusted-buyer or allow-list rule) wins over the score and over forced ``review``/``challenge``.
    Otherwise the decision is the stricter of the forced ones and the score's threshold decision.
@@ -39,9 +39,10 @@ class ModelScore:
     version: str
     raw: float
     score: float  # calibrated 0-1
-    contribution: float  # points of the 0-100 score
+    contribution: float  # points of the 0-100 score (its share of the model part, see detectors/combine.py)
     explanation: str | None = None
     warming_up: bool = False
+    top_features: tuple[tuple[str, float], ...] = ()  # (feature, effect), largest first
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +97,11 @@ def decide(policy: CompiledPolicy, hits: Sequence[int], models: Sequence[ModelSc
     reasons = [Reason(r.code, r.text, "rule", r.score_delta, r.decision) for r in fired]
     reasons.sort(key=lambda r: (r.decision is None, -abs(r.score_delta)))
     for m in models:
-        text = f"{m.name} is still learning; it adds nothing yet" if m.warming_up else f"{m.name} score {m.score:.3f}"
+        text = (
+            f"{m.name} is warming up (too few events or labels, or not fitted yet); it adds nothing yet"
+            if m.warming_up
+            else f"{m.name} score {m.score:.3f}"
+        )
         if m.explanation:
             text += f": {m.explanation}"
         reasons.append(Reason(f"MODEL_{m.name.upper()}", text, "model", round(m.contribution, 2)))

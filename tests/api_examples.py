@@ -179,6 +179,43 @@ REQUESTS: list[dict[str, Any]] = [
         "role": "analyst",
         "body": {"value": "dev_bad_1"},
     },
+    {
+        "name": "30_score_account",
+        "method": "POST",
+        "path": "/v1/accounts/score",
+        "role": "scorer",
+        "body": {
+            "account_id": "acct_review_0001",
+            "occurred_at": "2026-11-22T10:20:00Z",
+            "subject_id": "s_42",
+            "role": "seller",
+            "created_at": "2026-11-22T02:00:00Z",
+            "country": "CN",
+            "attributes": {"sent_tnx": 3, "received_tnx": 40, "total_ether_balance": 12.5},
+        },
+    },
+    {
+        "name": "31_label_account",
+        "method": "POST",
+        "path": "/v1/labels",
+        "role": "scorer",
+        "body": {
+            "label_id": "lab_acct_1",
+            "subject": "account",
+            "payment_id": "acct_review_0001",
+            "label": "legitimate",
+            "occurred_at": "2026-11-23T09:00:00Z",
+        },
+    },
+    {
+        "name": "32_fit_population_needs_events",
+        "method": "POST",
+        "path": "/v1/models/account_population/fit",
+        "role": "analyst",
+        "body": {},
+    },
+    {"name": "33_models", "method": "GET", "path": "/v1/models", "role": "scorer"},
+    {"name": "34_get_account", "method": "GET", "path": "/v1/accounts/acct_review_0001", "role": "scorer"},
 ]
 
 

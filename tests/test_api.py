@@ -136,7 +136,9 @@ def test_models_endpoint_lists_the_detectors(api: Api) -> None:
         "/v1/labels", json={"label_id": "l1", "payment_id": "pay_0001", "label": "legitimate"}, headers=api.headers()
     )
     models = {d["name"]: d for d in api.client.get("/v1/models", headers=api.headers()).json()}
-    assert set(models) == {"payment_anomaly", "payment_fraud"}
+    assert {"payment_anomaly", "payment_fraud", "account_fraud", "account_population"} <= set(models)
+    assert {d["subject"] for d in models.values() if d["name"].startswith("payment_")} == {"payment"}
+    assert models["account_population"]["kind"] == "population" and not models["account_population"]["calibrated"]
     assert models["payment_anomaly"]["events_seen"] == 1 and models["payment_anomaly"]["labels_seen"] == 0
     assert models["payment_fraud"]["labels_seen"] == 1
 

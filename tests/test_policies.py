@@ -116,7 +116,11 @@ def test_publishing_a_version_that_no_longer_checks_is_impossible(api: Api) -> N
     assert r.status_code == 422
     assert r.json()["errors"][0]["code"] == "type.unknown_list"
     with api.engine.db.connect() as conn:
-        live = conn.execute(select(m.PolicyVersion.version).where(m.PolicyVersion.status == "published")).scalar_one()
+        live = conn.execute(
+            select(m.PolicyVersion.version).where(
+                m.PolicyVersion.subject == "payment", m.PolicyVersion.status == "published"
+            )
+        ).scalar_one()
     assert live == 1
     assert api.score(payment())["policy_version"] == "payment:v1"
 
@@ -133,7 +137,7 @@ def test_a_second_worker_picks_up_a_publish_without_restart(tmp_path: Path, data
         while b.engine.subjects["payment"].policy.version != 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert b.score(payment(payment_id="w2", occurred_at="2026-11-22T10:16:00Z"))["policy_version"] == "payment:v2"
-        assert b.client.get("/healthz").json()["policies"] == {"payment": "payment:v2"}
+        assert b.client.get("/healthz").json()["policies"] == {"payment": "payment:v2", "account": "account:v1"}
     finally:
         client_b.__exit__(None, None, None)
         client_a.__exit__(None, None, None)

@@ -27,13 +27,17 @@ def write_snapshot(path: Path, state: Any, key: bytes) -> None:
     write_encoded(path, encode_state(state), key)
 
 
+def sign_encoded(payload: bytes, key: bytes) -> bytes:
+    """An encoded state with its signature in front: what is written to a file or a database row."""
+    return MAGIC + hmac.new(key, payload, hashlib.sha256).digest() + payload
+
+
 def write_encoded(path: Path, payload: bytes, key: bytes) -> None:
     """Sign an encoded state and replace ``path`` atomically (fsynced)."""
-    signature = hmac.new(key, payload, hashlib.sha256).digest()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "wb") as handle:
-        handle.write(MAGIC + signature + payload)
+        handle.write(sign_encoded(payload, key))
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
@@ -41,7 +45,11 @@ def write_encoded(path: Path, payload: bytes, key: bytes) -> None:
 
 def read_snapshot(path: Path, key: bytes) -> Any:
     """Verify and load a snapshot. Raises :class:`SnapshotError` if it does not verify."""
-    blob = path.read_bytes()
+    return open_signed(path.read_bytes(), key, str(path))
+
+
+def open_signed(blob: bytes, key: bytes, path: str) -> Any:
+    """Verify a signed state (``path`` names it in errors) and unpickle it only then."""
     if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + SIG_BYTES:
         raise SnapshotError(f"{path} is not a risk-engine snapshot")
     signature = blob[len(MAGIC) : len(MAGIC) + SIG_BYTES]

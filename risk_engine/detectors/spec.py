@@ -3,14 +3,19 @@
 [detectors.payment_anomaly]
 subject = "payment"
 version = 1
-estimator = "HalfSpaceTrees"        # river anomaly detector, scored then taught on every event
-scaler = "MinMaxScaler"             # MinMaxScaler, StandardScaler or "none"
-weight = 20                         # at most this many points of the 0-100 risk score
-floor = 0.9                         # calibrated scores below this add nothing
+kind = "anomaly"                    # anomaly: learns from every event; supervised: from labels;
+                                    # population: fitted in batch by `risk-engine models fit NAME`
+estimator = "GaussianZScore"        # see ESTIMATORS_BY_KIND
+scaler = "none"                     # MinMaxScaler, StandardScaler or "none"
+weight = 1                          # its weight in the subject's model score (see detectors/combine.py)
 [detectors.payment_anomaly.params]
-n_trees = 10
+clip = 5.0
 [detectors.payment_anomaly.features]
 amount = "log1p(amount.major)"      # any numeric expression of the rules language
+
+[combine.payment]                   # the model part of the payment risk score
+weight = 60                         # at most this many points of the 0-100 score
+floor = 0.6                         # model scores below this add nothing
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from risk_engine.detectors.combine import CombineSpec
 from risk_engine.dsl.errors import did_you_mean
 
 
@@ -31,14 +37,32 @@ class SpecError(ValueError):
 
 
 def _river_estimators() -> dict[str, Callable[..., Any]]:
-    from river import anomaly, linear_model, tree
+    from river import anomaly, forest, linear_model, tree
+
+    from risk_engine.detectors.estimators import GaussianZScore
 
     return {
+        "GaussianZScore": GaussianZScore,
         "HalfSpaceTrees": anomaly.HalfSpaceTrees,
         "OneClassSVM": anomaly.OneClassSVM,
         "LogisticRegression": linear_model.LogisticRegression,
         "HoeffdingTreeClassifier": tree.HoeffdingTreeClassifier,
+        "ARFClassifier": forest.ARFClassifier,
     }
+
+
+def _pyod_estimators() -> dict[str, Callable[..., Any]]:
+    from pyod.models.copod import COPOD
+    from pyod.models.ecod import ECOD
+    from pyod.models.hbos import HBOS
+    from pyod.models.iforest import IForest
+
+    return {"ECOD": ECOD, "COPOD": COPOD, "HBOS": HBOS, "IForest": IForest}
+
+
+def estimator_factory(kind: str, estimator: str) -> Callable[..., Any]:
+    """The class that builds ``estimator`` (river for streaming kinds, pyod for population)."""
+    return (_pyod_estimators() if kind == "population" else _river_estimators())[estimator]
 
 
 def _river_scalers() -> dict[str, Callable[..., Any]]:
@@ -48,8 +72,9 @@ def _river_scalers() -> dict[str, Callable[..., Any]]:
 
 
 ESTIMATORS_BY_KIND = {
-    "anomaly": ("HalfSpaceTrees", "OneClassSVM"),
-    "supervised": ("LogisticRegression", "HoeffdingTreeClassifier"),
+    "anomaly": ("GaussianZScore", "HalfSpaceTrees", "OneClassSVM"),
+    "supervised": ("LogisticRegression", "HoeffdingTreeClassifier", "ARFClassifier"),
+    "population": ("ECOD", "COPOD", "HBOS", "IForest"),
 }
 ESTIMATOR_NAMES = tuple(name for names in ESTIMATORS_BY_KIND.values() for name in names)
 SCALER_NAMES = ("MinMaxScaler", "StandardScaler", "none")
@@ -66,24 +91,26 @@ class DetectorSpec:
     scaler: str
     params: Mapping[str, Any]
     features: Mapping[str, str]
-    kind: str = "anomaly"  # anomaly: learns from every event; supervised: learns from labels
-    weight: float = 20.0
-    floor: float = 0.9
+    kind: str = "anomaly"  # anomaly: learns from every event; supervised: from labels; population: fitted
+    weight: float = 1.0
     calibration_window: int = 2000
     warmup: int = 50
+    fit_events: int = 50_000  # population detectors: how many recent stored events a fit reads
     source: str = ""
     digest: str = field(default="", compare=False)
 
     def build(self) -> Any:
-        """A fresh river pipeline for this spec."""
-        estimator = _river_estimators()[self.estimator](**self.params)
+        """A fresh estimator: a river pipeline for streaming kinds, an unfitted pyod model for population."""
+        estimator = estimator_factory(self.kind, self.estimator)(**self.params)
+        if self.kind == "population":
+            return estimator
         if self.scaler == "none":
             return estimator
         return _river_scalers()[self.scaler]() | estimator
 
 
-def _check_params(name: str, estimator: str, params: Mapping[str, Any], where: str) -> None:
-    signature = inspect.signature(_river_estimators()[estimator])
+def _check_params(name: str, kind: str, estimator: str, params: Mapping[str, Any], where: str) -> None:
+    signature = inspect.signature(estimator_factory(kind, estimator))
     for key in params:
         if key not in signature.parameters:
             hint = did_you_mean(key, signature.parameters)
@@ -92,12 +119,55 @@ def _check_params(name: str, estimator: str, params: Mapping[str, Any], where: s
             )
 
 
+@dataclass(frozen=True)
+class ModelsConfig:
+    """Everything ``models/`` declares: the detectors and, per subject, how their scores combine."""
+
+    specs: list[DetectorSpec]
+    combine: dict[str, CombineSpec]
+
+    def combine_for(self, subject: str) -> CombineSpec:
+        """The subject's combination (defaults when its file declares none)."""
+        return self.combine.get(subject, CombineSpec(subject))
+
+
+def _parse_combine(path: Path, data: Mapping[str, Any]) -> dict[str, CombineSpec]:
+    tables = data.get("combine", {})
+    if not isinstance(tables, dict):
+        raise SpecError(f"{path}: [combine.SUBJECT] tables expected")
+    result = {}
+    for subject, body in tables.items():
+        if not isinstance(body, dict):
+            raise SpecError(f"{path}: [combine.{subject}] must be a table")
+        unknown = set(body) - {"weight", "floor"}
+        if unknown:
+            key = sorted(unknown)[0]
+            hint = did_you_mean(key, ("weight", "floor"))
+            raise SpecError(f"{path}: [combine.{subject}]: unknown key '{key}'" + (f" ({hint})" if hint else ""))
+        weight = float(body.get("weight", 60.0))
+        floor = float(body.get("floor", 0.6))
+        if not 0 <= weight <= 100 or not 0 <= floor < 1:
+            raise SpecError(f"{path}: [combine.{subject}]: weight must be in 0..100 and floor in 0..1 (excluded)")
+        result[subject] = CombineSpec(subject, weight, floor)
+    return result
+
+
 def parse_spec_file(path: Path) -> list[DetectorSpec]:
-    """Read one ``models/*.toml`` file. Raises :class:`SpecError` with the file and detector named."""
+    """Read the detectors of one ``models/*.toml`` file. Raises :class:`SpecError` naming file and detector."""
+    return _parse_file(path)[0]
+
+
+def _parse_file(path: Path) -> tuple[list[DetectorSpec], dict[str, CombineSpec]]:
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path}: {exc}") from exc
+    unknown_tables = set(data) - {"detectors", "combine"}
+    if unknown_tables:
+        key = sorted(unknown_tables)[0]
+        hint = did_you_mean(key, ("detectors", "combine"))
+        raise SpecError(f"{path}: unknown table [{key}]" + (f" ({hint})" if hint else ""))
+    combine = _parse_combine(path, data)
     detectors = data.get("detectors")
     if not isinstance(detectors, dict) or not detectors:
         raise SpecError(f"{path}: expected one or more [detectors.NAME] tables")
@@ -111,25 +181,32 @@ def parse_spec_file(path: Path) -> list[DetectorSpec]:
         "params",
         "features",
         "weight",
-        "floor",
         "calibration_window",
         "warmup",
+        "fit_events",
         "description",
     }
     for name, body in detectors.items():
         where = str(path)
         unknown = set(body) - known
+        if "floor" in unknown:
+            subject = body.get("subject", "SUBJECT")
+            raise SpecError(f"{where}: detector '{name}': 'floor' is set per subject now, in [combine.{subject}]")
         if unknown:
             key = sorted(unknown)[0]
             hint = did_you_mean(key, known)
             raise SpecError(f"{where}: detector '{name}': unknown key '{key}'" + (f" ({hint})" if hint else ""))
         kind = body.get("kind", "anomaly")
         if kind not in ESTIMATORS_BY_KIND:
-            raise SpecError(f"{where}: detector '{name}': unknown kind {kind!r}; known: anomaly, supervised")
+            raise SpecError(
+                f"{where}: detector '{name}': unknown kind {kind!r}; known: {', '.join(ESTIMATORS_BY_KIND)}"
+            )
         estimator = body.get("estimator")
         if estimator in ESTIMATOR_NAMES and estimator not in ESTIMATORS_BY_KIND[kind]:
+            owner = next(k for k, names in ESTIMATORS_BY_KIND.items() if estimator in names)
             raise SpecError(
-                f"{where}: detector '{name}': {estimator} is not a {kind} estimator; "
+                f"{where}: detector '{name}': {estimator} is not a {kind} estimator but "
+                f'{"an" if owner[0] == "a" else "a"} {owner} one (set kind = "{owner}"); '
                 f"{kind} estimators: {', '.join(ESTIMATORS_BY_KIND[kind])}"
             )
         if estimator not in ESTIMATOR_NAMES:
@@ -138,20 +215,23 @@ def parse_spec_file(path: Path) -> list[DetectorSpec]:
                 f"{where}: detector '{name}': unknown estimator {estimator!r}"
                 + (f" ({hint})" if hint else f"; known: {', '.join(ESTIMATOR_NAMES)}")
             )
-        scaler = body.get("scaler", "MinMaxScaler")
+        scaler = body.get("scaler", "MinMaxScaler" if estimator in ("HalfSpaceTrees", "OneClassSVM") else "none")
+        if kind == "population" and scaler != "none":
+            raise SpecError(
+                f"{where}: detector '{name}': population detectors take no scaler (pyod fits on raw features)"
+            )
         if scaler not in SCALER_NAMES:
             raise SpecError(f"{where}: detector '{name}': unknown scaler {scaler!r}; known: {', '.join(SCALER_NAMES)}")
         params = dict(body.get("params", {}))
-        _check_params(name, estimator, params, where)
+        _check_params(name, kind, estimator, params, where)
         features = body.get("features")
         if not isinstance(features, dict) or not features or not all(isinstance(v, str) for v in features.values()):
             raise SpecError(f"{where}: detector '{name}': [features] must map names to expressions")
         if "subject" not in body:
             raise SpecError(f"{where}: detector '{name}': missing subject")
-        weight = float(body.get("weight", 20.0))
-        floor = float(body.get("floor", 0.9))
-        if not 0 <= weight <= 100 or not 0 <= floor < 1:
-            raise SpecError(f"{where}: detector '{name}': weight must be in 0..100 and floor in 0..1")
+        weight = float(body.get("weight", 1.0))
+        if not 0 <= weight <= 100:
+            raise SpecError(f"{where}: detector '{name}': weight must be in 0..100")
         canonical = repr(sorted((k, repr(v)) for k, v in body.items()))
         specs.append(
             DetectorSpec(
@@ -164,22 +244,33 @@ def parse_spec_file(path: Path) -> list[DetectorSpec]:
                 params=params,
                 features=dict(features),
                 weight=weight,
-                floor=floor,
                 calibration_window=int(body.get("calibration_window", 2000)),
                 warmup=int(body.get("warmup", 50)),
+                fit_events=int(body.get("fit_events", 50_000)),
                 source=where,
                 digest=hashlib.sha256(canonical.encode()).hexdigest()[:16],
             )
         )
-    return specs
+    return specs, combine
 
 
-def load_specs(models_dir: Path) -> list[DetectorSpec]:
-    """Every detector declared under ``models_dir``; names must be unique."""
+def load_models(models_dir: Path) -> ModelsConfig:
+    """Every detector and combination declared under ``models_dir``; names must be unique."""
     specs: list[DetectorSpec] = []
+    combine: dict[str, CombineSpec] = {}
     for path in sorted(models_dir.glob("*.toml")):
-        for spec in parse_spec_file(path):
+        file_specs, file_combine = _parse_file(path)
+        for spec in file_specs:
             if any(s.name == spec.name for s in specs):
                 raise SpecError(f"{path}: detector '{spec.name}' is declared twice")
             specs.append(spec)
-    return specs
+        for subject, c in file_combine.items():
+            if subject in combine:
+                raise SpecError(f"{path}: [combine.{subject}] is declared twice")
+            combine[subject] = c
+    return ModelsConfig(specs, combine)
+
+
+def load_specs(models_dir: Path) -> list[DetectorSpec]:
+    """Every detector declared under ``models_dir``."""
+    return load_models(models_dir).specs

@@ -10,42 +10,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
+from risk_engine.detectors.base import DetectorBase
 from risk_engine.detectors.calibration import RunningQuantile
+from risk_engine.detectors.estimators import GaussianZScore
 from risk_engine.detectors.spec import DetectorSpec
 from risk_engine.dsl import CompiledFeatures
 
 
-class StreamingDetector:
+class StreamingDetector(DetectorBase):
     """river estimator + running-quantile calibration, following river's ``score_one``/``learn_one``."""
 
     def __init__(self, spec: DetectorSpec, features: CompiledFeatures) -> None:
-        self.spec = spec
-        self.features = features
+        super().__init__(spec, features)
         self.model = spec.build()
         self._steps = _split(self.model)
         self.calibrator = RunningQuantile(spec.calibration_window, spec.warmup)
-        self.events_seen = 0
-        self.last_seq = -1
-        self.labels_seen = 0
-        self.last_label_id = 0
-
-    @property
-    def name(self) -> str:
-        """The detector's declared name."""
-        return self.spec.name
 
     @property
     def version(self) -> str:
         """Declared version and spec digest: changes whenever the spec does."""
         return f"{self.spec.version}.{self.spec.digest[:8]}"
-
-    @property
-    def supervised(self) -> bool:
-        """True for detectors that learn from labels."""
-        return self.spec.kind == "supervised"
 
     @property
     def warming_up(self) -> bool:
@@ -85,7 +72,8 @@ class StreamingDetector:
     def explain(self, x: Mapping[str, float], k: int = 3, candidates: int = 8) -> list[tuple[str, float]]:
         """The features that pushed this event's score up most, with how much, largest first.
 
-        Supervised (linear) detectors: each feature's term, weight times its standardized value. Anomaly
+        Supervised (linear) detectors: each feature's term, weight times its standardized value.
+        ``GaussianZScore``: each feature's clipped z-score share (the score is their sum). Other anomaly
         detectors: how much the raw score drops when the feature is set to the middle of its observed range;
         only the ``candidates`` features farthest from that middle are tried, to bound the cost.
         """
@@ -100,6 +88,9 @@ class StreamingDetector:
             if not isinstance(weights, Mapping):
                 return []
             terms = [(name, float(weights.get(name, 0.0)) * value) for name, value in z.items()]
+        elif isinstance(estimator, GaussianZScore):
+            zs: dict[Hashable, Any] = dict(z.items())
+            terms = [(str(k), v) for k, v in estimator.terms(zs).items()]  # the score is their sum
         else:
             middle = 0.5 if self.spec.scaler == "MinMaxScaler" else 0.0
             base = float(estimator.score_one(z))
@@ -122,14 +113,9 @@ class StreamingDetector:
         self.labels_seen += 1
         self.last_label_id = label_id
 
-    def contribution(self, calibrated: float) -> float:
-        """Points of the 0-100 risk score: 0 below the floor, rising linearly to ``weight`` at 1.0."""
-        if self.warming_up:
-            return 0.0
-        floor = self.spec.floor
-        if calibrated <= floor:
-            return 0.0
-        return self.spec.weight * (calibrated - floor) / (1.0 - floor)
+    def quantiles(self) -> dict[str, float]:
+        """Raw-score quantiles of recent events, for monitoring drift."""
+        return self.calibrator.quantiles()
 
     def state(self) -> dict[str, Any]:
         """Everything a snapshot needs to restore this detector exactly."""

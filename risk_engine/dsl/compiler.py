@@ -154,6 +154,7 @@ _RUNTIME: dict[str, Any] = {
     "_lower": _lower,
     "_upper": _upper,
     "_log1p": math.log1p,
+    "_slog1p": lambda x: math.copysign(math.log1p(abs(x)), x),
     "_sqrt": math.sqrt,
     "_floor": math.floor,
     "_abs": abs,
@@ -172,6 +173,7 @@ _BUILTINS: dict[str, tuple[tuple[str, ...], str, str]] = {
     "len": ((STRING,), NUMBER, "_len"),
     "abs": ((NUMBER,), NUMBER, "_abs"),
     "log1p": ((NUMBER,), NUMBER, "_log1p"),
+    "slog1p": ((NUMBER,), NUMBER, "_slog1p"),  # sign(x) * log1p(|x|): heavy tails on both sides
     "sqrt": ((NUMBER,), NUMBER, "_sqrt"),
     "floor": ((NUMBER,), NUMBER, "_floor"),
     "min": ((NUMBER, NUMBER), NUMBER, "_min"),

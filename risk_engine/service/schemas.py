@@ -15,15 +15,43 @@ class ReasonOut(BaseModel):
     score_delta: float = Field(description="Points this reason added to (or took from) the score")
 
 
+class FeatureEffectOut(BaseModel):
+    feature: str
+    effect: float = Field(description="How much this feature pushed the detector's score up")
+
+
+class ModelScoreOut(BaseModel):
+    name: str
+    score: float = Field(description="Calibrated 0-1: anomaly rank among recent events, or probability of fraud")
+    points: float = Field(description="This detector's share of the model part of the risk score")
+    warming_up: bool = Field(description="Too few events, labels or no fit yet: counted as 0")
+    top_features: list[FeatureEffectOut] = Field(description="Named when the detector adds points")
+
+
 class ScoreOut(BaseModel):
     payment_id: str
     decision: Literal["allow", "challenge", "review", "block"]
     score: int = Field(ge=0, le=100)
     reasons: list[ReasonOut]
     tags: list[str]
+    model_score: float = Field(description="The detectors combined, 0-1 (weighted quadratic mean; see README)")
+    models: list[ModelScoreOut]
     policy_version: str = Field(description="subject:vN of the policy that decided")
     model_versions: dict[str, str]
     elapsed_ms: float = Field(description="Time to decide, before the durable write")
+
+
+class AccountScoreOut(BaseModel):
+    account_id: str
+    decision: Literal["allow", "challenge", "review", "block"]
+    score: int = Field(ge=0, le=100)
+    reasons: list[ReasonOut]
+    tags: list[str]
+    model_score: float
+    models: list[ModelScoreOut]
+    policy_version: str
+    model_versions: dict[str, str]
+    elapsed_ms: float
 
 
 class PaymentOut(BaseModel):
@@ -36,11 +64,13 @@ class PaymentOut(BaseModel):
 
 
 class LabelIn(BaseModel):
-    """A late outcome for a payment. ``label_id`` is the caller's idempotency key."""
+    """A late outcome for a scored event (a payment unless ``subject`` says otherwise: then ``payment_id``
+    holds that subject's id, e.g. an ``account_id``). ``label_id`` is the caller's idempotency key."""
 
     model_config = ConfigDict(extra="forbid")
     label_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")
-    payment_id: str = Field(min_length=1, max_length=128)
+    subject: Literal["payment", "account"] = "payment"
+    payment_id: str = Field(min_length=1, max_length=128, description="The scored event's id")
     label: Literal["chargeback", "confirmed_fraud", "legitimate", "dispute_lost", "dispute_won"]
     occurred_at: AwareDatetime | None = None
     source: str | None = Field(default=None, max_length=64)
@@ -79,12 +109,31 @@ class ModelOut(BaseModel):
     name: str
     subject: str
     version: str
+    kind: Literal["anomaly", "supervised", "population"]
     estimator: str
+    weight: float = Field(description="Its weight in the subject's model score")
     events_seen: int
     labels_seen: int
     features: list[str]
+    score_quantiles: dict[str, float] = Field(
+        description="Raw-score quantiles: recent events, or the fitted population"
+    )
+    calibrated: bool = Field(description="False while warming up (a population detector: until fitted)")
+
+
+class ModelFitIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    events: int | None = Field(default=None, ge=10, le=10_000_000, description="Recent stored events to fit on")
+
+
+class ModelFitOut(BaseModel):
+    name: str
+    subject: str
+    version: str
+    estimator: str
+    events: int
+    fitted_at: datetime
     score_quantiles: dict[str, float]
-    calibrated: bool
 
 
 class ErrorItem(BaseModel):

@@ -166,3 +166,16 @@ class AuditEntry(Base):
     target: Mapped[str] = mapped_column(String(256))
     before: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     after: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class ModelFit(Base):
+    """A population detector's fit (``risk-engine models fit``): signed pickled state, newest wins."""
+
+    __tablename__ = "model_fits"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128), index=True)
+    digest: Mapped[str] = mapped_column(String(64))  # the spec it was fitted for
+    events: Mapped[int] = mapped_column(Integer)
+    fitted_at: Mapped[datetime]
+    fitted_by: Mapped[str] = mapped_column(String(128))
+    blob: Mapped[bytes] = mapped_column(LargeBinary)  # signature + pickled PopulationFit

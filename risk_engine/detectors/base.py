@@ -1,0 +1,28 @@
+"""What every detector kind shares: its spec, compiled features, and the counters snapshots and restarts use."""
+
+from __future__ import annotations
+
+from risk_engine.detectors.spec import DetectorSpec
+from risk_engine.dsl import CompiledFeatures
+
+
+class DetectorBase:
+    """A declared detector's identity and progress counters."""
+
+    def __init__(self, spec: DetectorSpec, features: CompiledFeatures) -> None:
+        self.spec = spec
+        self.features = features
+        self.events_seen = 0
+        self.last_seq = -1  # ingest sequence of the last event learned
+        self.labels_seen = 0
+        self.last_label_id = 0  # id of the last label learned
+
+    @property
+    def name(self) -> str:
+        """The detector's declared name."""
+        return self.spec.name
+
+    @property
+    def supervised(self) -> bool:
+        """True for detectors that learn from labels."""
+        return self.spec.kind == "supervised"

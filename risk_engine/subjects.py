@@ -1,0 +1,38 @@
+"""The subjects the engine scores, each through the same pipeline: its contract, its id field and its
+flattening into the record that rules and detectors read."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from risk_engine.accounts import ACCOUNT_SCHEMA, AccountIn, flatten_account
+from risk_engine.payments import PAYMENT_SCHEMA, PII_FIELD_KINDS, PaymentIn, flatten_payment
+from risk_engine.schema import SubjectSchema
+from risk_engine.vault import PiiKind, Vault
+
+
+@dataclass(frozen=True)
+class SubjectKind:
+    """How one subject enters the pipeline."""
+
+    name: str
+    id_field: str  # the request's idempotency key: payment_id, account_id
+    model: type[BaseModel]
+    schema: SubjectSchema
+    flatten: Callable[[Any, Vault], tuple[dict[str, Any], dict[str, str]]]
+    pii_kinds: Mapping[str, PiiKind]
+
+    def event_id(self, event: BaseModel) -> str:
+        """The event's idempotency key."""
+        value: str = getattr(event, self.id_field)
+        return value
+
+
+SUBJECT_KINDS: dict[str, SubjectKind] = {
+    "payment": SubjectKind("payment", "payment_id", PaymentIn, PAYMENT_SCHEMA, flatten_payment, PII_FIELD_KINDS),
+    "account": SubjectKind("account", "account_id", AccountIn, ACCOUNT_SCHEMA, flatten_account, {}),
+}
