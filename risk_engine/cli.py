@@ -210,12 +210,12 @@ def evaluate(
     )
     typer.echo(
         f"  risk score        ROC AUC {r.roc_auc:.4f}  AP {r.average_precision:.4f}  "
-        f"recall@0.5% {r.recall_at_0_5pct:.4f}  recall@1% {r.recall_at_1pct:.4f}"
+        f"recall@0.5% {r.recall_at_0_5pct:.4f}  recall@1% {r.recall_at_1pct:.4f}  recall@5% {r.recall_at_5pct:.4f}"
     )
     for name, f in result.models.items():
         typer.echo(
             f"  {name:17s} ROC AUC {f.roc_auc:.4f}  AP {f.average_precision:.4f}  "
-            f"recall@0.5% {f.recall_at_0_5pct:.4f}  recall@1% {f.recall_at_1pct:.4f}"
+            f"recall@0.5% {f.recall_at_0_5pct:.4f}  recall@1% {f.recall_at_1pct:.4f}  recall@5% {f.recall_at_5pct:.4f}"
         )
     if report is not None:
         for path in write_report(result, arrays, report):

@@ -124,3 +124,28 @@ def ethereum_accounts(path: Path, *, prefix: str = "eth", seed: int = 2026) -> I
             "attributes": attributes,
         }
         yield LabelledEvent(body, label, float(row.get("weight", "1") or 1))
+
+
+OPSPAM_START = datetime(2011, 6, 1, tzinfo=UTC)
+
+
+def opspam_reviews(path: Path, *, prefix: str = "rev", seed: int = 2026) -> Iterator[LabelledEvent]:
+    """Reviews from the deceptive opinion spam corpus (``deceptive`` is the label), shuffled in a fixed order
+    (the file is grouped by hotel and label). Each review gets its own reviewer (the corpus has no identities),
+    the hotel as item and seller, a rating from its polarity (positive 5, negative 1) and a time a minute
+    after the previous one."""
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    random.Random(seed).shuffle(rows)
+    for i, row in enumerate(rows):
+        hotel = attribute_name(row.get("hotel", "hotel")) or "hotel"
+        body = {
+            "review_id": f"{prefix}_{i}",
+            "occurred_at": (OPSPAM_START + timedelta(minutes=i)).isoformat().replace("+00:00", "Z"),
+            "item_id": hotel,
+            "seller_id": hotel,
+            "reviewer": {"id": f"{prefix}_reviewer_{i}"},
+            "rating": 5 if row.get("polarity") == "positive" else 1,
+            "text": row["text"],
+        }
+        yield LabelledEvent(body, int(row["deceptive"]), float(row.get("weight", "1") or 1))

@@ -35,12 +35,11 @@ from risk_engine.detectors import SnapshotError, StreamingDetector, read_snapsho
 from risk_engine.detectors.combine import CombineSpec, DetectorOutput, combine
 from risk_engine.detectors.population import PopulationDetector, fit_population
 from risk_engine.detectors.snapshot import encode_state, open_signed, sign_encoded, write_encoded
-from risk_engine.detectors.spec import ModelsConfig, SpecError, load_models
+from risk_engine.detectors.spec import ModelsConfig, SpecError, compile_spec_features, load_models
 from risk_engine.dsl import (
     CompiledPolicy,
     Environment,
     aggregate_union,
-    compile_features,
     compile_policy,
 )
 from risk_engine.dsl.errors import did_you_mean
@@ -67,7 +66,15 @@ ROLES = ("scorer", "analyst", "admin")
 ROLE_RANK = {role: i for i, role in enumerate(ROLES)}
 BASE_SCHEMAS: dict[str, SubjectSchema] = {name: kind.schema for name, kind in SUBJECT_KINDS.items()}
 Detector = StreamingDetector | PopulationDetector
-LABELS = {"chargeback": True, "confirmed_fraud": True, "legitimate": False, "dispute_lost": True, "dispute_won": False}
+LABELS = {
+    "chargeback": True,
+    "confirmed_fraud": True,
+    "legitimate": False,
+    "dispute_lost": True,
+    "dispute_won": False,
+    "fake": True,  # a review moderation found fake
+    "genuine": False,
+}
 RECENT_CACHE = 50_000
 BLOOM_MIN_CAPACITY = 1_000_000
 
@@ -119,7 +126,7 @@ def load_environments(settings: Settings) -> tuple[dict[str, Environment], Model
         for subject, schema in BASE_SCHEMAS.items()
     }
     for spec in specs:  # a spec whose features do not type-check is refused at start-up
-        compile_features(spec.features, envs[spec.subject], f"{spec.source}:{spec.name}")
+        compile_spec_features(spec, envs[spec.subject])
     return envs, models, list_decls
 
 
@@ -322,7 +329,7 @@ class RiskEngine:
             policy = self._published_policy(subject, envs)
             detectors: list[Detector] = []
             for spec in (s for s in models.specs if s.subject == subject):
-                features = compile_features(spec.features, env, f"{spec.source}:{spec.name}")
+                features = compile_spec_features(spec, env)
                 kind = PopulationDetector if spec.kind == "population" else StreamingDetector
                 detectors.append(kind(spec, features))
             aggs = aggregate_union(policy.compiled.aggregates, *(d.features.aggregates for d in detectors))
@@ -974,9 +981,10 @@ class RiskEngine:
         model_score: float,
         elapsed_ms: float,
     ) -> dict[str, Any]:
-        return {
+        decision = verdict.decision.value
+        response: dict[str, Any] = {
             kind.id_field: event_id,
-            "decision": verdict.decision.value,
+            "decision": kind.decision_names[decision] if kind.decision_names else decision,
             "score": verdict.score,
             "reasons": [
                 {"code": r.code, "text": r.text, "source": r.source, "score_delta": r.score_delta}
@@ -998,6 +1006,9 @@ class RiskEngine:
             "model_versions": {s.name: s.version for s in scores},
             "elapsed_ms": elapsed_ms,
         }
+        if kind.name == "review":
+            response["authenticity"] = 100 - verdict.score
+        return response
 
     def _remember(self, event_id: str, pending: Pending) -> None:
         self._recent[event_id] = pending

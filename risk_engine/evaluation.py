@@ -19,12 +19,19 @@ import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from risk_engine.config import Settings
-from risk_engine.datasets import LabelledEvent, ethereum_accounts, ulb_payments
+from risk_engine.datasets import LabelledEvent, ethereum_accounts, opspam_reviews, ulb_payments
 from risk_engine.engine import RiskEngine
 from risk_engine.storage.writer import Ticket
 from risk_engine.subjects import SUBJECT_KINDS
 
-SUBJECTS = {"payments": "payment", "payment": "payment", "accounts": "account", "account": "account"}
+SUBJECTS = {
+    "payments": "payment",
+    "payment": "payment",
+    "accounts": "account",
+    "account": "account",
+    "reviews": "review",
+    "review": "review",
+}
 
 
 @dataclass
@@ -35,6 +42,7 @@ class Figures:
     average_precision: float
     recall_at_0_5pct: float
     recall_at_1pct: float
+    recall_at_5pct: float  # a review queue's hold rate
 
 
 @dataclass
@@ -83,12 +91,13 @@ def figures(y: np.ndarray, score: np.ndarray, weight: np.ndarray) -> Figures:
     """ROC AUC, average precision and recall at 0.5% and 1% alert rates."""
     if y.min() == y.max():
         nan = float("nan")
-        return Figures(nan, nan, nan, nan)
+        return Figures(nan, nan, nan, nan, nan)
     return Figures(
         roc_auc=round(float(roc_auc_score(y, score, sample_weight=weight)), 4),
         average_precision=round(float(average_precision_score(y, score, sample_weight=weight)), 4),
         recall_at_0_5pct=round(recall_at_alert_rate(y, score, weight, 0.005), 4),
         recall_at_1pct=round(recall_at_alert_rate(y, score, weight, 0.01), 4),
+        recall_at_5pct=round(recall_at_alert_rate(y, score, weight, 0.05), 4),
     )
 
 
@@ -98,6 +107,9 @@ def _events(subject: str, path: Path) -> Iterator[LabelledEvent]:
         return
     if subject == "account":
         yield from ethereum_accounts(path, prefix="eval")
+        return
+    if subject == "review":
+        yield from opspam_reviews(path, prefix="eval")
         return
     raise ValueError(f"no evaluation for subject {subject!r} yet; known: {', '.join(sorted(set(SUBJECTS)))}")
 
@@ -122,8 +134,8 @@ def evaluate(
     kind = SUBJECT_KINDS[subject]
     waiting: deque[tuple[int, str, int, Ticket]] = deque()
     due: list[tuple[str, str, Ticket]] = []
-    # labels reach the engine in small batches: at most this many events after they are due
-    reveal_batch = max(1, min(50, label_delay))
+    # labels reach the engine in small batches: at most a fifth of the delay (and 50 events) after they are due
+    reveal_batch = max(1, min(50, label_delay // 5))
     started = time.perf_counter()
 
     def reveal() -> None:

@@ -97,21 +97,29 @@ class PaymentMethod(Strict):
         return v
 
 
+def _canonical_ip(v: str) -> str:
+    family = socket.AF_INET6 if ":" in v else socket.AF_INET
+    try:
+        return socket.inet_ntop(family, socket.inet_pton(family, v))  # canonical form, fast
+    except (OSError, ValueError):
+        raise ValueError("not an IPv4 or IPv6 address") from None
+
+
+IpAddress = Annotated[str, Field(max_length=64), AfterValidator(_canonical_ip)]
+
+
+def contains_card_number(text: str) -> bool:
+    """True if a free text holds a run of 13-19 digits (spaces or dashes allowed) that passes the Luhn check."""
+    return any(looks_like_card_number(m.group()) for m in _DIGIT_RUN.finditer(text))
+
+
+_DIGIT_RUN = re.compile(r"\d[\d \-]{11,24}\d")
+
+
 class Device(Strict):
     id: Id | None = None
-    ip: str | None = None
+    ip: IpAddress | None = None
     user_agent: Annotated[str, Field(max_length=512)] | None = None
-
-    @field_validator("ip")
-    @classmethod
-    def _ip(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        family = socket.AF_INET6 if ":" in v else socket.AF_INET
-        try:
-            return socket.inet_ntop(family, socket.inet_pton(family, v))  # canonical form, fast
-        except (OSError, ValueError):
-            raise ValueError("not an IPv4 or IPv6 address") from None
 
 
 class Address(Strict):

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from risk_engine.accounts import ACCOUNT_SCHEMA, AccountIn, flatten_account
 from risk_engine.payments import PAYMENT_SCHEMA, PII_FIELD_KINDS, PaymentIn, flatten_payment
+from risk_engine.reviews import REVIEW_DECISIONS, REVIEW_SCHEMA, ReviewIn, flatten_review
 from risk_engine.schema import SubjectSchema
 from risk_engine.vault import PiiKind, Vault
 
@@ -25,6 +26,7 @@ class SubjectKind:
     schema: SubjectSchema
     flatten: Callable[[Any, Vault], tuple[dict[str, Any], dict[str, str]]]
     pii_kinds: Mapping[str, PiiKind]
+    decision_names: Mapping[str, str] | None = None  # the subject's words for allow/challenge/review/block
 
     def event_id(self, event: BaseModel) -> str:
         """The event's idempotency key."""
@@ -35,4 +37,13 @@ class SubjectKind:
 SUBJECT_KINDS: dict[str, SubjectKind] = {
     "payment": SubjectKind("payment", "payment_id", PaymentIn, PAYMENT_SCHEMA, flatten_payment, PII_FIELD_KINDS),
     "account": SubjectKind("account", "account_id", AccountIn, ACCOUNT_SCHEMA, flatten_account, {}),
+    "review": SubjectKind(
+        "review",
+        "review_id",
+        ReviewIn,
+        REVIEW_SCHEMA,
+        flatten_review,
+        {"reviewer.ip": PiiKind.IP},
+        REVIEW_DECISIONS,
+    ),
 }

@@ -216,6 +216,43 @@ REQUESTS: list[dict[str, Any]] = [
     },
     {"name": "33_models", "method": "GET", "path": "/v1/models", "role": "scorer"},
     {"name": "34_get_account", "method": "GET", "path": "/v1/accounts/acct_review_0001", "role": "scorer"},
+    {
+        "name": "35_score_review",
+        "method": "POST",
+        "path": "/v1/reviews/score",
+        "role": "scorer",
+        "body": {
+            "review_id": "rev_0001",
+            "occurred_at": "2026-11-25T08:00:00Z",
+            "order_id": "ord_0001",
+            "item_id": "item_77",
+            "seller_id": "s_42",
+            "reviewer": {
+                "id": "b_7",
+                "created_at": "2025-03-01T00:00:00Z",
+                "device_id": "dev_1",
+                "ip": "203.0.113.7",
+            },
+            "rating": 5,
+            "detailed_ratings": {"description": 5, "service": 5, "logistics": 4},
+            "text": "Fits well and arrived in two days. The colour is a little darker than in the photos.",
+        },
+    },
+    {
+        "name": "36_label_review",
+        "method": "POST",
+        "path": "/v1/labels",
+        "role": "scorer",
+        "body": {
+            "label_id": "mod_rev_0001",
+            "subject": "review",
+            "payment_id": "rev_0001",
+            "label": "genuine",
+            "occurred_at": "2026-11-25T09:00:00Z",
+            "source": "moderation",
+        },
+    },
+    {"name": "37_get_review", "method": "GET", "path": "/v1/reviews/rev_0001", "role": "scorer"},
 ]
 
 

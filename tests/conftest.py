@@ -72,6 +72,16 @@ def payment(**overrides: Any) -> dict[str, Any]:
 DELETE = object()
 
 
+def shared_data(name: str) -> Path:
+    """A file of ../shared/data; a test that needs it skips when it is absent, and fails in CI."""
+    path = DATA / name
+    if not path.exists():
+        if IN_CI:
+            pytest.fail(f"{path} is missing in CI")
+        pytest.skip(f"{path} is absent (../shared/data beside the project; it is read there, never copied)")
+    return path
+
+
 def _postgres_reachable() -> str | None:
     """None if PostgreSQL answers, else the reason."""
     if not PG_URL:

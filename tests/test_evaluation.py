@@ -8,10 +8,9 @@ import random
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from risk_engine.evaluation import evaluate, recall_at_alert_rate
-from tests.conftest import DATA, IN_CI, make_settings, run_cli
+from tests.conftest import make_settings, run_cli, shared_data
 
 
 def write_ulb_like(path: Path, rows: int, frauds: set[int], seed: int = 5) -> None:
@@ -94,11 +93,7 @@ def test_eval_command_ends_with_one_json_object(tmp_path: Path) -> None:
 
 
 def test_real_ulb_stream_through_the_engine(tmp_path: Path) -> None:
-    path = DATA / "ulb_stream.csv"
-    if not path.exists():
-        if IN_CI:
-            pytest.fail(f"{path} is missing in CI")
-        pytest.skip(f"{path} is absent (../shared/data beside the project)")
+    path = shared_data("ulb_stream.csv")
     settings = make_settings(tmp_path / "var", f"sqlite:///{tmp_path / 'eval.db'}")
     result, _ = evaluate("payments", path, label_delay=100, settings=settings, limit=1500)
     assert result.events == 1500

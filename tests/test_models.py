@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from datetime import UTC, datetime, timedelta
@@ -17,7 +18,7 @@ from risk_engine.detectors.combine import CombineSpec, DetectorOutput, combine, 
 from risk_engine.detectors.estimators import GaussianZScore
 from risk_engine.detectors.population import FrozenECDF, fit_population
 from risk_engine.detectors.spec import SpecError, load_models, parse_spec_file
-from tests.conftest import REPO, Api, make_settings, open_api, payment
+from tests.conftest import REPO, Api, make_settings, open_api, payment, run_cli, shared_data
 
 # -- GaussianZScore -------------------------------------------------------------------------------------------
 
@@ -255,3 +256,16 @@ def test_a_payment_answer_names_the_model_score_and_each_detectors_features(sqli
     assert answer["model_score"] == pytest.approx(anomaly["score"] / math.sqrt(2), abs=1e-3)  # fraud model warming
     reason = next(r for r in answer["reasons"] if r["code"] == "MODEL_PAYMENT_ANOMALY")
     assert reason["score_delta"] == pytest.approx(anomaly["points"], abs=0.01) and "V14" in reason["text"]
+
+
+def test_the_account_eval_shows_the_supervised_model_is_not_fooled_like_the_outlier_score(tmp_path: Path) -> None:
+    path = shared_data("ethereum_accounts_dev.csv")
+    result = run_cli(
+        "eval", "accounts", "--data", str(path), "--label-delay", "100", "--limit", "2000", "--json", home=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    models = figures["models"]
+    assert figures["events"] == 2000 and figures["positives"] > 300  # shuffled: both classes from the start
+    assert models["account_anomaly"]["roc_auc"] < 0.6  # an outlier score points the wrong way here
+    assert models["account_fraud"]["roc_auc"] > 0.85 and models["combined"]["roc_auc"] > 0.85

@@ -137,7 +137,11 @@ def test_a_second_worker_picks_up_a_publish_without_restart(tmp_path: Path, data
         while b.engine.subjects["payment"].policy.version != 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert b.score(payment(payment_id="w2", occurred_at="2026-11-22T10:16:00Z"))["policy_version"] == "payment:v2"
-        assert b.client.get("/healthz").json()["policies"] == {"payment": "payment:v2", "account": "account:v1"}
+        assert b.client.get("/healthz").json()["policies"] == {
+            "payment": "payment:v2",
+            "account": "account:v1",
+            "review": "review:v1",
+        }
     finally:
         client_b.__exit__(None, None, None)
         client_a.__exit__(None, None, None)

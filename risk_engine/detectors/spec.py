@@ -37,9 +37,9 @@ class SpecError(ValueError):
 
 
 def _river_estimators() -> dict[str, Callable[..., Any]]:
-    from river import anomaly, forest, linear_model, tree
+    from river import anomaly, forest, linear_model, naive_bayes, tree
 
-    from risk_engine.detectors.estimators import GaussianZScore
+    from risk_engine.detectors.estimators import GaussianZScore, TextNaiveBayes
 
     return {
         "GaussianZScore": GaussianZScore,
@@ -48,6 +48,8 @@ def _river_estimators() -> dict[str, Callable[..., Any]]:
         "LogisticRegression": linear_model.LogisticRegression,
         "HoeffdingTreeClassifier": tree.HoeffdingTreeClassifier,
         "ARFClassifier": forest.ARFClassifier,
+        "MultinomialNB": naive_bayes.MultinomialNB,
+        "TextNaiveBayes": TextNaiveBayes,
     }
 
 
@@ -73,7 +75,7 @@ def _river_scalers() -> dict[str, Callable[..., Any]]:
 
 ESTIMATORS_BY_KIND = {
     "anomaly": ("GaussianZScore", "HalfSpaceTrees", "OneClassSVM"),
-    "supervised": ("LogisticRegression", "HoeffdingTreeClassifier", "ARFClassifier"),
+    "supervised": ("LogisticRegression", "HoeffdingTreeClassifier", "ARFClassifier", "MultinomialNB", "TextNaiveBayes"),
     "population": ("ECOD", "COPOD", "HBOS", "IForest"),
 }
 ESTIMATOR_NAMES = tuple(name for names in ESTIMATORS_BY_KIND.values() for name in names)
@@ -96,17 +98,35 @@ class DetectorSpec:
     calibration_window: int = 2000
     warmup: int = 50
     fit_events: int = 50_000  # population detectors: how many recent stored events a fit reads
+    text: Mapping[str, str] = field(default_factory=dict)  # supervised text detectors: one string feature
+    ngram_range: tuple[int, int] = (1, 2)
     source: str = ""
     digest: str = field(default="", compare=False)
 
     def build(self) -> Any:
         """A fresh estimator: a river pipeline for streaming kinds, an unfitted pyod model for population."""
+        if self.estimator == "TextNaiveBayes":  # tokenizes itself
+            return estimator_factory(self.kind, self.estimator)(**self.params, ngram_range=self.ngram_range)
         estimator = estimator_factory(self.kind, self.estimator)(**self.params)
         if self.kind == "population":
             return estimator
+        if self.text:
+            from river import feature_extraction
+
+            (name,) = self.text
+            return feature_extraction.BagOfWords(on=name, ngram_range=self.ngram_range) | estimator
         if self.scaler == "none":
             return estimator
         return _river_scalers()[self.scaler]() | estimator
+
+
+def compile_spec_features(spec: DetectorSpec, env: Any) -> Any:
+    """The spec's features (numeric, and its text feature if any) compiled against a subject's environment."""
+    from risk_engine.dsl import compile_features
+
+    return compile_features(
+        {**spec.features, **spec.text}, env, f"{spec.source}:{spec.name}", text_names=frozenset(spec.text)
+    )
 
 
 def _check_params(name: str, kind: str, estimator: str, params: Mapping[str, Any], where: str) -> None:
@@ -184,6 +204,8 @@ def _parse_file(path: Path) -> tuple[list[DetectorSpec], dict[str, CombineSpec]]
         "calibration_window",
         "warmup",
         "fit_events",
+        "text",
+        "ngram_range",
         "description",
     }
     for name, body in detectors.items():
@@ -224,9 +246,24 @@ def _parse_file(path: Path) -> tuple[list[DetectorSpec], dict[str, CombineSpec]]
             raise SpecError(f"{where}: detector '{name}': unknown scaler {scaler!r}; known: {', '.join(SCALER_NAMES)}")
         params = dict(body.get("params", {}))
         _check_params(name, kind, estimator, params, where)
-        features = body.get("features")
-        if not isinstance(features, dict) or not features or not all(isinstance(v, str) for v in features.values()):
+        features = body.get("features", {})
+        text = body.get("text", {})
+        if not isinstance(text, dict) or not all(isinstance(v, str) for v in text.values()):
+            raise SpecError(f"{where}: detector '{name}': [text] must map a name to a string expression")
+        if text and (kind != "supervised" or len(text) != 1 or features):
+            raise SpecError(
+                f"{where}: detector '{name}': a [text] detector is supervised and reads exactly one text feature "
+                "(and no numeric ones: declare those in another detector)"
+            )
+        if not isinstance(features, dict) or not all(isinstance(v, str) for v in features.values()):
             raise SpecError(f"{where}: detector '{name}': [features] must map names to expressions")
+        if not features and not text:
+            raise SpecError(f"{where}: detector '{name}': [features] must map names to expressions")
+        ngram = body.get("ngram_range", [1, 2])
+        if not (isinstance(ngram, list) and len(ngram) == 2 and all(isinstance(n, int) for n in ngram)) or not (
+            1 <= ngram[0] <= ngram[1] <= 5
+        ):
+            raise SpecError(f"{where}: detector '{name}': ngram_range must be [low, high] with 1 <= low <= high <= 5")
         if "subject" not in body:
             raise SpecError(f"{where}: detector '{name}': missing subject")
         weight = float(body.get("weight", 1.0))
@@ -247,6 +284,8 @@ def _parse_file(path: Path) -> tuple[list[DetectorSpec], dict[str, CombineSpec]]
                 calibration_window=int(body.get("calibration_window", 2000)),
                 warmup=int(body.get("warmup", 50)),
                 fit_events=int(body.get("fit_events", 50_000)),
+                text=dict(text),
+                ngram_range=(ngram[0], ngram[1]),
                 source=where,
                 digest=hashlib.sha256(canonical.encode()).hexdigest()[:16],
             )

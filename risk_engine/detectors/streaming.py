@@ -15,7 +15,7 @@ from typing import Any
 
 from risk_engine.detectors.base import DetectorBase
 from risk_engine.detectors.calibration import RunningQuantile
-from risk_engine.detectors.estimators import GaussianZScore
+from risk_engine.detectors.estimators import GaussianZScore, TextNaiveBayes
 from risk_engine.detectors.spec import DetectorSpec
 from risk_engine.dsl import CompiledFeatures
 
@@ -83,7 +83,10 @@ class StreamingDetector(DetectorBase):
         z: Mapping[str, float] = x
         for t in transformers:
             z = t.transform_one(z)
-        if self.supervised:
+        if isinstance(estimator, TextNaiveBayes):
+            zt: dict[Hashable, Any] = dict(z.items())
+            terms = estimator.gram_effects(zt)
+        elif self.supervised:
             weights = getattr(estimator, "weights", None)
             if not isinstance(weights, Mapping):
                 return []

@@ -163,6 +163,7 @@ _RUNTIME: dict[str, Any] = {
     "_max": max,
     "_SAFE": (TypeError, ValueError, ZeroDivisionError, KeyError, AttributeError, OverflowError),
     "float": float,
+    "str": str,
     "__builtins__": {},
 }
 
@@ -639,8 +640,11 @@ def _check_actions(rule: ast.Rule, index: int, walk: _Walk) -> CompiledRule:
     )
 
 
-def compile_features(exprs: Mapping[str, str], env: Environment, source: str = "<features>") -> CompiledFeatures:
-    """Compile named numeric expressions (a detector's features). Raises :class:`DslErrors`."""
+def compile_features(
+    exprs: Mapping[str, str], env: Environment, source: str = "<features>", text_names: frozenset[str] = frozenset()
+) -> CompiledFeatures:
+    """Compile named expressions (a detector's features): numeric, or strings for the names in ``text_names`` (a
+    text detector's inputs). Raises :class:`DslErrors`."""
     walk = _Walk(env)
     body = []
     errors: list[DslError] = []
@@ -657,10 +661,16 @@ def compile_features(exprs: Mapping[str, str], env: Environment, source: str = "
         for i in range(before, len(walk.errors)):
             e = walk.errors[i]
             walk.errors[i] = DslError(e.line, e.column, e.code, f"feature '{name}': {e.message}", e.suggestion)
-        if t not in (NUMBER, BOOL, DURATION, ERROR):
-            walk.error(node.pos, "type.feature", f"feature '{name}' must be numeric, got {_describe(t)}")
+        if name in text_names:
+            if t not in (STRING, ERROR):
+                walk.error(node.pos, "type.feature", f"text feature '{name}' must be a string, got {_describe(t)}")
+            convert = "str"
+        else:
+            if t not in (NUMBER, BOOL, DURATION, ERROR):
+                walk.error(node.pos, "type.feature", f"feature '{name}' must be numeric, got {_describe(t)}")
+            convert = "float"
         body.append(
-            f"    try:\n        v = {code}\n        if v is not None: out[{name!r}] = float(v)\n"
+            f"    try:\n        v = {code}\n        if v is not None: out[{name!r}] = {convert}(v)\n"
             f"    except _SAFE:\n        pass"
         )
     errors.extend(walk.errors)

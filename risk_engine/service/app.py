@@ -18,7 +18,7 @@ from risk_engine.service.commits import CommitWaiter
 from risk_engine.service.errors import install_error_handlers
 from risk_engine.service.metrics import Metrics, RequestGuard
 from risk_engine.service.responses import JsonResponse
-from risk_engine.service.routers import accounts, health, labels, lists, models, payments, policies
+from risk_engine.service.routers import accounts, health, labels, lists, models, payments, policies, reviews
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def create_app(settings: Settings | None = None, engine: RiskEngine | None = Non
         default_response_class=JsonResponse,
     )
     install_error_handlers(app)
-    for module in (payments, accounts, labels, lists, policies, models, health):
+    for module in (payments, accounts, reviews, labels, lists, policies, models, health):
         app.include_router(module.router)
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
     return app

@@ -28,8 +28,9 @@ class ModelScoreOut(BaseModel):
     top_features: list[FeatureEffectOut] = Field(description="Named when the detector adds points")
 
 
-class ScoreOut(BaseModel):
-    payment_id: str
+class ScoreFields(BaseModel):
+    """What every subject's answer carries besides its id."""
+
     decision: Literal["allow", "challenge", "review", "block"]
     score: int = Field(ge=0, le=100)
     reasons: list[ReasonOut]
@@ -41,17 +42,18 @@ class ScoreOut(BaseModel):
     elapsed_ms: float = Field(description="Time to decide, before the durable write")
 
 
-class AccountScoreOut(BaseModel):
+class ScoreOut(ScoreFields):
+    payment_id: str
+
+
+class AccountScoreOut(ScoreFields):
     account_id: str
-    decision: Literal["allow", "challenge", "review", "block"]
-    score: int = Field(ge=0, le=100)
-    reasons: list[ReasonOut]
-    tags: list[str]
-    model_score: float
-    models: list[ModelScoreOut]
-    policy_version: str
-    model_versions: dict[str, str]
-    elapsed_ms: float
+
+
+class ReviewScoreOut(ScoreFields):
+    review_id: str
+    decision: Literal["publish", "hold", "reject"]  # type: ignore[assignment]
+    authenticity: int = Field(ge=0, le=100, description="100 minus the risk score")
 
 
 class PaymentOut(BaseModel):
@@ -69,9 +71,9 @@ class LabelIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     label_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")
-    subject: Literal["payment", "account"] = "payment"
+    subject: Literal["payment", "account", "review"] = "payment"
     payment_id: str = Field(min_length=1, max_length=128, description="The scored event's id")
-    label: Literal["chargeback", "confirmed_fraud", "legitimate", "dispute_lost", "dispute_won"]
+    label: Literal["chargeback", "confirmed_fraud", "legitimate", "dispute_lost", "dispute_won", "fake", "genuine"]
     occurred_at: AwareDatetime | None = None
     source: str | None = Field(default=None, max_length=64)
 

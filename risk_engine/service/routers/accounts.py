@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from risk_engine.accounts import AccountIn
+from risk_engine.engine import ScoreOutcome
 from risk_engine.service.deps import EngineDep, Scorer
 from risk_engine.service.responses import JsonResponse
 from risk_engine.service.schemas import ERRORS, AccountScoreOut
@@ -12,15 +13,19 @@ from risk_engine.service.schemas import ERRORS, AccountScoreOut
 router = APIRouter(prefix="/v1/accounts", tags=["accounts"])
 
 
-@router.post("/score", response_model=AccountScoreOut, responses={**ERRORS, 409: ERRORS[422]})
-async def score_account(account: AccountIn, engine: EngineDep, _: Scorer, request: Request) -> Response:
-    """Score an account: decision, 0-100 score and reasons. Idempotent on ``account_id``."""
-    outcome = engine.score_event("account", account)
+async def answer(outcome: ScoreOutcome, request: Request) -> Response:
+    """The scoring's answer once its row is committed (503 or 409 through the error handlers if not)."""
     if not outcome.committed.done():
         await request.app.state.commits.wait(outcome.committed)
     outcome.raise_if_not_stored()
     headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
     return Response(outcome.body, media_type="application/json", headers=headers)
+
+
+@router.post("/score", response_model=AccountScoreOut, responses={**ERRORS, 409: ERRORS[422]})
+async def score_account(account: AccountIn, engine: EngineDep, _: Scorer, request: Request) -> Response:
+    """Score an account: decision, 0-100 score and reasons. Idempotent on ``account_id``."""
+    return await answer(engine.score_event("account", account), request)
 
 
 @router.get("/{account_id}", responses=ERRORS)

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request, Response
 from risk_engine.payments import PaymentIn
 from risk_engine.service.deps import EngineDep, Scorer
 from risk_engine.service.responses import JsonResponse
+from risk_engine.service.routers.accounts import answer
 from risk_engine.service.schemas import ERRORS, PaymentOut, ScoreOut
 
 router = APIRouter(prefix="/v1/payments", tags=["payments"])
@@ -15,12 +16,7 @@ router = APIRouter(prefix="/v1/payments", tags=["payments"])
 @router.post("/score", response_model=ScoreOut, responses={**ERRORS, 409: ERRORS[422]})
 async def score_payment(payment: PaymentIn, engine: EngineDep, _: Scorer, request: Request) -> Response:
     """Score a payment: decision, 0-100 score and reasons. Idempotent on ``payment_id``."""
-    outcome = engine.score_payment(payment)
-    if not outcome.committed.done():
-        await request.app.state.commits.wait(outcome.committed)
-    outcome.raise_if_not_stored()  # the error handlers answer 503 (storage down) or 409 (written elsewhere)
-    headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
-    return Response(outcome.body, media_type="application/json", headers=headers)
+    return await answer(engine.score_payment(payment), request)
 
 
 @router.get("/{payment_id}", response_model=PaymentOut, responses=ERRORS)

@@ -1,0 +1,26 @@
+"""Reviews: score one before it is published (publish, hold or reject), read one back."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from risk_engine.reviews import ReviewIn
+from risk_engine.service.deps import EngineDep, Scorer
+from risk_engine.service.responses import JsonResponse
+from risk_engine.service.routers.accounts import answer
+from risk_engine.service.schemas import ERRORS, ReviewScoreOut
+
+router = APIRouter(prefix="/v1/reviews", tags=["reviews"])
+
+
+@router.post("/score", response_model=ReviewScoreOut, responses={**ERRORS, 409: ERRORS[422]})
+async def score_review(review: ReviewIn, engine: EngineDep, _: Scorer, request: Request) -> Response:
+    """Score a review: ``publish``, ``hold`` or ``reject``, a 0-100 risk score, its authenticity (100 minus
+    it) and reasons. Idempotent on ``review_id``."""
+    return await answer(engine.score_event("review", review), request)
+
+
+@router.get("/{review_id}", responses=ERRORS)
+async def get_review(review_id: str, engine: EngineDep, _: Scorer) -> JsonResponse:
+    """A stored review scoring: decision, aggregates and features, the reviewer's IP masked."""
+    return JsonResponse(engine.get_event("review", review_id))

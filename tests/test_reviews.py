@@ -1,0 +1,176 @@
+"""The review subject: publish, hold or reject through the shared pipeline; the text model; the review eval."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from risk_engine.detectors.spec import SpecError, parse_spec_file
+from tests.conftest import REPO, Api, run_cli, shared_data
+
+T0 = datetime(2026, 11, 22, 9, tzinfo=UTC)
+
+
+def review(i: int, **overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "review_id": f"r_{i}",
+        "occurred_at": (T0 + timedelta(minutes=10 * i)).isoformat(),
+        "order_id": f"o_{i}",
+        "item_id": "item_1",
+        "seller_id": "s_42",
+        "reviewer": {
+            "id": f"buyer_{i}",
+            "created_at": "2023-01-01T00:00:00Z",
+            "device_id": f"dev_{i}",
+            "ip": "198.51.100.7",
+        },
+        "rating": 4,
+        "detailed_ratings": {"description": 4, "service": 5, "logistics": 4},
+        "text": "Arrived on time, fits well, the colour is a little darker than in the photos.",
+    }
+    body.update(overrides)
+    return body
+
+
+def post(api: Api, body: dict[str, Any], expect: int = 200) -> dict[str, Any]:
+    r = api.client.post("/v1/reviews/score", json=body, headers=api.headers())
+    assert r.status_code == expect, r.text
+    result: dict[str, Any] = r.json()
+    return result
+
+
+def test_a_genuine_review_from_a_long_standing_buyer_is_published(api: Api) -> None:
+    answer = post(api, review(1))
+    assert answer["decision"] == "publish" and answer["authenticity"] == 100 - answer["score"]
+    assert answer["policy_version"] == "review:v1"
+    stored = api.client.get("/v1/reviews/r_1", headers=api.headers()).json()
+    assert stored["pii_masked"]["reviewer.ip"] != "198.51.100.7"  # masked, never in clear
+    assert "198.51.100.7" not in json.dumps(stored["decision"])
+
+
+def test_a_brushing_ring_on_one_device_is_held_or_rejected(api: Api) -> None:
+    # one device, twenty accounts a day old, five stars within minutes
+    decisions = []
+    for i in range(20):
+        body = review(
+            100 + i,
+            occurred_at=(T0 + timedelta(minutes=i)).isoformat(),
+            reviewer={"id": f"new_{i}", "created_at": (T0 - timedelta(days=1)).isoformat(), "device_id": "ring_dev"},
+            rating=5,
+            text="Great seller!!! Five stars, highly recommend!!!",
+        )
+        decisions.append(post(api, body))
+    later = decisions[2:]
+    assert all(d["decision"] in ("hold", "reject") for d in later)
+    codes = {r["code"] for d in later for r in d["reasons"]}
+    assert {"SHARED_DEVICE_REVIEWERS", "NEW_ACCOUNT_FIVE_STARS"} <= codes
+
+
+def test_reviews_are_idempotent_and_bad_ones_are_refused(api: Api) -> None:
+    first = post(api, review(2))
+    again = api.client.post("/v1/reviews/score", json=review(2), headers=api.headers())
+    assert again.json() == first and again.headers.get("Idempotent-Replayed") == "true"
+    assert api.client.post("/v1/reviews/score", json=review(2, rating=1), headers=api.headers()).status_code == 409
+    for body, field in [
+        (review(3, rating=6), "rating"),
+        (review(4, detailed_ratings={"service": 0}), "detailed_ratings.service"),
+        (review(5, text="card 4111 1111 1111 1111 thanks"), "text"),
+    ]:
+        r = api.client.post("/v1/reviews/score", json=body, headers=api.headers())
+        assert r.status_code == 422 and r.json()["errors"][0]["field"] == field, r.text
+    assert api.client.get("/v1/reviews/r_3", headers=api.headers()).status_code == 404  # nothing stored
+
+
+def test_the_text_model_learns_from_moderation_labels(api: Api) -> None:
+    fake = "Amazing amazing best product ever, best seller, buy now, five stars, amazing!!!"
+    genuine_texts = [
+        "The strap broke after two weeks; the seller replaced it quickly.",
+        "Smaller than I expected but sturdy, shipping took four days.",
+        "Colour matches the photos, the zip is a bit stiff.",
+    ]
+    for i in range(30):
+        text = fake if i % 2 else genuine_texts[i % 3]
+        post(api, review(200 + i, text=text, reviewer={"id": f"rv_{i}"}))
+        label = {
+            "label_id": f"mod_{i}",
+            "subject": "review",
+            "payment_id": f"r_{200 + i}",
+            "label": "fake" if i % 2 else "genuine",
+        }
+        assert api.client.post("/v1/labels", json=label, headers=api.headers()).status_code == 201
+    answer = post(api, review(300, text=fake + " Best!", reviewer={"id": "rv_x"}))
+    text_model = next(m for m in answer["models"] if m["name"] == "review_text")
+    assert not text_model["warming_up"] and text_model["score"] > 0.9
+    honest = post(api, review(301, text=genuine_texts[0], reviewer={"id": "rv_y"}))
+    assert next(m for m in honest["models"] if m["name"] == "review_text")["score"] < 0.1
+
+
+def test_text_detectors_are_checked(tmp_path: Path) -> None:
+    base = (REPO / "models" / "review.toml").read_text()
+    bad = tmp_path / "r.toml"
+    bad.write_text(base.replace('text = "text"', 'text = "rating"'))
+    from risk_engine.engine import load_environments
+    from tests.conftest import make_settings
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "r.toml").write_text(bad.read_text())
+    with pytest.raises(Exception, match="text feature 'text' must be a string"):
+        load_environments(make_settings(tmp_path / "var", "sqlite://", models_dir=models))
+    bad.write_text(base.replace("ngram_range = [1, 2]", "ngram_range = [2, 1]"))
+    with pytest.raises(SpecError, match="ngram_range"):
+        parse_spec_file(bad)
+
+
+def test_the_review_eval_prints_its_figures(tmp_path: Path) -> None:
+    data = shared_data("opspam_reviews_dev.csv")
+    result = run_cli("eval", "reviews", "--data", str(data), "--label-delay", "50", "--json", home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["events"] == 960 and figures["positives"] == 480
+    assert figures["models"]["review_text"]["roc_auc"] > 0.8  # learning from labels, not chance
+    assert 0 <= figures["recall_at_5pct"] <= 1
+
+
+def test_text_naive_bayes_gives_rivers_probabilities() -> None:
+    import random
+
+    from river import feature_extraction, naive_bayes
+
+    from risk_engine.detectors.estimators import TextNaiveBayes
+
+    rng = random.Random(8)
+    words = ["great", "stay", "room", "dirty", "staff", "luxury", "café", "noisy", "clean", "my-husband", "a"]
+    theirs = feature_extraction.BagOfWords(on="text", ngram_range=(1, 2)) | naive_bayes.MultinomialNB(alpha=0.5)
+    ours = TextNaiveBayes(alpha=0.5, ngram_range=(1, 2))
+    for _ in range(300):
+        x = {"text": " ".join(rng.choice(words) for _ in range(rng.randint(1, 12))).title()}
+        p_theirs, p_ours = theirs.predict_proba_one(x), ours.predict_proba_one(x)
+        assert p_theirs.keys() == p_ours.keys()
+        for c in p_theirs:
+            assert p_ours[c] == pytest.approx(p_theirs[c], abs=1e-9)
+        y = rng.random() < 0.4
+        theirs.learn_one(x, y)
+        ours.learn_one(x, y)
+
+
+def test_a_fake_review_names_the_ngrams_that_gave_it_away(api: Api) -> None:
+    for i in range(40):
+        fake = i % 2 == 1
+        text = "Best luxury experience ever, my husband loved it" if fake else "Room was fine, breakfast was cold"
+        post(api, review(400 + i, text=text, reviewer={"id": f"nb_{i}"}))
+        label = {
+            "label_id": f"nb_{i}",
+            "subject": "review",
+            "payment_id": f"r_{400 + i}",
+            "label": "fake" if fake else "genuine",
+        }
+        assert api.client.post("/v1/labels", json=label, headers=api.headers()).status_code == 201
+    answer = post(api, review(500, text="A luxury stay, my husband agrees", reviewer={"id": "nb_x"}))
+    text_model = next(m for m in answer["models"] if m["name"] == "review_text")
+    assert text_model["points"] > 0
+    assert {f["feature"] for f in text_model["top_features"]} & {"luxury", "my husband", "husband"}
