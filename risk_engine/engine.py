@@ -25,12 +25,13 @@ from typing import Any
 import orjson
 from rbloom import Bloom
 from sqlalchemy import Engine as SqlEngine
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from risk_engine.backtest import StoredEvent
 from risk_engine.config import Settings
+from risk_engine.credit import CreditScore, score_view
 from risk_engine.detectors import SnapshotError, StreamingDetector, read_snapshot
 from risk_engine.detectors.combine import CombineSpec, DetectorOutput, combine
 from risk_engine.detectors.population import PopulationDetector, fit_population
@@ -51,6 +52,7 @@ from risk_engine.features.lists import (
     load_list_declarations,
 )
 from risk_engine.features.velocity import GRACE_S, VelocityState
+from risk_engine.marketplace import MarketplaceState
 from risk_engine.payments import PaymentIn
 from risk_engine.pipeline import ModelScore, Verdict, decide, decision_for
 from risk_engine.schema import FieldType, SubjectSchema, load_attribute_declarations
@@ -267,6 +269,9 @@ class RiskEngine:
         self._snapshot_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="risk-engine-snapshot")
         self._stopping = threading.Event()
         self._event_insert = RawInsert(m.Event.__table__, db)  # type: ignore[arg-type]
+        self._credit_insert = RawInsert(m.SellerCredit.__table__, db)  # type: ignore[arg-type]
+        self.marketplace = MarketplaceState()
+        self._marketplace_stale = False
         self._fit_ids: dict[str, int] = {}  # the stored fit each population detector scores with
         self._known_ids: Bloom = Bloom(BLOOM_MIN_CAPACITY, 0.001)
         self._known_count = 0
@@ -531,6 +536,81 @@ class RiskEngine:
             rt.velocity = self._rebuilt_velocity(subject, rt.velocity.specs)
             for det in rt.detectors:
                 self._restore_detector(subject, det)
+        self.marketplace = self._rebuilt_marketplace()
+
+    def _rebuilt_marketplace(self) -> MarketplaceState:
+        """Sellers' credit facts and merchant flags from every stored review and merchant event."""
+        state = MarketplaceState()
+        stmt = (
+            select(
+                m.Event.subject,
+                m.Event.record,
+                m.Event.occurred_at,
+                m.Event.decision,
+                m.Event.score,
+                case((m.Event.subject == "merchant", m.Event.response), else_=None),  # flags' reasons
+            )
+            .where(m.Event.subject.in_(MarketplaceState.SUBJECTS))
+            .order_by(m.Event.ingest_seq)
+            .execution_options(yield_per=5000)
+        )
+        with self._session() as s:
+            for subject, record, occurred, decision, score, response in s.execute(stmt):
+                ts = (occurred.replace(tzinfo=UTC) if occurred.tzinfo is None else occurred).timestamp()
+                answer = orjson.loads(response) if isinstance(response, bytes | str) else (response or {})
+                codes = (r["code"] for r in answer.get("reasons", ()) if r.get("source") == "rule")
+                state.observe(subject, record, ts, decision, score, codes)
+        return state
+
+    def _refresh_marketplace(self) -> None:
+        """Rebuild the cross-subject state from storage after a failed write (lock held). Until it can be
+        rebuilt, events that read it are refused (503) rather than scored on state that saw a lost event."""
+        if not self.writer.barrier().wait(5):
+            raise DatabaseUnavailable("writes still pending after a failed write")
+        try:
+            self.marketplace = self._rebuilt_marketplace()
+        except OperationalError as exc:
+            raise DatabaseUnavailable(type(exc).__name__) from exc
+        self._marketplace_stale = False
+
+    def seller_credit(self, seller_id: str, history: int = 100) -> dict[str, Any]:
+        """A seller's credit score, each component's contribution and the score's history (newest first)."""
+        with self._lock:
+            credit = self.marketplace.credit(seller_id)
+        if credit is None:
+            raise NotFound(f"no events for seller {seller_id}")
+        with self._session() as s:
+            rows = s.execute(
+                select(
+                    m.SellerCredit.occurred_at,
+                    m.SellerCredit.score,
+                    m.SellerCredit.tier,
+                    m.SellerCredit.subject,
+                    m.SellerCredit.event_id,
+                )
+                .where(m.SellerCredit.seller_id == seller_id)
+                .order_by(m.SellerCredit.id.desc())
+                .limit(history)
+            ).all()
+        view = score_view(seller_id, credit)
+        view["as_of"] = datetime.fromtimestamp(credit.as_of, UTC).isoformat()
+        view["history"] = [
+            {"at": at.isoformat(), "score": score, "tier": tier, "event": f"{subject}:{event_id}"}
+            for at, score, tier, subject, event_id in rows
+        ]
+        return view
+
+    def recompute_credit(self, seller_id: str) -> CreditScore | None:
+        """The seller's score recomputed from every stored event (what the live score must equal)."""
+        return self._rebuilt_marketplace().credit(seller_id)
+
+    def merchant_risk(self, seller_id: str) -> dict[str, Any]:
+        """A merchant's current flag (the strictest in the last 7 days), its reasons and its flag history."""
+        with self._lock:
+            view = self.marketplace.merchant_view(seller_id)
+        if view is None:
+            raise NotFound(f"no merchant events for seller {seller_id}")
+        return view
 
     def _latest_occurred(self, subject: str) -> float | None:
         with self._session() as s:
@@ -881,6 +961,9 @@ class RiskEngine:
                 return ScoreOutcome(pending.body, pending.committed, replayed=True)
             self._seq += 1
             seq = self._seq
+            if self._marketplace_stale:
+                self._refresh_marketplace()
+            self.marketplace.enrich(subject, record, ts)  # seller credit, flag, order link: stored with the record
             ev = self._evaluate(rt, record, ts, seq)
             verdict, aggs, vectors, scores = ev.verdict, ev.aggregates, ev.vectors, ev.scores
             elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
@@ -888,6 +971,14 @@ class RiskEngine:
             committed = Ticket()  # completed by the writer once the row is committed
             body = orjson.dumps(response)
             self._remember(key, Pending(request_hash, body, committed))
+            moved = self.marketplace.observe(
+                subject,
+                record,
+                ts,
+                verdict.decision.value,
+                verdict.score,
+                (r.code for r in verdict.reasons if r.source == "rule"),
+            )
             self._mark_known(subject, event_id)
             self._count(verdict)
             self._since_snapshot += 1
@@ -921,6 +1012,21 @@ class RiskEngine:
         }
         committed.add_done_callback(lambda f: self._after_write(f, rt, key, record, ts, seq))
         self.writer.submit(self._event_insert, row, committed)
+        if moved is not None:  # the seller's credit moved: its history row (derived; see credit.py)
+            seller_id, credit = moved
+            self.writer.submit(
+                self._credit_insert,
+                {
+                    "seller_id": seller_id,
+                    "subject": subject,
+                    "event_id": event_id,
+                    "occurred_at": occurred_at,
+                    "score": credit.score,
+                    "tier": credit.tier,
+                    "components": score_view(seller_id, credit)["components"],
+                    "created_at": now_utc(),
+                },
+            )
         return ScoreOutcome(body, committed, model_scores=tuple(scores), model_score=ev.model_score)
 
     def _evaluate(self, rt: SubjectRuntime, record: dict[str, Any], ts: float, seq: int) -> Evaluation:
@@ -1031,6 +1137,8 @@ class RiskEngine:
         with self._lock:
             rt.velocity.retract(record, ts, seq)
             self._recent.pop(key, None)
+            if key.split("\x1f", 1)[0] in MarketplaceState.SUBJECTS:
+                self._marketplace_stale = True  # it learned from an event that was not stored: rebuild it
 
     # -- reading back -----------------------------------------------------------------------------------------
     def get_payment(self, payment_id: str) -> dict[str, Any]:

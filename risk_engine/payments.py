@@ -11,7 +11,7 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 from risk_engine.features.lists import ip_prefix
 from risk_engine.money import UnknownCurrencyError, currency_exponent
-from risk_engine.schema import FieldSpec, FieldType, SubjectSchema
+from risk_engine.schema import SELLER_FIELDS, FieldSpec, FieldType, SubjectSchema
 from risk_engine.vault import PiiKind, Vault
 
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
@@ -193,6 +193,7 @@ PAYMENT_SCHEMA = SubjectSchema(
             _spec("billing_country", S, "billing country"),
             _spec("item_count", N, "number of items"),
             _spec("channel", S, "app, web, mini_program, pos, api, other"),
+            *SELLER_FIELDS,
         ]
     },
 )

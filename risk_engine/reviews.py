@@ -12,7 +12,7 @@ from pydantic import AwareDatetime, Field, field_validator
 
 from risk_engine.features.lists import ip_prefix
 from risk_engine.payments import Attributes, Id, IpAddress, Strict, contains_card_number
-from risk_engine.schema import FieldSpec, FieldType, SubjectSchema
+from risk_engine.schema import SELLER_FIELDS, FieldSpec, FieldType, SubjectSchema
 from risk_engine.vault import PiiKind, Vault
 
 Rating = Annotated[int, Field(ge=1, le=5)]
@@ -55,7 +55,7 @@ class ReviewIn(Strict):
         return v
 
 
-N, S, D, P = FieldType.NUMBER, FieldType.STRING, FieldType.DURATION, FieldType.PII
+N, S, B, D, P = FieldType.NUMBER, FieldType.STRING, FieldType.BOOL, FieldType.DURATION, FieldType.PII
 
 REVIEW_SCHEMA = SubjectSchema(
     "review",
@@ -79,6 +79,16 @@ REVIEW_SCHEMA = SubjectSchema(
             FieldSpec("text", S, "the review's text"),
             FieldSpec("text.length", N, "characters in the text"),
             FieldSpec("hour", N, "hour of day of occurred_at, UTC, 0-23"),
+            FieldSpec("seller_device", S, "seller id and reviewer device: key of per-seller device counts"),
+            FieldSpec("order.paid", B, "the order was paid (not blocked) by this reviewer to this seller"),
+            FieldSpec("order.age", D, "time since the order was paid"),
+            FieldSpec("order.amount", N, "the order's amount, major units"),
+            FieldSpec("order.shipped", B, "the seller reported the order shipped"),
+            FieldSpec("order.delivered", B, "the order was reported delivered"),
+            FieldSpec("order.since_delivery", D, "time since delivery"),
+            FieldSpec("reviewer.seller_device", B, "the reviewer's device or IP was seen in the seller's logins"),
+            FieldSpec("text.near_duplicates", N, "recent reviews of this seller with near-identical text (SimHash)"),
+            *SELLER_FIELDS,
         ]
     },
 )
@@ -93,6 +103,7 @@ def flatten_review(r: ReviewIn, vault: Vault) -> tuple[dict[str, Any], dict[str,
         "seller_id": r.seller_id,
         "reviewer.id": r.reviewer.id,
         "reviewer.device": r.reviewer.device_id,
+        "seller_device": f"{r.seller_id}:{r.reviewer.device_id}" if r.reviewer.device_id else None,
         "rating": r.rating,
         "rating.five": 1 if r.rating == 5 else 0,
         "ratings.description": r.detailed_ratings.description,

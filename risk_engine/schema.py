@@ -63,6 +63,13 @@ class SubjectSchema:
         return {p[len(prefix) :]: f.type for p, f in self.fields.items() if p.startswith(prefix)}
 
 
+SELLER_FIELDS = (
+    FieldSpec("seller.credit", FieldType.NUMBER, "the seller's credit score, 0-1000, before this event"),
+    FieldSpec("seller.tier", FieldType.STRING, "the seller's credit tier: new, bronze, silver, gold, top"),
+    FieldSpec("seller.flag", FieldType.STRING, "the seller's merchant flag: ok, watch, investigate, restrict_payouts"),
+)
+
+
 class ConfigError(ValueError):
     """A configuration file is malformed."""
 

@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from risk_engine.accounts import ACCOUNT_SCHEMA, AccountIn, flatten_account
+from risk_engine.merchants import MERCHANT_FLAGS, MERCHANT_SCHEMA, MerchantEventIn, flatten_merchant_event
 from risk_engine.payments import PAYMENT_SCHEMA, PII_FIELD_KINDS, PaymentIn, flatten_payment
 from risk_engine.reviews import REVIEW_DECISIONS, REVIEW_SCHEMA, ReviewIn, flatten_review
 from risk_engine.schema import SubjectSchema
@@ -45,5 +46,14 @@ SUBJECT_KINDS: dict[str, SubjectKind] = {
         flatten_review,
         {"reviewer.ip": PiiKind.IP},
         REVIEW_DECISIONS,
+    ),
+    "merchant": SubjectKind(
+        "merchant",
+        "event_id",
+        MerchantEventIn,
+        MERCHANT_SCHEMA,
+        flatten_merchant_event,
+        {"device.ip": PiiKind.IP},
+        MERCHANT_FLAGS,
     ),
 }

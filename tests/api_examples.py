@@ -253,6 +253,34 @@ REQUESTS: list[dict[str, Any]] = [
         },
     },
     {"name": "37_get_review", "method": "GET", "path": "/v1/reviews/rev_0001", "role": "scorer"},
+    {
+        "name": "38_merchant_event",
+        "method": "POST",
+        "path": "/v1/merchants/s_42/events",
+        "role": "scorer",
+        "body": {
+            "event_id": "mev_0001",
+            "occurred_at": "2026-11-22T11:00:00Z",
+            "type": "order_shipped",
+            "order_id": "ord_0001",
+            "late": False,
+        },
+    },
+    {
+        "name": "39_merchant_violation",
+        "method": "POST",
+        "path": "/v1/merchants/s_42/events",
+        "role": "scorer",
+        "body": {
+            "event_id": "mev_0002",
+            "occurred_at": "2026-11-23T09:00:00Z",
+            "type": "violation",
+            "points": 12,
+            "expires_at": "2027-11-23T09:00:00Z",
+        },
+    },
+    {"name": "40_merchant_risk", "method": "GET", "path": "/v1/merchants/s_42/risk", "role": "scorer"},
+    {"name": "41_seller_credit", "method": "GET", "path": "/v1/sellers/s_42/credit", "role": "scorer"},
 ]
 
 

@@ -30,6 +30,7 @@ def test_every_endpoint_has_an_example() -> None:
             .replace("{version}", "2")
             .replace("{account_id}", "acct_review_0001")
             .replace("{review_id}", "rev_0001")
+            .replace("{seller_id}", "s_42")
             .replace("{name}", "account_population")
         )
         assert any(c.split("?")[0] == template for c in covered), f"no example for {path}"

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from risk_engine.detectors.spec import SpecError, parse_spec_file
-from tests.conftest import REPO, Api, run_cli, shared_data
+from tests.conftest import REPO, Api, payment, run_cli, shared_data
 
 T0 = datetime(2026, 11, 22, 9, tzinfo=UTC)
 
@@ -36,6 +36,24 @@ def review(i: int, **overrides: Any) -> dict[str, Any]:
     return body
 
 
+def pay_for(api: Api, i: int, buyer: str | None = None, amount: int = 25900) -> None:
+    """The paid order the review ``r_i`` is about."""
+    body = payment(
+        payment_id=f"pay_r{i}",
+        order_id=f"o_{i}",
+        seller_id="s_42",
+        occurred_at=(T0 - timedelta(days=3, hours=i)).isoformat(),
+        **{
+            "buyer.id": buyer or f"buyer_{i}",
+            "buyer.email": f"buyer{i}@example.com",
+            "amount.value": amount,
+            "payment_method.card_fingerprint": f"fp_{i}",
+            "device.id": f"pay_dev_{i}",
+        },
+    )
+    assert api.score(body)["decision"] != "block"
+
+
 def post(api: Api, body: dict[str, Any], expect: int = 200) -> dict[str, Any]:
     r = api.client.post("/v1/reviews/score", json=body, headers=api.headers())
     assert r.status_code == expect, r.text
@@ -44,6 +62,7 @@ def post(api: Api, body: dict[str, Any], expect: int = 200) -> dict[str, Any]:
 
 
 def test_a_genuine_review_from_a_long_standing_buyer_is_published(api: Api) -> None:
+    pay_for(api, 1)
     answer = post(api, review(1))
     assert answer["decision"] == "publish" and answer["authenticity"] == 100 - answer["score"]
     assert answer["policy_version"] == "review:v1"
@@ -174,3 +193,39 @@ def test_a_fake_review_names_the_ngrams_that_gave_it_away(api: Api) -> None:
     text_model = next(m for m in answer["models"] if m["name"] == "review_text")
     assert text_model["points"] > 0
     assert {f["feature"] for f in text_model["top_features"]} & {"luxury", "my husband", "husband"}
+
+
+def test_a_review_without_its_paid_order_is_held_and_the_order_link_is_exact(api: Api) -> None:
+    held = post(api, review(10))  # no payment for o_10
+    assert held["decision"] == "hold" and any(r["code"] == "NO_PAID_ORDER" for r in held["reasons"])
+    pay_for(api, 11, buyer="someone_else")  # paid, but by another buyer
+    assert any(r["code"] == "NO_PAID_ORDER" for r in post(api, review(11))["reasons"])
+    pay_for(api, 12)
+    assert post(api, review(12))["decision"] == "publish"
+
+
+def test_brushing_signals_tiny_orders_seller_devices_and_near_duplicate_texts(api: Api) -> None:
+    # a tiny order paid and five-starred within the hour
+    tiny = payment(
+        payment_id="pay_tiny",
+        order_id="o_20",
+        seller_id="s_42",
+        occurred_at=T0.isoformat(),
+        **{"buyer.id": "buyer_20", "amount.value": 100},
+    )
+    api.score(tiny)
+    answer = post(api, review(20, occurred_at=(T0 + timedelta(minutes=5)).isoformat(), rating=5))
+    assert any(r["code"] == "BRUSHING_PATTERN" for r in answer["reasons"])
+    # the reviewer's device logs in to the seller's account
+    login = {"event_id": "login_1", "occurred_at": T0.isoformat(), "type": "login", "device_id": "dev_21"}
+    assert api.client.post("/v1/merchants/s_42/events", json=login, headers=api.headers()).status_code == 200
+    pay_for(api, 21)
+    assert post(api, review(21))["decision"] == "reject"
+    # the same text, slightly edited, from different paid buyers
+    text = "Absolutely wonderful product, the quality exceeded every expectation I had, will buy again soon"
+    decisions = []
+    for i, ending in zip(range(30, 34), ["soon", "later", "anyway", "for sure"], strict=True):
+        pay_for(api, i)
+        decisions.append(post(api, review(i, text=text.replace("soon", ending))))
+    assert not any(r["code"] == "NEAR_DUPLICATE_TEXT" for r in decisions[0]["reasons"])
+    assert any(r["code"] == "NEAR_DUPLICATE_TEXT" for r in decisions[-1]["reasons"])

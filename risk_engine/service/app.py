@@ -18,7 +18,7 @@ from risk_engine.service.commits import CommitWaiter
 from risk_engine.service.errors import install_error_handlers
 from risk_engine.service.metrics import Metrics, RequestGuard
 from risk_engine.service.responses import JsonResponse
-from risk_engine.service.routers import accounts, health, labels, lists, models, payments, policies, reviews
+from risk_engine.service.routers import accounts, health, labels, lists, merchants, models, payments, policies, reviews
 
 log = logging.getLogger(__name__)
 
@@ -71,5 +71,7 @@ def create_app(settings: Settings | None = None, engine: RiskEngine | None = Non
     install_error_handlers(app)
     for module in (payments, accounts, reviews, labels, lists, policies, models, health):
         app.include_router(module.router)
+    app.include_router(merchants.merchants)
+    app.include_router(merchants.sellers)
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
     return app

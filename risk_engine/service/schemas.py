@@ -56,6 +56,51 @@ class ReviewScoreOut(ScoreFields):
     authenticity: int = Field(ge=0, le=100, description="100 minus the risk score")
 
 
+class MerchantEventOut(ScoreFields):
+    event_id: str
+    decision: Literal["ok", "watch", "investigate", "restrict_payouts"]  # type: ignore[assignment]
+
+
+class FlagOut(BaseModel):
+    at: datetime
+    flag: Literal["ok", "watch", "investigate", "restrict_payouts"]
+    event_id: str
+    reasons: list[str]
+
+
+class MerchantRiskOut(BaseModel):
+    seller_id: str
+    flag: Literal["ok", "watch", "investigate", "restrict_payouts"] = Field(
+        description="The strictest flag of the merchant's last 7 days"
+    )
+    reasons: list[str]
+    history: list[FlagOut]
+
+
+class CreditComponentOut(BaseModel):
+    name: Literal["fulfilment", "genuine_ratings", "disputes", "advances", "violations", "tenure_and_volume"]
+    points: float
+    min: float
+    max: float
+    detail: dict[str, float]
+
+
+class CreditHistoryOut(BaseModel):
+    at: datetime
+    score: int
+    tier: str
+    event: str = Field(description="subject:event id of the event that moved the score")
+
+
+class CreditOut(BaseModel):
+    seller_id: str
+    score: int = Field(ge=0, le=1000)
+    tier: Literal["new", "bronze", "silver", "gold", "top"]
+    as_of: datetime
+    components: list[CreditComponentOut]
+    history: list[CreditHistoryOut] = Field(description="Newest first, up to 100")
+
+
 class PaymentOut(BaseModel):
     payment_id: str
     occurred_at: datetime
@@ -71,7 +116,7 @@ class LabelIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     label_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")
-    subject: Literal["payment", "account", "review"] = "payment"
+    subject: Literal["payment", "account", "review", "merchant"] = "payment"
     payment_id: str = Field(min_length=1, max_length=128, description="The scored event's id")
     label: Literal["chargeback", "confirmed_fraud", "legitimate", "dispute_lost", "dispute_won", "fake", "genuine"]
     occurred_at: AwareDatetime | None = None

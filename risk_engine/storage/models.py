@@ -179,3 +179,18 @@ class ModelFit(Base):
     fitted_at: Mapped[datetime]
     fitted_by: Mapped[str] = mapped_column(String(128))
     blob: Mapped[bytes] = mapped_column(LargeBinary)  # signature + pickled PopulationFit
+
+
+class SellerCredit(Base):
+    """A seller's credit score after each event that moved it: the score's history (derived from events)."""
+
+    __tablename__ = "seller_credit"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    seller_id: Mapped[str] = mapped_column(String(128), index=True)
+    subject: Mapped[str] = mapped_column(String(32))  # of the event that moved it
+    event_id: Mapped[str] = mapped_column(String(128))
+    occurred_at: Mapped[datetime]
+    score: Mapped[int] = mapped_column(Integer)
+    tier: Mapped[str] = mapped_column(String(16))
+    components: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime]

@@ -1,0 +1,207 @@
+"""What the engine remembers about sellers across subjects: credit facts and merchant flags (in memory,
+rebuilt from stored events at start-up), and the enrichment of each event's record with them.
+
+The enrichment is written into the record before the policy runs, so it is stored with the decision and a
+backtest or a replay sees exactly what live scoring saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from risk_engine.credit import CreditScore, SellerFacts, credit_event_from
+from risk_engine.merchants import MERCHANT_FLAGS
+
+FLAG_WINDOW_S = 7 * 86_400.0
+SEVERITY = {"allow": 0, "challenge": 1, "review": 2, "block": 3}
+MAX_ORDERS = 2_000_000  # orders remembered for the review link (the oldest go first)
+TEXTS_PER_SELLER = 500  # recent review texts per seller compared for near-duplicates
+NEAR_DUPLICATE_BITS = 10  # SimHash distance for near-duplicates: a one-word edit moves ~9 bits, unrelated ~32
+_WORD = re.compile(r"\w+")
+
+
+def simhash(text: str) -> int:
+    """64-bit SimHash of a text's word pairs (the word when alone): near texts, near hashes."""
+    words = _WORD.findall(text.lower())
+    shingles = [" ".join(words[i : i + 2]) for i in range(max(1, len(words) - 1))] if words else [""]
+    weights = [0] * 64
+    for shingle in shingles:
+        h = int.from_bytes(hashlib.blake2b(shingle.encode(), digest_size=8).digest(), "big")
+        for bit in range(64):
+            weights[bit] += 1 if h >> bit & 1 else -1
+    return sum(1 << bit for bit in range(64) if weights[bit] > 0)
+
+
+@dataclass
+class _Order:
+    buyer_id: str | None
+    seller_id: str | None
+    paid_at: float
+    amount: float | None
+    shipped_at: float | None = None
+    delivered_at: float | None = None
+
+
+@dataclass
+class _Flag:
+    at: float
+    decision: str
+    event_id: str
+    reasons: tuple[str, ...]
+
+
+@dataclass
+class MarketplaceState:
+    """Sellers' credit facts and scores, and their merchant flags."""
+
+    SUBJECTS = ("payment", "review", "merchant")
+
+    facts: dict[str, SellerFacts] = field(default_factory=dict)
+    orders: OrderedDict[str, _Order] = field(default_factory=OrderedDict)
+    seller_devices: dict[str, set[str]] = field(default_factory=dict)  # devices and IP indexes of its logins
+    texts: dict[str, deque[int]] = field(default_factory=dict)  # seller -> recent review SimHashes
+    scores: dict[str, CreditScore] = field(default_factory=dict)
+    flags: dict[str, deque[_Flag]] = field(default_factory=dict)
+    latest: dict[str, float] = field(default_factory=dict)  # a seller's latest merchant event
+
+    def credit(self, seller_id: str) -> CreditScore | None:
+        """The seller's current score (None if nothing is known of it)."""
+        return self.scores.get(seller_id)
+
+    def flag(self, seller_id: str) -> str:
+        """The strictest merchant flag of the last 7 days (of the seller's own events)."""
+        flags = self.flags.get(seller_id)
+        if not flags:
+            return "ok"
+        since = self.latest[seller_id] - FLAG_WINDOW_S
+        worst = max((f.decision for f in flags if f.at >= since), key=SEVERITY.__getitem__, default="allow")
+        return MERCHANT_FLAGS[worst]
+
+    def enrich(self, subject: str, record: dict[str, Any], at: float) -> None:
+        """Add ``seller.credit``, ``seller.tier`` and ``seller.flag`` as they stand before this event; to a
+        review, what is known of its order, of the reviewer's devices and of texts like it."""
+        seller_id = record.get("seller_id")
+        if not isinstance(seller_id, str):
+            return
+        if subject == "review":
+            self._enrich_review(seller_id, record, at)
+        credit = self.scores.get(seller_id)
+        if credit is not None:
+            record["seller.credit"] = credit.score
+            record["seller.tier"] = credit.tier
+        if seller_id in self.flags:
+            record["seller.flag"] = self.flag(seller_id)
+
+    def _enrich_review(self, seller_id: str, record: dict[str, Any], at: float) -> None:
+        order = self.orders.get(str(record.get("order_id")))
+        paid = order is not None and order.buyer_id == record.get("reviewer.id") and order.seller_id == seller_id
+        record["order.paid"] = paid
+        if order is not None and paid:
+            record["order.age"] = max(0.0, at - order.paid_at)
+            if order.amount is not None:
+                record["order.amount"] = order.amount
+            record["order.shipped"] = order.shipped_at is not None
+            record["order.delivered"] = order.delivered_at is not None
+            if order.delivered_at is not None:
+                record["order.since_delivery"] = max(0.0, at - order.delivered_at)
+        known = self.seller_devices.get(seller_id, set())
+        device, ip = record.get("reviewer.device"), record.get("reviewer.ip")
+        record["reviewer.seller_device"] = bool(device and device in known) or bool(ip and ip in known)
+        text = record.get("text")
+        if isinstance(text, str) and len(text) >= 20:
+            signature = simhash(text)
+            recent = self.texts.get(seller_id, ())
+            record["text.near_duplicates"] = sum(
+                1 for other in recent if (other ^ signature).bit_count() <= NEAR_DUPLICATE_BITS
+            )
+            record["text.simhash"] = signature
+
+    def _observe_order(self, subject: str, record: dict[str, Any], at: float, decision: str) -> None:
+        order_id = record.get("order_id")
+        if not isinstance(order_id, str):
+            return
+        if subject == "payment":
+            if decision == "block":
+                return
+            amount = record.get("amount.major")
+            self.orders[order_id] = _Order(
+                record.get("buyer.id"), record.get("seller_id"), at, float(amount) if amount is not None else None
+            )
+            self.orders.move_to_end(order_id)
+            while len(self.orders) > MAX_ORDERS:
+                self.orders.popitem(last=False)
+            return
+        order = self.orders.get(order_id)
+        if order is None:
+            return
+        if record.get("type") == "order_shipped":
+            order.shipped_at = at
+        elif record.get("type") == "order_delivered":
+            order.delivered_at = at
+
+    def observe(
+        self,
+        subject: str,
+        record: dict[str, Any],
+        at: float,
+        decision: str,
+        score: int,
+        reasons: Iterable[str] = (),
+    ) -> tuple[str, CreditScore] | None:
+        """Learn from a scored event; returns ``(seller, new score)`` when the seller's credit moved."""
+        if subject not in self.SUBJECTS:
+            return None
+        seller_id = record.get("seller_id")
+        if not isinstance(seller_id, str):
+            return None
+        if subject in ("payment", "merchant"):
+            self._observe_order(subject, record, at, decision)
+        if subject == "payment":
+            return None
+        if subject == "review" and isinstance(record.get("text.simhash"), int):
+            self.texts.setdefault(seller_id, deque(maxlen=TEXTS_PER_SELLER)).append(record["text.simhash"])
+        if subject == "merchant" and record.get("type") == "login":
+            devices = self.seller_devices.setdefault(seller_id, set())
+            devices.update(v for v in (record.get("device.id"), record.get("device.ip")) if isinstance(v, str))
+        if subject == "merchant":
+            flags = self.flags.setdefault(seller_id, deque(maxlen=1000))
+            flags.append(_Flag(at, decision, str(record.get("event_id")), tuple(reasons)))
+            self.latest[seller_id] = max(at, self.latest.get(seller_id, at))
+        event = credit_event_from(subject, record, at, decision, score)
+        if event is None:
+            return None
+        facts = self.facts.setdefault(seller_id, SellerFacts())
+        facts.add(event)
+        credit = facts.score()
+        self.scores[seller_id] = credit
+        return seller_id, credit
+
+    def merchant_view(self, seller_id: str) -> dict[str, Any] | None:
+        """The merchant's flag, the reasons behind it and its flag history (non-ok events, newest first)."""
+        flags = self.flags.get(seller_id)
+        if flags is None:
+            return None
+        since = self.latest[seller_id] - FLAG_WINDOW_S
+        current = self.flag(seller_id)
+        active = [f for f in flags if f.at >= since and f.decision != "allow"]
+        return {
+            "seller_id": seller_id,
+            "flag": current,
+            "reasons": sorted({code for f in active for code in f.reasons}),
+            "history": [
+                {
+                    "at": datetime.fromtimestamp(f.at, UTC).isoformat(),
+                    "flag": MERCHANT_FLAGS[f.decision],
+                    "event_id": f.event_id,
+                    "reasons": list(f.reasons),
+                }
+                for f in reversed(flags)
+                if f.decision != "allow"
+            ][:100],
+        }

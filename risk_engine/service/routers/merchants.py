@@ -1,0 +1,39 @@
+"""Merchants and sellers: merchant events (scored into flags), a merchant's risk, a seller's credit score."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from risk_engine.engine import InvalidInput
+from risk_engine.merchants import MerchantEventIn
+from risk_engine.service.deps import EngineDep, Scorer
+from risk_engine.service.responses import JsonResponse
+from risk_engine.service.routers.accounts import answer
+from risk_engine.service.schemas import ERRORS, CreditOut, MerchantEventOut, MerchantRiskOut
+
+merchants = APIRouter(prefix="/v1/merchants", tags=["merchants"])
+sellers = APIRouter(prefix="/v1/sellers", tags=["sellers"])
+
+
+@merchants.post("/{seller_id}/events", response_model=MerchantEventOut, responses={**ERRORS, 409: ERRORS[422]})
+async def merchant_event(
+    seller_id: str, event: MerchantEventIn, engine: EngineDep, _: Scorer, request: Request
+) -> Response:
+    """Record and score a merchant event: its flag (``ok``, ``watch``, ``investigate``, ``restrict_payouts``)
+    and reasons; it also moves the seller's credit score. Idempotent on ``event_id``."""
+    if event.seller_id is not None and event.seller_id != seller_id:
+        raise InvalidInput([{"field": "seller_id", "reason": f"does not match the path's seller {seller_id}"}])
+    event = event.model_copy(update={"seller_id": seller_id})
+    return await answer(engine.score_event("merchant", event), request)
+
+
+@merchants.get("/{seller_id}/risk", response_model=MerchantRiskOut, responses=ERRORS)
+async def merchant_risk(seller_id: str, engine: EngineDep, _: Scorer) -> JsonResponse:
+    """The merchant's current flag (the strictest of its last 7 days), why, and its flag history."""
+    return JsonResponse(engine.merchant_risk(seller_id))
+
+
+@sellers.get("/{seller_id}/credit", response_model=CreditOut, responses=ERRORS)
+async def seller_credit(seller_id: str, engine: EngineDep, _: Scorer) -> JsonResponse:
+    """The seller's credit score (0-1000), tier, each component's contribution and the score's history."""
+    return JsonResponse(engine.seller_credit(seller_id))
