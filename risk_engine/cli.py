@@ -21,10 +21,12 @@ rules_app = typer.Typer(help="Policies in the rules language.", no_args_is_help=
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 lists_app = typer.Typer(help="Named lists.", no_args_is_help=True)
 models_app = typer.Typer(help="Detectors.", no_args_is_help=True)
+merchants_app = typer.Typer(help="Merchants: daily roll-ups and their population detectors.", no_args_is_help=True)
 app.add_typer(rules_app, name="rules")
 app.add_typer(keys_app, name="keys")
 app.add_typer(lists_app, name="lists")
 app.add_typer(models_app, name="models")
+app.add_typer(merchants_app, name="merchants")
 
 
 def _logging(level: int = logging.INFO) -> None:
@@ -267,6 +269,60 @@ def models_fit(
     typer.echo(f"fitted {summary['name']} ({summary['estimator']}) on {summary['events']} {summary['subject']} events")
     typer.echo(f"version {summary['version']}; raw-score quantiles {summary['score_quantiles']}")
     typer.echo(json.dumps(summary, sort_keys=True))
+
+
+@merchants_app.command("rollup")
+def merchants_rollup(
+    day: Annotated[str | None, typer.Option(help="YYYY-MM-DD (UTC); default: the day before the latest event")] = None,
+) -> None:
+    """Roll up each merchant's day and score the roll-ups (flags). Ends with one JSON line."""
+    from datetime import date
+
+    from risk_engine.engine import NotFound, RiskEngine
+
+    try:
+        when = date.fromisoformat(day) if day else None
+    except ValueError:
+        typer.echo(f"error: --day {day!r} is not YYYY-MM-DD", err=True)
+        raise typer.Exit(2) from None
+    engine = RiskEngine.open(Settings(policy_poll_s=0))
+    try:
+        summary = engine.rollup_merchants(when)
+    except NotFound as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        engine.close()
+    typer.echo(f"{summary['day']}: {summary['merchants']} merchants rolled up, {len(summary['flagged'])} flagged")
+    for flagged in summary["flagged"]:
+        typer.echo(f"  {flagged['seller_id']}: {flagged['flag']} ({', '.join(flagged['reasons'])})")
+    typer.echo(json.dumps(summary, sort_keys=True))
+
+
+@merchants_app.command("fit")
+def merchants_fit(
+    events: Annotated[
+        int | None, typer.Option(help="How many recent roll-ups (default: the spec's fit_events)")
+    ] = None,
+) -> None:
+    """Fit the merchant roll-ups' population detectors on the stored roll-ups. Ends with one JSON line."""
+    from risk_engine.detectors.population import PopulationDetector
+    from risk_engine.engine import InvalidInput, RiskEngine
+
+    engine = RiskEngine.open(Settings(policy_poll_s=0))
+    fitted = []
+    try:
+        for det in engine.subjects["merchant_day"].detectors:
+            if isinstance(det, PopulationDetector):
+                fitted.append(engine.fit_detector(det.name, actor="cli", max_events=events))
+    except InvalidInput as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        engine.close()
+    for f in fitted:
+        typer.echo(f"fitted {f['name']} ({f['estimator']}) on {f['events']} merchant days")
+    typer.echo(json.dumps({"fitted": fitted}, sort_keys=True))
 
 
 def main() -> None:

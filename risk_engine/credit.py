@@ -28,8 +28,10 @@ gently. Tiers: ``new`` (under 30 days or 20 completed orders, whatever the score
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 DAY = 86_400.0
 WINDOW_S = 180 * DAY
@@ -86,18 +88,117 @@ class CreditScore:
 
 
 @dataclass
-class SellerFacts:
-    """Every credit event of one seller; ``score`` reads them as of the latest."""
+class Tally:
+    """What the formula reads, in exact integers: a batch count and a running one agree to the last unit."""
 
-    events: list[CreditEvent] = field(default_factory=list)
+    as_of: float = 0.0
+    first: float = 0.0
+    shipped: int = 0  # in the window, and below
+    late: int = 0
+    cancelled: int = 0
+    defects: int = 0
+    advances: int = 0
+    rating_weight: int = 0  # sum of weights in percent
+    rating_mass: int = 0  # sum of weight% * (rating * 6): exact for means of one to three ratings
+    active_points: float = 0.0  # violations active at as_of
+    completed: int = 0  # shipped orders ever
+
+
+_WINDOWED = {
+    "order_shipped": "shipped",
+    "order_cancelled_by_seller": "cancelled",
+    "dispute_lost": "defects",
+    "chargeback": "defects",
+    "advance_recovered": "advances",
+}
+
+
+def _rating_ints(e: CreditEvent) -> tuple[int, int]:
+    weight = round(e.weight * 100)
+    return weight, weight * round(e.value * 6)
+
+
+def _window_add(t: Tally, e: CreditEvent, sign: int) -> None:
+    field_name = _WINDOWED.get(e.kind)
+    if field_name is not None:
+        setattr(t, field_name, getattr(t, field_name) + sign)
+        if e.kind == "order_shipped" and e.late:
+            t.late += sign
+    elif e.kind == "rating":
+        weight, mass = _rating_ints(e)
+        t.rating_weight += sign * weight
+        t.rating_mass += sign * mass
+
+
+def tally(events: list[CreditEvent]) -> Tally:
+    """The tally of a set of events as of the latest one (batch)."""
+    t = Tally()
+    if not events:
+        return t
+    t.as_of = max(e.at for e in events)
+    t.first = min(e.at for e in events)
+    since = t.as_of - WINDOW_S
+    for e in events:
+        if e.at > since:
+            _window_add(t, e, 1)
+        if e.kind == "order_shipped":
+            t.completed += 1
+        if e.kind == "violation" and e.at <= t.as_of < e.expires_at:
+            t.active_points += e.points
+    return t
+
+
+class SellerFacts:
+    """One seller's credit facts, folded in as they come (in any order): the same tally as ``tally`` over
+    every event so far, kept in time per event instead of a pass over the seller's whole history."""
+
+    def __init__(self) -> None:
+        self.t = Tally()
+        self._window: list[tuple[float, int, CreditEvent]] = []  # in time order; pruned from the front
+        self._violations: list[tuple[float, int, CreditEvent]] = []  # heap on expiry
+        self._n = 0
+        self._empty = True
 
     def add(self, event: CreditEvent) -> None:
-        """Record an event (the caller makes sure each is added once)."""
-        self.events.append(event)
+        """Fold in an event (the caller makes sure each is added once)."""
+        t = self.t
+        self._n += 1
+        if self._empty:
+            t.as_of = t.first = event.at
+            self._empty = False
+        t.first = min(t.first, event.at)
+        if event.kind == "order_shipped":
+            t.completed += 1
+        if event.at > t.as_of - WINDOW_S and (event.kind in _WINDOWED or event.kind == "rating"):
+            bisect.insort(self._window, (event.at, self._n, event))
+            _window_add(t, event, 1)
+        if event.kind == "violation":
+            heapq.heappush(self._violations, (event.expires_at, self._n, event))
+            if event.at <= t.as_of < event.expires_at:
+                t.active_points += event.points
+        if event.at > t.as_of:
+            self._advance(event.at)
+
+    def _advance(self, as_of: float) -> None:
+        t = self.t
+        t.as_of = as_of
+        since = as_of - WINDOW_S
+        window = self._window
+        drop = 0
+        while drop < len(window) and window[drop][0] <= since:
+            _window_add(t, window[drop][2], -1)
+            drop += 1
+        if drop:
+            del window[:drop]
+        violations = self._violations
+        while violations and violations[0][0] <= as_of:
+            heapq.heappop(violations)
+        # every violation left has not expired and started no later than as_of (the latest event)
+        t.active_points = float(sum(e.points for _, _, e in violations))
 
     def score(self) -> CreditScore:
         """The score as of the latest event."""
-        return credit_score(self.events)
+        return score_tally(self.t)
 
 
 def _rate_points(count: float, orders: float, target: float) -> tuple[float, float]:
@@ -110,40 +211,31 @@ def credit_score(events: list[CreditEvent]) -> CreditScore:
     """The score of a seller with these events, as of the latest one (order does not matter)."""
     if not events:
         return CreditScore(0, "new", 0.0, ())
-    as_of = max(e.at for e in events)
-    since = as_of - WINDOW_S
-    first = min(e.at for e in events)
-    recent = [e for e in events if e.at > since]
-    shipped = sum(1 for e in recent if e.kind == "order_shipped")
-    late = sum(1 for e in recent if e.kind == "order_shipped" and e.late)
-    cancelled = sum(1 for e in recent if e.kind == "order_cancelled_by_seller")
-    orders = shipped + cancelled
-    late_rate, late_loss = _rate_points(late, orders, LATE_TARGET)
-    cancel_rate, cancel_loss = _rate_points(cancelled, orders, CANCEL_TARGET)
+    return score_tally(tally(events))
+
+
+def score_tally(t: Tally) -> CreditScore:
+    """The formula (module docstring) applied to a tally."""
+    orders = t.shipped + t.cancelled
+    late_rate, late_loss = _rate_points(t.late, orders, LATE_TARGET)
+    cancel_rate, cancel_loss = _rate_points(t.cancelled, orders, CANCEL_TARGET)
     fulfilment = 250.0 * (1.0 - 0.5 * late_loss - 0.5 * cancel_loss)
 
-    ratings = [e for e in recent if e.kind == "rating"]
-    weight = sum(e.weight for e in ratings)
-    average = (sum(e.weight * e.value for e in ratings) + RATING_PRIOR_WEIGHT * RATING_PRIOR) / (
-        weight + RATING_PRIOR_WEIGHT
-    )
+    weight = t.rating_weight / 100
+    average = (t.rating_mass / 600 + RATING_PRIOR_WEIGHT * RATING_PRIOR) / (weight + RATING_PRIOR_WEIGHT)
     genuine = 300.0 * (average - 1.0) / 4.0
 
-    defects = sum(1 for e in recent if e.kind in ("dispute_lost", "chargeback"))
-    defect_rate, defect_loss = _rate_points(defects, orders, DEFECT_LIMIT / 2)
+    defect_rate, defect_loss = _rate_points(t.defects, orders, DEFECT_LIMIT / 2)
     disputes = 200.0 * (1.0 - defect_loss)
 
-    advances_n = sum(1 for e in recent if e.kind == "advance_recovered")
-    advance_rate, advance_loss = _rate_points(advances_n, orders, ADVANCE_LIMIT / 2)
+    advance_rate, advance_loss = _rate_points(t.advances, orders, ADVANCE_LIMIT / 2)
     advances = 100.0 * (1.0 - advance_loss)
 
-    active = sum(e.points for e in events if e.kind == "violation" and e.at <= as_of < e.expires_at)
-    violations = -min(300.0, 20.0 * active)
+    violations = -min(300.0, 20.0 * t.active_points)
 
-    days = (as_of - first) / DAY
-    completed = sum(1 for e in events if e.kind == "order_shipped")
+    days = (t.as_of - t.first) / DAY
     tenure = 75.0 * min(1.0, math.log1p(days) / math.log1p(730))
-    volume = 75.0 * min(1.0, math.log1p(completed) / math.log1p(5000))
+    volume = 75.0 * min(1.0, math.log1p(t.completed) / math.log1p(5000))
 
     components = (
         Component(
@@ -154,21 +246,21 @@ def credit_score(events: list[CreditEvent]) -> CreditScore:
             {"orders": orders, "late_rate": late_rate, "cancel_rate": cancel_rate},
         ),
         Component("genuine_ratings", genuine, 0, 300, {"weighted_average": average, "weight": weight}),
-        Component("disputes", disputes, 0, 200, {"defects": defects, "defect_rate": defect_rate}),
-        Component("advances", advances, 0, 100, {"recovered": advances_n, "rate": advance_rate}),
-        Component("violations", violations, -300, 0, {"active_points": active}),
+        Component("disputes", disputes, 0, 200, {"defects": t.defects, "defect_rate": defect_rate}),
+        Component("advances", advances, 0, 100, {"recovered": t.advances, "rate": advance_rate}),
+        Component("violations", violations, -300, 0, {"active_points": t.active_points}),
         Component(
             "tenure_and_volume",
             tenure + volume,
             0,
             150,
-            {"days": days, "completed_orders": completed},
+            {"days": days, "completed_orders": t.completed},
         ),
     )
     score = max(0, min(1000, round(sum(c.points for c in components))))
-    established = days >= NEW_DAYS and completed >= NEW_ORDERS
+    established = days >= NEW_DAYS and t.completed >= NEW_ORDERS
     tier = next(name for name, at in TIERS if score >= at) if established else "new"
-    return CreditScore(score, tier, as_of, components)
+    return CreditScore(score, tier, t.as_of, components)
 
 
 _MERCHANT_KINDS = {

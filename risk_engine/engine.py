@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -53,6 +53,7 @@ from risk_engine.features.lists import (
 )
 from risk_engine.features.velocity import GRACE_S, VelocityState
 from risk_engine.marketplace import MarketplaceState
+from risk_engine.merchants import rollup
 from risk_engine.payments import PaymentIn
 from risk_engine.pipeline import ModelScore, Verdict, decide, decision_for
 from risk_engine.schema import FieldType, SubjectSchema, load_attribute_declarations
@@ -127,6 +128,14 @@ def load_environments(settings: Settings) -> tuple[dict[str, Environment], Model
         )
         for subject, schema in BASE_SCHEMAS.items()
     }
+    for spec in specs:
+        fields = envs[spec.subject].schema.fields if spec.subject in envs else {}
+        if spec.per and spec.per not in fields:
+            hint = did_you_mean(spec.per, fields)
+            raise SpecError(
+                f"{spec.source}: detector '{spec.name}': per = '{spec.per}' is not a field of {spec.subject}"
+                + (f" ({hint})" if hint else "")
+            )
     for spec in specs:  # a spec whose features do not type-check is refused at start-up
         compile_spec_features(spec, envs[spec.subject])
     return envs, models, list_decls
@@ -548,7 +557,9 @@ class RiskEngine:
                 m.Event.occurred_at,
                 m.Event.decision,
                 m.Event.score,
-                case((m.Event.subject == "merchant", m.Event.response), else_=None),  # flags' reasons
+                case(
+                    (m.Event.subject.in_(("merchant", "merchant_day")), m.Event.response), else_=None
+                ),  # flags' reasons
             )
             .where(m.Event.subject.in_(MarketplaceState.SUBJECTS))
             .order_by(m.Event.ingest_seq)
@@ -603,6 +614,57 @@ class RiskEngine:
     def recompute_credit(self, seller_id: str) -> CreditScore | None:
         """The seller's score recomputed from every stored event (what the live score must equal)."""
         return self._rebuilt_marketplace().credit(seller_id)
+
+    def rollup_merchants(self, day: date | None = None) -> dict[str, Any]:
+        """Roll up each merchant's day (default: the last full day before the latest stored event) and score
+        the roll-ups through the ``merchant_day`` policy and detectors. Running it again for the same day
+        returns the stored answers; a day whose figures changed since is reported, not scored twice."""
+        self.writer.barrier().wait(30)
+        if day is None:
+            latest = self._latest_occurred("payment") or self._latest_occurred("merchant")
+            if latest is None:
+                raise NotFound("no payments or merchant events to roll up")
+            day = (datetime.fromtimestamp(latest, UTC) - timedelta(days=1)).date()
+        start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+        end = start + timedelta(days=1)
+        stmt = (
+            select(m.Event.subject, m.Event.record, m.Event.decision)
+            .where(
+                m.Event.subject.in_(("payment", "merchant")), m.Event.occurred_at >= start, m.Event.occurred_at < end
+            )
+            .order_by(m.Event.ingest_seq)
+            .execution_options(yield_per=5000)
+        )
+        with self._session() as s:
+            events = [(subject, record, decision) for subject, record, decision in s.execute(stmt)]
+        results, changed = [], []
+        outcomes = []
+        for rolled in rollup(day.isoformat(), end - timedelta(microseconds=1), events):
+            try:
+                outcome = self.score_event("merchant_day", rolled)
+            except Conflict:
+                changed.append(rolled.seller_id)
+                continue
+            outcomes.append((rolled, outcome))
+        for rolled, outcome in outcomes:
+            outcome.committed.wait(30)
+            outcome.raise_if_not_stored()
+            answer = outcome.response
+            results.append(
+                {
+                    "seller_id": rolled.seller_id,
+                    "flag": answer["decision"],
+                    "score": answer["score"],
+                    "reasons": [r["code"] for r in answer["reasons"] if r["score_delta"] or r["source"] == "rule"],
+                    "replayed": outcome.replayed,
+                }
+            )
+        return {
+            "day": day.isoformat(),
+            "merchants": len(results),
+            "flagged": [r for r in results if r["flag"] != "ok"],
+            "changed_since_rolled_up": changed,
+        }
 
     def merchant_risk(self, seller_id: str) -> dict[str, Any]:
         """A merchant's current flag (the strictest in the last 7 days), its reasons and its flag history."""
@@ -696,6 +758,7 @@ class RiskEngine:
                 log.error("REFUSED detector snapshot: %s; rebuilding %s from stored events", exc, det.name)
         if restored:
             for row in self._stored_events(subject, after_seq=det.last_seq):
+                det.select(row.record.get(det.spec.per))
                 x = row.features.get(det.name, {})
                 raw, _ = det.score_one(x)
                 det.learn_one(x, raw, row.ingest_seq)
@@ -707,6 +770,7 @@ class RiskEngine:
         for row in self._stored_events(subject):
             ts = row.occurred_at.timestamp()
             aggs = velocity.query(row.record, ts)
+            det.select(row.record.get(det.spec.per))
             x = det.features.compute(row.record, aggs, self.lists.sets, {})
             raw, _ = det.score_one(x)
             det.learn_one(x, raw, row.ingest_seq)
@@ -1036,6 +1100,8 @@ class RiskEngine:
         raws: list[float] = []
         outputs: list[DetectorOutput] = []
         for det in rt.detectors:
+            if det.spec.per:
+                det.select(record.get(det.spec.per))
             x = det.features.compute(record, aggs, lists, {})
             raw, calibrated = det.score_one(x)
             vectors[det.name] = x

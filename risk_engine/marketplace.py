@@ -7,13 +7,15 @@ backtest or a replay sees exactly what live scoring saw.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+import numpy as np
+from xxhash import xxh3_64_intdigest
 
 from risk_engine.credit import CreditScore, SellerFacts, credit_event_from
 from risk_engine.merchants import MERCHANT_FLAGS
@@ -22,20 +24,44 @@ FLAG_WINDOW_S = 7 * 86_400.0
 SEVERITY = {"allow": 0, "challenge": 1, "review": 2, "block": 3}
 MAX_ORDERS = 2_000_000  # orders remembered for the review link (the oldest go first)
 TEXTS_PER_SELLER = 500  # recent review texts per seller compared for near-duplicates
-NEAR_DUPLICATE_BITS = 10  # SimHash distance for near-duplicates: a one-word edit moves ~9 bits, unrelated ~32
+# SimHash distance for near-duplicates: one-word edits of real reviews move under 10 bits, unrelated texts ~31
+NEAR_DUPLICATE_BITS = 12
 _WORD = re.compile(r"\w+")
 
 
+_GOLDEN, _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
 def simhash(text: str) -> int:
-    """64-bit SimHash of a text's word pairs (the word when alone): near texts, near hashes."""
-    words = _WORD.findall(text.lower())
-    shingles = [" ".join(words[i : i + 2]) for i in range(max(1, len(words) - 1))] if words else [""]
-    weights = [0] * 64
-    for shingle in shingles:
-        h = int.from_bytes(hashlib.blake2b(shingle.encode(), digest_size=8).digest(), "big")
-        for bit in range(64):
-            weights[bit] += 1 if h >> bit & 1 else -1
-    return sum(1 << bit for bit in range(64) if weights[bit] > 0)
+    """64-bit SimHash of a text's word pairs (the word when alone): near texts, near hashes. Each word is
+    hashed once (xxh3); a pair's hash mixes its two words' (splitmix64's finaliser), all in numpy."""
+    words = _WORD.findall(text.lower()) or [""]
+    hw = np.fromiter((xxh3_64_intdigest(w.encode()) for w in words), dtype=np.uint64, count=len(words))
+    x = hw[:-1] * _GOLDEN ^ hw[1:] if len(hw) > 1 else hw
+    x ^= x >> np.uint64(30)
+    x *= _MIX1
+    x ^= x >> np.uint64(27)
+    x *= _MIX2
+    x ^= x >> np.uint64(31)
+    bits = np.unpackbits(x.astype(">u8").view(np.uint8)).reshape(len(x), 64)
+    majority = bits.sum(axis=0, dtype=np.uint32) * 2 > len(x)  # bit i: set in most pairs' hashes
+    return int.from_bytes(np.packbits(majority).tobytes(), "big")
+
+
+class _RecentTexts:
+    """A ring of a seller's recent review SimHashes, compared all at once."""
+
+    def __init__(self, size: int) -> None:
+        self.hashes = np.zeros(size, dtype=np.uint64)
+        self.count = 0
+
+    def near(self, signature: int, bits: int) -> int:
+        held = self.hashes[: min(self.count, len(self.hashes))]
+        return int(np.count_nonzero(np.bitwise_count(held ^ np.uint64(signature)) <= bits))
+
+    def add(self, signature: int) -> None:
+        self.hashes[self.count % len(self.hashes)] = signature
+        self.count += 1
 
 
 @dataclass
@@ -60,12 +86,12 @@ class _Flag:
 class MarketplaceState:
     """Sellers' credit facts and scores, and their merchant flags."""
 
-    SUBJECTS = ("payment", "review", "merchant")
+    SUBJECTS = ("payment", "review", "merchant", "merchant_day")
 
     facts: dict[str, SellerFacts] = field(default_factory=dict)
     orders: OrderedDict[str, _Order] = field(default_factory=OrderedDict)
     seller_devices: dict[str, set[str]] = field(default_factory=dict)  # devices and IP indexes of its logins
-    texts: dict[str, deque[int]] = field(default_factory=dict)  # seller -> recent review SimHashes
+    texts: dict[str, _RecentTexts] = field(default_factory=dict)  # seller -> recent review SimHashes
     scores: dict[str, CreditScore] = field(default_factory=dict)
     flags: dict[str, deque[_Flag]] = field(default_factory=dict)
     latest: dict[str, float] = field(default_factory=dict)  # a seller's latest merchant event
@@ -116,10 +142,8 @@ class MarketplaceState:
         text = record.get("text")
         if isinstance(text, str) and len(text) >= 20:
             signature = simhash(text)
-            recent = self.texts.get(seller_id, ())
-            record["text.near_duplicates"] = sum(
-                1 for other in recent if (other ^ signature).bit_count() <= NEAR_DUPLICATE_BITS
-            )
+            recent = self.texts.get(seller_id)
+            record["text.near_duplicates"] = recent.near(signature, NEAR_DUPLICATE_BITS) if recent else 0
             record["text.simhash"] = signature
 
     def _observe_order(self, subject: str, record: dict[str, Any], at: float, decision: str) -> None:
@@ -165,11 +189,14 @@ class MarketplaceState:
         if subject == "payment":
             return None
         if subject == "review" and isinstance(record.get("text.simhash"), int):
-            self.texts.setdefault(seller_id, deque(maxlen=TEXTS_PER_SELLER)).append(record["text.simhash"])
+            recent = self.texts.get(seller_id)
+            if recent is None:
+                recent = self.texts[seller_id] = _RecentTexts(TEXTS_PER_SELLER)
+            recent.add(record["text.simhash"])
         if subject == "merchant" and record.get("type") == "login":
             devices = self.seller_devices.setdefault(seller_id, set())
             devices.update(v for v in (record.get("device.id"), record.get("device.ip")) if isinstance(v, str))
-        if subject == "merchant":
+        if subject in ("merchant", "merchant_day"):
             flags = self.flags.setdefault(seller_id, deque(maxlen=1000))
             flags.append(_Flag(at, decision, str(record.get("event_id")), tuple(reasons)))
             self.latest[seller_id] = max(at, self.latest.get(seller_id, at))

@@ -127,3 +127,124 @@ def flatten_merchant_event(e: MerchantEventIn, vault: Vault) -> tuple[dict[str, 
 
 
 MERCHANT_FLAGS = {"allow": "ok", "challenge": "watch", "review": "investigate", "block": "restrict_payouts"}
+
+
+class MerchantDayIn(Strict):
+    """A merchant's daily roll-up (computed by the engine from the day's stored events; see ``rollup``)."""
+
+    event_id: Id = Field(description="seller:day, the roll-up's idempotency key")
+    occurred_at: AwareDatetime = Field(description="End of the day rolled up")
+    seller_id: Id
+    day: Annotated[str, Field(pattern=r"^\d{4}-\d{2}-\d{2}$")]
+    orders: int = Field(ge=0)
+    gmv: float = Field(ge=0, description="Sum of the day's paid orders, major units")
+    avg_price: float = Field(ge=0)
+    refunds: int = Field(ge=0)
+    refund_rate: float = Field(ge=0)
+    cancellations: int = Field(ge=0)
+    cancel_rate: float = Field(ge=0)
+    shipped: int = Field(ge=0)
+    late_rate: float = Field(ge=0, le=1)
+    new_listings: int = Field(ge=0)
+    price_changes: int = Field(ge=0)
+    disputes: int = Field(ge=0)
+    chargebacks: int = Field(ge=0)
+    attributes: Attributes = Field(default_factory=dict, max_length=256)
+
+
+_DAY_NUMBERS = (
+    ("orders", "paid orders (payments not blocked)"),
+    ("gmv", "sum of paid orders, major units"),
+    ("avg_price", "gmv / orders"),
+    ("refunds", "refunds issued"),
+    ("refund_rate", "refunds / orders"),
+    ("cancellations", "seller cancellations"),
+    ("cancel_rate", "seller cancellations / orders"),
+    ("shipped", "orders shipped"),
+    ("late_rate", "late shipments / shipped"),
+    ("new_listings", "listings created"),
+    ("price_changes", "price changes"),
+    ("disputes", "disputes opened"),
+    ("chargebacks", "chargebacks"),
+)
+
+MERCHANT_DAY_SCHEMA = SubjectSchema(
+    "merchant_day",
+    {
+        s.path: s
+        for s in [
+            FieldSpec("event_id", S, "seller:day"),
+            FieldSpec("seller_id", S, "the seller"),
+            FieldSpec("day", S, "the day rolled up, YYYY-MM-DD (UTC)"),
+            *(FieldSpec(name, N, text) for name, text in _DAY_NUMBERS),
+            *SELLER_FIELDS,
+        ]
+    },
+)
+
+
+def flatten_merchant_day(d: MerchantDayIn, vault: Vault) -> tuple[dict[str, Any], dict[str, str]]:
+    """A roll-up's flat record (no PII)."""
+    record: dict[str, Any] = {"event_id": d.event_id, "seller_id": d.seller_id, "day": d.day}
+    for name, _ in _DAY_NUMBERS:
+        record[name] = getattr(d, name)
+    for name, value in d.attributes.items():
+        record["attributes." + name] = value
+    return record, {}
+
+
+def rollup(day: str, end: Any, events: list[tuple[str, dict[str, Any], str]]) -> list[MerchantDayIn]:
+    """Daily roll-ups per seller from the day's scored events ``(subject, record, decision)``: payments give
+    orders and GMV (blocked ones do not count), merchant events the rest. Pure."""
+    tallies: dict[str, dict[str, float]] = {}
+    for subject, record, decision in events:
+        seller = record.get("seller_id")
+        if not isinstance(seller, str):
+            continue
+        t = tallies.setdefault(seller, {name: 0.0 for name, _ in _DAY_NUMBERS})
+        if subject == "payment":
+            if decision != "block":
+                t["orders"] += 1
+                t["gmv"] += float(record.get("amount.major") or 0.0)
+            continue
+        kind = record.get("type")
+        if kind == "refund_issued":
+            t["refunds"] += 1
+        elif kind == "order_cancelled_by_seller":
+            t["cancellations"] += 1
+        elif kind == "order_shipped":
+            t["shipped"] += 1
+            t["late_rate"] += 1 if record.get("late") else 0  # a count until divided below
+        elif kind == "listing_created":
+            t["new_listings"] += 1
+        elif kind == "price_changed":
+            t["price_changes"] += 1
+        elif kind == "dispute_opened":
+            t["disputes"] += 1
+        elif kind == "chargeback":
+            t["chargebacks"] += 1
+    out = []
+    for seller, t in sorted(tallies.items()):
+        orders = t["orders"]
+        out.append(
+            MerchantDayIn(
+                event_id=f"{seller}:{day}",
+                occurred_at=end,
+                seller_id=seller,
+                day=day,
+                orders=int(orders),
+                gmv=round(t["gmv"], 2),
+                avg_price=round(t["gmv"] / orders, 2) if orders else 0.0,
+                refunds=int(t["refunds"]),
+                refund_rate=t["refunds"] / max(orders, 1.0),
+                cancellations=int(t["cancellations"]),
+                cancel_rate=t["cancellations"] / max(orders, 1.0),
+                shipped=int(t["shipped"]),
+                late_rate=t["late_rate"] / max(t["shipped"], 1.0),
+                new_listings=int(t["new_listings"]),
+                price_changes=int(t["price_changes"]),
+                disputes=int(t["disputes"]),
+                chargebacks=int(t["chargebacks"]),
+            )
+        )
+    return out

@@ -10,7 +10,15 @@ from typing import Any
 from pydantic import BaseModel
 
 from risk_engine.accounts import ACCOUNT_SCHEMA, AccountIn, flatten_account
-from risk_engine.merchants import MERCHANT_FLAGS, MERCHANT_SCHEMA, MerchantEventIn, flatten_merchant_event
+from risk_engine.merchants import (
+    MERCHANT_DAY_SCHEMA,
+    MERCHANT_FLAGS,
+    MERCHANT_SCHEMA,
+    MerchantDayIn,
+    MerchantEventIn,
+    flatten_merchant_day,
+    flatten_merchant_event,
+)
 from risk_engine.payments import PAYMENT_SCHEMA, PII_FIELD_KINDS, PaymentIn, flatten_payment
 from risk_engine.reviews import REVIEW_DECISIONS, REVIEW_SCHEMA, ReviewIn, flatten_review
 from risk_engine.schema import SubjectSchema
@@ -55,5 +63,8 @@ SUBJECT_KINDS: dict[str, SubjectKind] = {
         flatten_merchant_event,
         {"device.ip": PiiKind.IP},
         MERCHANT_FLAGS,
+    ),
+    "merchant_day": SubjectKind(
+        "merchant_day", "event_id", MerchantDayIn, MERCHANT_DAY_SCHEMA, flatten_merchant_day, {}, MERCHANT_FLAGS
     ),
 }

@@ -280,6 +280,13 @@ REQUESTS: list[dict[str, Any]] = [
         },
     },
     {"name": "40_merchant_risk", "method": "GET", "path": "/v1/merchants/s_42/risk", "role": "scorer"},
+    {
+        "name": "40b_merchants_rollup",
+        "method": "POST",
+        "path": "/v1/merchants/rollup",
+        "role": "analyst",
+        "body": {"day": "2026-11-22"},
+    },
     {"name": "41_seller_credit", "method": "GET", "path": "/v1/sellers/s_42/credit", "role": "scorer"},
 ]
 

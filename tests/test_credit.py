@@ -240,3 +240,51 @@ def test_merchant_events_become_flags_and_reach_the_payment_rules(sqlite_api: Ap
 
     stored = json.loads(record) if isinstance(record, str | bytes) else record
     assert stored["seller.flag"] == "investigate" and stored["seller.tier"] == "new"
+
+
+event_kinds = st.sampled_from(
+    [
+        "order_shipped",
+        "order_cancelled_by_seller",
+        "dispute_lost",
+        "chargeback",
+        "advance_recovered",
+        "rating",
+        "violation",
+        "seen",
+    ]
+)
+
+
+@settings(max_examples=80)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 900), event_kinds, st.booleans(), st.integers(1, 5), st.integers(0, 100), st.integers(1, 200)
+        ),
+        min_size=1,
+        max_size=80,
+    )
+)
+def test_the_running_tally_equals_a_recount_after_every_event(
+    facts: list[tuple[int, str, bool, int, int, int]],
+) -> None:
+    from risk_engine.credit import SellerFacts, tally
+
+    events = [
+        CreditEvent(
+            T0 + d * DAY,
+            kind,
+            late=late,
+            value=(rating + 1) / 2 if kind == "rating" else 0.0,  # halves, as a mean of two ratings can be
+            weight=authenticity / 100,
+            points=float(rating),
+            expires_at=T0 + (d + days) * DAY,
+        )
+        for d, kind, late, rating, authenticity, days in facts
+    ]
+    running = SellerFacts()
+    for i, event in enumerate(events):  # out of time order, as late events arrive
+        running.add(event)
+        assert running.t == tally(events[: i + 1])
+        assert running.score() == credit_score(events[: i + 1])

@@ -140,7 +140,7 @@ def test_text_detectors_are_checked(tmp_path: Path) -> None:
     (models / "r.toml").write_text(bad.read_text())
     with pytest.raises(Exception, match="text feature 'text' must be a string"):
         load_environments(make_settings(tmp_path / "var", "sqlite://", models_dir=models))
-    bad.write_text(base.replace("ngram_range = [1, 2]", "ngram_range = [2, 1]"))
+    bad.write_text(base.replace("ngram_range = [1, 1]", "ngram_range = [2, 1]"))
     with pytest.raises(SpecError, match="ngram_range"):
         parse_spec_file(bad)
 

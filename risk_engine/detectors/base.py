@@ -26,3 +26,6 @@ class DetectorBase:
     def supervised(self) -> bool:
         """True for detectors that learn from labels."""
         return self.spec.kind == "supervised"
+
+    def select(self, key: object) -> None:
+        """Per-key detectors switch to ``key``'s model; others ignore it."""

@@ -24,16 +24,18 @@ class GaussianZScore(base.AnomalyDetector):
     A diagonal Gaussian model of normal traffic: each feature's distance from its mean in standard deviations,
     clipped at ``clip`` so one wild feature cannot drown the others, averaged over the features. Means and
     variances are exact (Welford) for the first ``window`` events, then exponentially weighted with weight
-    ``1/window``, so the model follows slow drift. It scores 0 until it has seen ``min_events`` events. The
+    ``1/window``, so the model follows slow drift; a standard deviation under ``min_std`` counts as ``min_std``
+    (so a feature that never moved still flags a jump). It scores 0 until it has seen ``min_events`` events. The
     per-feature terms are the explanation: the score is their sum, so each term is exactly that feature's share.
     """
 
-    def __init__(self, clip: float = 10.0, window: int = 20_000, min_events: int = 30) -> None:
-        if clip <= 0 or window < 2 or min_events < 2:
-            raise ValueError("clip must be positive, window and min_events at least 2")
+    def __init__(self, clip: float = 10.0, window: int = 20_000, min_events: int = 30, min_std: float = 0.0) -> None:
+        if clip <= 0 or window < 2 or min_events < 2 or min_std < 0:
+            raise ValueError("clip must be positive, window and min_events at least 2, min_std not negative")
         self.clip = clip
         self.window = window
         self.min_events = min_events
+        self.min_std = min_std
         self.n = 0
         self.means: dict[Hashable, float] = {}
         self.vars: dict[Hashable, float] = {}
@@ -54,11 +56,11 @@ class GaussianZScore(base.AnomalyDetector):
         """Each feature's clipped absolute z-score divided by the number of features: the score's summands."""
         if not x:
             return {}
-        clip, means, vars_ = self.clip, self.means, self.vars
+        clip, means, vars_, floor = self.clip, self.means, self.vars, self.min_std * self.min_std
         share = 1.0 / len(x)
         out: dict[Hashable, float] = {}
         for name, value in x.items():
-            var = vars_.get(name, 0.0)
+            var = max(vars_.get(name, 0.0), floor)
             z = abs(value - means.get(name, 0.0)) / var**0.5 if var > 0.0 else 0.0
             out[name] = (z if z < clip else clip) * share
         return out
@@ -87,22 +89,25 @@ def text_ngrams(text: str, ngram_range: tuple[int, int] = (1, 2)) -> Counter[str
     return Counter(grams)
 
 
+Label = bool | str | int
+
+
 class TextNaiveBayes(base.Classifier):
     """Multinomial naive Bayes over a text's n-grams: river's ``BagOfWords | MultinomialNB``, same
-    probabilities (a test checks it), about five times faster: one dict per class, the denominators' logs once
-    per call, and its own tokenizer. ``x`` holds one text; its key is the detector's text feature.
+    probabilities (a test checks it), several times faster: one table row per n-gram holding every class's
+    ``log(count + alpha)``, one look-up per n-gram, and its own tokenizer. ``x`` holds one text.
 
-    Its explanation: the n-grams whose counts pushed the log odds towards fraud most.
+    Its explanation: the n-grams whose counts pushed the log odds towards fraud most (from the same look-ups).
     """
 
     def __init__(self, alpha: float = 1.0, ngram_range: tuple[int, int] = (1, 2)) -> None:
         self.alpha = alpha
         self.ngram_range = tuple(ngram_range)
-        self.class_counts: dict[bool | str | int, int] = {}
-        self.class_totals: dict[bool | str | int, float] = {}
-        self.counts: dict[bool | str | int, dict[str, float]] = {}  # class -> n-gram -> count
-        self.log_counts: dict[bool | str | int, dict[str, float]] = {}  # class -> n-gram -> log(count + alpha)
-        self.vocabulary: set[str] = set()
+        self.classes: list[Label] = []
+        self.class_counts: dict[Label, int] = {}
+        self.class_totals: list[float] = []
+        self.counts: dict[str, list[float]] = {}  # n-gram -> count per class (in ``classes`` order)
+        self.logs: dict[str, list[float]] = {}  # n-gram -> log(count + alpha) per class
 
     def _grams(self, x: dict[Hashable, Any]) -> Counter[str]:
         text = next((v for v in x.values() if isinstance(v, str)), "")
@@ -116,63 +121,93 @@ class TextNaiveBayes(base.Classifier):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.pop("_last", None)  # a cache, not state
+        state.pop("_last", None)  # caches, not state
+        state.pop("_scan_cache", None)
         return state
+
+    def _class_index(self, y: Label) -> int:
+        if y not in self.class_counts:
+            self.classes.append(y)
+            self.class_counts[y] = 0
+            self.class_totals.append(0.0)
+            log_alpha = math.log(self.alpha)
+            for row in self.counts.values():
+                row.append(0.0)
+            for row in self.logs.values():
+                row.append(log_alpha)
+        return self.classes.index(y)
 
     def learn_one(self, x: dict[Hashable, Any], y: Any) -> None:
         """Count the text's n-grams under its label."""
         grams = self._grams(x)
-        self.class_counts[y] = self.class_counts.get(y, 0) + 1
-        counts = self.counts.setdefault(y, {})
-        logs = self.log_counts.setdefault(y, {})
-        alpha = self.alpha
+        c = self._class_index(y)
+        self.class_counts[y] += 1
+        width, alpha, log_alpha = len(self.classes), self.alpha, math.log(self.alpha)
         for gram, n in grams.items():
-            count = counts.get(gram, 0.0) + n
-            counts[gram] = count
-            logs[gram] = math.log(count + alpha)
-            self.vocabulary.add(gram)
-        self.class_totals[y] = self.class_totals.get(y, 0.0) + sum(grams.values())
+            counts = self.counts.get(gram)
+            if counts is None:
+                counts = self.counts[gram] = [0.0] * width
+                self.logs[gram] = [log_alpha] * width
+            counts[c] += n
+            self.logs[gram][c] = math.log(counts[c] + alpha)
+        self.class_totals[c] += sum(grams.values())
+        self.__dict__.pop("_scan_cache", None)
 
-    def _log_likelihoods(self, grams: Counter[str]) -> dict[bool | str | int, float]:
+    def _scan(self, x: dict[Hashable, Any]) -> tuple[list[float], list[tuple[str, int, list[float] | None]]]:
+        """Joint log likelihood per class, and each n-gram's row (cached for the explanation)."""
+        grams = self._grams(x)
+        cached = self.__dict__.get("_scan_cache")
+        if cached is not None and cached[0] is grams:
+            return cached[1], cached[2]
         total = sum(self.class_counts.values())
-        alpha, vocabulary = self.alpha, len(self.vocabulary)
+        alpha, vocabulary, log_alpha = self.alpha, len(self.counts), math.log(self.alpha)
         n_tokens = sum(grams.values())
-        out = {}
-        log_alpha = math.log(alpha)
-        for c, n_c in self.class_counts.items():
-            logs = self.log_counts.get(c, {}).get
-            log_den = math.log(self.class_totals.get(c, 0.0) + alpha * vocabulary)
-            ll = math.log(n_c / total) - n_tokens * log_den
-            for gram, n in grams.items():
-                ll += n * logs(gram, log_alpha)
-            out[c] = ll
-        return out
+        ll = [
+            math.log(self.class_counts[c] / total) - n_tokens * math.log(self.class_totals[i] + alpha * vocabulary)
+            for i, c in enumerate(self.classes)
+        ]
+        width = len(ll)
+        rows = []
+        get = self.logs.get
+        unseen = 0
+        for gram, n in grams.items():
+            row = get(gram)
+            rows.append((gram, n, row))
+            if row is None:
+                unseen += n
+            elif width == 2:
+                ll[0] += n * row[0]
+                ll[1] += n * row[1]
+            else:
+                for i in range(width):
+                    ll[i] += n * row[i]
+        if unseen:
+            ll = [v + unseen * log_alpha for v in ll]
+        self.__dict__["_scan_cache"] = (grams, ll, rows)
+        return ll, rows
 
-    def predict_proba_one(self, x: dict[Hashable, Any], **kwargs: Any) -> dict[bool | str | int, float]:
+    def predict_proba_one(self, x: dict[Hashable, Any], **kwargs: Any) -> dict[Label, float]:
         """Class probabilities; empty before the first label, as river's."""
-        if not self.class_counts:
+        if not self.classes:
             return {}
-        jll = self._log_likelihoods(self._grams(x))
-        top = max(jll.values())
-        norm = top + math.log(sum(math.exp(v - top) for v in jll.values()))
-        return {c: math.exp(v - norm) for c, v in jll.items()}
+        ll, _ = self._scan(x)
+        top = max(ll)
+        norm = top + math.log(sum(math.exp(v - top) for v in ll))
+        return {c: math.exp(v - norm) for c, v in zip(self.classes, ll, strict=True)}
 
     def gram_effects(self, x: dict[Hashable, Any], positive: Any = True, k: int = 3) -> list[tuple[str, float]]:
         """The ``k`` n-grams that pushed the log odds of ``positive`` (against the likeliest other class for
         each n-gram) up most, largest first."""
-        if positive not in self.counts or len(self.class_counts) < 2:
+        if positive not in self.class_counts or len(self.classes) < 2:
             return []
-        alpha, vocabulary = self.alpha, len(self.vocabulary)
-        log_alpha = math.log(alpha)
-        pos = self.log_counts[positive].get
-        pos_den = math.log(self.class_totals[positive] + alpha * vocabulary)
-        others = [
-            (self.log_counts.get(c, {}).get, math.log(self.class_totals.get(c, 0.0) + alpha * vocabulary))
-            for c in self.class_counts
-            if c != positive
+        _, rows = self._scan(x)
+        p = self.classes.index(positive)
+        vocabulary = len(self.counts)
+        dens = [math.log(t + self.alpha * vocabulary) for t in self.class_totals]
+        others = [i for i in range(len(self.classes)) if i != p]
+        unseen = min(dens[i] for i in others) - dens[p]  # an n-gram never seen: log(alpha) on both sides
+        effects = [
+            (gram, n * (unseen if row is None else row[p] - dens[p] - max(row[i] - dens[i] for i in others)))
+            for gram, n, row in rows
         ]
-        effects = []
-        for gram, n in self._grams(x).items():
-            other = max(get(gram, log_alpha) - den for get, den in others)
-            effects.append((gram, n * (pos(gram, log_alpha) - pos_den - other)))
         return heapq.nlargest(k, effects, key=lambda t: t[1])

@@ -99,6 +99,7 @@ class DetectorSpec:
     warmup: int = 50
     fit_events: int = 50_000  # population detectors: how many recent stored events a fit reads
     text: Mapping[str, str] = field(default_factory=dict)  # supervised text detectors: one string feature
+    per: str = ""  # anomaly detectors: a field path; one model per value (a merchant's own series)
     ngram_range: tuple[int, int] = (1, 2)
     source: str = ""
     digest: str = field(default="", compare=False)
@@ -206,6 +207,7 @@ def _parse_file(path: Path) -> tuple[list[DetectorSpec], dict[str, CombineSpec]]
         "fit_events",
         "text",
         "ngram_range",
+        "per",
         "description",
     }
     for name, body in detectors.items():
@@ -259,6 +261,11 @@ def _parse_file(path: Path) -> tuple[list[DetectorSpec], dict[str, CombineSpec]]
             raise SpecError(f"{where}: detector '{name}': [features] must map names to expressions")
         if not features and not text:
             raise SpecError(f"{where}: detector '{name}': [features] must map names to expressions")
+        per = body.get("per", "")
+        if per and (kind != "anomaly" or not isinstance(per, str)):
+            raise SpecError(
+                f"{where}: detector '{name}': 'per' (one model per key) is for anomaly detectors, a field path"
+            )
         ngram = body.get("ngram_range", [1, 2])
         if not (isinstance(ngram, list) and len(ngram) == 2 and all(isinstance(n, int) for n in ngram)) or not (
             1 <= ngram[0] <= ngram[1] <= 5
@@ -285,6 +292,7 @@ def _parse_file(path: Path) -> tuple[list[DetectorSpec], dict[str, CombineSpec]]
                 warmup=int(body.get("warmup", 50)),
                 fit_events=int(body.get("fit_events", 50_000)),
                 text=dict(text),
+                per=per,
                 ngram_range=(ngram[0], ngram[1]),
                 source=where,
                 digest=hashlib.sha256(canonical.encode()).hexdigest()[:16],

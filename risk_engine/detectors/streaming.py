@@ -28,6 +28,19 @@ class StreamingDetector(DetectorBase):
         self.model = spec.build()
         self._steps = _split(self.model)
         self.calibrator = RunningQuantile(spec.calibration_window, spec.warmup)
+        self.models: dict[str, Any] = {}  # per-key detectors (``per``): one model per key, one calibration
+
+    def select(self, key: object) -> None:
+        """Per-key detectors: make ``key``'s own model (a fresh one for a new key) the one in use."""
+        if not self.spec.per:
+            return
+        name = str(key)
+        model = self.models.get(name)
+        if model is None:
+            model = self.models[name] = self.spec.build()
+        if model is not self.model:
+            self.model = model
+            self._steps = _split(model)
 
     @property
     def version(self) -> str:
@@ -126,6 +139,7 @@ class StreamingDetector(DetectorBase):
             "name": self.spec.name,
             "digest": self.spec.digest,
             "model": self.model,
+            "models": self.models,
             "calibrator": self.calibrator,
             "events_seen": self.events_seen,
             "last_seq": self.last_seq,
@@ -138,6 +152,7 @@ class StreamingDetector(DetectorBase):
         if state.get("name") != self.spec.name or state.get("digest") != self.spec.digest:
             return False
         self.model = state["model"]
+        self.models = state.get("models", {})
         self._steps = _split(self.model)
         self.calibrator = state["calibrator"]
         self.events_seen = int(state["events_seen"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
@@ -75,6 +75,26 @@ class MerchantRiskOut(BaseModel):
     )
     reasons: list[str]
     history: list[FlagOut]
+
+
+class RollupIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    day: date | None = Field(default=None, description="UTC day; default: the day before the latest event")
+
+
+class RolledUpOut(BaseModel):
+    seller_id: str
+    flag: Literal["ok", "watch", "investigate", "restrict_payouts"]
+    score: int
+    reasons: list[str]
+    replayed: bool
+
+
+class RollupOut(BaseModel):
+    day: date
+    merchants: int
+    flagged: list[RolledUpOut]
+    changed_since_rolled_up: list[str] = Field(description="Merchants whose day changed after it was rolled up")
 
 
 class CreditComponentOut(BaseModel):

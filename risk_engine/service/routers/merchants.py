@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request, Response
 
 from risk_engine.engine import InvalidInput
 from risk_engine.merchants import MerchantEventIn
-from risk_engine.service.deps import EngineDep, Scorer
+from risk_engine.service.deps import Analyst, EngineDep, Scorer
 from risk_engine.service.responses import JsonResponse
 from risk_engine.service.routers.accounts import answer
-from risk_engine.service.schemas import ERRORS, CreditOut, MerchantEventOut, MerchantRiskOut
+from risk_engine.service.schemas import ERRORS, CreditOut, MerchantEventOut, MerchantRiskOut, RollupIn, RollupOut
 
 merchants = APIRouter(prefix="/v1/merchants", tags=["merchants"])
 sellers = APIRouter(prefix="/v1/sellers", tags=["sellers"])
@@ -25,6 +27,12 @@ async def merchant_event(
         raise InvalidInput([{"field": "seller_id", "reason": f"does not match the path's seller {seller_id}"}])
     event = event.model_copy(update={"seller_id": seller_id})
     return await answer(engine.score_event("merchant", event), request)
+
+
+@merchants.post("/rollup", response_model=RollupOut, responses=ERRORS)
+async def merchants_rollup(body: RollupIn, engine: EngineDep, _: Analyst) -> JsonResponse:
+    """Roll up every merchant's day and score the roll-ups (what a nightly scheduler calls)."""
+    return JsonResponse(await asyncio.to_thread(engine.rollup_merchants, body.day))
 
 
 @merchants.get("/{seller_id}/risk", response_model=MerchantRiskOut, responses=ERRORS)

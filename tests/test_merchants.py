@@ -1,0 +1,98 @@
+"""Merchant behaviour: daily roll-ups scored against the merchant's own history and its peers."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+from risk_engine.merchants import MerchantEventIn, rollup
+from risk_engine.payments import PaymentIn
+from tests.conftest import Api, make_settings, open_api, payment, run_cli
+
+START = datetime(2026, 9, 1, tzinfo=UTC)
+
+
+def trade(api: Api, seller: str, day: int, orders: int, refunds: int) -> None:
+    """A merchant's day: ``orders`` paid orders spread over the day and ``refunds`` refunds."""
+    base = START + timedelta(days=day)
+    for i in range(orders):
+        body = payment(
+            payment_id=f"{seller}_d{day}_p{i}",
+            order_id=f"{seller}_d{day}_o{i}",
+            seller_id=seller,
+            occurred_at=(base + timedelta(minutes=15 * i)).isoformat(),
+            **{
+                "buyer.id": f"b_{seller}_{day}_{i}",
+                "buyer.email": f"b{day}x{i}@example.com",
+                "payment_method.card_fingerprint": f"fp_{seller}_{day}_{i}",
+                "device.id": f"dev_{seller}_{day}_{i}",
+                "amount.value": 10000 + 37 * i,
+            },
+        )
+        api.engine.score_payment(PaymentIn.model_validate(body))
+    for i in range(refunds):
+        event = MerchantEventIn(
+            event_id=f"{seller}_d{day}_r{i}",
+            occurred_at=base + timedelta(hours=20, minutes=i),
+            seller_id=seller,
+            type="refund_issued",
+            order_id=f"{seller}_d{day}_o{i}",
+        )
+        api.engine.score_event("merchant", event)
+
+
+def test_rollup_counts_the_days_facts() -> None:
+    end = START + timedelta(days=1)
+    events = [
+        ("payment", {"seller_id": "s", "amount.major": 100.0}, "allow"),
+        ("payment", {"seller_id": "s", "amount.major": 50.0}, "review"),
+        ("payment", {"seller_id": "s", "amount.major": 999.0}, "block"),  # not an order
+        ("merchant", {"seller_id": "s", "type": "refund_issued"}, "allow"),
+        ("merchant", {"seller_id": "s", "type": "order_shipped", "late": True}, "allow"),
+        ("merchant", {"seller_id": "s", "type": "order_shipped", "late": False}, "allow"),
+        ("merchant", {"seller_id": "t", "type": "listing_created"}, "allow"),
+    ]
+    s, t = rollup("2026-09-01", end, events)
+    assert (s.seller_id, s.orders, s.gmv, s.avg_price, s.refunds, s.refund_rate) == ("s", 2, 150.0, 75.0, 1, 0.5)
+    assert (s.shipped, s.late_rate) == (2, 0.5) and s.event_id == "s:2026-09-01"
+    assert (t.orders, t.new_listings, t.refund_rate) == (0, 1, 0.0)
+
+
+def test_a_refund_rate_jump_is_flagged_and_steady_behaviour_is_not(tmp_path: Path, database_url: str) -> None:
+    settings = make_settings(tmp_path / "var", database_url)
+    client, api = open_api(settings)
+    try:
+        for day in range(21):
+            for seller in ("jumpy", "steady"):
+                trade(api, seller, day, orders=50, refunds=1)  # 2% refunds
+            summary = api.engine.rollup_merchants(date(2026, 9, 1) + timedelta(days=day))
+            assert summary["merchants"] == 2 and summary["flagged"] == [], (day, summary)
+        trade(api, "jumpy", 21, orders=50, refunds=15)  # 30% refunds
+        trade(api, "steady", 21, orders=50, refunds=1)
+        summary = api.engine.rollup_merchants(date(2026, 9, 22))
+        flagged = {f["seller_id"]: f for f in summary["flagged"]}
+        assert set(flagged) == {"jumpy"}
+        assert flagged["jumpy"]["flag"] in ("investigate", "restrict_payouts")
+        assert {"REFUND_RATE_HIGH", "REFUND_RATE_JUMP", "MODEL_MERCHANT_DAY_CHANGE"} <= set(flagged["jumpy"]["reasons"])
+        again = api.engine.rollup_merchants(date(2026, 9, 22))  # idempotent
+        assert again["flagged"][0]["replayed"] and again["flagged"][0]["score"] == flagged["jumpy"]["score"]
+        risk = api.client.get("/v1/merchants/jumpy/risk", headers=api.headers()).json()
+        assert risk["flag"] == flagged["jumpy"]["flag"] and "REFUND_RATE_HIGH" in risk["reasons"]
+        calm = api.client.get("/v1/merchants/steady/risk", headers=api.headers()).json()
+        assert calm["flag"] == "ok"
+        # peers: the population detector, fitted on the stored roll-ups
+        fit = api.engine.fit_detector("merchant_day_population", actor="test")
+        assert fit["events"] == 44
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_rollup_and_fit_from_the_command_line(tmp_path: Path) -> None:
+    result = run_cli("merchants", "rollup", "--day", "2026-09-01", home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["merchants"] == 0
+    bad = run_cli("merchants", "rollup", "--day", "yesterday", home=tmp_path)
+    assert bad.returncode == 2 and "YYYY-MM-DD" in bad.stderr
+    fit = run_cli("merchants", "fit", home=tmp_path)
+    assert fit.returncode == 1 and "at least 10 stored merchant_day events" in fit.stderr
