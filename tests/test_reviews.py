@@ -229,3 +229,24 @@ def test_brushing_signals_tiny_orders_seller_devices_and_near_duplicate_texts(ap
         decisions.append(post(api, review(i, text=text.replace("soon", ending))))
     assert not any(r["code"] == "NEAR_DUPLICATE_TEXT" for r in decisions[0]["reasons"])
     assert any(r["code"] == "NEAR_DUPLICATE_TEXT" for r in decisions[-1]["reasons"])
+
+
+def test_an_outlying_rating_and_a_burst_on_an_item_are_scored(sqlite_api: Api) -> None:
+    api = sqlite_api
+    for i in range(12):  # a month of steady five-star reviews on item_9, each for a paid order
+        pay_for(api, 600 + i)
+        at = (T0 + timedelta(days=2 * i)).isoformat()
+        post(api, review(600 + i, occurred_at=at, item_id="item_9", rating=5, reviewer={"id": f"buyer_{600 + i}"}))
+    pay_for(api, 700)
+    late = (T0 + timedelta(days=30)).isoformat()
+    outlier = post(api, review(700, occurred_at=late, item_id="item_9", rating=1, reviewer={"id": "buyer_700"}))
+    assert any(r["code"] == "RATING_FAR_FROM_ITEM_MEAN" for r in outlier["reasons"])
+    burst = []
+    for i in range(12):  # then twelve reviews within the hour
+        pay_for(api, 800 + i)
+        at = (T0 + timedelta(days=31, minutes=3 * i)).isoformat()
+        burst.append(
+            post(api, review(800 + i, occurred_at=at, item_id="item_9", rating=5, reviewer={"id": f"buyer_{800 + i}"}))
+        )
+    codes = [{r["code"] for r in b["reasons"]} for b in burst]
+    assert "ITEM_REVIEW_BURST" not in codes[0] and "ITEM_REVIEW_BURST" in codes[-1]
