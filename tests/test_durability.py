@@ -180,10 +180,30 @@ def test_pii_is_never_stored_or_logged_in_clear(
             headers=api.headers("analyst"),
         )
         api.score(payment(payment_id="pii2", **{**PII, "buyer.email": "blocked.person@evil.example"}))
+        # the other subjects' PII: a reviewer's IP, a merchant login's IP
+        review = {
+            "review_id": "pii_review",
+            "occurred_at": "2026-11-22T12:00:00Z",
+            "item_id": "i1",
+            "seller_id": "s_42",
+            "reviewer": {"id": "b_7", "ip": "203.0.113.199"},
+            "rating": 4,
+        }
+        assert api.client.post("/v1/reviews/score", json=review, headers=api.headers()).status_code == 200
+        login = {"event_id": "pii_login", "occurred_at": "2026-11-22T12:00:00Z", "type": "login", "ip": "192.0.2.201"}
+        assert api.client.post("/v1/merchants/s_42/events", json=login, headers=api.headers()).status_code == 200
         shown = api.client.get("/v1/payments/pii1", headers=api.headers()).text
+        shown += api.client.get("/v1/reviews/pii_review", headers=api.headers()).text
     finally:
         client.__exit__(None, None, None)
-    secrets = [*PII.values(), "blocked.person@evil.example", "13912345678", "Secret Garden"]
+    secrets = [
+        *PII.values(),
+        "blocked.person@evil.example",
+        "13912345678",
+        "Secret Garden",
+        "203.0.113.199",
+        "192.0.2.201",
+    ]
     if database_url.startswith("sqlite"):
         raw = b"".join(p.read_bytes() for p in tmp_path.glob("risk.db*"))
     else:
