@@ -79,6 +79,7 @@ LABELS = {
     "genuine": False,
 }
 RECENT_CACHE = 50_000
+ORDERS_KEPT_S = 180 * 86_400.0  # payments whose orders a restart reloads for the review link
 BLOOM_MIN_CAPACITY = 1_000_000
 
 
@@ -548,8 +549,11 @@ class RiskEngine:
         self.marketplace = self._rebuilt_marketplace()
 
     def _rebuilt_marketplace(self) -> MarketplaceState:
-        """Sellers' credit facts and merchant flags from every stored review and merchant event."""
+        """Sellers' credit facts and merchant flags from every stored review and merchant event, and the orders
+        of the payments of the last 180 days (a review is about a recent order)."""
         state = MarketplaceState()
+        latest = self._latest_occurred("payment")
+        recent_payments = datetime.fromtimestamp((latest or 0.0) - ORDERS_KEPT_S, UTC)
         stmt = (
             select(
                 m.Event.subject,
@@ -561,7 +565,10 @@ class RiskEngine:
                     (m.Event.subject.in_(("merchant", "merchant_day")), m.Event.response), else_=None
                 ),  # flags' reasons
             )
-            .where(m.Event.subject.in_(MarketplaceState.SUBJECTS))
+            .where(
+                m.Event.subject.in_(MarketplaceState.SUBJECTS),
+                (m.Event.subject != "payment") | (m.Event.occurred_at >= recent_payments),
+            )
             .order_by(m.Event.ingest_seq)
             .execution_options(yield_per=5000)
         )

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from risk_engine.detectors.spec import SpecError, parse_spec_file
-from tests.conftest import REPO, Api, payment, run_cli, shared_data
+from tests.conftest import REPO, Api, make_settings, open_api, payment, run_cli, shared_data
 
 T0 = datetime(2026, 11, 22, 9, tzinfo=UTC)
 
@@ -250,3 +250,18 @@ def test_an_outlying_rating_and_a_burst_on_an_item_are_scored(sqlite_api: Api) -
         )
     codes = [{r["code"] for r in b["reasons"]} for b in burst]
     assert "ITEM_REVIEW_BURST" not in codes[0] and "ITEM_REVIEW_BURST" in codes[-1]
+
+
+def test_the_order_link_survives_a_restart(tmp_path: Path, database_url: str) -> None:
+    settings = make_settings(tmp_path / "var", database_url)
+    client, api = open_api(settings)
+    try:
+        pay_for(api, 40)
+    finally:
+        client.__exit__(None, None, None)
+    client, api = open_api(settings)  # the orders are rebuilt from stored payments
+    try:
+        answer = post(api, review(40))
+        assert answer["decision"] == "publish", answer["reasons"]
+    finally:
+        client.__exit__(None, None, None)
