@@ -1015,8 +1015,7 @@ class RiskEngine:
         if request_hash is None:
             # the record carries every field of the request, PII as keyed blind indexes: hashing it is hashing
             # the request, and the stored hash derives from no PII in clear
-            created = event.buyer.created_at if subject == "payment" else getattr(event, "created_at", None)
-            canonical = orjson.dumps([record, created], option=orjson.OPT_SORT_KEYS)
+            canonical = orjson.dumps([record, kind.beyond_record(event)], option=orjson.OPT_SORT_KEYS)
             request_hash = hashlib.sha256(canonical).hexdigest()
         replay = self._replay(kind, event_id, request_hash)
         if replay is not None:
@@ -1161,7 +1160,7 @@ class RiskEngine:
         elapsed_ms: float,
     ) -> dict[str, Any]:
         decision = verdict.decision.value
-        response: dict[str, Any] = {
+        return {
             kind.id_field: event_id,
             "decision": kind.decision_names[decision] if kind.decision_names else decision,
             "score": verdict.score,
@@ -1184,10 +1183,8 @@ class RiskEngine:
             "policy_version": rt.policy.label,
             "model_versions": {s.name: s.version for s in scores},
             "elapsed_ms": elapsed_ms,
+            **kind.answer_fields(verdict.score),
         }
-        if kind.name == "review":
-            response["authenticity"] = 100 - verdict.score
-        return response
 
     def _remember(self, event_id: str, pending: Pending) -> None:
         self._recent[event_id] = pending

@@ -201,7 +201,7 @@ def rollup(day: str, end: Any, events: list[tuple[str, dict[str, Any], str]]) ->
         seller = record.get("seller_id")
         if not isinstance(seller, str):
             continue
-        t = tallies.setdefault(seller, {name: 0.0 for name, _ in _DAY_NUMBERS})
+        t = tallies.setdefault(seller, {name: 0.0 for name, _ in _DAY_NUMBERS} | {"late": 0.0})
         if subject == "payment":
             if decision != "block":
                 t["orders"] += 1
@@ -214,7 +214,7 @@ def rollup(day: str, end: Any, events: list[tuple[str, dict[str, Any], str]]) ->
             t["cancellations"] += 1
         elif kind == "order_shipped":
             t["shipped"] += 1
-            t["late_rate"] += 1 if record.get("late") else 0  # a count until divided below
+            t["late"] += 1 if record.get("late") else 0
         elif kind == "listing_created":
             t["new_listings"] += 1
         elif kind == "price_changed":
@@ -240,7 +240,7 @@ def rollup(day: str, end: Any, events: list[tuple[str, dict[str, Any], str]]) ->
                 cancellations=int(t["cancellations"]),
                 cancel_rate=t["cancellations"] / max(orders, 1.0),
                 shipped=int(t["shipped"]),
-                late_rate=t["late_rate"] / max(t["shipped"], 1.0),
+                late_rate=t["late"] / max(t["shipped"], 1.0),
                 new_listings=int(t["new_listings"]),
                 price_changes=int(t["price_changes"]),
                 disputes=int(t["disputes"]),

@@ -36,6 +36,10 @@ class SubjectKind:
     flatten: Callable[[Any, Vault], tuple[dict[str, Any], dict[str, str]]]
     pii_kinds: Mapping[str, PiiKind]
     decision_names: Mapping[str, str] | None = None  # the subject's words for allow/challenge/review/block
+    # what the request says that its record does not (hashed with the record for idempotency)
+    beyond_record: Callable[[Any], Any] = lambda event: getattr(event, "created_at", None)
+    # fields the subject's answer adds, from the 0-100 score
+    answer_fields: Callable[[int], dict[str, Any]] = lambda score: {}
 
     def event_id(self, event: BaseModel) -> str:
         """The event's idempotency key."""
@@ -44,7 +48,15 @@ class SubjectKind:
 
 
 SUBJECT_KINDS: dict[str, SubjectKind] = {
-    "payment": SubjectKind("payment", "payment_id", PaymentIn, PAYMENT_SCHEMA, flatten_payment, PII_FIELD_KINDS),
+    "payment": SubjectKind(
+        "payment",
+        "payment_id",
+        PaymentIn,
+        PAYMENT_SCHEMA,
+        flatten_payment,
+        PII_FIELD_KINDS,
+        beyond_record=lambda p: p.buyer.created_at,  # the record has the account's age, not its creation
+    ),
     "account": SubjectKind("account", "account_id", AccountIn, ACCOUNT_SCHEMA, flatten_account, {}),
     "review": SubjectKind(
         "review",
@@ -54,6 +66,8 @@ SUBJECT_KINDS: dict[str, SubjectKind] = {
         flatten_review,
         {"reviewer.ip": PiiKind.IP},
         REVIEW_DECISIONS,
+        beyond_record=lambda r: r.reviewer.created_at,
+        answer_fields=lambda score: {"authenticity": 100 - score},
     ),
     "merchant": SubjectKind(
         "merchant",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -100,7 +100,6 @@ class PopulationFit:
     reference: list[float]  # the training rows' raw scores, sorted: the calibration
     ecdf: FrozenECDF  # also ranks features for explanations, whatever the estimator
     model: Any = None  # the pyod model, for estimators scored by pyod (HBOS, IForest)
-    meta: dict[str, Any] = field(default_factory=dict)
 
     def raw(self, row: Sequence[float]) -> float:
         """The estimator's outlier score for one row."""

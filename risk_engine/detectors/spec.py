@@ -26,7 +26,10 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from risk_engine.dsl import CompiledFeatures, Environment
 
 from risk_engine.detectors.combine import CombineSpec
 from risk_engine.dsl.errors import did_you_mean
@@ -121,7 +124,7 @@ class DetectorSpec:
         return _river_scalers()[self.scaler]() | estimator
 
 
-def compile_spec_features(spec: DetectorSpec, env: Any) -> Any:
+def compile_spec_features(spec: DetectorSpec, env: Environment) -> CompiledFeatures:
     """The spec's features (numeric, and its text feature if any) compiled against a subject's environment."""
     from risk_engine.dsl import compile_features
 

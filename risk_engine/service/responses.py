@@ -1,11 +1,15 @@
-"""JSON responses rendered with orjson (handlers return plain dicts that are already JSON-ready)."""
+"""JSON responses rendered with orjson (handlers return plain dicts that are already JSON-ready), and the
+answer of any scoring endpoint."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import orjson
+from fastapi import Request, Response
 from starlette.responses import JSONResponse
+
+from risk_engine.engine import ScoreOutcome
 
 
 class JsonResponse(JSONResponse):
@@ -13,3 +17,12 @@ class JsonResponse(JSONResponse):
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content)
+
+
+async def answer(outcome: ScoreOutcome, request: Request) -> Response:
+    """A scoring's answer once its row is committed (503 or 409 through the error handlers if not)."""
+    if not outcome.committed.done():
+        await request.app.state.commits.wait(outcome.committed)
+    outcome.raise_if_not_stored()
+    headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
+    return Response(outcome.body, media_type="application/json", headers=headers)

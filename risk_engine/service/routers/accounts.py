@@ -5,21 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from risk_engine.accounts import AccountIn
-from risk_engine.engine import ScoreOutcome
 from risk_engine.service.deps import EngineDep, Scorer
-from risk_engine.service.responses import JsonResponse
+from risk_engine.service.responses import JsonResponse, answer
 from risk_engine.service.schemas import ERRORS, AccountScoreOut
 
 router = APIRouter(prefix="/v1/accounts", tags=["accounts"])
-
-
-async def answer(outcome: ScoreOutcome, request: Request) -> Response:
-    """The scoring's answer once its row is committed (503 or 409 through the error handlers if not)."""
-    if not outcome.committed.done():
-        await request.app.state.commits.wait(outcome.committed)
-    outcome.raise_if_not_stored()
-    headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
-    return Response(outcome.body, media_type="application/json", headers=headers)
 
 
 @router.post("/score", response_model=AccountScoreOut, responses={**ERRORS, 409: ERRORS[422]})

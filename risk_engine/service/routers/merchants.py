@@ -9,8 +9,7 @@ from fastapi import APIRouter, Request, Response
 from risk_engine.engine import InvalidInput
 from risk_engine.merchants import MerchantEventIn
 from risk_engine.service.deps import Analyst, EngineDep, Scorer
-from risk_engine.service.responses import JsonResponse
-from risk_engine.service.routers.accounts import answer
+from risk_engine.service.responses import JsonResponse, answer
 from risk_engine.service.schemas import ERRORS, CreditOut, MerchantEventOut, MerchantRiskOut, RollupIn, RollupOut
 
 merchants = APIRouter(prefix="/v1/merchants", tags=["merchants"])

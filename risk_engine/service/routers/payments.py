@@ -6,8 +6,7 @@ from fastapi import APIRouter, Request, Response
 
 from risk_engine.payments import PaymentIn
 from risk_engine.service.deps import EngineDep, Scorer
-from risk_engine.service.responses import JsonResponse
-from risk_engine.service.routers.accounts import answer
+from risk_engine.service.responses import JsonResponse, answer
 from risk_engine.service.schemas import ERRORS, PaymentOut, ScoreOut
 
 router = APIRouter(prefix="/v1/payments", tags=["payments"])

@@ -6,8 +6,7 @@ from fastapi import APIRouter, Request, Response
 
 from risk_engine.reviews import ReviewIn
 from risk_engine.service.deps import EngineDep, Scorer
-from risk_engine.service.responses import JsonResponse
-from risk_engine.service.routers.accounts import answer
+from risk_engine.service.responses import JsonResponse, answer
 from risk_engine.service.schemas import ERRORS, ReviewScoreOut
 
 router = APIRouter(prefix="/v1/reviews", tags=["reviews"])
