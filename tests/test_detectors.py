@@ -193,3 +193,87 @@ def test_explanations_name_the_feature_that_was_made_extreme(tmp_path: Path) -> 
         x = {"amount": 900.0 if fraud else rng.gauss(100, 10), "items": float(rng.randint(1, 3))}
         sup.learn_label(x, fraud, label_id)
     assert sup.explain({"amount": 950.0, "items": 2.0})[0][0] == "amount"
+
+
+# -- supervised detectors: no opinion before both outcomes, Platt scaling -------------------------------------
+
+TEXT_SPEC = """
+[detectors.t]
+subject = "review"
+kind = "supervised"
+estimator = "TextNaiveBayes"
+warmup = 0
+calibration = "platt"
+[detectors.t.params]
+binary = true
+[detectors.t.text]
+text = "text"
+"""
+
+
+def text_detector(tmp_path: Path, text: str = TEXT_SPEC) -> StreamingDetector:
+    path = tmp_path / "t.toml"
+    path.write_text(text)
+    (spec,) = parse_spec_file(path)
+    envs, _, _ = load_environments(make_settings(tmp_path, "sqlite:///" + str(tmp_path / "db.sqlite")))
+    return StreamingDetector(
+        spec, compile_features({**spec.text}, envs["review"], "t", text_names=frozenset(spec.text))
+    )
+
+
+def test_a_classifier_that_has_seen_one_outcome_has_no_opinion(tmp_path: Path) -> None:
+    det = text_detector(tmp_path)
+    fake, genuine = {"text": "best luxury stay ever"}, {"text": "the room was small and clean"}
+    assert det.score_one(fake) == (0.5, 0.5)
+    for i in range(5):  # genuine reviews only: naive Bayes alone would call every text genuine for certain
+        det.learn_label(genuine, False, i + 1)
+    assert det.score_one(fake) == (0.5, 0.5)
+    det.learn_label(fake, True, 6)
+    raw, score = det.score_one(fake)
+    assert raw > 0.5 and score > 0.5
+    assert det.score_one(genuine)[0] < 0.5
+
+
+def test_platt_scaling_tames_an_overconfident_probability() -> None:
+    from risk_engine.detectors.calibration import PlattScaling
+
+    rng = random.Random(3)
+    platt = PlattScaling()
+    # a classifier that says 0.999 or 0.001 and is right only 70% of the time
+    for _ in range(5000):
+        truth = rng.random() < 0.5
+        said = truth if rng.random() < 0.7 else not truth
+        platt.learn(0.999 if said else 0.001, truth)
+    assert platt.transform(0.999) == pytest.approx(0.7, abs=0.05)
+    assert platt.transform(0.001) == pytest.approx(0.3, abs=0.05)
+    assert platt.transform(0.5) == pytest.approx(0.5, abs=0.05)  # symmetric errors: no shift
+
+
+def test_the_platt_scaling_is_learned_before_the_label_and_survives_a_snapshot(tmp_path: Path) -> None:
+    det = text_detector(tmp_path)
+    rng = random.Random(5)
+    words = ["luxury", "husband", "amazing", "room", "floor", "street", "small", "clean", "best", "ever"]
+    for i in range(200):
+        fake = i % 2 == 0
+        pool = words[:5] if fake else words[5:]
+        x = {"text": " ".join(rng.choice(pool if rng.random() < 0.6 else words) for _ in range(8))}
+        det.learn_label(x, fake, i + 1)
+    assert det.platt is not None and det.platt.labels_seen == 198  # from the third label on: both outcomes known
+    assert det.platt.a != 1.0
+    path = tmp_path / "snap"
+    write_snapshot(path, det.state(), b"k" * 32)
+    restored = text_detector(tmp_path)
+    assert restored.restore(read_snapshot(path, b"k" * 32))
+    probe = {"text": "luxury husband amazing street"}
+    assert restored.score_one(probe) == det.score_one(probe)
+    assert restored.frauds_seen == 100
+
+
+def test_platt_calibration_is_for_supervised_detectors_only(tmp_path: Path) -> None:
+    path = tmp_path / "d.toml"
+    path.write_text(SPEC.replace("warmup = 5", 'warmup = 5\ncalibration = "platt"'))
+    with pytest.raises(SpecError, match='calibration = "platt" is the one choice, for supervised detectors'):
+        parse_spec_file(path)
+    path.write_text(TEXT_SPEC.replace('"platt"', '"isotonic"'))
+    with pytest.raises(SpecError, match="is the one choice"):
+        parse_spec_file(path)

@@ -16,6 +16,12 @@ class DetectorBase:
         self.last_seq = -1  # ingest sequence of the last event learned
         self.labels_seen = 0
         self.last_label_id = 0  # id of the last label learned
+        self.frauds_seen = 0  # labels that said fraud, of ``labels_seen``
+
+    @property
+    def knows_both_outcomes(self) -> bool:
+        """True once labels of both kinds, fraud and not fraud, have been learned."""
+        return 0 < self.frauds_seen < self.labels_seen
 
     @property
     def name(self) -> str:

@@ -104,6 +104,7 @@ class DetectorSpec:
     text: Mapping[str, str] = field(default_factory=dict)  # supervised text detectors: one string feature
     per: str = ""  # anomaly detectors: a field path; one model per value (a merchant's own series)
     ngram_range: tuple[int, int] = (1, 2)
+    calibration: str = ""  # supervised detectors: "platt" rescales the probability (calibration.PlattScaling)
     source: str = ""
     digest: str = field(default="", compare=False)
 
@@ -206,6 +207,7 @@ def _parse_file(path: Path) -> tuple[list[DetectorSpec], dict[str, CombineSpec]]
         "features",
         "weight",
         "calibration_window",
+        "calibration",
         "warmup",
         "fit_events",
         "text",
@@ -274,6 +276,12 @@ def _parse_file(path: Path) -> tuple[list[DetectorSpec], dict[str, CombineSpec]]
             1 <= ngram[0] <= ngram[1] <= 5
         ):
             raise SpecError(f"{where}: detector '{name}': ngram_range must be [low, high] with 1 <= low <= high <= 5")
+        calibration = body.get("calibration", "")
+        if calibration not in ("", "platt") or (calibration and kind != "supervised"):
+            raise SpecError(
+                f"{where}: detector '{name}': calibration = \"platt\" is the one choice, for supervised detectors "
+                "(anomaly detectors are calibrated by rank; see calibration_window)"
+            )
         if "subject" not in body:
             raise SpecError(f"{where}: detector '{name}': missing subject")
         weight = float(body.get("weight", 1.0))
@@ -297,6 +305,7 @@ def _parse_file(path: Path) -> tuple[list[DetectorSpec], dict[str, CombineSpec]]
                 text=dict(text),
                 per=per,
                 ngram_range=(ngram[0], ngram[1]),
+                calibration=calibration,
                 source=where,
                 digest=hashlib.sha256(canonical.encode()).hexdigest()[:16],
             )

@@ -14,10 +14,12 @@ from collections.abc import Hashable, Mapping
 from typing import Any
 
 from risk_engine.detectors.base import DetectorBase
-from risk_engine.detectors.calibration import RunningQuantile
+from risk_engine.detectors.calibration import PlattScaling, RunningQuantile
 from risk_engine.detectors.estimators import GaussianZScore, TextNaiveBayes
 from risk_engine.detectors.spec import DetectorSpec
 from risk_engine.dsl import CompiledFeatures
+
+NO_OPINION = 0.5  # a supervised detector's probability before it has learned both outcomes
 
 
 class StreamingDetector(DetectorBase):
@@ -28,6 +30,7 @@ class StreamingDetector(DetectorBase):
         self.model = spec.build()
         self._steps = _split(self.model)
         self.calibrator = RunningQuantile(spec.calibration_window, spec.warmup)
+        self.platt = PlattScaling() if spec.calibration == "platt" else None
         self.models: dict[str, Any] = {}  # per-key detectors (``per``): one model per key, one calibration
 
     def select(self, key: object) -> None:
@@ -63,8 +66,14 @@ class StreamingDetector(DetectorBase):
         for t in transformers:
             z = t.transform_one(z)
         if self.supervised:
-            raw = float(estimator.predict_proba_one(z).get(True, 0.0))
-            return raw, raw
+            proba = estimator.predict_proba_one(z)
+            if (True in proba and False in proba) or self.knows_both_outcomes:
+                raw = float(proba.get(True, 0.0))  # a tree's leaf may hold one class only
+            else:
+                # a classifier that has learned one outcome only may know no other (naive Bayes then says the
+                # same for every event): no opinion, as an untrained logistic regression, not certainty
+                return NO_OPINION, NO_OPINION
+            return raw, raw if self.platt is None else self.platt.transform(raw)
         raw = float(estimator.score_one(z))
         return raw, self.calibrator.transform(raw)
 
@@ -125,8 +134,11 @@ class StreamingDetector(DetectorBase):
             for t in transformers:
                 t.learn_one(z)
                 z = t.transform_one(z)
+            if self.platt is not None and self.knows_both_outcomes:
+                self.platt.learn(float(estimator.predict_proba_one(z).get(True, 0.0)), fraud)
             estimator.learn_one(z, fraud)
         self.labels_seen += 1
+        self.frauds_seen += fraud
         self.last_label_id = label_id
 
     def quantiles(self) -> dict[str, float]:
@@ -141,9 +153,11 @@ class StreamingDetector(DetectorBase):
             "model": self.model,
             "models": self.models,
             "calibrator": self.calibrator,
+            "platt": self.platt,
             "events_seen": self.events_seen,
             "last_seq": self.last_seq,
             "labels_seen": self.labels_seen,
+            "frauds_seen": self.frauds_seen,
             "last_label_id": self.last_label_id,
         }
 
@@ -155,9 +169,12 @@ class StreamingDetector(DetectorBase):
         self.models = state.get("models", {})
         self._steps = _split(self.model)
         self.calibrator = state["calibrator"]
+        self.platt = state.get("platt", self.platt)
         self.events_seen = int(state["events_seen"])
         self.last_seq = int(state["last_seq"])
         self.labels_seen = int(state.get("labels_seen", 0))
+        # snapshots from before the count: assume both outcomes once there were two labels
+        self.frauds_seen = int(state.get("frauds_seen", 1 if self.labels_seen >= 2 else 0))
         self.last_label_id = int(state.get("last_label_id", 0))
         return True
 
