@@ -18,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import reference_us  # noqa: E402
 from bench.payments import DATA, _pin, bodies  # noqa: E402
 from risk_engine.config import Settings  # noqa: E402
 from risk_engine.engine import RiskEngine  # noqa: E402
@@ -66,7 +67,9 @@ def main() -> None:
             f"(replay alone {r['replay_events_per_s']:.0f}/s), changed {r['changed']}, "
             f"live mismatches {r['live_mismatches']}"
         )
-    print(json.dumps({"events": len(payload), "backtest": runs}))
+    reference = round(reference_us(), 1)
+    print(f"machine reference (bench/machine.py): {reference} us")
+    print(json.dumps({"events": len(payload), "backtest": runs, "machine_reference_us": reference}))
 
 
 if __name__ == "__main__":

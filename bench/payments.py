@@ -34,6 +34,7 @@ DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import build_request, fixed_rate, max_throughput  # noqa: E402
+from bench.machine import reference_us  # noqa: E402
 from risk_engine.config import Settings  # noqa: E402
 from risk_engine.datasets import ulb_payments  # noqa: E402
 from risk_engine.engine import RiskEngine  # noqa: E402
@@ -258,6 +259,9 @@ def main() -> None:
             "bare": {k: round(v, 2) for k, v in baseline.items()},
             "throughput_share_of_bare": round(share, 3),
         }
+    _pin(0)
+    results["machine_reference_us"] = round(reference_us(), 1)
+    print(f"machine reference (bench/machine.py): {results['machine_reference_us']} us")
     print(json.dumps(results))
 
 

@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     writer_batch_max: int = Field(default=1000, description="Largest group commit.")
     db_busy_timeout_s: float = Field(default=5.0, description="How long SQLite waits on a lock before failing.")
     policy_poll_s: float = Field(default=1.0, description="How often a worker looks for newly published policies.")
+    scoring_fast_path: bool = Field(
+        default=True,
+        description="Answer well-formed scoring requests before FastAPI's routing (service/fastpath.py).",
+    )
     gc_tuning: bool = Field(default=True, description="Freeze start-up objects and collect garbage less often.")
     velocity_max_events_per_key: int = Field(
         default=100_000, description="Cap per aggregate key; beyond it the oldest entries are dropped."

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from risk_engine.dsl import AggSpec
+from risk_engine.features.lists import PREFIX_LEN, ip_prefix
 from risk_engine.features.velocity import VelocityState
 
 SPECS = (
@@ -80,3 +83,30 @@ def test_memory_is_bounded_per_key_and_quiet_keys_are_swept() -> None:
     assert state.key_count() == 51
     assert state.sweep(now=999.0 + 10_000.0 + 3600.0 + 1.0) == 51
     assert state.key_count() == 0
+
+
+# -- the /24 or /48 network rules see of an IP ----------------------------------------------------------------
+
+
+def _reference_prefix(ip: str) -> str:
+    address = ipaddress.ip_address(ip)
+    return str(ipaddress.ip_network(f"{address}/{PREFIX_LEN[address.version]}", strict=False))
+
+
+@given(
+    st.one_of(
+        st.ip_addresses(v=4).map(str),
+        st.ip_addresses(v=6).map(str),
+        st.lists(st.sampled_from([0, 0, 1, 0xDB8, 0xFFFF]), min_size=8, max_size=8).map(
+            lambda g: str(ipaddress.IPv6Address(int("".join(f"{x:04x}" for x in g), 16)))
+        ),
+    )
+)
+def test_the_ip_prefix_is_the_network_ipaddress_names(ip: str) -> None:
+    assert ip_prefix(ip) == _reference_prefix(ip)
+
+
+def test_the_ip_prefix_of_a_non_address_is_refused() -> None:
+    for bad in ("10.0.0", "10.0.0.256", "fe80::1::2", "example.com"):
+        with pytest.raises(ValueError):
+            ip_prefix(bad)

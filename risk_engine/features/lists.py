@@ -7,6 +7,7 @@ A list has a kind: ``string`` (matched against plain string fields) or a PII kin
 from __future__ import annotations
 
 import ipaddress
+import socket
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -22,7 +23,19 @@ PREFIX_LEN = {4: 24, 6: 48}  # the network a payment's IP is reduced to (device.
 
 
 def ip_prefix(ip: str) -> str:
-    """The /24 (IPv4) or /48 (IPv6) network of an address: what rules may see of an IP in clear."""
+    """The /24 (IPv4) or /48 (IPv6) network of an address: what rules may see of an IP in clear.
+
+    Through the C socket functions (a tenth of the ``ipaddress`` module's cost on the payment path); the text is
+    ``ipaddress``'s, which a test checks, except that an IPv6 network inside ``::ffff:0:0/96`` keeps ``ipaddress``.
+    """
+    try:
+        if ":" not in ip:
+            return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, ip)[:3] + b"\0") + "/24"
+        packed = socket.inet_pton(socket.AF_INET6, ip)
+        if packed[:6] != bytes(6):
+            return socket.inet_ntop(socket.AF_INET6, packed[:6] + bytes(10)) + "/48"
+    except OSError:
+        pass  # not an address inet_pton takes: ipaddress decides (and raises ValueError if it is none)
     address = ipaddress.ip_address(ip)
     return str(ipaddress.ip_network(f"{address}/{PREFIX_LEN[address.version]}", strict=False))
 

@@ -16,6 +16,7 @@ from risk_engine.config import Settings
 from risk_engine.engine import RiskEngine
 from risk_engine.service.commits import CommitWaiter
 from risk_engine.service.errors import install_error_handlers
+from risk_engine.service.fastpath import ScoringFastPath
 from risk_engine.service.metrics import Metrics, RequestGuard
 from risk_engine.service.responses import JsonResponse
 from risk_engine.service.routers import accounts, health, labels, lists, merchants, models, payments, policies, reviews
@@ -73,5 +74,7 @@ def create_app(settings: Settings | None = None, engine: RiskEngine | None = Non
         app.include_router(module.router)
     app.include_router(merchants.merchants)
     app.include_router(merchants.sellers)
-    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
+    if settings.scoring_fast_path:
+        app.add_middleware(ScoringFastPath, fastapi_app=app)
+    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)  # outermost: sees every request
     return app
