@@ -277,3 +277,26 @@ def test_platt_calibration_is_for_supervised_detectors_only(tmp_path: Path) -> N
     path.write_text(TEXT_SPEC.replace('"platt"', '"isotonic"'))
     with pytest.raises(SpecError, match="is the one choice"):
         parse_spec_file(path)
+
+
+def test_a_per_key_detector_keeps_the_most_recently_seen_keys_only(tmp_path: Path) -> None:
+    det = detector(tmp_path, SPEC.replace("warmup = 5", 'warmup = 5\nper = "seller_id"\nper_max_keys = 2'))
+    x = {"amount": 10.0, "items": 1.0}
+
+    def see(key: str, times: int = 1) -> None:
+        for i in range(times):
+            det.select(key)
+            raw, _ = det.score_one(x)
+            det.learn_one(x, raw, i)
+
+    see("a", 3)
+    see("b")
+    see("a")  # a is now the most recent
+    see("c")  # b goes
+    assert list(det.models) == ["a", "c"]
+    det.select("b")
+    assert list(det.models) == ["c", "b"] and det.models["b"] is det.model  # a fresh model for b; a went
+    path = tmp_path / "d.toml"
+    path.write_text(SPEC.replace("warmup = 5", "warmup = 5\nper_max_keys = 2"))
+    with pytest.raises(SpecError, match="per_max_keys is a positive count, for a 'per' detector"):
+        parse_spec_file(path)

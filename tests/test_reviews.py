@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,7 @@ def test_text_naive_bayes_gives_rivers_probabilities() -> None:
     from risk_engine.detectors.estimators import TextNaiveBayes
 
     rng = random.Random(8)
-    words = ["great", "stay", "room", "dirty", "staff", "luxury", "café", "noisy", "clean", "my-husband", "a"]
+    words = ["the", "room", "was", "clean", "and", "quiet,", "staff", "helpful,", "breakfast", "fine"]
     theirs = feature_extraction.BagOfWords(on="text", ngram_range=(1, 2)) | naive_bayes.MultinomialNB(alpha=0.5)
     ours = TextNaiveBayes(alpha=0.5, ngram_range=(1, 2))
     for _ in range(300):
@@ -265,3 +266,56 @@ def test_the_order_link_survives_a_restart(tmp_path: Path, database_url: str) ->
         assert answer["decision"] == "publish", answer["reasons"]
     finally:
         client.__exit__(None, None, None)
+
+
+def test_a_reviewer_who_suddenly_reviews_unlike_themself_stands_out(sqlite_api: Api) -> None:
+    api = sqlite_api
+    rng = random.Random(4)
+    words = [
+        "the",
+        "room",
+        "was",
+        "clean",
+        "and",
+        "quiet,",
+        "staff",
+        "helpful,",
+        "breakfast",
+        "fine",
+        "though",
+        "the",
+        "lift",
+        "was",
+        "slow",
+    ]
+    scores = []
+    for i in range(24):  # a regular: long, mixed reviews of modest orders
+        pay_for(api, 900 + i, buyer="regular", amount=20_000 + 100 * i)
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(40, 60)))
+        at = (T0 + timedelta(days=i)).isoformat()
+        answer = post(
+            api, review(900 + i, occurred_at=at, text=text, rating=rng.choice([3, 4]), reviewer={"id": "regular"})
+        )
+        scores.append(next(m["score"] for m in answer["models"] if m["name"] == "review_anomaly"))
+    assert scores[0] == 0.0  # silent until the reviewer has a history
+    pay_for(api, 950, buyer="regular", amount=2_000_000)
+    odd = post(
+        api,
+        review(
+            950, occurred_at=(T0 + timedelta(days=25)).isoformat(), text="Great!!", rating=5, reviewer={"id": "regular"}
+        ),
+    )
+    odd_score = next(m["score"] for m in odd["models"] if m["name"] == "review_anomaly")
+    assert odd_score > 0.95 and odd_score > max(scores[-5:])
+    pay_for(api, 951, buyer="newcomer", amount=2_000_000)
+    newcomer = post(
+        api,
+        review(
+            951,
+            occurred_at=(T0 + timedelta(days=25)).isoformat(),
+            text="Great!!",
+            rating=5,
+            reviewer={"id": "newcomer"},
+        ),
+    )
+    assert next(m["score"] for m in newcomer["models"] if m["name"] == "review_anomaly") < 0.5

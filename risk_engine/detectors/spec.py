@@ -103,6 +103,7 @@ class DetectorSpec:
     fit_events: int = 50_000  # population detectors: how many recent stored events a fit reads
     text: Mapping[str, str] = field(default_factory=dict)  # supervised text detectors: one string feature
     per: str = ""  # anomaly detectors: a field path; one model per value (a merchant's own series)
+    per_max_keys: int = 100_000  # per-key detectors keep the models of this many most recently seen keys
     ngram_range: tuple[int, int] = (1, 2)
     calibration: str = ""  # supervised detectors: "platt" rescales the probability (calibration.PlattScaling)
     source: str = ""
@@ -213,6 +214,7 @@ def _parse_file(path: Path) -> tuple[list[DetectorSpec], dict[str, CombineSpec]]
         "text",
         "ngram_range",
         "per",
+        "per_max_keys",
         "description",
     }
     for name, body in detectors.items():
@@ -271,6 +273,9 @@ def _parse_file(path: Path) -> tuple[list[DetectorSpec], dict[str, CombineSpec]]
             raise SpecError(
                 f"{where}: detector '{name}': 'per' (one model per key) is for anomaly detectors, a field path"
             )
+        per_max_keys = body.get("per_max_keys", 100_000)
+        if not isinstance(per_max_keys, int) or per_max_keys < 1 or ("per_max_keys" in body and not per):
+            raise SpecError(f"{where}: detector '{name}': per_max_keys is a positive count, for a 'per' detector")
         ngram = body.get("ngram_range", [1, 2])
         if not (isinstance(ngram, list) and len(ngram) == 2 and all(isinstance(n, int) for n in ngram)) or not (
             1 <= ngram[0] <= ngram[1] <= 5
@@ -304,6 +309,7 @@ def _parse_file(path: Path) -> tuple[list[DetectorSpec], dict[str, CombineSpec]]
                 fit_events=int(body.get("fit_events", 50_000)),
                 text=dict(text),
                 per=per,
+                per_max_keys=per_max_keys,
                 ngram_range=(ngram[0], ngram[1]),
                 calibration=calibration,
                 source=where,

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Hashable, Mapping
 from typing import Any
 
@@ -31,16 +32,23 @@ class StreamingDetector(DetectorBase):
         self._steps = _split(self.model)
         self.calibrator = RunningQuantile(spec.calibration_window, spec.warmup)
         self.platt = PlattScaling() if spec.calibration == "platt" else None
-        self.models: dict[str, Any] = {}  # per-key detectors (``per``): one model per key, one calibration
+        self.models: OrderedDict[str, Any] = (
+            OrderedDict()
+        )  # per-key detectors (``per``): one model per key, one calibration
 
     def select(self, key: object) -> None:
         """Per-key detectors: make ``key``'s own model (a fresh one for a new key) the one in use."""
         if not self.spec.per:
             return
         name = str(key)
-        model = self.models.get(name)
+        models = self.models
+        model = models.get(name)
         if model is None:
-            model = self.models[name] = self.spec.build()
+            model = models[name] = self.spec.build()
+            if len(models) > self.spec.per_max_keys:  # bounded memory: the least recently seen key goes
+                models.popitem(last=False)
+        else:
+            models.move_to_end(name)
         if model is not self.model:
             self.model = model
             self._steps = _split(model)
@@ -166,7 +174,7 @@ class StreamingDetector(DetectorBase):
         if state.get("name") != self.spec.name or state.get("digest") != self.spec.digest:
             return False
         self.model = state["model"]
-        self.models = state.get("models", {})
+        self.models = OrderedDict(state.get("models", {}))
         self._steps = _split(self.model)
         self.calibrator = state["calibrator"]
         self.platt = state.get("platt", self.platt)
