@@ -128,6 +128,14 @@ def test_metrics_count_decisions_and_rule_hits(api: Api) -> None:
     assert "risk_engine_request_seconds_bucket" in text
     assert 'risk_engine_rule_hits_total{rule="billing_shipping_mismatch"} 1.0' in text
     assert "risk_engine_decisions_total" in text
+    # the payment's row was committed before it was answered: one group commit holds it
+    counts = {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith(("risk_engine_group_commits_total", "risk_engine_group_commit_rows_total"))
+    }
+    assert counts["risk_engine_group_commits_total"] >= 1
+    assert counts["risk_engine_group_commit_rows_total"] >= 1
 
 
 def test_models_endpoint_lists_the_detectors(api: Api) -> None:

@@ -1,4 +1,5 @@
-"""Prometheus metrics: request latency (middleware), decisions, rule hits and detectors (read at scrape)."""
+"""Prometheus metrics: request latency (middleware), decisions, rule hits, detectors and group commits (read at
+scrape)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,13 @@ class EngineCollector(Collector):
                 quantiles.add_metric([info["name"], q], value)
         yield seen
         yield quantiles
+        writer = self.engine.writer
+        commits = CounterMetricFamily("risk_engine_group_commits", "Group commits made by the writer")
+        commits.add_metric([], writer.batches)
+        yield commits
+        rows = CounterMetricFamily("risk_engine_group_commit_rows", "Rows written by group commits")
+        rows.add_metric([], writer.rows)
+        yield rows
 
 
 class Metrics:
