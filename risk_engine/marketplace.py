@@ -27,6 +27,14 @@ TEXTS_PER_SELLER = 500  # recent review texts per seller compared for near-dupli
 # SimHash distance for near-duplicates: one-word edits of real reviews move under 10 bits, unrelated texts ~31
 NEAR_DUPLICATE_BITS = 12
 _WORD = re.compile(r"\w+")
+# ASCII text splits into the same words as _WORD finds, three times faster: every non-word character a space
+_ASCII_NON_WORD = str.maketrans({chr(c): " " for c in range(128) if not (chr(c).isalnum() or chr(c) == "_")})
+
+
+def words(text: str) -> list[str]:
+    """The text's words (``\\w+``), lower case."""
+    low = text.lower()
+    return low.translate(_ASCII_NON_WORD).split() if low.isascii() else _WORD.findall(low)
 
 
 _GOLDEN, _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
@@ -35,8 +43,8 @@ _GOLDEN, _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E
 def simhash(text: str) -> int:
     """64-bit SimHash of a text's word pairs (the word when alone): near texts, near hashes. Each word is
     hashed once (xxh3); a pair's hash mixes its two words' (splitmix64's finaliser), all in numpy."""
-    words = _WORD.findall(text.lower()) or [""]
-    hw = np.fromiter((xxh3_64_intdigest(w.encode()) for w in words), dtype=np.uint64, count=len(words))
+    found = words(text) or [""]
+    hw = np.fromiter(map(xxh3_64_intdigest, map(str.encode, found)), dtype=np.uint64, count=len(found))
     x = hw[:-1] * _GOLDEN ^ hw[1:] if len(hw) > 1 else hw
     x ^= x >> np.uint64(30)
     x *= _MIX1

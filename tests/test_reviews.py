@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import string
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from risk_engine.detectors.spec import SpecError, parse_spec_file
+from risk_engine.marketplace import words
 from tests.conftest import REPO, Api, make_settings, open_api, payment, run_cli, shared_data
 
 T0 = datetime(2026, 11, 22, 9, tzinfo=UTC)
@@ -319,3 +324,8 @@ def test_a_reviewer_who_suddenly_reviews_unlike_themself_stands_out(sqlite_api: 
         ),
     )
     assert next(m["score"] for m in newcomer["models"] if m["name"] == "review_anomaly") < 0.5
+
+
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=200) | st.text(alphabet=string.printable, max_size=200))
+def test_the_word_splitter_finds_the_words_the_regex_does(text: str) -> None:
+    assert words(text) == re.findall(r"\w+", text.lower())

@@ -25,6 +25,7 @@ import inspect
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,7 @@ class SpecError(ValueError):
     """A detector spec that cannot be used."""
 
 
+@cache  # per-key detectors build a model for every new key
 def _river_estimators() -> dict[str, Callable[..., Any]]:
     from river import anomaly, forest, linear_model, naive_bayes, tree
 
@@ -56,6 +58,7 @@ def _river_estimators() -> dict[str, Callable[..., Any]]:
     }
 
 
+@cache  # per-key detectors build a model for every new key
 def _pyod_estimators() -> dict[str, Callable[..., Any]]:
     from pyod.models.copod import COPOD
     from pyod.models.ecod import ECOD
@@ -70,6 +73,7 @@ def estimator_factory(kind: str, estimator: str) -> Callable[..., Any]:
     return (_pyod_estimators() if kind == "population" else _river_estimators())[estimator]
 
 
+@cache  # per-key detectors build a model for every new key
 def _river_scalers() -> dict[str, Callable[..., Any]]:
     from river import preprocessing
 
