@@ -49,6 +49,12 @@ def test_gaussian_zscore_terms_sum_to_the_score_and_clip_one_wild_feature() -> N
     assert sum(terms.values()) == pytest.approx(det.score_one(x))
     assert terms["a"] == pytest.approx(5.0 / 2)  # clipped at 5 sigma, shared over 2 features
     assert det.score_one({"a": 0.0, "b": 10.0}) < det.score_one({"a": 3.0, "b": 10.0})
+    floored = GaussianZScore(clip=5.0, min_std=0.5)  # the score's own loop, against its terms, with a floor
+    for _ in range(100):
+        floored.learn_one({"a": 1.0, "b": rng.gauss(10, 2)})
+    for _ in range(50):
+        x = {"a": rng.gauss(1, 3), "b": rng.gauss(10, 8)}
+        assert floored.score_one(x) == pytest.approx(sum(floored.terms(x).values()))
 
 
 # -- the combination ----------------------------------------------------------------------------------------------
