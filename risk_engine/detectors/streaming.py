@@ -20,7 +20,7 @@ from risk_engine.detectors.estimators import GaussianZScore, TextNaiveBayes
 from risk_engine.detectors.spec import DetectorSpec
 from risk_engine.dsl import CompiledFeatures
 
-NO_OPINION = 0.5  # a supervised detector's probability before it has learned both outcomes
+NO_OPINION = 0.5  # the probability a classifier that knows one outcome only gives
 
 
 class StreamingDetector(DetectorBase):
@@ -32,9 +32,8 @@ class StreamingDetector(DetectorBase):
         self._steps = _split(self.model)
         self.calibrator = RunningQuantile(spec.calibration_window, spec.warmup)
         self.platt = PlattScaling() if spec.calibration == "platt" else None
-        self.models: OrderedDict[str, Any] = (
-            OrderedDict()
-        )  # per-key detectors (``per``): one model per key, one calibration
+        # per-key detectors (``per``): one model per key, most recently seen last; one calibration for all
+        self.models: OrderedDict[str, Any] = OrderedDict()
 
     def select(self, key: object) -> None:
         """Per-key detectors: make ``key``'s own model (a fresh one for a new key) the one in use."""

@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from risk_engine.engine import Conflict, InvalidInput, RiskEngine
+from risk_engine.service.responses import answer
 from risk_engine.storage.db import DatabaseUnavailable
 from risk_engine.subjects import SUBJECT_KINDS
 
@@ -90,25 +91,15 @@ class ScoringFastPath:
         except _HANDED_OVER:
             return False
         scope["route"] = self._routes[scope["path"]]  # for the request metrics' path label
-        if not outcome.committed.done():
-            await state.commits.wait(outcome.committed)
+        request = Request(scope)
         try:
-            outcome.raise_if_not_stored()
+            response = await answer(outcome, request)  # the route's own answer, once committed
         except Exception as exc:  # decided but not stored: answered as the route would (503 or 409)
             handler = self.fastapi_app.exception_handlers.get(type(exc))
             if handler is None:
                 raise
-            response = await handler(Request(scope), exc)
-            await response(scope, _no_body, send)
-            return True
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(outcome.body)).encode()),
-        ]
-        if outcome.replayed:
-            headers.append((b"idempotent-replayed", b"true"))
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": outcome.body})
+            response = await handler(request, exc)
+        await response(scope, _no_body, send)
         return True
 
 
