@@ -25,8 +25,9 @@ PREFIX_LEN = {4: 24, 6: 48}  # the network a payment's IP is reduced to (device.
 def ip_prefix(ip: str) -> str:
     """The /24 (IPv4) or /48 (IPv6) network of an address: what rules may see of an IP in clear.
 
-    Through the C socket functions (a tenth of the ``ipaddress`` module's cost on the payment path); the text is
-    ``ipaddress``'s, which a test checks, except that an IPv6 network inside ``::ffff:0:0/96`` keeps ``ipaddress``.
+    Through the C socket functions (a tenth of the ``ipaddress`` module's cost on the payment path), with the
+    text ``ipaddress`` gives (a test checks it); IPv6 addresses in ``::/48``, where IPv4-mapped ones live, and
+    anything ``inet_pton`` refuses go through ``ipaddress``.
     """
     try:
         if ":" not in ip:
