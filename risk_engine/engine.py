@@ -456,10 +456,7 @@ class RiskEngine:
         latest = self._latest_occurred(subject)
         if latest is not None and specs:
             since = latest - velocity.longest_window - GRACE_S
-            velocity.replay(
-                (row.record, row.occurred_at.timestamp(), row.ingest_seq)
-                for row in self._stored_events(subject, since_ts=since)
-            )
+            velocity.replay((record, ts, seq) for record, ts, seq, _ in self._stored_rows(subject, since_ts=since))
         return velocity
 
     def refresh_policies(self) -> list[str]:
@@ -688,16 +685,43 @@ class RiskEngine:
             return None
         return latest.replace(tzinfo=UTC).timestamp() if latest.tzinfo is None else latest.timestamp()
 
-    def _stored_events(
-        self, subject: str, since_ts: float | None = None, after_seq: int | None = None
-    ) -> Iterator[m.Event]:
-        stmt = select(m.Event).where(m.Event.subject == subject).order_by(m.Event.ingest_seq)
+    def _stored_rows(
+        self, subject: str, since_ts: float | None = None, after_seq: int | None = None, features: bool = False
+    ) -> Iterator[tuple[dict[str, Any], float, int, dict[str, Any]]]:
+        """``(record, occurred_at timestamp, ingest_seq, features)`` of stored events, in scoring order.
+
+        What start-up replays (velocity, detectors after their snapshots), read through the driver with only
+        the columns it needs: loading whole ``Event`` rows decoded seven JSON columns per event, and that cost
+        as much as the replay itself. ``features`` is ``{}`` unless asked for.
+        """
+        marker = "?" if self.db.dialect.paramstyle == "qmark" else "%s"
+        columns = "record, occurred_at, ingest_seq" + (", features" if features else "")
+        sql = f"SELECT {columns} FROM events WHERE subject = {marker}"
+        params: list[Any] = [subject]
         if since_ts is not None:
-            stmt = stmt.where(m.Event.occurred_at >= datetime.fromtimestamp(since_ts, UTC))
+            sql += f" AND occurred_at >= {marker}"
+            params.append(self._bound_time(datetime.fromtimestamp(since_ts, UTC)))
         if after_seq is not None:
-            stmt = stmt.where(m.Event.ingest_seq > after_seq)
-        with self._session() as s:
-            yield from s.scalars(stmt.execution_options(yield_per=2000))
+            sql += f" AND ingest_seq > {marker}"
+            params.append(after_seq)
+        sql += " ORDER BY ingest_seq"
+        sqlite = self.db.dialect.name == "sqlite"
+        with self.db.connect() as conn:
+            rows = conn.execution_options(stream_results=True, yield_per=5000).exec_driver_sql(sql, tuple(params))
+            for row in rows:
+                record, occurred, seq = row[0], row[1], row[2]
+                stored = row[3] if features else None
+                if sqlite:  # text in SQLAlchemy's format, UTC; JSON as text
+                    ts = datetime.fromisoformat(occurred).replace(tzinfo=UTC).timestamp()
+                    record = orjson.loads(record)
+                    stored = orjson.loads(stored) if stored is not None else None
+                else:  # the driver parses timestamps and JSON itself
+                    ts = occurred.timestamp()
+                yield record, ts, seq, stored or {}
+
+    def _bound_time(self, at: datetime) -> Any:
+        """A time as a driver parameter compared with stored ones (SQLite keeps SQLAlchemy's text format)."""
+        return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f") if self.db.dialect.name == "sqlite" else at
 
     def backtest_events(self, subject: str, since_ts: float, warmup_s: float) -> Iterator[StoredEvent]:
         """Stored events from ``since_ts - warmup_s`` on, in scoring order, with their labels (if any).
@@ -718,7 +742,7 @@ class RiskEngine:
             "SELECT event_id, record, occurred_at, ingest_seq, model_scores, policy_version, decision, score "
             f"FROM events WHERE subject = {marker} AND occurred_at >= {marker} ORDER BY ingest_seq"
         )
-        bound = since.strftime("%Y-%m-%d %H:%M:%S.%f") if sqlite else since
+        bound = self._bound_time(since)
         with self.db.connect() as conn:
             rows = conn.execution_options(stream_results=True, yield_per=5000).exec_driver_sql(sql, (subject, bound))
             for event_id, record, occurred, seq, stored, policy, decision, score in rows:
@@ -764,24 +788,23 @@ class RiskEngine:
             except SnapshotError as exc:
                 log.error("REFUSED detector snapshot: %s; rebuilding %s from stored events", exc, det.name)
         if restored:
-            for row in self._stored_events(subject, after_seq=det.last_seq):
-                det.select(row.record.get(det.spec.per))
-                x = row.features.get(det.name, {})
+            for record, _, seq, features in self._stored_rows(subject, after_seq=det.last_seq, features=True):
+                det.select(record.get(det.spec.per))
+                x = features.get(det.name, {})
                 raw, _ = det.score_one(x)
-                det.learn_one(x, raw, row.ingest_seq)
+                det.learn_one(x, raw, seq)
             if det.supervised:
                 self._replay_labels(subject, det)
             return
         # full rebuild: recompute features from stored records with a private velocity state
         velocity = VelocityState(det.features.aggregates, self.settings.velocity_max_events_per_key)
-        for row in self._stored_events(subject):
-            ts = row.occurred_at.timestamp()
-            aggs = velocity.query(row.record, ts)
-            det.select(row.record.get(det.spec.per))
-            x = det.features.compute(row.record, aggs, self.lists.sets, {})
+        for record, ts, seq, _ in self._stored_rows(subject):
+            aggs = velocity.query(record, ts)
+            det.select(record.get(det.spec.per))
+            x = det.features.compute(record, aggs, self.lists.sets, {})
             raw, _ = det.score_one(x)
-            det.learn_one(x, raw, row.ingest_seq)
-            velocity.add(row.record, ts, row.ingest_seq)
+            det.learn_one(x, raw, seq)
+            velocity.add(record, ts, seq)
         if det.supervised:
             self._replay_labels(subject, det)
 
