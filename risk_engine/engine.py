@@ -59,7 +59,7 @@ from risk_engine.pipeline import ModelScore, Verdict, decide, decision_for
 from risk_engine.schema import FieldType, SubjectSchema, load_attribute_declarations
 from risk_engine.storage import models as m
 from risk_engine.storage.db import DatabaseUnavailable, make_engine, migrate
-from risk_engine.storage.writer import DuplicateRow, GroupCommitWriter, RawInsert, Ticket, done_ticket
+from risk_engine.storage.writer import DuplicateRow, GroupCommitWriter, RawInsert, Ticket, WriteFailed, done_ticket
 from risk_engine.subjects import SUBJECT_KINDS, SubjectKind
 from risk_engine.vault import PiiKind, Vault, WrappedDataKey, load_or_create_key, mask
 
@@ -232,6 +232,8 @@ class ScoreOutcome:
             return
         if isinstance(exc, DuplicateRow):
             raise Conflict("the same id was written concurrently by another worker") from exc
+        if isinstance(exc, WriteFailed):
+            raise DatabaseUnavailable(exc.driver_error) from exc
         if isinstance(exc, DBAPIError):
             raise DatabaseUnavailable(type(exc.orig).__name__ if exc.orig else type(exc).__name__) from exc
         raise exc

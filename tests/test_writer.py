@@ -1,0 +1,113 @@
+"""The group-commit writer on a real database: one bad row fails alone, a failed batch writes nothing, and the
+writer recovers once the database takes writes again."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, UniqueConstraint, func, select
+
+from risk_engine.storage.db import make_engine
+from risk_engine.storage.writer import DuplicateRow, GroupCommitWriter, RawInsert, WriteFailed
+
+metadata = MetaData()
+items = Table(
+    "writer_items",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(32), nullable=False),
+    Column("value", Integer, nullable=False),
+    UniqueConstraint("name", name="uq_writer_items_name"),
+)
+
+
+def _names(engine: object) -> list[str]:
+    with engine.connect() as conn:  # type: ignore[attr-defined]
+        return list(conn.execute(select(items.c.name).order_by(items.c.name)).scalars())
+
+
+def test_a_duplicate_fails_alone_and_its_batch_neighbours_commit(database_url: str) -> None:
+    engine = make_engine(database_url)
+    metadata.create_all(engine)
+    insert = RawInsert(items, engine)
+    writer = GroupCommitWriter(engine, linger_s=0.05)
+    writer.start()
+    try:
+        writer.submit(insert, {"name": "a", "value": 1}).result(10)
+        # queued together, so the writer takes them as one batch
+        tickets = [writer.submit(insert, {"name": n, "value": i}) for i, n in enumerate(["b", "a", "c"])]
+        results = []
+        for ticket in tickets:
+            error = ticket.exception(10)
+            results.append(type(error) if error else None)
+        assert results == [None, DuplicateRow, None]
+        assert _names(engine) == ["a", "b", "c"]
+        with engine.connect() as conn:
+            assert conn.execute(select(items.c.value).where(items.c.name == "a")).scalar_one() == 1  # not replaced
+    finally:
+        writer.close()
+        metadata.drop_all(engine)
+        engine.dispose()
+
+
+def test_a_locked_database_fails_the_batch_whole_and_the_writer_recovers(tmp_path: Path) -> None:
+    path = tmp_path / "w.db"
+    engine = make_engine(f"sqlite:///{path}", busy_timeout_s=0.1)
+    metadata.create_all(engine)
+    insert = RawInsert(items, engine)
+    writer = GroupCommitWriter(engine, linger_s=0.05)
+    writer.start()
+    locker = sqlite3.connect(path, timeout=0.1)
+    try:
+        writer.submit(insert, {"name": "before", "value": 0}).result(10)
+        locker.execute("BEGIN EXCLUSIVE")
+        failed = [writer.submit(insert, {"name": f"x{i}", "value": i}) for i in range(3)]
+        errors = [t.exception(10) for t in failed]
+        assert all(isinstance(e, WriteFailed) for e in errors), errors
+        assert {e.driver_error for e in errors if isinstance(e, WriteFailed)} == {"OperationalError"}
+        locker.rollback()
+        writer.submit(insert, {"name": "after", "value": 9}).result(10)
+        assert _names(engine) == ["after", "before"]  # none of the failed batch, half or whole
+        assert writer.rows == 2
+    finally:
+        locker.close()
+        writer.close()
+        engine.dispose()
+
+
+def test_a_barrier_waits_for_what_was_queued_before_it(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'b.db'}")
+    metadata.create_all(engine)
+    insert = RawInsert(items, engine)
+    writer = GroupCommitWriter(engine, linger_s=0.2)
+    writer.start()
+    try:
+        for i in range(50):
+            writer.submit(insert, {"name": f"n{i}", "value": i})
+        assert writer.barrier().wait(10)
+        with engine.connect() as conn:
+            assert conn.execute(select(func.count()).select_from(items)).scalar_one() == 50
+    finally:
+        writer.close()
+        engine.dispose()
+
+
+@pytest.mark.parametrize("when", [datetime(2026, 11, 22, 10, 0, tzinfo=UTC)])
+def test_times_are_stored_in_the_format_sqlalchemy_reads_back(tmp_path: Path, when: datetime) -> None:
+    from sqlalchemy import DateTime
+
+    table = Table("writer_times", MetaData(), Column("id", Integer, primary_key=True), Column("at", DateTime()))
+    engine = make_engine(f"sqlite:///{tmp_path / 't.db'}")
+    table.metadata.create_all(engine)
+    writer = GroupCommitWriter(engine)
+    writer.start()
+    try:
+        writer.submit(RawInsert(table, engine), {"at": when}).result(10)
+        with engine.connect() as conn:
+            assert conn.execute(select(table.c.at)).scalar_one() == when.replace(tzinfo=None)
+    finally:
+        writer.close()
+        engine.dispose()
