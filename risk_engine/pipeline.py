@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import Literal
 
 from risk_engine.dsl import CompiledPolicy, CompiledRule, Decision
@@ -90,6 +91,15 @@ def decision_for(policy: CompiledPolicy, hits: Sequence[int], model_points: floa
     return (forced if forced.severity > decision.severity else decision), score
 
 
+@cache
+def _model_texts(name: str) -> tuple[str, str]:
+    """A detector's reason code and its warming-up text (built once per detector name)."""
+    return (
+        f"MODEL_{name.upper()}",
+        f"{name} is warming up (too few events or labels, or not fitted yet); it adds nothing yet",
+    )
+
+
 def decide(policy: CompiledPolicy, hits: Sequence[int], models: Sequence[ModelScore]) -> Verdict:
     """Combine fired rules and detector scores into a verdict with its reasons (see the module docstring)."""
     fired = tuple(policy.rules[i] for i in hits)
@@ -97,13 +107,10 @@ def decide(policy: CompiledPolicy, hits: Sequence[int], models: Sequence[ModelSc
     reasons = [Reason(r.code, r.text, "rule", r.score_delta, r.decision) for r in fired]
     reasons.sort(key=lambda r: (r.decision is None, -abs(r.score_delta)))
     for m in models:
-        text = (
-            f"{m.name} is warming up (too few events or labels, or not fitted yet); it adds nothing yet"
-            if m.warming_up
-            else f"{m.name} score {m.score:.3f}"
-        )
+        code, warming_text = _model_texts(m.name)
+        text = warming_text if m.warming_up else f"{m.name} score {m.score:.3f}"
         if m.explanation:
             text += f": {m.explanation}"
-        reasons.append(Reason(f"MODEL_{m.name.upper()}", text, "model", round(m.contribution, 2)))
+        reasons.append(Reason(code, text, "model", round(m.contribution, 2)))
     tags = tuple(dict.fromkeys(t for r in fired for t in r.tags))
     return Verdict(decision, score, tuple(reasons), fired, tags)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import stat
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from risk_engine.vault import PiiKind, Vault, VaultKeyError, load_or_create_key, mask
+from risk_engine.vault import _DOMAIN, _PREFIX, PiiKind, Vault, VaultKeyError, _normalize, load_or_create_key, mask
 
 KEY_A = b"a" * 32
 KEY_B = b"b" * 32
@@ -62,3 +67,16 @@ def test_generated_key_file_is_private_and_reused(tmp_path: Path) -> None:
     assert load_or_create_key(None, path, "master_key") == key
     with pytest.raises(VaultKeyError):
         load_or_create_key("not base64!", path, "master_key")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    key=st.binary(min_size=1, max_size=100),
+    kind=st.sampled_from(list(PiiKind)),
+    value=st.text(max_size=80),
+)
+def test_blind_index_is_hmac_sha256_of_the_normalized_value(key: bytes, kind: PiiKind, value: str) -> None:
+    """The precomputed-pad HMAC gives exactly the standard library's HMAC-SHA256, for keys longer than a block too."""
+    vault = Vault(b"m" * 32, key)
+    mac = hmac.new(key, _DOMAIN[kind] + _normalize(kind, value).encode(), hashlib.sha256).digest()
+    assert vault.blind_index(kind, value) == _PREFIX[kind] + base64.urlsafe_b64encode(mac[:18]).decode()
