@@ -20,22 +20,24 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import orjson
 from rbloom import Bloom
+from sqlalchemy import ColumnElement, case, func, select, update
 from sqlalchemy import Engine as SqlEngine
-from sqlalchemy import case, func, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
+from risk_engine import __version__
 from risk_engine.backtest import StoredEvent
 from risk_engine.config import Settings
 from risk_engine.credit import CreditScore, score_view
 from risk_engine.detectors import SnapshotError, StreamingDetector, read_snapshot
 from risk_engine.detectors.combine import CombineSpec, DetectorOutput, combine
 from risk_engine.detectors.population import PopulationDetector, fit_population
-from risk_engine.detectors.snapshot import encode_state, open_signed, sign_encoded, write_encoded
+from risk_engine.detectors.snapshot import encode_state, open_signed, open_state, sign_encoded, write_encoded
 from risk_engine.detectors.spec import ModelsConfig, SpecError, compile_spec_features, load_models
 from risk_engine.dsl import (
     CompiledPolicy,
@@ -79,6 +81,7 @@ LABELS = {
     "genuine": False,
 }
 RECENT_CACHE = 50_000
+STATE_SNAPSHOT_FORMAT = 1
 ORDERS_KEPT_S = 180 * 86_400.0  # payments whose orders a restart reloads for the review link
 BLOOM_MIN_CAPACITY = 1_000_000
 
@@ -172,6 +175,15 @@ class ActivePolicy:
     def label(self) -> str:
         """``payment:v3``."""
         return f"{self.compiled.subject}:v{self.version}"
+
+
+@dataclass
+class StateSnapshot:
+    """Velocity and cross-subject state saved at a clean stop, as of ingest sequence ``seq``."""
+
+    seq: int
+    velocity: dict[str, VelocityState]
+    marketplace: MarketplaceState | None
 
 
 @dataclass
@@ -287,6 +299,9 @@ class RiskEngine:
         self._fit_ids: dict[str, int] = {}  # the stored fit each population detector scores with
         self._known_ids: Bloom = Bloom(BLOOM_MIN_CAPACITY, 0.001)
         self._known_count = 0
+        # per subject, how many stored events the in-memory state has taken in (scored here or replayed at
+        # start): what a state snapshot is checked against before it is trusted
+        self._accounted: dict[str, int] = {}
 
     # -- start and stop ------------------------------------------------------------------------------------
     @classmethod
@@ -315,13 +330,17 @@ class RiskEngine:
         return engine
 
     def close(self) -> None:
-        """Flush writes and snapshot detectors."""
+        """Flush writes, snapshot detectors, velocity and cross-subject state."""
         self._stopping.set()
         if self._poller is not None:
             self._poller.join(5)
         self.writer.close()
         with self._lock:
             self.snapshot_detectors()
+            try:
+                self._write_state_snapshot()
+            except (OSError, OperationalError) as exc:  # the next start rebuilds from the stored events
+                log.error("could not write the state snapshot: %s", type(exc).__name__)
         self._snapshot_writer.shutdown(wait=True)
         self.db.dispose()
 
@@ -537,22 +556,122 @@ class RiskEngine:
             self._load_known_ids()
 
     def _rebuild_state(self) -> None:
-        """Velocity from recent stored events; detectors from their snapshots plus the events after them."""
+        """Velocity and cross-subject state from the state snapshot of the last clean stop plus the events
+        stored after it, or from the stored events; detectors from their snapshots plus the events after them."""
         self._load_known_ids()
         with self._session() as s:
             self._seq = s.scalar(select(func.max(m.Event.ingest_seq))) or 0
+            counts = s.execute(select(m.Event.subject, func.count()).group_by(m.Event.subject))
+            self._accounted = {subject: count for subject, count in counts}
+        snapshot = self._read_state_snapshot()
+        if snapshot is not None:
+            log.info("velocity and cross-subject state from the state snapshot at sequence %d", snapshot.seq)
         for subject, rt in self.subjects.items():
-            rt.velocity = self._rebuilt_velocity(subject, rt.velocity.specs)
+            velocity = snapshot.velocity.get(subject) if snapshot is not None else None
+            if (
+                snapshot is not None
+                and velocity is not None
+                and {a.id for a in velocity.specs} == {a.id for a in rt.velocity.specs}
+                and velocity.cap == self.settings.velocity_max_events_per_key
+            ):
+                velocity.replay(
+                    (record, ts, seq) for record, ts, seq, _ in self._stored_rows(subject, after_seq=snapshot.seq)
+                )
+                rt.velocity = velocity
+            else:
+                rt.velocity = self._rebuilt_velocity(subject, rt.velocity.specs)
             for det in rt.detectors:
                 self._restore_detector(subject, det)
-        self.marketplace = self._rebuilt_marketplace()
+        if snapshot is not None and snapshot.marketplace is not None:
+            self.marketplace = self._rebuilt_marketplace(snapshot.marketplace, after_seq=snapshot.seq)
+        else:
+            self.marketplace = self._rebuilt_marketplace()
 
-    def _rebuilt_marketplace(self) -> MarketplaceState:
+    @property
+    def state_snapshot_path(self) -> Path:
+        """Where the velocity and cross-subject state are saved at a clean stop."""
+        return self.settings.snapshot_dir / "state.snapshot"
+
+    def _write_state_snapshot(self) -> None:
+        """Save velocity and cross-subject state, signed, at a clean stop (writer closed, lock held).
+
+        Every write has committed or failed (and been taken back out of the state), so the state holds exactly
+        the stored events it has accounted for; the header says how many per subject, and the newest stored
+        event, so a start can check the snapshot belongs to this database before trusting it.
+        """
+        with self._session() as s:
+            newest = s.execute(
+                select(m.Event.ingest_seq, m.Event.subject, m.Event.event_id).order_by(m.Event.ingest_seq.desc())
+            ).first()
+        header = {
+            "format": STATE_SNAPSHOT_FORMAT,
+            "version": __version__,
+            "seq": self._seq,
+            "accounted": dict(self._accounted),
+            "newest": tuple(newest) if newest is not None else None,
+        }
+        state = {
+            "velocity": {subject: rt.velocity for subject, rt in self.subjects.items()},
+            "marketplace": None if self._marketplace_stale else self.marketplace,
+        }
+        write_encoded(self.state_snapshot_path, encode_state((header, encode_state(state))), self.signing_key)
+
+    def _read_state_snapshot(self) -> StateSnapshot | None:
+        """The last clean stop's state, if it verifies and matches the stored events; else None (rebuild)."""
+        path = self.state_snapshot_path
+        if not path.exists():
+            return None
+        try:
+            header, payload = read_snapshot(path, self.signing_key)
+        except SnapshotError as exc:
+            log.error("REFUSED state snapshot: %s; rebuilding velocity and cross-subject state", exc)
+            return None
+        except Exception as exc:  # truncated or from an incompatible release: rebuild, never fail the start
+            log.warning("state snapshot %s unreadable (%s); rebuilding", path, type(exc).__name__)
+            return None
+        if header.get("format") != STATE_SNAPSHOT_FORMAT or header.get("version") != __version__:
+            log.info("state snapshot from another release; rebuilding velocity and cross-subject state")
+            return None
+        seq = int(header["seq"])
+        accounted: dict[str, int] = header["accounted"]
+        with self._session() as s:
+            counts = s.execute(
+                select(m.Event.subject, func.count()).where(m.Event.ingest_seq <= seq).group_by(m.Event.subject)
+            )
+            stored = {subject: count for subject, count in counts}
+            newest = header["newest"]
+            newest_found = newest is None or (
+                s.scalar(
+                    select(func.count()).where(
+                        m.Event.ingest_seq == newest[0], m.Event.subject == newest[1], m.Event.event_id == newest[2]
+                    )
+                )
+                == 1
+            )
+        if stored != {k: v for k, v in accounted.items() if v} or not newest_found:
+            # another worker stored events this state never saw, or it is another database's snapshot
+            log.info("state snapshot does not match the stored events; rebuilding velocity and cross-subject state")
+            return None
+        try:
+            state = open_state(payload)
+        except Exception as exc:
+            log.warning("state snapshot %s unreadable (%s); rebuilding", path, type(exc).__name__)
+            return None
+        return StateSnapshot(seq, state["velocity"], state["marketplace"])
+
+    def _rebuilt_marketplace(
+        self, state: MarketplaceState | None = None, after_seq: int | None = None
+    ) -> MarketplaceState:
         """Sellers' credit facts and merchant flags from every stored review and merchant event, and the orders
-        of the payments of the last 180 days (a review is about a recent order)."""
-        state = MarketplaceState()
-        latest = self._latest_occurred("payment")
-        recent_payments = datetime.fromtimestamp((latest or 0.0) - ORDERS_KEPT_S, UTC)
+        of the payments of the last 180 days (a review is about a recent order); or, given the ``state`` of a
+        snapshot, that state with the events stored after ``after_seq``."""
+        if state is None:
+            state = MarketplaceState()
+            latest = self._latest_occurred("payment")
+            recent_payments = datetime.fromtimestamp((latest or 0.0) - ORDERS_KEPT_S, UTC)
+            which: ColumnElement[bool] = (m.Event.subject != "payment") | (m.Event.occurred_at >= recent_payments)
+        else:
+            which = m.Event.ingest_seq > (after_seq or 0)
         stmt = (
             select(
                 m.Event.subject,
@@ -564,10 +683,7 @@ class RiskEngine:
                     (m.Event.subject.in_(("merchant", "merchant_day")), m.Event.response), else_=None
                 ),  # flags' reasons
             )
-            .where(
-                m.Event.subject.in_(MarketplaceState.SUBJECTS),
-                (m.Event.subject != "payment") | (m.Event.occurred_at >= recent_payments),
-            )
+            .where(m.Event.subject.in_(MarketplaceState.SUBJECTS), which)
             .order_by(m.Event.ingest_seq)
             .execution_options(yield_per=5000)
         )
@@ -1056,6 +1172,7 @@ class RiskEngine:
                 return ScoreOutcome(pending.body, pending.committed, replayed=True)
             self._seq += 1
             seq = self._seq
+            self._accounted[subject] = self._accounted.get(subject, 0) + 1
             if self._marketplace_stale:
                 self._refresh_marketplace()
             self.marketplace.enrich(subject, record, ts)  # seller credit, flag, order link: stored with the record
@@ -1232,8 +1349,10 @@ class RiskEngine:
             return
         with self._lock:
             rt.velocity.retract(record, ts, seq)
+            subject = key.split("\x1f", 1)[0]
+            self._accounted[subject] -= 1
             self._recent.pop(key, None)
-            if key.split("\x1f", 1)[0] in MarketplaceState.SUBJECTS:
+            if subject in MarketplaceState.SUBJECTS:
                 self._marketplace_stale = True  # it learned from an event that was not stored: rebuild it
 
     # -- reading back -----------------------------------------------------------------------------------------
