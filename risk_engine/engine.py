@@ -438,9 +438,17 @@ class RiskEngine:
         """Rebuild velocity from storage if these policies need aggregates it does not keep (lock held)."""
         rt = self.subjects[subject]
         needed = aggregate_union(*(p.aggregates for p in policies), *(d.features.aggregates for d in rt.detectors))
-        if {a.id for a in needed} != {a.id for a in rt.velocity.specs}:
-            self.writer.barrier().wait(30)
-            rt.velocity = self._rebuilt_velocity(subject, needed)
+        kept = {a.id for a in rt.velocity.specs}
+        if {a.id for a in needed} != kept:
+            # only the aggregates the state does not keep are replayed from storage (scoring waits meanwhile);
+            # the others keep their windows as they are
+            missing = tuple(a for a in needed if a.id not in kept)
+            added = None
+            if missing:
+                self.writer.barrier().wait(30)
+                added = self._rebuilt_velocity(subject, missing)
+            sources = [rt.velocity] + ([added] if added is not None else [])
+            rt.velocity = VelocityState.assembled(needed, sources, self.settings.velocity_max_events_per_key)
 
     def set_shadow(self, subject: str, text: str | None, version: int | None) -> ActivePolicy | None:
         """Score live events with this version too (recording its decisions only); None stops the shadow."""

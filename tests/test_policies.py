@@ -163,8 +163,12 @@ def test_a_shadow_version_is_scored_and_recorded_but_never_decides(api: Api) -> 
                 **{"amount.value": 50_000 * 100},
             )
         )
+    windows_before = dict(api.engine.subjects["payment"].velocity._windows)
     started = api.client.post("/v1/policies/payment/versions/2/shadow", headers=api.headers("analyst"))
     assert started.status_code == 200 and started.json()["status"] == "shadow"
+    windows_after = api.engine.subjects["payment"].velocity._windows
+    assert set(windows_after) > set(windows_before)  # the shadow's new aggregate is kept from now on
+    assert all(windows_after[k] is w for k, w in windows_before.items())  # and only it was replayed
     live = [api.score(p) for p in traffic(150)]
     assert {r["policy_version"] for r in live} == {"payment:v1"}  # the shadow never decides
     big = api.score(payment(payment_id="big", seller_id="s_big", occurred_at="2026-11-22T07:05:00Z"))

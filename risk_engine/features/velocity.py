@@ -246,6 +246,21 @@ class VelocityState:
         self._adds = 0
         self._latest = float("-inf")
 
+    @classmethod
+    def assembled(cls, specs: Sequence[AggSpec], sources: Sequence[VelocityState], cap: int) -> VelocityState:
+        """A state for ``specs`` whose windows are taken, per aggregate, from the first source keeping it
+        (the same window objects, not copies): aggregates already kept need no replay when a policy adds one."""
+        state = cls(specs, cap)
+        for spec in state.specs:
+            source = next((s for s in sources if spec.id in s._windows), None)
+            if source is None:
+                raise KeyError(f"no source keeps {spec.id}")
+            state._windows[spec.id] = source._windows[spec.id]
+        state._plan = [(s.id, s.func, s.key, s.value, state._windows[s.id]) for s in state.specs]
+        state._adds = max((s._adds for s in sources), default=0)
+        state._latest = max((s._latest for s in sources), default=float("-inf"))
+        return state
+
     @property
     def longest_window(self) -> float:
         """The longest window any aggregate names (0 if none)."""
