@@ -1,0 +1,96 @@
+"""Benchmark what a restart and a policy change cost with history stored: the real ULB transactions in
+../shared/data, scored and stored, then
+
+1. a restart from the state snapshot of the clean stop, and one rebuilding from the stored events;
+2. putting in shadow a version that names one aggregate the running state does not keep (scoring waits
+   while that aggregate is replayed from storage).
+
+Prints the figures, then one JSON object on the last line.  Usage: python bench/restart.py [--passes N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.machine import reference_us  # noqa: E402
+from bench.payments import DATA, bodies  # noqa: E402
+from risk_engine.config import Settings  # noqa: E402
+from risk_engine.engine import RiskEngine  # noqa: E402
+from risk_engine.payments import PaymentIn  # noqa: E402
+
+NEW_AGGREGATE_RULE = """
+rule seller_day_volume {
+  description "Seller took over 100,000 in the past day"
+  when sum(amount.major by seller_id within 1d) > 100000
+  then review, reason SELLER_DAY_VOLUME
+}
+"""
+
+
+def timed_open(settings: Settings) -> tuple[RiskEngine, float]:
+    started = time.perf_counter()
+    engine = RiskEngine.open(settings)
+    return engine, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--passes", type=int, default=3, help="times over ulb_stream.csv (6,942 payments each)")
+    args = parser.parse_args()
+    if not (DATA / "ulb_stream.csv").exists():
+        sys.exit(f"needs {DATA / 'ulb_stream.csv'} (../shared/data beside the project)")
+    payload = bodies(args.passes)
+    settings = Settings(home=Path(tempfile.mkdtemp(prefix="bench-restart-")), rules_dir=ROOT / "rules")
+    engine = RiskEngine.open(settings)
+    committed = None
+    for body in payload:
+        committed = engine.score_payment(PaymentIn.model_validate(body)).committed
+    if committed is not None:
+        committed.result()
+    started = time.perf_counter()
+    engine.close()  # writes the state snapshot
+    stop_s = time.perf_counter() - started
+    snapshot = settings.snapshot_dir / "state.snapshot"
+    snapshot_mb = snapshot.stat().st_size / 1e6
+
+    engine, from_snapshot_s = timed_open(settings)
+    text = engine.subjects["payment"].policy.compiled.text + NEW_AGGREGATE_RULE
+    started = time.perf_counter()
+    engine.set_shadow("payment", text, 1_000)
+    shadow_s = time.perf_counter() - started
+    engine.set_shadow("payment", None, None)
+    engine.close()
+
+    snapshot.unlink()
+    engine, rebuilding_s = timed_open(settings)
+    engine.close()
+
+    print(f"{len(payload)} stored payments (ulb_stream.csv x {args.passes}):")
+    print(f"  clean stop (state snapshot written, {snapshot_mb:.1f} MB)   {stop_s:6.2f} s")
+    print(f"  restart from the state snapshot                     {from_snapshot_s:6.2f} s")
+    print(f"  restart rebuilding from the stored events           {rebuilding_s:6.2f} s")
+    print(f"  shadow a version with one new aggregate (stall)     {shadow_s:6.2f} s")
+    reference = reference_us()
+    print(f"machine reference (bench/machine.py): {reference:.1f} us")
+    figures = {
+        "stored_payments": len(payload),
+        "stop_s": round(stop_s, 3),
+        "snapshot_mb": round(snapshot_mb, 2),
+        "restart_from_snapshot_s": round(from_snapshot_s, 3),
+        "restart_rebuilding_s": round(rebuilding_s, 3),
+        "shadow_new_aggregate_s": round(shadow_s, 3),
+        "machine_reference_us": round(reference, 1),
+    }
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
