@@ -258,14 +258,17 @@ def test_an_outlying_rating_and_a_burst_on_an_item_are_scored(sqlite_api: Api) -
     assert "ITEM_REVIEW_BURST" not in codes[0] and "ITEM_REVIEW_BURST" in codes[-1]
 
 
-def test_the_order_link_survives_a_restart(tmp_path: Path, database_url: str) -> None:
+@pytest.mark.parametrize("restart", ["from_state_snapshot", "rebuilding"])
+def test_the_order_link_survives_a_restart(tmp_path: Path, database_url: str, restart: str) -> None:
     settings = make_settings(tmp_path / "var", database_url)
     client, api = open_api(settings)
     try:
         pay_for(api, 40)
     finally:
         client.__exit__(None, None, None)
-    client, api = open_api(settings)  # the orders are rebuilt from stored payments
+    if restart == "rebuilding":
+        (settings.snapshot_dir / "state.snapshot").unlink()
+    client, api = open_api(settings)  # the orders restored with the state, or rebuilt from stored payments
     try:
         answer = post(api, review(40))
         assert answer["decision"] == "publish", answer["reasons"]
