@@ -86,6 +86,17 @@ def test_a_refund_rate_jump_is_flagged_and_steady_behaviour_is_not(tmp_path: Pat
         assert fit["events"] == 44
     finally:
         client.__exit__(None, None, None)
+    # the flags and their history come back after a restart: from the state snapshot, and rebuilt without it
+    for restart in ("from_state_snapshot", "rebuilding"):
+        if restart == "rebuilding":
+            (settings.snapshot_dir / "state.snapshot").unlink()
+        client, api = open_api(settings)
+        try:
+            for seller, before in (("jumpy", risk), ("steady", calm)):
+                after = api.client.get(f"/v1/merchants/{seller}/risk", headers=api.headers()).json()
+                assert after == before, (restart, seller)
+        finally:
+            client.__exit__(None, None, None)
 
 
 def test_rollup_and_fit_from_the_command_line(tmp_path: Path) -> None:
