@@ -48,7 +48,8 @@ def main() -> None:
     if not (DATA / "ulb_stream.csv").exists():
         sys.exit(f"needs {DATA / 'ulb_stream.csv'} (../shared/data beside the project)")
     payload = bodies(args.passes)
-    settings = Settings(home=Path(tempfile.mkdtemp(prefix="bench-restart-")), rules_dir=ROOT / "rules")
+    home = Path(tempfile.mkdtemp(prefix="bench-restart-"))
+    settings = Settings(home=home, rules_dir=ROOT / "rules", models_dir=ROOT / "models")
     engine = RiskEngine.open(settings)
     committed = None
     for body in payload:

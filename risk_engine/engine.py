@@ -61,7 +61,15 @@ from risk_engine.pipeline import ModelScore, Verdict, decide, decision_for
 from risk_engine.schema import FieldType, SubjectSchema, load_attribute_declarations
 from risk_engine.storage import models as m
 from risk_engine.storage.db import DatabaseUnavailable, make_engine, migrate
-from risk_engine.storage.writer import DuplicateRow, GroupCommitWriter, RawInsert, Ticket, WriteFailed, done_ticket
+from risk_engine.storage.writer import (
+    DuplicateRow,
+    GroupCommitWriter,
+    RawInsert,
+    Ticket,
+    WriteFailed,
+    done_ticket,
+    sqlite_time,
+)
 from risk_engine.subjects import SUBJECT_KINDS, SubjectKind
 from risk_engine.vault import PiiKind, Vault, WrappedDataKey, load_or_create_key, mask
 
@@ -847,7 +855,7 @@ class RiskEngine:
 
     def _bound_time(self, at: datetime) -> Any:
         """A time as a driver parameter compared with stored ones (SQLite keeps SQLAlchemy's text format)."""
-        return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f") if self.db.dialect.name == "sqlite" else at
+        return sqlite_time(at) if self.db.dialect.name == "sqlite" else at
 
     def backtest_events(self, subject: str, since_ts: float, warmup_s: float) -> Iterator[StoredEvent]:
         """Stored events from ``since_ts - warmup_s`` on, in scoring order, with their labels (if any).

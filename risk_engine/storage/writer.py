@@ -63,7 +63,7 @@ class RawInsert:
             if isinstance(column.type, JSON):
                 self._convert.append(_json_bytes if sqlite else _json)
             elif _python_type(column) is datetime:
-                self._convert.append(_sqlite_time if sqlite else _utc)
+                self._convert.append(sqlite_time if sqlite else _utc)
             else:
                 self._convert.append(None)
 
@@ -98,8 +98,9 @@ def _utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
-def _sqlite_time(value: datetime) -> str:
-    # the format SQLAlchemy's SQLite DateTime reads back
+def sqlite_time(value: datetime) -> str:
+    """A time as SQLite stores it: UTC text in the format SQLAlchemy's SQLite ``DateTime`` reads back (and
+    compares correctly with, as text)."""
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
@@ -289,6 +290,12 @@ class GroupCommitWriter:
             except Exception:
                 log.debug("invalidating the writer's connection failed", exc_info=True)
 
+    def _failed(self, exc: Exception) -> Exception:
+        """What a failed write's callers get: a driver error as :class:`WriteFailed` (the connection dropped, so
+        the next batch reconnects); anything else as it is."""
+        self._drop_connection()
+        return WriteFailed(type(exc).__name__) if isinstance(exc, self._dbapi_errors) else exc
+
     def _write(self, batch: Sequence[_Job]) -> None:
         try:
             conn = self._connection()
@@ -302,8 +309,7 @@ class GroupCommitWriter:
             self._write_one_by_one(batch)
             return
         except Exception as exc:
-            self._drop_connection()
-            error = WriteFailed(type(exc).__name__) if isinstance(exc, self._dbapi_errors) else exc
+            error = self._failed(exc)
             log.error("group commit of %d rows failed: %s", len(batch), type(exc).__name__)
             for job in batch:
                 job.future.set_exception(error)
@@ -334,10 +340,7 @@ class GroupCommitWriter:
             except self._integrity_error as exc:
                 job.future.set_exception(DuplicateRow(type(exc).__name__))
             except Exception as exc:
-                self._drop_connection()
-                job.future.set_exception(
-                    WriteFailed(type(exc).__name__) if isinstance(exc, self._dbapi_errors) else exc
-                )
+                job.future.set_exception(self._failed(exc))
             else:
                 job.future.set_result(None)
 
