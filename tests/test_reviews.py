@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import re
@@ -13,9 +14,10 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from xxhash import xxh3_64_intdigest
 
 from risk_engine.detectors.spec import SpecError, parse_spec_file
-from risk_engine.marketplace import words
+from risk_engine.marketplace import NEAR_DUPLICATE_BITS, simhash, word_bytes, words
 from tests.conftest import REPO, Api, make_settings, open_api, payment, run_cli, shared_data
 
 T0 = datetime(2026, 11, 22, 9, tzinfo=UTC)
@@ -332,3 +334,37 @@ def test_a_reviewer_who_suddenly_reviews_unlike_themself_stands_out(sqlite_api: 
 @given(st.text(alphabet=st.characters(codec="utf-8"), max_size=200) | st.text(alphabet=string.printable, max_size=200))
 def test_the_word_splitter_finds_the_words_the_regex_does(text: str) -> None:
     assert words(text) == re.findall(r"\w+", text.lower())
+    assert word_bytes(text) == [w.encode() for w in re.findall(r"\w+", text.lower())]
+
+
+def _simhash_by_definition(text: str) -> int:
+    """SimHash written out plainly: word hashes, pairs mixed by splitmix64's finaliser, bit i by majority."""
+    mask = (1 << 64) - 1
+    hashes = [xxh3_64_intdigest(w.encode()) for w in (words(text) or [""])]
+    pairs = [(a * 0x9E3779B97F4A7C15 & mask) ^ b for a, b in itertools.pairwise(hashes)] or hashes
+    mixed = []
+    for z in pairs:
+        z ^= z >> 30
+        z = z * 0xBF58476D1CE4E5B9 & mask
+        z ^= z >> 27
+        z = z * 0x94D049BB133111EB & mask
+        mixed.append(z ^ z >> 31)
+    return sum(1 << i for i in range(64) if 2 * sum(z >> i & 1 for z in mixed) > len(mixed))
+
+
+@given(
+    st.lists(st.sampled_from(["room", "clean", "staff", "über", "a", "b", "x1", "!!", "Quiet,"]), max_size=600).map(
+        " ".join
+    )
+    | st.text(max_size=100)
+)
+def test_simhash_is_the_bitwise_majority_of_the_mixed_word_pair_hashes(text: str) -> None:
+    assert simhash(text) == _simhash_by_definition(text)
+
+
+def test_simhash_keeps_near_texts_near_and_unrelated_texts_far() -> None:
+    base = " ".join(f"word{i}" for i in range(120))
+    edited = base.replace("word60", "other")
+    unrelated = " ".join(f"term{i}" for i in range(120))
+    assert (simhash(base) ^ simhash(edited)).bit_count() <= NEAR_DUPLICATE_BITS
+    assert (simhash(base) ^ simhash(unrelated)).bit_count() > NEAR_DUPLICATE_BITS
