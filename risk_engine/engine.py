@@ -1257,7 +1257,7 @@ class RiskEngine:
         }
         committed.add_done_callback(lambda f: self._after_write(f, rt, key, record, ts, seq))
         self.writer.submit(self._event_insert, row, committed)
-        if moved is not None:  # the seller's credit moved: its history row (derived; see credit.py)
+        if moved is not None:  # the seller's score or tier changed: its history row (derived; see credit.py)
             seller_id, credit = moved
             self.writer.submit(
                 self._credit_insert,

@@ -227,7 +227,8 @@ class MarketplaceState:
         score: int,
         reasons: Iterable[str] = (),
     ) -> tuple[str, CreditScore] | None:
-        """Learn from a scored event; returns ``(seller, new score)`` when the seller's credit moved."""
+        """Learn from a scored event; returns ``(seller, new score)`` when the seller's score or tier changed
+        (the first credit fact of a seller always does): what the credit history records."""
         if subject not in self.SUBJECTS:
             return None
         seller_id = record.get("seller_id")
@@ -255,7 +256,10 @@ class MarketplaceState:
         facts = self.facts.setdefault(seller_id, SellerFacts())
         facts.add(event)
         credit = facts.score()
+        previous = self.scores.get(seller_id)
         self.scores[seller_id] = credit
+        if previous is not None and previous.score == credit.score and previous.tier == credit.tier:
+            return None
         return seller_id, credit
 
     def merchant_view(self, seller_id: str) -> dict[str, Any] | None:
