@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from risk_engine.dsl import Decision, DslErrors, Environment, compile_features, compile_policy
+from risk_engine.dsl.parser import parse_expression
 from risk_engine.payments import PAYMENT_SCHEMA
 from risk_engine.pipeline import ModelScore, decide
 from risk_engine.schema import FieldType
@@ -186,6 +187,16 @@ def test_error_has_position_message_and_suggestion(
     if suggestion is not None:
         assert error.suggestion is not None and suggestion in error.suggestion, error.suggestion
     assert f"{line}:{column}" in str(caught.value)
+
+
+def test_a_text_parsed_again_gives_the_same_tree_and_its_errors_name_each_source() -> None:
+    # parsing is cached per text: the tree is shared, an error is reported against each caller's own source
+    assert parse_expression("log1p(amount.major) * 2") is parse_expression("log1p(amount.major) * 2")
+    for source in ("payment.toml:a", "account.toml:b"):
+        with pytest.raises(DslErrors) as caught:
+            parse_expression("log1p(amount.major", source)
+        assert caught.value.source == source and source in str(caught.value)
+        assert caught.value.errors[0].code.startswith("syntax")
 
 
 def test_every_error_in_a_policy_is_reported_in_text_order() -> None:

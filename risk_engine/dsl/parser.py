@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ast as pyast
 import re
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path as FsPath
 from typing import Any
 
@@ -278,25 +278,34 @@ def _syntax_error(exc: UnexpectedInput, text: str) -> DslError:
     return DslError(line, column, "syntax", str(exc).splitlines()[0])
 
 
+@lru_cache(maxsize=1024)  # distinct texts: the features and policies of a few versions
+def _parsed(text: str, start: str) -> ast.Policy | ast.Expr | DslError:
+    """The syntax tree of ``text`` from rule ``start``, or its syntax error. Parsing is a pure function of the
+    text and the tree is immutable, so a text is parsed once per process: a start-up reads each policy when it
+    seeds versions and again when it loads the published one, and every detector feature twice."""
+    try:
+        node: ast.Policy | ast.Expr = _ToAst().transform(_parser().parse(text, start=start))
+    except UnexpectedInput as exc:
+        return _syntax_error(exc, text)
+    except VisitError as exc:
+        what = "policy" if start == "start" else "expression"
+        return DslError(1, 1, "syntax", f"cannot read {what}: {exc.orig_exc}")
+    return node
+
+
 def parse_policy(text: str, source: str = "<policy>") -> ast.Policy:
     """Parse a policy. Raises :class:`DslErrors` with line:column on bad syntax."""
-    try:
-        tree = _parser().parse(text, start="start")
-        policy = _ToAst().transform(tree)
-    except UnexpectedInput as exc:
-        raise DslErrors([_syntax_error(exc, text)], source) from None
-    except VisitError as exc:
-        raise DslErrors([DslError(1, 1, "syntax", f"cannot read policy: {exc.orig_exc}")], source) from None
+    policy = _parsed(text, "start")
+    if isinstance(policy, DslError):
+        raise DslErrors([policy], source)
     assert isinstance(policy, ast.Policy)
     return policy
 
 
 def parse_expression(text: str, source: str = "<expression>") -> ast.Expr:
-    """Parse a single expression (used for detector features)."""
-    try:
-        tree = _parser().parse(text, start="expr")
-        expr = _ToAst().transform(tree)
-    except UnexpectedInput as exc:
-        raise DslErrors([_syntax_error(exc, text)], source) from None
+    """Parse a single expression (used for detector features). Raises :class:`DslErrors` on bad syntax."""
+    expr = _parsed(text, "expr")
+    if isinstance(expr, DslError):
+        raise DslErrors([expr], source)
     assert isinstance(expr, ast.Expr)
     return expr
