@@ -89,7 +89,7 @@ LABELS = {
     "genuine": False,
 }
 RECENT_CACHE = 50_000
-STATE_SNAPSHOT_FORMAT = 1
+STATE_SNAPSHOT_FORMAT = 2  # 2: orders carry their shipping address (a format-1 snapshot is rebuilt)
 ORDERS_KEPT_S = 180 * 86_400.0  # payments whose orders a restart reloads for the review link
 BLOOM_MIN_CAPACITY = 1_000_000
 

@@ -121,6 +121,7 @@ class _Order:
     amount: float | None
     shipped_at: float | None = None
     delivered_at: float | None = None
+    shipping_address: str | None = None  # blind index
 
 
 @dataclass
@@ -185,6 +186,9 @@ class MarketplaceState:
             record["order.delivered"] = order.delivered_at is not None
             if order.delivered_at is not None:
                 record["order.since_delivery"] = max(0.0, at - order.delivered_at)
+            if order.shipping_address is not None:
+                record["order.shipping_address"] = order.shipping_address
+                record["seller_shipping_address"] = f"{seller_id}:{order.shipping_address}"
         known = self.seller_devices.get(seller_id, set())
         device, ip = record.get("reviewer.device"), record.get("reviewer.ip")
         record["reviewer.seller_device"] = bool(device and device in known) or bool(ip and ip in known)
@@ -203,8 +207,13 @@ class MarketplaceState:
             if decision == "block":
                 return
             amount = record.get("amount.major")
+            address = record.get("shipping.address")
             self.orders[order_id] = _Order(
-                record.get("buyer.id"), record.get("seller_id"), at, float(amount) if amount is not None else None
+                record.get("buyer.id"),
+                record.get("seller_id"),
+                at,
+                float(amount) if amount is not None else None,
+                shipping_address=address if isinstance(address, str) else None,
             )
             self.orders.move_to_end(order_id)
             while len(self.orders) > MAX_ORDERS:

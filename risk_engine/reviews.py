@@ -86,6 +86,10 @@ REVIEW_SCHEMA = SubjectSchema(
             FieldSpec("order.shipped", B, "the seller reported the order shipped"),
             FieldSpec("order.delivered", B, "the order was reported delivered"),
             FieldSpec("order.since_delivery", D, "time since delivery"),
+            FieldSpec("order.shipping_address", P, "the paid order's shipping address (blind index)", PiiKind.ADDRESS),
+            FieldSpec(
+                "seller_shipping_address", S, "seller id and the order's address index: key of per-seller counts"
+            ),
             FieldSpec("reviewer.seller_device", B, "the reviewer's device or IP was seen in the seller's logins"),
             FieldSpec("text.near_duplicates", N, "recent reviews of this seller with near-identical text (SimHash)"),
             *SELLER_FIELDS,

@@ -208,7 +208,12 @@ def test_published_reviews_move_the_rating_component_and_a_brushing_ring_does_no
             order_id=f"order_real_{i}",
             seller_id="s_42",
             occurred_at=(t0 - timedelta(days=3, hours=i)).isoformat(),
-            **{"buyer.id": f"old_{i}", "payment_method.card_fingerprint": f"fp_old_{i}", "device.id": f"d_{i}"},
+            **{
+                "buyer.id": f"old_{i}",
+                "payment_method.card_fingerprint": f"fp_old_{i}",
+                "device.id": f"d_{i}",
+                "shipping_address.line1": f"{i} Old Street",  # each buyer at home
+            },
         )
         assert api.score(paid)["decision"] != "block"
         body = {

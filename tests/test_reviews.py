@@ -44,8 +44,8 @@ def review(i: int, **overrides: Any) -> dict[str, Any]:
     return body
 
 
-def pay_for(api: Api, i: int, buyer: str | None = None, amount: int = 25900) -> None:
-    """The paid order the review ``r_i`` is about."""
+def pay_for(api: Api, i: int, buyer: str | None = None, amount: int = 25900, address: str | None = None) -> None:
+    """The paid order the review ``r_i`` is about, shipped to the buyer's own address unless ``address``."""
     body = payment(
         payment_id=f"pay_r{i}",
         order_id=f"o_{i}",
@@ -57,6 +57,7 @@ def pay_for(api: Api, i: int, buyer: str | None = None, amount: int = 25900) -> 
             "amount.value": amount,
             "payment_method.card_fingerprint": f"fp_{i}",
             "device.id": f"pay_dev_{i}",
+            "shipping_address.line1": address or f"{i} Wenyi Rd",
         },
     )
     assert api.score(body)["decision"] != "block"
@@ -368,3 +369,28 @@ def test_simhash_keeps_near_texts_near_and_unrelated_texts_far() -> None:
     unrelated = " ".join(f"term{i}" for i in range(120))
     assert (simhash(base) ^ simhash(edited)).bit_count() <= NEAR_DUPLICATE_BITS
     assert (simhash(base) ^ simhash(unrelated)).bit_count() > NEAR_DUPLICATE_BITS
+
+
+def test_reviewer_accounts_whose_orders_ship_to_one_address_are_flagged(api: Api) -> None:
+    # a drop address: three accounts, each paying its own order from this seller, all shipped to one place
+    codes = []
+    for i in range(40, 43):
+        pay_for(api, i, address="88 Drop Lane")
+        codes.append({r["code"] for r in post(api, review(i))["reasons"]})
+    assert "SHARED_ADDRESS_SAME_SELLER" not in codes[0] | codes[1]  # one or two accounts: a household
+    assert "SHARED_ADDRESS_SAME_SELLER" in codes[2]
+    pay_for(api, 43)  # a buyer at home
+    assert "SHARED_ADDRESS_SAME_SELLER" not in {r["code"] for r in post(api, review(43))["reasons"]}
+    # the same address behind another seller's order counts for that seller only
+    other = payment(
+        payment_id="pay_other_seller",
+        order_id="o_other",
+        seller_id="s_7",
+        occurred_at=(T0 - timedelta(days=3)).isoformat(),
+        **{"buyer.id": "buyer_other", "shipping_address.line1": "88 Drop Lane", "device.id": "pay_dev_other"},
+    )
+    assert api.score(other)["decision"] != "block"
+    answer = post(api, review(44, order_id="o_other", seller_id="s_7", reviewer={"id": "buyer_other"}))
+    assert "SHARED_ADDRESS_SAME_SELLER" not in {r["code"] for r in answer["reasons"]}
+    stored = api.client.get("/v1/reviews/r_42", headers=api.headers()).json()
+    assert "88 Drop Lane" not in str(stored)  # the address reaches the review as its blind index only
