@@ -67,7 +67,7 @@ def rank_calibrated(raw: np.ndarray, window: int = 2000, warmup: int = 50) -> np
 
 def revealed(t: int) -> int:
     """How many labels (of the first events) have arrived when event ``t`` is scored."""
-    return max(0, (t - DELAY) // BATCH * BATCH + BATCH) if t >= DELAY else 0
+    return (t - DELAY) // BATCH * BATCH + BATCH if t >= DELAY else 0
 
 
 def online_river(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
