@@ -244,7 +244,10 @@ def models_check() -> None:
             f" weight {spec.weight:g})"
         )
     for subject, c in sorted(models.combine.items()):
-        typer.echo(f"[combine.{subject}] ok (up to {c.weight:g} points above a model score of {c.floor:g})")
+        evidence = (
+            f"; anomaly ranks as evidence at a base rate of {c.anomaly_base_rate:g}" if c.anomaly_base_rate else ""
+        )
+        typer.echo(f"[combine.{subject}] ok (up to {c.weight:g} points above a model score of {c.floor:g}{evidence})")
 
 
 @models_app.command("fit")

@@ -4,6 +4,7 @@ The ULB card data (``Time``, ``V1..V28``, ``Amount``, ``Class``, optional ``weig
 ``Time`` seconds after a fixed start, ``Amount`` in euro cents, ``V1..V28`` as declared attributes. It has no
 identities, so each row gets a buyer, card and device drawn deterministically from its position (a few
 thousand of each, some reused), which gives the velocity windows realistic work without inventing fraud.
+A `weight` other than 1 becomes the payment's `sample_weight`.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def ulb_payments(path: Path, *, prefix: str = "ulb", time_offset_s: float = 0.0)
                 "channel": "web",
                 "attributes": attributes,
             }
+            if weight != 1.0:  # a sampled file: each row stands for ``weight`` payments
+                body["sample_weight"] = weight
             yield LabelledEvent(body, label, weight)
 
 

@@ -943,7 +943,7 @@ class RiskEngine:
                 det.select(record.get(det.spec.per))
                 x = features.get(det.name, {})
                 raw, _ = det.score_one(x)
-                det.learn_one(x, raw, seq)
+                det.learn_one(x, raw, seq, record.get("sample_weight", 1.0))
             if det.supervised:
                 self._replay_labels(subject, det)
             return
@@ -954,7 +954,7 @@ class RiskEngine:
             det.select(record.get(det.spec.per))
             x = det.features.compute(record, aggs, self.lists.sets, {})
             raw, _ = det.score_one(x)
-            det.learn_one(x, raw, seq)
+            det.learn_one(x, raw, seq, record.get("sample_weight", 1.0))
             velocity.add(record, ts, seq)
         if det.supervised:
             self._replay_labels(subject, det)
@@ -1287,7 +1287,9 @@ class RiskEngine:
             raw, calibrated = det.score_one(x)
             vectors[det.name] = x
             raws.append(raw)
-            outputs.append(DetectorOutput(det.spec.weight, calibrated, det.warming_up))
+            outputs.append(
+                DetectorOutput(det.spec.weight, calibrated, det.warming_up, not det.supervised, det.has_opinion)
+            )
         combined, points = combine(rt.combine, outputs)
         scores: list[ModelScore] = []
         for det, out, share in zip(rt.detectors, outputs, points, strict=True):
@@ -1321,8 +1323,9 @@ class RiskEngine:
                 "rules": [shadow.compiled.rules[i].name for i in shadow_hits],
             }
         rt.velocity.add(record, ts, seq)
+        weight = record.get("sample_weight", 1.0)  # what a sampled stream's event stands for
         for det, raw in zip(rt.detectors, raws, strict=True):
-            det.learn_one(vectors[det.name], raw, seq)
+            det.learn_one(vectors[det.name], raw, seq, weight)
         return Evaluation(verdict, aggs, vectors, scores, combined, shadow_record)
 
     def _response(
@@ -1491,7 +1494,10 @@ class RiskEngine:
                 stored = vectors.get(event_id) or {}
                 for det in supervised:
                     if label_id > det.last_label_id:
-                        det.learn_label(stored.get(det.name, {}), fraud, label_id)
+                        det.learn_label(stored.get(det.name, {}), fraud, label_id, defer_refit=True)
+        for det in supervised:  # a batch refit (tens of ms to a second) must not hold up scoring
+            if isinstance(det, StreamingDetector):
+                det.complete_refit(self._lock)
 
     def _replay_labels(self, subject: str, det: Detector) -> None:
         """Labels received after a supervised detector's snapshot, learned again in order."""

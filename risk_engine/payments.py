@@ -146,6 +146,14 @@ class PaymentIn(Strict):
     item_count: int = Field(default=1, ge=0, le=100_000)
     channel: Literal["app", "web", "mini_program", "pos", "api", "other"] = "web"
     attributes: Attributes = Field(default_factory=dict, max_length=256)
+    sample_weight: float = Field(
+        default=1.0,
+        gt=0,
+        le=1_000_000,
+        description="How many payments this one stands for, when the caller sends a sample of its traffic "
+        "(e.g. 25 for each legitimate payment of a 1-in-25 sample): the detectors learn the whole stream's "
+        "statistics from the sample. Rules, velocity counts and labels count each payment once.",
+    )
 
 
 def _spec(path: str, ftype: FieldType, description: str, pii: PiiKind | None = None) -> FieldSpec:
@@ -262,6 +270,8 @@ def flatten_payment(p: PaymentIn, vault: Vault) -> tuple[Record, dict[str, str]]
                 pii["shipping.line2"] = a.line2
             full = " ".join(x for x in (a.line1, a.line2, a.city, a.postal_code, a.country) if x)
             record["shipping.address"] = bi(PiiKind.ADDRESS, full)
+    if p.sample_weight != 1.0:  # absent otherwise: records (and request hashes) of unweighted payments unchanged
+        record["sample_weight"] = p.sample_weight
     keys = _ATTRIBUTE_KEYS
     for name, value in p.attributes.items():
         key = keys.get(name)

@@ -52,7 +52,9 @@ def test_keys_create_prints_the_key_alone_on_the_last_line(tmp_path: Path) -> No
 def test_models_check_names_each_detector(tmp_path: Path) -> None:
     result = run("models", "check", home=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "payment_anomaly ok (anomaly GaussianZScore, 30 features, weight 1)" in result.stdout
-    assert "payment_fraud ok (supervised LogisticRegression, 29 features, weight 1)" in result.stdout
+    assert "payment_anomaly ok (anomaly GaussianZScore, 30 features, weight 0.25)" in result.stdout
+    assert "payment_fraud ok (supervised RefittedLogisticRegression, 29 features, weight 1)" in result.stdout
     assert "account_population ok (population ECOD, 45 features" in result.stdout
-    assert "[combine.payment] ok (up to 60 points above a model score of 0.6)" in result.stdout
+    expected = "[combine.payment] ok (up to 60 points above a model score of 0; anomaly ranks as evidence at a base"
+    assert f"{expected} rate of 0.002)" in result.stdout
+    assert "[combine.review] ok (up to 50 points above a model score of 0)\n" in result.stdout

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import pickle
 import random
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,10 +17,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from risk_engine.detectors.combine import CombineSpec, DetectorOutput, combine, model_score
-from risk_engine.detectors.estimators import GaussianZScore
+from risk_engine.detectors import StreamingDetector
+from risk_engine.detectors.combine import CombineSpec, DetectorOutput, combine, model_score, rank_evidence
+from risk_engine.detectors.estimators import GaussianZScore, RefittedLogisticRegression
 from risk_engine.detectors.population import FrozenECDF, fit_population
-from risk_engine.detectors.spec import SpecError, load_models, parse_spec_file
+from risk_engine.detectors.spec import SpecError, compile_spec_features, load_models, parse_spec_file
+from risk_engine.engine import load_environments
 from tests.conftest import REPO, Api, make_settings, open_api, payment, run_cli, shared_data
 
 # -- GaussianZScore -------------------------------------------------------------------------------------------
@@ -93,15 +98,154 @@ def test_one_sure_detector_still_counts_and_a_warming_one_counts_as_zero() -> No
 
 def test_combine_tables_are_checked(tmp_path: Path) -> None:
     good = (REPO / "models" / "payment.toml").read_text()
-    (tmp_path / "a.toml").write_text(good.replace("floor = 0.6", "flor = 0.6"))
+    assert "\nfloor = " in good and "\nanomaly_base_rate = " in good
+    (tmp_path / "a.toml").write_text(good.replace("\nfloor = ", "\nflor = "))
     with pytest.raises(SpecError, match=r"unknown key 'flor'.*did you mean 'floor'"):
         load_models(tmp_path)
-    (tmp_path / "a.toml").write_text(good.replace("floor = 0.6", "floor = 1.5"))
+    (tmp_path / "a.toml").write_text(re.sub(r"\nfloor = .*", "\nfloor = 1.5", good))
     with pytest.raises(SpecError, match=r"floor in 0\.\.1"):
         load_models(tmp_path)
+    for bad in ("1.5", "0", '"often"'):
+        (tmp_path / "a.toml").write_text(re.sub(r"\nanomaly_base_rate = .*", f"\nanomaly_base_rate = {bad}", good))
+        with pytest.raises(SpecError, match=r"anomaly_base_rate must be a share between 0 and 1"):
+            load_models(tmp_path)
     (tmp_path / "a.toml").write_text(good.replace("weight = 1\n", "weight = 1\nfloor = 0.9\n", 1))
     with pytest.raises(SpecError, match=r"'floor' is set per subject now, in \[combine.payment\]"):
         parse_spec_file(tmp_path / "a.toml")
+
+
+# -- the refitted logistic regression ----------------------------------------------------------------------------
+
+
+def labelled_rows(n: int, seed: int = 3) -> list[tuple[dict[str, float], bool]]:
+    """Two features; fraud is far out on ``a`` (either way) and a little high on ``b``."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        fraud = i % 9 == 0
+        a = rng.choice([-1, 1]) * rng.gauss(4, 1) if fraud else rng.gauss(0, 1)
+        rows.append(({"a": a, "b": rng.gauss(1.0 if fraud else 0.0, 1)}, fraud))
+    return rows
+
+
+def test_the_refitted_regression_is_scikit_learns_fit_on_the_clipped_terms() -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    rows = labelled_rows(300)
+    model = RefittedLogisticRegression(C=0.5, clip=3.0, refit_every=1000)
+    for x, y in rows:
+        model.learn_one(x, y)
+    assert model.predict_proba_one(rows[0][0]) == {}  # not fitted before ``refit_every`` labels
+    model.refit()
+    data = np.array([[x["a"], x["b"]] for x, _ in rows])
+    labels = np.array([y for _, y in rows])
+    z = np.clip((data - data.mean(0)) / data.std(0), -3, 3)
+    terms = np.hstack([z, np.abs(z)])
+    reference = LogisticRegression(C=0.5, max_iter=5000).fit((terms - terms.mean(0)) / terms.std(0), labels)
+    probes = [{"a": -5.0, "b": 0.0}, {"a": 0.1, "b": 0.2}, {"a": 2.5, "b": 3.0}, {"a": 40.0, "b": -1.0}]
+    for probe in probes:
+        t = np.clip((np.array([probe["a"], probe["b"]]) - data.mean(0)) / data.std(0), -3, 3)
+        t = (np.r_[t, np.abs(t)] - terms.mean(0)) / terms.std(0)
+        expected = reference.predict_proba(t[None])[0, 1]
+        assert model.predict_proba_one(probe)[True] == pytest.approx(expected, abs=1e-9)
+        logit = model.intercept + sum(model.terms(probe).values())  # the explanation's terms add up
+        assert logit == pytest.approx(math.log(expected / (1 - expected)), abs=1e-6)
+    # far out either way is fraud: the absolute term carries what one signed weight cannot
+    assert (
+        model.predict_proba_one({"a": -5.0, "b": 0.0})[True] > 0.5 < model.predict_proba_one({"a": 5.0, "b": 0.0})[True]
+    )
+    assert model.predict_proba_one({"a": 0.0, "b": 0.0})[True] < 0.1
+    # clipped: a wilder value is no surer than one at the clip
+    assert model.predict_proba_one({"a": 40.0, "b": 0.0}) == model.predict_proba_one(
+        {"a": 3 * data[:, 0].std() + data[:, 0].mean() + 1, "b": 0.0}
+    )
+
+
+def test_the_refitted_regression_refits_on_a_growing_schedule_and_keeps_bounded_rows() -> None:
+    model = RefittedLogisticRegression(refit_every=10, refit_growth=0.5, max_rows=100)
+    fits = []
+    for x, y in labelled_rows(400):
+        before = model.fitted_rows
+        model.learn_one(x, y)
+        if model.fitted_rows != before:
+            fits.append(model.fitted_rows)
+    # every 10 labels while that is more than half the rows fitted, then at half the rows; then capped at 100
+    assert fits[:4] == [10, 20, 30, 45]
+    assert all(later - earlier >= max(10, earlier // 2) for earlier, later in itertools.pairwise(fits) if later < 100)
+    assert len(model.positives) + len(model.negatives) == 100
+    assert len(model.positives) == 400 // 9 + 1  # every fraud kept (under half the rows)
+    twin = RefittedLogisticRegression(refit_every=10, refit_growth=0.5, max_rows=100)
+    for x, y in labelled_rows(400):
+        twin.learn_one(x, y)
+    assert twin.negatives == model.negatives  # the sample is seeded: a replay keeps the same rows
+    kept = {round(row[0], 12) for row in model.negatives}
+    positions = [i for i, (x, y) in enumerate(labelled_rows(400)) if not y and round(x["a"], 12) in kept]
+    assert min(positions) < 100 and max(positions) > 300  # a sample of the whole stream, not its start or end
+
+
+def test_one_outcome_fits_nothing() -> None:
+    model = RefittedLogisticRegression(refit_every=5)
+    for x, _ in labelled_rows(50):
+        model.learn_one(x, False)
+    assert model.predict_proba_one({"a": 9.0, "b": 9.0}) == {} and model.fitted_rows == 0
+    model.learn_one({"a": 9.0, "b": 9.0}, True)  # the first fraud: fitted at once
+    assert model.fitted_rows == 51
+    assert model.predict_proba_one({"a": 9.0, "b": 9.0})[True] > 3 * model.predict_proba_one({"a": 0.0, "b": 0.0})[True]
+
+
+class WatchedLock:
+    """A lock that knows whether it is held."""
+
+    def __init__(self) -> None:
+        self.held = False
+
+    def __enter__(self) -> None:
+        assert not self.held
+        self.held = True
+
+    def __exit__(self, *exc: object) -> None:
+        self.held = False
+
+
+def test_a_deferred_refit_is_computed_outside_the_lock_and_lands_as_an_inline_one_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec_text = (REPO / "models" / "payment.toml").read_text()
+    (tmp_path / "payment.toml").write_text(spec_text)
+    config = load_models(tmp_path)
+    (spec,) = [s for s in config.specs if s.name == "payment_fraud"]
+    envs, _, _ = load_environments(make_settings(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    features = compile_spec_features(spec, envs["payment"])
+    deferred, inline = StreamingDetector(spec, features), StreamingDetector(spec, features)
+    lock = WatchedLock()
+    estimator = deferred._steps[1]
+    assert isinstance(estimator, RefittedLogisticRegression)
+    compute = RefittedLogisticRegression.compute_fit
+
+    def compute_outside_the_lock(self: RefittedLogisticRegression, rows: Any) -> Any:
+        assert not lock.held, "a refit must not hold up scoring"
+        return compute(self, rows)
+
+    monkeypatch.setattr(RefittedLogisticRegression, "compute_fit", compute_outside_the_lock)
+    probe = {f"V{k}": 0.0 for k in range(1, 29)} | {"amount": 3.0, "V14": -6.0}
+    rows = labelled_rows(120)
+    for label_id, (x, fraud) in enumerate(rows, start=1):
+        vector = {f"V{k}": 0.0 for k in range(1, 29)} | {"amount": 3.0, "V14": x["a"], "V4": x["b"]}
+        with lock:
+            deferred.learn_label(vector, fraud, label_id, defer_refit=True)
+        inline.learn_label(vector, fraud, label_id)
+        if label_id == 50:  # due: pending, not yet in use
+            assert estimator.pending is not None and estimator.fit is None
+            snapshot = pickle.dumps(deferred.state())
+            deferred.complete_refit(lock)
+            assert estimator.pending is None
+            assert deferred.score_one(probe) == inline.score_one(probe)
+    deferred.complete_refit(lock)
+    assert deferred.score_one(probe) == inline.score_one(probe)
+    # a snapshot taken while a fit was pending restores with it done
+    restored = StreamingDetector(spec, features)
+    assert restored.restore(pickle.loads(snapshot))
+    assert restored._steps[1].pending is None and restored._steps[1].fitted_rows == 50
 
 
 # -- population detectors ---------------------------------------------------------------------------------------
@@ -259,7 +403,13 @@ def test_a_payment_answer_names_the_model_score_and_each_detectors_features(sqli
     anomaly = next(m for m in answer["models"] if m["name"] == "payment_anomaly")
     assert anomaly["score"] > 0.99 and anomaly["points"] > 0
     assert {f["feature"] for f in anomaly["top_features"][:2]} == {"V14", "V17"}
-    assert answer["model_score"] == pytest.approx(anomaly["score"] / math.sqrt(2), abs=1e-3)  # fraud model warming
+    # the fraud model is warming up (no labels): it counts as 0 with its weight, the anomaly rank as evidence
+    config = load_models(REPO / "models")
+    combine_spec, specs = config.combine_for("payment"), {d.name: d for d in config.specs}
+    assert combine_spec.anomaly_base_rate is not None
+    weights = specs["payment_anomaly"].weight, specs["payment_fraud"].weight
+    evidence = rank_evidence(anomaly["score"], combine_spec.anomaly_base_rate)
+    assert answer["model_score"] == pytest.approx(evidence * math.sqrt(weights[0] / sum(weights)), abs=1e-3)
     reason = next(r for r in answer["reasons"] if r["code"] == "MODEL_PAYMENT_ANOMALY")
     assert reason["score_delta"] == pytest.approx(anomaly["points"], abs=0.01) and "V14" in reason["text"]
 

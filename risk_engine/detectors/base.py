@@ -24,6 +24,11 @@ class DetectorBase:
         return 0 < self.frauds_seen < self.labels_seen
 
     @property
+    def has_opinion(self) -> bool:
+        """False for a classifier that has learned one outcome only (it then says 0.5, no opinion)."""
+        return not self.supervised or self.knows_both_outcomes
+
+    @property
     def name(self) -> str:
         """The detector's declared name."""
         return self.spec.name

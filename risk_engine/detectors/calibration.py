@@ -9,10 +9,21 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, bisect_right, insort
 from collections import deque
+from math import fsum
 
 
 class RunningQuantile:
-    """Empirical CDF over a sliding window of raw scores."""
+    """Empirical CDF over a sliding window of raw scores.
+
+    Events may carry sample weights (how many events of a sampled stream each stands for): ranks are then
+    shares of the weight below, and the warm-up counts weight, so a sample ranks as its whole stream would.
+    Unweighted, no weights are kept at all (the request path pays nothing for them).
+    """
+
+    _weighted = False  # class defaults: snapshots from before weights restore as unweighted
+    _mass = 0.0
+    _sorted_weights: list[float]  # with _sorted, once weighted
+    _recent_weights: deque[float]  # with _recent, once weighted
 
     def __init__(self, window: int = 2000, warmup: int = 50) -> None:
         self.window = window
@@ -27,28 +38,51 @@ class RunningQuantile:
 
     @property
     def warm(self) -> bool:
-        """True once enough scores are held for ranks to mean something."""
+        """True once enough scores (or weight) are held for ranks to mean something."""
+        if self._weighted:
+            return self._mass >= self.warmup
         return len(self._sorted) >= self.warmup
 
     def transform(self, raw: float) -> float:
         """Share of recent raw scores strictly below ``raw`` (ties count half); 0 while warming up."""
-        n = len(self._sorted)
-        if n < self.warmup:
+        if not self.warm:
             return 0.0
         below = bisect_left(self._sorted, raw)
-        ties = bisect_right(self._sorted, raw) - below
-        return (below + 0.5 * ties) / n
+        upto = bisect_right(self._sorted, raw)
+        if self._weighted:
+            weights = self._sorted_weights
+            return (fsum(weights[:below]) + 0.5 * fsum(weights[below:upto])) / self._mass
+        return (below + 0.5 * (upto - below)) / len(self._sorted)
 
-    def update(self, raw: float) -> None:
-        """Add a raw score to the window."""
-        insort(self._sorted, raw)
+    def update(self, raw: float, weight: float = 1.0) -> None:
+        """Add a raw score to the window, standing for ``weight`` events."""
+        if weight != 1.0 and not self._weighted:
+            self._weighted = True
+            self._sorted_weights = [1.0] * len(self._sorted)
+            self._recent_weights = deque([1.0] * len(self._recent))
+            self._mass = float(len(self._sorted))
+        if not self._weighted:
+            insort(self._sorted, raw)
+            self._recent.append(raw)
+            if len(self._recent) > self.window:
+                del self._sorted[bisect_left(self._sorted, self._recent.popleft())]
+            return
+        at = bisect_right(self._sorted, raw)
+        self._sorted.insert(at, raw)
+        self._sorted_weights.insert(at, weight)
         self._recent.append(raw)
+        self._recent_weights.append(weight)
+        self._mass += weight
         if len(self._recent) > self.window:
-            old = self._recent.popleft()
-            del self._sorted[bisect_left(self._sorted, old)]
+            old, old_weight = self._recent.popleft(), self._recent_weights.popleft()
+            # equal scores sit in arrival order (inserted on the right), so the oldest of them is the leftmost
+            i = bisect_left(self._sorted, old)
+            del self._sorted[i]
+            del self._sorted_weights[i]
+            self._mass -= old_weight
 
     def quantiles(self, qs: tuple[float, ...] = (0.5, 0.9, 0.99)) -> dict[str, float]:
-        """Raw-score quantiles of the window, for monitoring drift."""
+        """Raw-score quantiles of the window (by count), for monitoring drift."""
         if not self._sorted:
             return {}
         n = len(self._sorted)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import heapq
 import math
+import random
 import re
 import unicodedata
 from collections import Counter
 from collections.abc import Hashable
+from dataclasses import dataclass
 from typing import Any
 
 from river import base
@@ -23,10 +25,11 @@ class GaussianZScore(base.AnomalyDetector):
 
     A diagonal Gaussian model of normal traffic: each feature's distance from its mean in standard deviations,
     clipped at ``clip`` so one wild feature cannot drown the others, averaged over the features. Means and
-    variances are exact (Welford) for the first ``window`` events, then exponentially weighted with weight
-    ``1/window``, so the model follows slow drift; a standard deviation under ``min_std`` counts as ``min_std``
-    (so a feature that never moved still flags a jump). It scores 0 until it has seen ``min_events`` events. The
-    per-feature terms are the explanation: the score is their sum, so each term is exactly that feature's share.
+    variances are exact (Welford, weighted when events carry sample weights) for the first ``window`` events,
+    then exponentially weighted with weight ``1/window``, so the model follows slow drift; a standard deviation
+    under ``min_std`` counts as ``min_std`` (so a feature that never moved still flags a jump). It scores 0
+    until it has seen ``min_events`` events. The per-feature terms are the explanation: the score is their
+    sum, so each term is exactly that feature's share.
     """
 
     def __init__(self, clip: float = 10.0, window: int = 20_000, min_events: int = 30, min_std: float = 0.0) -> None:
@@ -36,14 +39,15 @@ class GaussianZScore(base.AnomalyDetector):
         self.window = window
         self.min_events = min_events
         self.min_std = min_std
-        self.n = 0
+        self.n: float = 0  # events learned; with sample weights, the events they stand for
         self.means: dict[Hashable, float] = {}
         self.vars: dict[Hashable, float] = {}
 
-    def learn_one(self, x: dict[Hashable, Any]) -> None:
-        """Fold an event into the running means and variances."""
-        self.n += 1
-        alpha = 1.0 / min(self.n, self.window)
+    def learn_one(self, x: dict[Hashable, Any], w: float = 1.0) -> None:
+        """Fold an event into the running means and variances; ``w`` is how many events it stands for (a
+        sampled stream's weight), so the statistics are those of the stream it was sampled from."""
+        self.n += w
+        alpha = min(1.0, w / min(self.n, self.window))
         means, vars_ = self.means, self.vars
         for name, value in x.items():
             mean = means.get(name, 0.0)
@@ -231,3 +235,189 @@ class TextNaiveBayes(base.Classifier):
             for gram, n, row in rows
         ]
         return heapq.nlargest(k, effects, key=lambda t: t[1])
+
+
+@dataclass(frozen=True, slots=True)
+class LogisticFit:
+    """One refit of :class:`RefittedLogisticRegression`, folded so that ``logit = intercept + sum(w_j * z_j +
+    a_j * |z_j|)`` with ``z_j`` feature ``j``'s z-score on the labelled rows, clipped."""
+
+    rows: int
+    means: dict[Hashable, float]
+    stds: dict[Hashable, float]
+    coefficients: dict[Hashable, tuple[float, float]]
+    intercept: float
+
+
+class RefittedLogisticRegression(base.Classifier):
+    """L2-regularized logistic regression refitted in batch on every label kept, scored one event at a time.
+
+    Online logistic regression under-fits the few dozen frauds a new deployment has (on the ULB sample its
+    probabilities ranked fraud worse across the stream the longer it ran: its weights drift with each SGD
+    step); refitting on all labels so far does not. Each refit standardizes the features on the labelled rows,
+    clips them at ``clip`` standard deviations (a linear model extrapolates without bound, so one wild value
+    would make it sure: wild values are the anomaly detector's business) and, with ``absolute_terms``, adds each
+    clipped value's absolute size as a second term, so a feature can count when it is far from usual either
+    way. scikit-learn fits it (lbfgs, ``C`` the inverse regularization strength); scoring is a dot product here.
+
+    A refit is due after ``refit_every`` new labels, or after ``refit_growth`` times the rows of the last fit
+    once that is more, so refitting costs O(1) per label amortized. At most ``max_rows`` labelled rows are
+    kept: every fraud (up to half of them), and a uniform sample (reservoir, seeded: replays are exact) of the
+    others. Labels of one class only fit nothing: it predicts nothing until it has seen both.
+
+    ``learn_one(x, y, refit=False)`` leaves a due fit pending (``pending``: the rows it is due on) for the
+    caller to compute outside its lock (:meth:`compute_fit`, the slow part) and :meth:`install`; the model is
+    then a function of the labels alone, whenever the fit lands. A pending fit survives pickling.
+    """
+
+    def __init__(
+        self,
+        C: float = 0.1,
+        clip: float = 3.0,
+        absolute_terms: bool = True,
+        refit_every: int = 50,
+        refit_growth: float = 0.1,
+        max_rows: int = 50_000,
+    ) -> None:
+        if C <= 0 or clip <= 0 or refit_every < 1 or refit_growth < 0 or max_rows < 2:
+            raise ValueError("C and clip must be positive, refit_every and max_rows at least 1 and 2")
+        self.C = C
+        self.clip = clip
+        self.absolute_terms = absolute_terms
+        self.refit_every = refit_every
+        self.refit_growth = refit_growth
+        self.max_rows = max_rows
+        self.names: list[Hashable] = []  # feature order of the stored rows, as first seen
+        self.index: dict[Hashable, int] = {}
+        # rows are never changed once stored (a new feature gives new lists), so a pending fit's list of them
+        # stays what it was
+        self.positives: list[list[float]] = []
+        self.negatives: list[list[float]] = []
+        self.negatives_seen = 0
+        self.since_fit = 0
+        self.random = random.Random(0)
+        self.fit: LogisticFit | None = None
+        self.pending: tuple[list[list[float]], list[list[float]]] | None = None
+
+    @property
+    def _multiclass(self) -> bool:
+        return False
+
+    @property
+    def fitted_rows(self) -> int:
+        """Rows of the fit in use (0 before the first)."""
+        return 0 if self.fit is None else self.fit.rows
+
+    def _row(self, x: dict[Hashable, Any]) -> list[float]:
+        for name in x:
+            if name not in self.index:
+                self.index[name] = len(self.names)
+                self.names.append(name)
+                self.positives = [[*row, 0.0] for row in self.positives]
+                self.negatives = [[*row, 0.0] for row in self.negatives]
+        return [float(x.get(name, 0.0)) for name in self.names]
+
+    def learn_one(self, x: dict[Hashable, Any], y: Any, refit: bool = True) -> None:
+        """Keep the labelled row; when a refit is due, fit now (``refit``) or leave it ``pending``."""
+        row = self._row(x)
+        if y:
+            if len(self.positives) < self.max_rows // 2:
+                self.positives.append(row)
+                if len(self.positives) + len(self.negatives) > self.max_rows:  # a fraud takes a sampled row's place
+                    slot = self.random.randrange(len(self.negatives))
+                    self.negatives[slot] = self.negatives[-1]
+                    self.negatives.pop()
+        else:
+            self.negatives_seen += 1
+            room = self.max_rows - min(len(self.positives), self.max_rows // 2)
+            if len(self.negatives) < room:
+                self.negatives.append(row)
+            else:
+                slot = self.random.randrange(self.negatives_seen)
+                if slot < len(self.negatives):
+                    self.negatives[slot] = row
+        self.since_fit += 1
+        if (
+            self.positives
+            and self.negatives
+            and self.since_fit >= max(self.refit_every, self.refit_growth * self.fitted_rows)
+        ):
+            if refit:
+                self.refit()
+            else:
+                self.since_fit = 0
+                self.pending = (list(self.positives), list(self.negatives))
+
+    def refit(self) -> None:
+        """Fit on the rows kept, here and now (nothing happens until both outcomes are among them)."""
+        if self.positives and self.negatives:
+            rows = (list(self.positives), list(self.negatives))
+            self.install(self.compute_fit(rows), rows)
+            self.since_fit = 0
+            self.pending = None
+
+    def compute_fit(self, rows: tuple[list[list[float]], list[list[float]]]) -> LogisticFit:
+        """Fit on ``rows`` (frauds, others): reads nothing else, changes nothing; safe outside a lock."""
+        import numpy as np
+        from sklearn.linear_model import LogisticRegression
+
+        positives, negatives = rows
+        width = min(len(positives[0]), len(negatives[0]))
+        data = np.array([r[:width] for r in positives] + [r[:width] for r in negatives], dtype=float)
+        labels = np.r_[np.ones(len(positives)), np.zeros(len(negatives))]
+        means = data.mean(axis=0)
+        stds = data.std(axis=0)
+        stds[stds <= 0] = 1.0
+        z = np.clip((data - means) / stds, -self.clip, self.clip)
+        terms = np.hstack([z, np.abs(z)]) if self.absolute_terms else z
+        t_means, t_stds = terms.mean(axis=0), terms.std(axis=0)
+        t_stds[t_stds <= 0] = 1.0
+        model = LogisticRegression(C=self.C, max_iter=5000).fit((terms - t_means) / t_stds, labels)
+        folded = model.coef_[0] / t_stds
+        signed, absolute = folded[:width], folded[width:] if self.absolute_terms else np.zeros(width)
+        names = self.names[:width]
+        return LogisticFit(
+            rows=len(data),
+            means=dict(zip(names, means.tolist(), strict=True)),
+            stds=dict(zip(names, stds.tolist(), strict=True)),
+            coefficients={n: (float(s), float(a)) for n, s, a in zip(names, signed, absolute, strict=True)},
+            intercept=float(model.intercept_[0] - (folded * t_means).sum()),
+        )
+
+    def install(self, fit: LogisticFit, rows: tuple[list[list[float]], list[list[float]]]) -> None:
+        """Use ``fit`` (computed on ``rows``); the pending fit is done if it was the one on those rows."""
+        self.fit = fit
+        if self.pending is rows:
+            self.pending = None
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        pending = self.pending
+        if pending is not None:  # a fit that was due when the snapshot was taken
+            self.install(self.compute_fit(pending), pending)
+
+    def terms(self, x: dict[Hashable, Any]) -> dict[Hashable, float]:
+        """Each feature's part of the log odds (the intercept aside)."""
+        fit = self.fit
+        if fit is None:
+            return {}
+        clip, means, stds = self.clip, fit.means, fit.stds
+        out: dict[Hashable, float] = {}
+        for name, (signed, absolute) in fit.coefficients.items():
+            z = (float(x.get(name, 0.0)) - means[name]) / stds[name]
+            z = clip if z > clip else -clip if z < -clip else z
+            out[name] = signed * z + absolute * (z if z >= 0 else -z)
+        return out
+
+    @property
+    def intercept(self) -> float:
+        """The fit's intercept (0 before the first)."""
+        return 0.0 if self.fit is None else self.fit.intercept
+
+    def predict_proba_one(self, x: dict[Hashable, Any], **kwargs: Any) -> dict[Label, float]:
+        """``{True: p, False: 1 - p}`` once fitted; empty before."""
+        if self.fit is None:
+            return {}
+        logit = self.fit.intercept + sum(self.terms(x).values())
+        p = 1.0 / (1.0 + math.exp(-logit)) if logit >= 0 else math.exp(logit) / (1.0 + math.exp(logit))
+        return {True: p, False: 1.0 - p}

@@ -170,12 +170,12 @@ class PopulationDetector(DetectorBase):
         raw = self.fit.raw(self._row(x))
         return raw, self.fit.calibrate(raw)
 
-    def learn_one(self, x: Mapping[str, float], raw: float, seq: int) -> None:
+    def learn_one(self, x: Mapping[str, float], raw: float, seq: int, weight: float = 1.0) -> None:
         """Counts the event; the model changes only when refitted."""
         self.events_seen += 1
         self.last_seq = seq
 
-    def learn_label(self, x: Mapping[str, float], fraud: bool, label_id: int) -> None:
+    def learn_label(self, x: Mapping[str, float], fraud: bool, label_id: int, defer_refit: bool = False) -> None:
         """Population detectors ignore labels."""
 
     def explain(self, x: Mapping[str, float], k: int = 3) -> list[tuple[str, float]]:

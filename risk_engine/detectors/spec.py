@@ -16,6 +16,7 @@ amount = "log1p(amount.major)"      # any numeric expression of the rules langua
 [combine.payment]                   # the model part of the payment risk score
 weight = 60                         # at most this many points of the 0-100 score
 floor = 0.6                         # model scores below this add nothing
+anomaly_base_rate = 0.002           # optional: the share of fraud; anomaly ranks then count as evidence
 """
 
 from __future__ import annotations
@@ -44,13 +45,14 @@ class SpecError(ValueError):
 def _river_estimators() -> dict[str, Callable[..., Any]]:
     from river import anomaly, forest, linear_model, naive_bayes, tree
 
-    from risk_engine.detectors.estimators import GaussianZScore, TextNaiveBayes
+    from risk_engine.detectors.estimators import GaussianZScore, RefittedLogisticRegression, TextNaiveBayes
 
     return {
         "GaussianZScore": GaussianZScore,
         "HalfSpaceTrees": anomaly.HalfSpaceTrees,
         "OneClassSVM": anomaly.OneClassSVM,
         "LogisticRegression": linear_model.LogisticRegression,
+        "RefittedLogisticRegression": RefittedLogisticRegression,
         "HoeffdingTreeClassifier": tree.HoeffdingTreeClassifier,
         "ARFClassifier": forest.ARFClassifier,
         "MultinomialNB": naive_bayes.MultinomialNB,
@@ -82,7 +84,14 @@ def _river_scalers() -> dict[str, Callable[..., Any]]:
 
 ESTIMATORS_BY_KIND = {
     "anomaly": ("GaussianZScore", "HalfSpaceTrees", "OneClassSVM"),
-    "supervised": ("LogisticRegression", "HoeffdingTreeClassifier", "ARFClassifier", "MultinomialNB", "TextNaiveBayes"),
+    "supervised": (
+        "LogisticRegression",
+        "RefittedLogisticRegression",
+        "HoeffdingTreeClassifier",
+        "ARFClassifier",
+        "MultinomialNB",
+        "TextNaiveBayes",
+    ),
     "population": ("ECOD", "COPOD", "HBOS", "IForest"),
 }
 ESTIMATOR_NAMES = tuple(name for names in ESTIMATORS_BY_KIND.values() for name in names)
@@ -169,16 +178,20 @@ def _parse_combine(path: Path, data: Mapping[str, Any]) -> dict[str, CombineSpec
     for subject, body in tables.items():
         if not isinstance(body, dict):
             raise SpecError(f"{path}: [combine.{subject}] must be a table")
-        unknown = set(body) - {"weight", "floor"}
+        keys = ("weight", "floor", "anomaly_base_rate")
+        unknown = set(body) - set(keys)
         if unknown:
             key = sorted(unknown)[0]
-            hint = did_you_mean(key, ("weight", "floor"))
+            hint = did_you_mean(key, keys)
             raise SpecError(f"{path}: [combine.{subject}]: unknown key '{key}'" + (f" ({hint})" if hint else ""))
         weight = float(body.get("weight", 60.0))
         floor = float(body.get("floor", 0.6))
         if not 0 <= weight <= 100 or not 0 <= floor < 1:
             raise SpecError(f"{path}: [combine.{subject}]: weight must be in 0..100 and floor in 0..1 (excluded)")
-        result[subject] = CombineSpec(subject, weight, floor)
+        base_rate = body.get("anomaly_base_rate")
+        if base_rate is not None and not (isinstance(base_rate, int | float) and 0 < base_rate < 1):
+            raise SpecError(f"{path}: [combine.{subject}]: anomaly_base_rate must be a share between 0 and 1")
+        result[subject] = CombineSpec(subject, weight, floor, None if base_rate is None else float(base_rate))
     return result
 
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 from risk_engine.detectors.base import DetectorBase
 from risk_engine.detectors.calibration import PlattScaling, RunningQuantile
-from risk_engine.detectors.estimators import GaussianZScore, TextNaiveBayes
+from risk_engine.detectors.estimators import GaussianZScore, RefittedLogisticRegression, TextNaiveBayes
 from risk_engine.detectors.spec import DetectorSpec
 from risk_engine.dsl import CompiledFeatures
 
@@ -84,8 +85,10 @@ class StreamingDetector(DetectorBase):
         raw = float(estimator.score_one(z))
         return raw, self.calibrator.transform(raw)
 
-    def learn_one(self, x: Mapping[str, float], raw: float, seq: int) -> None:
-        """Learn from an event after it was scored (a supervised detector waits for its label)."""
+    def learn_one(self, x: Mapping[str, float], raw: float, seq: int, weight: float = 1.0) -> None:
+        """Learn from an event after it was scored (a supervised detector waits for its label). ``weight`` is
+        the event's sample weight: ``GaussianZScore`` and the calibration count it; other estimators learn the
+        event once."""
         if x and not self.supervised:
             # what river's Pipeline.learn_one does, without its per-call overhead
             transformers, estimator = self._steps
@@ -93,15 +96,20 @@ class StreamingDetector(DetectorBase):
             for t in transformers:
                 t.learn_one(z)
                 z = t.transform_one(z)
-            estimator.learn_one(z)
-        self.calibrator.update(raw)
+            if weight != 1.0 and isinstance(estimator, GaussianZScore):
+                zw: dict[Hashable, Any] = dict(z.items())
+                estimator.learn_one(zw, weight)
+            else:
+                estimator.learn_one(z)
+        self.calibrator.update(raw, weight)
         self.events_seen += 1
         self.last_seq = seq
 
     def explain(self, x: Mapping[str, float], k: int = 3, candidates: int = 8) -> list[tuple[str, float]]:
         """The features that pushed this event's score up most, with how much, largest first.
 
-        Supervised (linear) detectors: each feature's term, weight times its standardized value.
+        Supervised (linear) detectors: each feature's term, weight times its standardized value (with
+        ``RefittedLogisticRegression``, its part of the log odds).
         ``GaussianZScore``: each feature's clipped z-score share (the score is their sum). Other anomaly
         detectors: how much the raw score drops when the feature is set to the middle of its observed range;
         only the ``candidates`` features farthest from that middle are tried, to bound the cost.
@@ -115,6 +123,9 @@ class StreamingDetector(DetectorBase):
         if isinstance(estimator, TextNaiveBayes):
             zt: dict[Hashable, Any] = dict(z.items())
             terms = estimator.gram_effects(zt)
+        elif isinstance(estimator, RefittedLogisticRegression):
+            zr: dict[Hashable, Any] = dict(z.items())
+            terms = [(str(k), v) for k, v in estimator.terms(zr).items()]
         elif self.supervised:
             weights = getattr(estimator, "weights", None)
             if not isinstance(weights, Mapping):
@@ -131,8 +142,9 @@ class StreamingDetector(DetectorBase):
         ranked = sorted((t for t in terms if t[1] > 0), key=lambda t: -t[1])
         return [(name, round(effect, 4)) for name, effect in ranked[:k]]
 
-    def learn_label(self, x: Mapping[str, float], fraud: bool, label_id: int) -> None:
-        """Learn from a label, with the features the labelled event was scored with."""
+    def learn_label(self, x: Mapping[str, float], fraud: bool, label_id: int, defer_refit: bool = False) -> None:
+        """Learn from a label, with the features the labelled event was scored with. With ``defer_refit``, a
+        batch refit that falls due is left for :meth:`complete_refit`, outside the caller's lock."""
         if not self.supervised:
             return
         if x:
@@ -143,10 +155,29 @@ class StreamingDetector(DetectorBase):
                 z = t.transform_one(z)
             if self.platt is not None and self.knows_both_outcomes:
                 self.platt.learn(float(estimator.predict_proba_one(z).get(True, 0.0)), fraud)
-            estimator.learn_one(z, fraud)
+            if isinstance(estimator, RefittedLogisticRegression):
+                zr: dict[Hashable, Any] = dict(z.items())
+                estimator.learn_one(zr, fraud, refit=not defer_refit)
+            else:
+                estimator.learn_one(z, fraud)
         self.labels_seen += 1
         self.frauds_seen += fraud
         self.last_label_id = label_id
+
+    def complete_refit(self, lock: AbstractContextManager[Any]) -> None:
+        """Compute a pending batch refit without holding ``lock`` (scoring goes on meanwhile), then install it
+        under it. The model stays a function of the labels alone; only when it changes depends on timing."""
+        estimator = self._steps[1]
+        if not isinstance(estimator, RefittedLogisticRegression):
+            return
+        with lock:
+            rows = estimator.pending
+        if rows is None:
+            return
+        fit = estimator.compute_fit(rows)
+        with lock:
+            if estimator is self._steps[1]:  # not restored from a snapshot meanwhile
+                estimator.install(fit, rows)
 
     def quantiles(self) -> dict[str, float]:
         """Raw-score quantiles of recent events, for monitoring drift."""
