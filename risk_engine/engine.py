@@ -1293,9 +1293,9 @@ class RiskEngine:
         combined, points = combine(rt.combine, outputs)
         scores: list[ModelScore] = []
         for det, out, share in zip(rt.detectors, outputs, points, strict=True):
-            # explained only when the detector leans towards fraud and adds points: when an analyst needs to know
-            # why (a review's text model adds points from 0, and most reviews need no explaining)
-            top = tuple(det.explain(vectors[det.name])) if share > 0 and out.score > 0.5 else ()
+            # explained only when the detector leans towards fraud and adds a point or more: when an analyst needs
+            # to know why (payment and review models add points from 0, and most events need no explaining)
+            top = tuple(det.explain(vectors[det.name])) if share >= 1.0 and out.score > 0.5 else ()
             scores.append(
                 ModelScore(
                     det.name,

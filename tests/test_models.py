@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from risk_engine.detectors import StreamingDetector
 from risk_engine.detectors.combine import CombineSpec, DetectorOutput, combine, model_score, rank_evidence
-from risk_engine.detectors.estimators import GaussianZScore, RefittedLogisticRegression
+from risk_engine.detectors.estimators import GaussianZScore, RefittedLogisticRegression, RowStore
 from risk_engine.detectors.population import FrozenECDF, fit_population
 from risk_engine.detectors.spec import SpecError, compile_spec_features, load_models, parse_spec_file
 from risk_engine.engine import load_environments
@@ -177,8 +177,8 @@ def test_the_refitted_regression_refits_on_a_growing_schedule_and_keeps_bounded_
     twin = RefittedLogisticRegression(refit_every=10, refit_growth=0.5, max_rows=100)
     for x, y in labelled_rows(400):
         twin.learn_one(x, y)
-    assert twin.negatives == model.negatives  # the sample is seeded: a replay keeps the same rows
-    kept = {round(row[0], 12) for row in model.negatives}
+    assert twin.negatives.data == model.negatives.data  # the sample is seeded: a replay keeps the same rows
+    kept = {round(model.negatives[i][0], 12) for i in range(len(model.negatives))}
     positions = [i for i, (x, y) in enumerate(labelled_rows(400)) if not y and round(x["a"], 12) in kept]
     assert min(positions) < 100 and max(positions) > 300  # a sample of the whole stream, not its start or end
 
@@ -425,3 +425,29 @@ def test_the_account_eval_shows_the_supervised_model_is_not_fooled_like_the_outl
     assert figures["events"] == 2000 and figures["positives"] > 300  # shuffled: both classes from the start
     assert models["account_anomaly"]["roc_auc"] < 0.6  # an outlier score points the wrong way here
     assert models["account_fraud"]["roc_auc"] > 0.85 and models["combined"]["roc_auc"] > 0.85
+
+
+@given(st.lists(st.tuples(st.sampled_from(["add", "replace", "remove", "widen"]), st.integers(0, 50)), max_size=40))
+def test_a_row_store_holds_what_a_list_of_rows_would(ops: list[tuple[str, int]]) -> None:
+    store, rows, width = RowStore(2), list[list[float]](), 2
+    for step, (op, n) in enumerate(ops):
+        row = [float(step * 10 + k) for k in range(width)]
+        if op == "add" or not rows:
+            store.append(row)
+            rows.append(row)
+        elif op == "replace":
+            store.replace(n % len(rows), row)
+            rows[n % len(rows)] = row
+        elif op == "remove":
+            i = n % len(rows)
+            rows[i] = rows[-1]
+            rows.pop()
+            store.remove(i)
+        else:
+            width += 1
+            store = store.widened(width)
+            rows = [[*r, 0.0] for r in rows]
+        copy = store.copy()
+        assert [store[i] for i in range(len(store))] == rows == [copy[i] for i in range(len(copy))]
+        assert store.matrix().shape == (len(rows), width)
+        assert pickle.loads(pickle.dumps(store)).data == store.data

@@ -41,7 +41,7 @@ class CombineSpec:
     anomaly_base_rate: float | None = None  # ranks become evidence (step 0) when set
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per detector per event (a frozen one costs five times as much)
 class DetectorOutput:
     """What the combination needs from one detector."""
 
