@@ -12,6 +12,9 @@ class DetectorBase:
     def __init__(self, spec: DetectorSpec, features: CompiledFeatures) -> None:
         self.spec = spec
         self.features = features
+        # read for every event: plain attributes, not properties over the spec (which never changes)
+        self.name = spec.name
+        self.supervised = spec.kind == "supervised"  # learns from labels
         self.events_seen = 0
         self.last_seq = -1  # ingest sequence of the last event learned
         self.labels_seen = 0
@@ -27,16 +30,6 @@ class DetectorBase:
     def has_opinion(self) -> bool:
         """False for a classifier that has learned one outcome only (it then says 0.5, no opinion)."""
         return not self.supervised or self.knows_both_outcomes
-
-    @property
-    def name(self) -> str:
-        """The detector's declared name."""
-        return self.spec.name
-
-    @property
-    def supervised(self) -> bool:
-        """True for detectors that learn from labels."""
-        return self.spec.kind == "supervised"
 
     def select(self, key: object) -> None:
         """Per-key detectors switch to ``key``'s model; others ignore it."""

@@ -29,6 +29,7 @@ class StreamingDetector(DetectorBase):
 
     def __init__(self, spec: DetectorSpec, features: CompiledFeatures) -> None:
         super().__init__(spec, features)
+        self._version = f"{spec.version}.{spec.digest[:8]}"
         self.model = spec.build()
         self._steps = _split(self.model)
         self.calibrator = RunningQuantile(spec.calibration_window, spec.warmup)
@@ -56,7 +57,7 @@ class StreamingDetector(DetectorBase):
     @property
     def version(self) -> str:
         """Declared version and spec digest: changes whenever the spec does."""
-        return f"{self.spec.version}.{self.spec.digest[:8]}"
+        return self._version
 
     @property
     def warming_up(self) -> bool:
