@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from risk_engine.dsl import AggSpec
 from risk_engine.features.lists import PREFIX_LEN, ip_prefix
-from risk_engine.features.velocity import VelocityState
+from risk_engine.features.velocity import SWEEP_EVERY, VelocityState
 
 SPECS = (
     AggSpec("count", None, "card", 60.0),
@@ -114,6 +114,23 @@ def test_memory_is_bounded_per_key_and_quiet_keys_are_swept() -> None:
         state.add({"card": f"k{i}"}, 0.0, 2000 + i)
     assert state.key_count() == 51
     assert state.sweep(now=999.0 + 10_000.0 + 3600.0 + 1.0) == 51
+    assert state.key_count() == 0
+
+
+def test_quiet_keys_are_swept_one_aggregate_at_a_time() -> None:
+    specs = [AggSpec("count", None, field, 60.0) for field in ("card", "device", "ip")]
+    state = VelocityState(specs)
+    assert state._sweep_every == SWEEP_EVERY // 3  # each aggregate still swept every SWEEP_EVERY adds
+    state._sweep_every = 10
+    for i in range(5):  # quiet keys in every aggregate
+        state.add({"card": f"c{i}", "device": f"d{i}", "ip": f"i{i}"}, 0.0, i)
+    held = [len(state._windows[s.id]) for s in specs]
+    later = 60.0 + 3600.0 + 1.0  # past every window and its grace period
+    for i in range(5, 10):
+        state.add({"other": 1}, later, i)  # the 10th add: one aggregate swept
+    assert [len(state._windows[s.id]) for s in specs] == [0, *held[1:]]
+    for i in range(10, 30):
+        state.add({"other": 1}, later, i)
     assert state.key_count() == 0
 
 

@@ -236,6 +236,9 @@ _WINDOWS: dict[str, type[SlidingWindow]] = {
 class VelocityState:
     """All windowed aggregates a subject's policy and detectors need, keyed by record fields."""
 
+    _sweep_every = SWEEP_EVERY  # class defaults for states pickled before incremental sweeps
+    _sweep_turn = 0
+
     def __init__(self, specs: Sequence[AggSpec], max_events_per_key: int = 100_000) -> None:
         self.specs = tuple(specs)
         self.cap = max_events_per_key
@@ -245,6 +248,8 @@ class VelocityState:
         self._plan = [(s.id, s.func, s.key, s.value, self._windows[s.id]) for s in self.specs]
         self._adds = 0
         self._latest = float("-inf")
+        self._sweep_every = max(1, SWEEP_EVERY // max(1, len(self.specs)))
+        self._sweep_turn = 0
 
     @classmethod
     def assembled(cls, specs: Sequence[AggSpec], sources: Sequence[VelocityState], cap: int) -> VelocityState:
@@ -299,8 +304,12 @@ class VelocityState:
         if ts > self._latest:
             self._latest = ts
         self._adds += 1
-        if self._adds % SWEEP_EVERY == 0:
-            self.sweep(self._latest)
+        if self._adds % self._sweep_every == 0 and self.specs:
+            # one aggregate at a time, in turn: each is still swept every SWEEP_EVERY adds, and the pause under
+            # the state lock is a twelfth of sweeping them all at once (10 ms for 28,000 windows)
+            spec_id = self.specs[self._sweep_turn % len(self.specs)].id
+            self._sweep_turn += 1
+            self._sweep_windows(self._windows[spec_id], self._latest)
 
     def retract(self, record: Mapping[str, Any], ts: float, seq: int) -> None:
         """Undo :meth:`add` for a record whose write failed."""
@@ -312,13 +321,14 @@ class VelocityState:
 
     def sweep(self, now: float) -> int:
         """Forget keys whose entries have all expired. Returns how many were dropped."""
-        dropped = 0
-        for windows in self._windows.values():
-            stale = [k for k, w in windows.items() if w.expired(now)]
-            for k in stale:
-                del windows[k]
-            dropped += len(stale)
-        return dropped
+        return sum(self._sweep_windows(windows, now) for windows in self._windows.values())
+
+    @staticmethod
+    def _sweep_windows(windows: dict[Any, SlidingWindow], now: float) -> int:
+        stale = [k for k, w in windows.items() if w.expired(now)]
+        for k in stale:
+            del windows[k]
+        return len(stale)
 
     def key_count(self) -> int:
         """How many (aggregate, key) windows are held."""
