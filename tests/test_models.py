@@ -193,6 +193,26 @@ def test_one_outcome_fits_nothing() -> None:
     assert model.predict_proba_one({"a": 9.0, "b": 9.0})[True] > 3 * model.predict_proba_one({"a": 0.0, "b": 0.0})[True]
 
 
+def test_fits_that_finish_out_of_order_leave_the_later_one_in_use() -> None:
+    model = RefittedLogisticRegression(refit_every=50)
+    rows = labelled_rows(100)
+    for x, y in rows[:50]:
+        model.learn_one(x, y, refit=False)
+    earlier = model.pending
+    for x, y in rows[50:]:
+        model.learn_one(x, y, refit=False)
+    later = model.pending
+    assert earlier is not None and later is not None and earlier is not later
+    model.install(model.compute_fit(later), later)  # the second label request's fit lands first
+    in_use = model.fit
+    model.install(model.compute_fit(earlier), earlier)
+    assert model.fit is in_use and model.fitted_rows == 100 and model.pending is None
+    inline = RefittedLogisticRegression(refit_every=50)
+    for x, y in rows:
+        inline.learn_one(x, y)
+    assert inline.predict_proba_one(rows[0][0]) == model.predict_proba_one(rows[0][0])
+
+
 class WatchedLock:
     """A lock that knows whether it is held."""
 

@@ -244,10 +244,14 @@ class LogisticFit:
     a_j * |z_j|)`` with ``z_j`` feature ``j``'s z-score on the labelled rows, clipped."""
 
     rows: int
+    labels: int  # labels learned when its rows were taken: a later fit never gives way to an earlier one
     means: dict[Hashable, float]
     stds: dict[Hashable, float]
     coefficients: dict[Hashable, tuple[float, float]]
     intercept: float
+
+
+PendingFit = tuple["RowStore", "RowStore", int]  # copies of the rows a due fit is on, and the labels so far
 
 
 class RowStore:
@@ -348,7 +352,8 @@ class RefittedLogisticRegression(base.Classifier):
         self.since_fit = 0
         self.random = random.Random(0)
         self.fit: LogisticFit | None = None
-        self.pending: tuple[RowStore, RowStore] | None = None
+        self.labels_learned = 0
+        self.pending: PendingFit | None = None
 
     @property
     def _multiclass(self) -> bool:
@@ -372,6 +377,7 @@ class RefittedLogisticRegression(base.Classifier):
     def learn_one(self, x: dict[Hashable, Any], y: Any, refit: bool = True) -> None:
         """Keep the labelled row; when a refit is due, fit now (``refit``) or leave it ``pending``."""
         row = self._row(x)
+        self.labels_learned += 1
         positives, negatives = self.positives, self.negatives
         if y:
             if len(positives) < self.max_rows // 2:
@@ -397,22 +403,23 @@ class RefittedLogisticRegression(base.Classifier):
                 self.refit()
             else:
                 self.since_fit = 0
-                self.pending = (positives.copy(), negatives.copy())
+                self.pending = (positives.copy(), negatives.copy(), self.labels_learned)
 
     def refit(self) -> None:
         """Fit on the rows kept, here and now (nothing happens until both outcomes are among them)."""
         if len(self.positives) and len(self.negatives):
-            rows = (self.positives.copy(), self.negatives.copy())
+            rows = (self.positives.copy(), self.negatives.copy(), self.labels_learned)
             self.install(self.compute_fit(rows), rows)
             self.since_fit = 0
             self.pending = None
 
-    def compute_fit(self, rows: tuple[RowStore, RowStore]) -> LogisticFit:
-        """Fit on ``rows`` (frauds, others): reads nothing else, changes nothing; safe outside a lock."""
+    def compute_fit(self, rows: PendingFit) -> LogisticFit:
+        """Fit on ``rows`` (frauds, others, labels learned): reads nothing else, changes nothing; safe outside
+        a lock."""
         import numpy as np
         from sklearn.linear_model import LogisticRegression
 
-        positives, negatives = rows
+        positives, negatives, labels_learned = rows
         width = positives.width
         data = np.vstack([positives.matrix(), negatives.matrix()])
         labels = np.r_[np.ones(len(positives)), np.zeros(len(negatives))]
@@ -429,15 +436,18 @@ class RefittedLogisticRegression(base.Classifier):
         names = self.names[:width]
         return LogisticFit(
             rows=len(data),
+            labels=labels_learned,
             means=dict(zip(names, means.tolist(), strict=True)),
             stds=dict(zip(names, stds.tolist(), strict=True)),
             coefficients={n: (float(s), float(a)) for n, s, a in zip(names, signed, absolute, strict=True)},
             intercept=float(model.intercept_[0] - (folded * t_means).sum()),
         )
 
-    def install(self, fit: LogisticFit, rows: tuple[RowStore, RowStore]) -> None:
-        """Use ``fit`` (computed on ``rows``); the pending fit is done if it was the one on those rows."""
-        self.fit = fit
+    def install(self, fit: LogisticFit, rows: PendingFit) -> None:
+        """Use ``fit`` (computed on ``rows``) unless a fit on later labels is in use (two label requests may
+        finish their fits out of order); the pending fit is done if it was the one on those rows."""
+        if self.fit is None or fit.labels >= self.fit.labels:
+            self.fit = fit
         if self.pending is rows:
             self.pending = None
 
