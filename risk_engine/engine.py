@@ -1509,7 +1509,11 @@ class RiskEngine:
         )
         with self._session() as s:
             for label_id, fraud, features in s.execute(stmt):
-                det.learn_label((features or {}).get(det.name, {}), fraud, label_id)
+                # a refit that falls due is only noted: the last one noted is computed once, at the end, and is
+                # the fit the live run ended with (a restart replaying many labels fits once, not at each)
+                det.learn_label((features or {}).get(det.name, {}), fraud, label_id, defer_refit=True)
+        if isinstance(det, StreamingDetector):
+            det.complete_refit(self._lock)
 
     def record_labels(
         self, labels: list[tuple[str, str, datetime | None]], source: str, subject: str = "payment"

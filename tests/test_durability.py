@@ -385,3 +385,32 @@ rule buyer_week_spend {
         assert any("BUYER_WEEK_SPEND" in [r["code"] for r in g["reasons"]] for g in got)
     finally:
         client.__exit__(None, None, None)
+
+
+def test_a_restart_that_replays_labels_lands_on_the_fraud_model_the_live_run_had(tmp_path: Path) -> None:
+    """Without a snapshot, every stored label is learned again (its refits deferred to one at the end): the fit
+    in use must be the one the live run ended with, not one on all the rows or none."""
+    settings = make_settings(tmp_path / "var", f"sqlite:///{tmp_path / 'risk.db'}", snapshot_every=100_000)
+    client, api = open_api(settings)
+    payments = traffic(230)
+    for p in payments:
+        api.score(p)
+    labels = [
+        (p["payment_id"], "confirmed_fraud" if p["attributes"]["V1"] > 8 else "legitimate", None) for p in payments
+    ]
+    for start in range(0, len(labels), 20):  # as label requests arrive: refits due at 50, 100, 150 and 200
+        api.engine.record_labels(labels[start : start + 20], source="bank")
+    live = api.engine.detector("payment_fraud")[1]
+    probe = live.features.compute({"attributes.V1": 9.0, "attributes.V2": 1.0}, {}, {}, {})
+    live_fit, live_score = live._steps[1].fit, live.score_one(probe)
+    assert live_fit is not None and live_fit.labels == 200  # the 30 labels after the last refit wait
+    client.__exit__(None, None, None)
+    for snapshot in settings.snapshot_dir.glob("*.snapshot"):
+        snapshot.unlink()
+    client, api = open_api(settings)
+    try:
+        rebuilt = api.engine.detector("payment_fraud")[1]
+        assert rebuilt.labels_seen == 230 and rebuilt._steps[1].fit.labels == 200
+        assert rebuilt.score_one(probe) == live_score
+    finally:
+        client.__exit__(None, None, None)
