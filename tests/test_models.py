@@ -213,6 +213,25 @@ def test_fits_that_finish_out_of_order_leave_the_later_one_in_use() -> None:
     assert inline.predict_proba_one(rows[0][0]) == model.predict_proba_one(rows[0][0])
 
 
+def test_the_default_fraud_model_explains_a_payment_by_the_feature_made_extreme(tmp_path: Path) -> None:
+    config = load_models(REPO / "models")
+    (spec,) = [s for s in config.specs if s.name == "payment_fraud"]
+    envs, _, _ = load_environments(make_settings(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    det = StreamingDetector(spec, compile_spec_features(spec, envs["payment"]))
+    assert isinstance(det._steps[1], RefittedLogisticRegression)
+    rng = random.Random(8)
+    for label_id in range(1, 301):
+        fraud = label_id % 6 == 0
+        x = {f"V{k}": rng.gauss(0, 1) for k in range(1, 29)} | {"amount": rng.gauss(4, 1)}
+        if fraud:
+            x["V14"] = rng.gauss(-7, 1)  # frauds sit far out on V14 only
+        det.learn_label(x, fraud, label_id)
+    probe = {f"V{k}": 0.0 for k in range(1, 29)} | {"amount": 4.0, "V14": -8.0}
+    top = det.explain(probe)
+    assert top and top[0][0] == "V14", top
+    assert det.score_one(probe)[1] > 0.9 > 0.1 > det.score_one(probe | {"V14": 0.0})[1]
+
+
 class WatchedLock:
     """A lock that knows whether it is held."""
 
