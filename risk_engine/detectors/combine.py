@@ -57,7 +57,8 @@ def rank_evidence(rank: float, base_rate: float) -> float:
     return base_rate / (base_rate + (1.0 - rank) * (1.0 - base_rate))
 
 
-def _masses(outputs: Sequence[DetectorOutput], base_rate: float | None) -> list[float]:
+def _weighed(outputs: Sequence[DetectorOutput], base_rate: float | None) -> tuple[float, list[float]]:
+    """(model score, each detector's part of the sum) of steps 0 and 1."""
     masses = []
     for o in outputs:
         s = o.score
@@ -67,24 +68,20 @@ def _masses(outputs: Sequence[DetectorOutput], base_rate: float | None) -> list[
             elif not o.opinion:
                 s = base_rate
         masses.append(0.0 if o.warming_up else o.weight * s * s)
-    return masses
+    total_weight = sum(o.weight for o in outputs)
+    return (math.sqrt(sum(masses) / total_weight) if total_weight > 0 else 0.0), masses
 
 
 def model_score(outputs: Sequence[DetectorOutput], anomaly_base_rate: float | None = None) -> float:
     """The weighted quadratic mean of the detectors' scores (warming-up detectors count as 0)."""
-    total_weight = sum(o.weight for o in outputs)
-    if total_weight <= 0:
-        return 0.0
-    return math.sqrt(sum(_masses(outputs, anomaly_base_rate)) / total_weight)
+    return _weighed(outputs, anomaly_base_rate)[0]
 
 
 def combine(spec: CombineSpec, outputs: Sequence[DetectorOutput]) -> tuple[float, list[float]]:
     """``(model score, each detector's points)``; the points add up to the model part of the risk score."""
-    total_weight = sum(o.weight for o in outputs)
-    masses = _masses(outputs, spec.anomaly_base_rate)
-    total = sum(masses)
-    m = math.sqrt(total / total_weight) if total_weight > 0 else 0.0
+    m, masses = _weighed(outputs, spec.anomaly_base_rate)
     if spec.floor >= 1.0 or m <= spec.floor:
         return m, [0.0] * len(outputs)
     points = spec.weight * min(1.0, (m - spec.floor) / (1.0 - spec.floor))
+    total = sum(masses)
     return m, [points * mass / total for mass in masses]
