@@ -256,7 +256,7 @@ PendingFit = tuple["RowStore", "RowStore", int]  # copies of the rows a due fit 
 
 class RowStore:
     """Rows of one width in one flat array of doubles: a copy is one memcpy, a pickle one buffer, and NumPy
-    reads it without a loop (50,000 rows of 29 features pickle in 11 ms, against 29 ms as lists)."""
+    reads it without a loop (the estimator with 50,000 rows of 29 features pickled in 17 ms, 29 ms as lists)."""
 
     def __init__(self, width: int = 0) -> None:
         self.width = width
@@ -477,8 +477,15 @@ class RefittedLogisticRegression(base.Classifier):
 
     def predict_proba_one(self, x: dict[Hashable, Any], **kwargs: Any) -> dict[Label, float]:
         """``{True: p, False: 1 - p}`` once fitted; empty before."""
-        if self.fit is None:
+        fit = self.fit
+        if fit is None:
             return {}
-        logit = self.fit.intercept + sum(self.terms(x).values())
+        # terms() summed without building its dict: this runs for every payment
+        clip, means, stds = self.clip, fit.means, fit.stds
+        logit = fit.intercept
+        for name, (signed, absolute) in fit.coefficients.items():
+            z = (float(x.get(name, 0.0)) - means[name]) / stds[name]
+            z = clip if z > clip else -clip if z < -clip else z
+            logit += signed * z + absolute * (z if z >= 0 else -z)
         p = 1.0 / (1.0 + math.exp(-logit)) if logit >= 0 else math.exp(logit) / (1.0 + math.exp(logit))
         return {True: p, False: 1.0 - p}
