@@ -150,6 +150,7 @@ class PaymentIn(Strict):
         default=1.0,
         gt=0,
         le=1_000_000,
+        allow_inf_nan=False,
         description="How many payments this one stands for, when the caller sends a sample of its traffic "
         "(e.g. 25 for each legitimate payment of a 1-in-25 sample): the detectors learn the whole stream's "
         "statistics from the sample. Rules, velocity counts and labels count each payment once.",

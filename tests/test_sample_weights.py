@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from risk_engine.detectors.calibration import RunningQuantile
 from risk_engine.detectors.estimators import GaussianZScore
+from risk_engine.payments import PaymentIn
 from tests.conftest import make_settings, open_api, payment
 
 weighted_values = st.lists(
@@ -85,6 +87,8 @@ def test_sample_weights_reach_the_detectors_through_the_api_and_survive_a_rebuil
         bad["sample_weight"] = 0
         problem = api.client.post("/v1/payments/score", json=bad, headers=api.headers())
         assert problem.status_code == 422 and "sample_weight" in problem.text
+        with pytest.raises(ValidationError, match="finite number"):
+            PaymentIn.model_validate({**bad, "sample_weight": float("nan")})
         anomaly = api.engine.subjects["payment"].detectors[0]
         assert anomaly.name == "payment_anomaly" and anomaly.events_seen == 120
         model = anomaly._steps[1]
