@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, bisect_right, insort
 from collections import deque
-from math import fsum
 
 
 class RunningQuantile:
@@ -51,7 +50,7 @@ class RunningQuantile:
         upto = bisect_right(self._sorted, raw)
         if self._weighted:
             weights = self._sorted_weights
-            return (fsum(weights[:below]) + 0.5 * fsum(weights[below:upto])) / self._mass
+            return (math.fsum(weights[:below]) + 0.5 * math.fsum(weights[below:upto])) / self._mass
         return (below + 0.5 * (upto - below)) / len(self._sorted)
 
     def update(self, raw: float, weight: float = 1.0) -> None:
