@@ -21,7 +21,9 @@ AttributeValue = float | int | str | bool
 
 def looks_like_card_number(text: str) -> bool:
     """True for 13-19 digits (spaces or dashes allowed) passing the Luhn check: a full PAN."""
-    digits = re.sub(r"[\s\-]", "", text)
+    if len(text) < 13:  # most tokens and fingerprints: too short to hold one
+        return False
+    digits = _SEPARATORS.sub("", text)
     if not digits.isdigit() or not 13 <= len(digits) <= 19:
         return False
     total = 0
@@ -33,7 +35,13 @@ def looks_like_card_number(text: str) -> bool:
     return total % 10 == 0
 
 
+_SEPARATORS = re.compile(r"[\s\-]")
+_NUMBER_TYPES = frozenset({float, int, bool})
+
+
 def _no_pan_in_attributes(v: dict[str, AttributeValue]) -> dict[str, AttributeValue]:
+    if set(map(type, v.values())) <= _NUMBER_TYPES:  # numbers only, the usual case: no Python loop
+        return v
     for key, value in v.items():
         if isinstance(value, str) and looks_like_card_number(value):
             raise ValueError(f"attribute {key!r} looks like a full card number; never send the PAN")
@@ -273,18 +281,21 @@ def flatten_payment(p: PaymentIn, vault: Vault) -> tuple[Record, dict[str, str]]
             record["shipping.address"] = bi(PiiKind.ADDRESS, full)
     if p.sample_weight != 1.0:  # absent otherwise: records (and request hashes) of unweighted payments unchanged
         record["sample_weight"] = p.sample_weight
-    keys = _ATTRIBUTE_KEYS
-    for name, value in p.attributes.items():
-        key = keys.get(name)
-        if key is None:
-            key = "attributes." + name
-            if len(keys) < 10_000:  # declared names are few; never let odd input grow the cache
-                keys[name] = key
-        record[key] = value
+    attributes = p.attributes
+    if attributes:
+        names = tuple(attributes)
+        keys = _ATTRIBUTE_KEYS.get(names)
+        if keys is None:
+            keys = tuple("attributes." + name for name in names)
+            if len(_ATTRIBUTE_KEYS) < 1_000:  # a caller sends the same few sets; never let odd input grow it
+                _ATTRIBUTE_KEYS[names] = keys
+        record.update(zip(keys, attributes.values(), strict=True))
     return record, pii
 
 
-_ATTRIBUTE_KEYS: dict[str, str] = {}  # "V1" -> "attributes.V1", built once per name
+# ("V1", "V2", ...) -> ("attributes.V1", "attributes.V2", ...): the record's keys for a set of attribute names,
+# built once per set a caller sends, so a payment's attributes are copied in without a Python loop
+_ATTRIBUTE_KEYS: dict[tuple[str, ...], tuple[str, ...]] = {}
 
 
 PII_FIELD_KINDS: dict[str, PiiKind] = {

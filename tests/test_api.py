@@ -170,6 +170,7 @@ BAD_INPUTS: list[tuple[str, Any, str]] = [
         payment(**{"payment_method.card_fingerprint": "4111 1111 1111 1111"}),
         "payment_method.card_fingerprint",
     ),
+    ("PAN in an attribute", payment(attributes={"V1": 0.5, "V2": "4111-1111-1111-1111"}), "attributes"),
     ("bad ip", payment(**{"device.ip": "999.1.1.1"}), "device.ip"),
     ("bad email", payment(**{"buyer.email": "not-an-email"}), "buyer.email"),
     ("undeclared attribute", payment(attributes={"mystery": 1}), "attributes.mystery"),
@@ -248,3 +249,25 @@ def test_key_creation_is_audited_without_the_secret(api: Api) -> None:
 def test_request_hashes_fed_in_chunks_are_plain_sha256(data: bytes) -> None:
     # stored request hashes must keep matching across releases: the chunked digest is SHA-256 of the whole
     assert sha256_hex(data) == hashlib.sha256(data).hexdigest()
+
+
+def _luhn_reference(text: str) -> bool:
+    digits = [int(c) for c in text if c.isdigit()]
+    if any(not (c.isdigit() or c in " -\t\n") for c in text) or not 13 <= len(digits) <= 19:
+        return False
+    doubled = [sum(divmod(d * 2, 10)) if i % 2 else d for i, d in enumerate(reversed(digits))]
+    return sum(doubled) % 10 == 0
+
+
+@given(st.text(alphabet="0123456789 -x", min_size=0, max_size=24))
+def test_card_number_check_agrees_with_a_plain_luhn(text: str) -> None:
+    from risk_engine.payments import looks_like_card_number
+
+    assert looks_like_card_number(text) == _luhn_reference(text)
+
+
+def test_known_card_numbers_are_caught_with_separators() -> None:
+    from risk_engine.payments import looks_like_card_number
+
+    assert looks_like_card_number("4111 1111 1111 1111") and looks_like_card_number("4111-1111-1111-1111")
+    assert not looks_like_card_number("4111 1111 1111 1112") and not looks_like_card_number("fp_4111")

@@ -4,14 +4,16 @@ writer recovers once the database takes writes again."""
 from __future__ import annotations
 
 import sqlite3
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy import Column, Integer, MetaData, String, Table, UniqueConstraint, func, select
 
 from risk_engine.storage.db import make_engine
-from risk_engine.storage.writer import DuplicateRow, GroupCommitWriter, RawInsert, WriteFailed
+from risk_engine.storage.writer import DuplicateRow, GroupCommitWriter, RawInsert, WriteFailed, sqlite_time
 
 metadata = MetaData()
 items = Table(
@@ -95,7 +97,21 @@ def test_a_barrier_waits_for_what_was_queued_before_it(tmp_path: Path) -> None:
         engine.dispose()
 
 
-@pytest.mark.parametrize("when", [datetime(2026, 11, 22, 10, 0, tzinfo=UTC)])
+@given(st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=8)), timezone(timedelta(hours=-5))])))
+def test_sqlite_time_is_the_text_sqlalchemy_writes(when: datetime) -> None:
+    from sqlalchemy.dialects.sqlite import DATETIME, dialect
+
+    sqlalchemy_text = DATETIME().bind_processor(dialect())
+    assert sqlite_time(when) == sqlalchemy_text(when.astimezone(UTC).replace(tzinfo=None))
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        datetime(2026, 11, 22, 10, 0, tzinfo=UTC),
+        datetime(2026, 11, 22, 18, 0, 0, 123, tzinfo=timezone(timedelta(hours=8))),
+    ],
+)
 def test_times_are_stored_in_the_format_sqlalchemy_reads_back(tmp_path: Path, when: datetime) -> None:
     from sqlalchemy import DateTime
 
@@ -107,7 +123,7 @@ def test_times_are_stored_in_the_format_sqlalchemy_reads_back(tmp_path: Path, wh
     try:
         writer.submit(RawInsert(table, engine), {"at": when}).result(10)
         with engine.connect() as conn:
-            assert conn.execute(select(table.c.at)).scalar_one() == when.replace(tzinfo=None)
+            assert conn.execute(select(table.c.at)).scalar_one() == when.astimezone(UTC).replace(tzinfo=None)
     finally:
         writer.close()
         engine.dispose()
