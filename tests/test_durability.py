@@ -414,3 +414,68 @@ def test_a_restart_that_replays_labels_lands_on_the_fraud_model_the_live_run_had
         assert rebuilt.score_one(probe) == live_score
     finally:
         client.__exit__(None, None, None)
+
+
+def test_times_sent_with_an_offset_compare_in_sql_as_the_instants_they_are(api: Any) -> None:
+    """A payment at 18:15+08:00 happened at 10:15 UTC: SQL range queries and the backtest's replay must see it
+    there, before one at 11:00 UTC (the writer once stored the caller's local text, eight hours late in SQL)."""
+    from datetime import UTC, datetime
+
+    api.score(payment(payment_id="east", occurred_at="2026-11-22T18:15:00.250000+08:00"))
+    api.score(payment(payment_id="utc", occurred_at="2026-11-22T11:00:00Z"))
+    api.score(payment(payment_id="west", occurred_at="2026-11-22T05:30:00-05:00"))  # 10:30 UTC
+    with api.engine._session() as s:
+        after_1045 = s.scalars(
+            select(m.Event.event_id).where(m.Event.occurred_at >= datetime(2026, 11, 22, 10, 45, tzinfo=UTC))
+        ).all()
+        latest = s.scalar(select(func.max(m.Event.occurred_at)))
+        in_order = s.scalars(select(m.Event.event_id).order_by(m.Event.occurred_at)).all()
+    assert after_1045 == ["utc"]
+    assert latest == datetime(2026, 11, 22, 11, 0, tzinfo=UTC)
+    assert in_order == ["east", "west", "utc"]
+    since = datetime(2026, 11, 22, 10, 20, tzinfo=UTC).timestamp()
+    replayed = {e.event_id: e.ts for e in api.engine.backtest_events("payment", since, 0.0)}
+    assert replayed == {"west": datetime(2026, 11, 22, 10, 30, tzinfo=UTC).timestamp(), "utc": since + 40 * 60}
+
+
+def test_migration_rewrites_times_stored_as_local_isoformat_text(tmp_path: Path) -> None:
+    """Databases written before revision 0006 hold ``isoformat`` text with the caller's offset: the migration
+    rewrites it as UTC in SQLAlchemy's format, and leaves text already in that format alone."""
+    from alembic import command
+
+    from risk_engine.storage.db import alembic_config, make_engine, migrate
+
+    db = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    cfg = alembic_config(db)
+    with db.begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, "0005")
+    old = {
+        "a": "2026-11-22 18:15:00+08:00",
+        "b": "2026-11-22 18:15:00.123456+08:00",
+        "c": "2026-11-22 05:30:00-05:00",
+        "d": "2026-11-22 11:00:00.000000",
+    }
+    with db.begin() as conn:
+        for seq, (event_id, at) in enumerate(old.items()):
+            conn.execute(
+                text(
+                    "INSERT INTO events (subject, event_id, occurred_at, ingest_seq, record, features, aggregates, "
+                    "decision, score, policy_version, model_versions, response, request_hash, elapsed_ms, created_at) "
+                    "VALUES "
+                    "('payment', :id, :at, :seq, '{}', '{}', '{}', 'allow', 0, 'payment:v1', '{}', '{}', 'h', 0, :at)"
+                ),
+                {"id": event_id, "at": at, "seq": seq},
+            )
+    migrate(db)
+    with db.connect() as conn:
+        stored = dict(conn.execute(text("SELECT event_id, occurred_at FROM events")).all())
+        created = set(conn.execute(text("SELECT created_at FROM events")).scalars())
+    db.dispose()
+    assert stored == {
+        "a": "2026-11-22 10:15:00.000000",
+        "b": "2026-11-22 10:15:00.123456",
+        "c": "2026-11-22 10:30:00.000000",
+        "d": "2026-11-22 11:00:00.000000",
+    }
+    assert created == set(stored.values())

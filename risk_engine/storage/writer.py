@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import JSON, Engine, Table
+from sqlalchemy import JSON, Engine, Table, TypeDecorator
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,11 @@ class RawInsert:
 
 
 def _python_type(column: Any) -> type | None:
+    column_type = column.type
+    while isinstance(column_type, TypeDecorator):  # UtcDateTime is a DateTime underneath: convert as one
+        column_type = column_type.impl_instance
     try:
-        result: type = column.type.python_type
+        result: type = column_type.python_type
     except NotImplementedError:
         return None
     return result
