@@ -61,9 +61,11 @@ class RawInsert:
         self._convert: list[Any] = []
         for column in self.columns:
             if isinstance(column.type, JSON):
-                self._convert.append(_json_bytes if sqlite else _json)
+                self._convert.append(_json_blob if sqlite else _json)
             elif _python_type(column) is datetime:
                 self._convert.append(sqlite_time if sqlite else _utc)
+            elif sqlite and _python_type(column) is bytes:
+                self._convert.append(bytearray)
             else:
                 self._convert.append(None)
 
@@ -87,8 +89,10 @@ def _python_type(column: Any) -> type | None:
     return result
 
 
-def _json_bytes(value: Any) -> bytes:
-    return value if isinstance(value, bytes) else orjson.dumps(value)
+def _json_blob(value: Any) -> bytearray:
+    # a bytearray, not bytes: sqlite3 binds int, float, str and bytearray directly, but looks anything else up
+    # in its adapter registry first, at about a microsecond a parameter (an AttributeError raised and cleared)
+    return bytearray(value if isinstance(value, bytes) else orjson.dumps(value))
 
 
 def _json(value: Any) -> str:
