@@ -77,7 +77,7 @@ def rules_check(files: Annotated[list[Path], typer.Argument(help="Policy files t
     from risk_engine.dsl import DslErrors, compile_policy
     from risk_engine.engine import load_environments
 
-    envs, _, _ = load_environments(Settings())
+    envs, _, _ = load_environments(Settings(), check_estimators=False)  # `models check` checks the detectors
     failed = False
     for path in files:
         try:
@@ -143,17 +143,21 @@ def keys_create(
     name: Annotated[str, typer.Option(help="What the key is for.")] = "cli",
 ) -> None:
     """Create an API key. The key alone is printed on the last line; only its hash is stored."""
-    from risk_engine.engine import ROLES, RiskEngine
+    from risk_engine.engine import ROLES, create_api_key
+    from risk_engine.storage.db import make_engine, migrate
 
     if role not in ROLES:
         typer.echo(f"role must be one of {', '.join(ROLES)}", err=True)
         raise typer.Exit(2)
     _logging(logging.WARNING)
-    engine = RiskEngine.open(Settings())
-    try:
-        key = engine.create_api_key(role, name, actor="cli")
+    settings = Settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    db = make_engine(settings.resolved_database_url, settings.db_busy_timeout_s)
+    try:  # the database only: no velocity or detector rebuild, however much history is stored
+        migrate(db)
+        key = create_api_key(db, role, name, actor="cli")
     finally:
-        engine.close()
+        db.dispose()
     typer.echo(f"created a {role} key named {name!r}; store it now, it is not shown again:")
     typer.echo(key)
 

@@ -118,10 +118,20 @@ _ATTRIBUTE_OK: dict[FieldType | None, Any] = {
 }
 
 
-def load_environments(settings: Settings) -> tuple[dict[str, Environment], ModelsConfig, dict[str, ListDecl]]:
-    """Type-checking environments of every subject, from subjects.toml, lists.toml and models/ (no database)."""
+def load_environments(
+    settings: Settings, check_estimators: bool = True
+) -> tuple[dict[str, Environment], ModelsConfig, dict[str, ListDecl]]:
+    """Type-checking environments of every subject, from subjects.toml, lists.toml and models/ (no database).
+
+    ``check_estimators=False`` leaves the detectors' estimator parameters unchecked (see ``load_models``): for
+    checking policies, which need the detectors' names only; start-up and ``models check`` check them.
+    """
     list_decls = load_list_declarations(settings.rules_dir / "lists.toml")
-    models = load_models(settings.models_dir) if settings.models_dir.exists() else ModelsConfig([], {})
+    models = (
+        load_models(settings.models_dir, check_params=check_estimators)
+        if settings.models_dir.exists()
+        else ModelsConfig([], {})
+    )
     specs = models.specs
     for subject in models.combine:
         if subject not in BASE_SCHEMAS:
@@ -151,6 +161,33 @@ def load_environments(settings: Settings) -> tuple[dict[str, Environment], Model
     for spec in specs:  # a spec whose features do not type-check is refused at start-up
         compile_spec_features(spec, envs[spec.subject])
     return envs, models, list_decls
+
+
+def create_api_key(db: SqlEngine, role: str, name: str, actor: str = "cli") -> str:
+    """Create a key in the database and return it; only its hash is stored, and the creation is audited.
+
+    Needs no running engine: ``risk-engine keys create`` calls it on a migrated database without rebuilding
+    velocity and detectors from the stored history.
+    """
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    key_id = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    with Session(db, expire_on_commit=False) as s:
+        s.add(
+            m.ApiKey(
+                key_id=key_id,
+                secret_hash=hashlib.sha256(secret.encode()).hexdigest(),
+                role=role,
+                name=name,
+                created_at=now_utc(),
+                revoked_at=None,
+            )
+        )
+        after = {"role": role, "name": name}
+        s.add(m.AuditEntry(at=now_utc(), actor=actor, action="key.create", target=f"key:{key_id}", after=after))
+        s.commit()
+    return f"rk_{key_id}_{secret}"
 
 
 def tune_garbage_collector() -> None:
@@ -1562,24 +1599,7 @@ class RiskEngine:
     # -- API keys ----------------------------------------------------------------------------------------------
     def create_api_key(self, role: str, name: str, actor: str = "cli") -> str:
         """Create a key and return it; only its hash is stored."""
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {', '.join(ROLES)}")
-        key_id = secrets.token_hex(6)
-        secret = secrets.token_urlsafe(32)
-        with self._session() as s:
-            s.add(
-                m.ApiKey(
-                    key_id=key_id,
-                    secret_hash=hashlib.sha256(secret.encode()).hexdigest(),
-                    role=role,
-                    name=name,
-                    created_at=now_utc(),
-                    revoked_at=None,
-                )
-            )
-            self._audit(s, actor, "key.create", f"key:{key_id}", None, {"role": role, "name": name})
-            s.commit()
-        return f"rk_{key_id}_{secret}"
+        return create_api_key(self.db, role, name, actor)
 
     def has_api_keys(self) -> bool:
         """True once any key exists."""

@@ -17,6 +17,32 @@ def test_rules_check_reports_ok_with_a_rule_count(tmp_path: Path) -> None:
     assert "rules/payment.rules: ok (31 rules, subject payment)" in result.stdout
 
 
+def test_rules_check_knows_the_detectors_without_loading_river_or_pyod(tmp_path: Path) -> None:
+    """Checking a policy needs the detectors' names, not their libraries (seconds of imports); a policy that
+    names an unknown detector is still refused."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from risk_engine.config import Settings\n"
+        "from risk_engine.engine import load_environments\n"
+        f"envs, models, _ = load_environments(Settings(home=Path({str(tmp_path)!r}), rules_dir=Path('rules'), "
+        "models_dir=Path('models')), check_estimators=False)\n"
+        "heavy = ('river.anomaly', 'river.forest', 'pyod', 'scipy.stats')  # river.base, the protocol, is light\n"
+        "print(sorted(envs['payment'].models), sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['payment_anomaly', 'payment_fraud'] []"
+    unknown = tmp_path / "unknown.rules"
+    unknown.write_text('subject payment\nrule a { when model("payment_anomal") > 0.9 then block }\n')
+    result = run("rules", "check", str(unknown), home=tmp_path)
+    assert result.returncode == 1
+    assert "payment_anomal" in result.stdout and "payment_anomaly" in result.stdout
+
+
 def test_rules_check_prints_every_error_with_its_position(tmp_path: Path) -> None:
     bad = tmp_path / "bad.rules"
     bad.write_text('subject payment\nrule a {\n  when buyer.acount_age < 7d and channel = "app"\n  then block\n}\n')
@@ -44,6 +70,12 @@ def test_keys_create_prints_the_key_alone_on_the_last_line(tmp_path: Path) -> No
         principal = engine.authenticate(key)
         assert principal is not None and principal.role == "scorer"
         assert engine.authenticate(key[:-1] + ("A" if key[-1] != "A" else "B")) is None
+        from risk_engine.policies import PolicyWorkflow
+
+        created = [e for e in PolicyWorkflow(engine).audit() if e["action"] == "key.create"]
+        assert [(e["actor"], e["after"], e["target"].startswith("key:")) for e in created] == [
+            ("cli", {"role": "scorer", "name": "cli"}, True)
+        ]
     finally:
         engine.close()
     assert run("keys", "create", "--role", "root", home=tmp_path).returncode == 2

@@ -200,7 +200,7 @@ def parse_spec_file(path: Path) -> list[DetectorSpec]:
     return _parse_file(path)[0]
 
 
-def _parse_file(path: Path) -> tuple[list[DetectorSpec], dict[str, CombineSpec]]:
+def _parse_file(path: Path, check_params: bool = True) -> tuple[list[DetectorSpec], dict[str, CombineSpec]]:
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
@@ -271,7 +271,8 @@ def _parse_file(path: Path) -> tuple[list[DetectorSpec], dict[str, CombineSpec]]
         if scaler not in SCALER_NAMES:
             raise SpecError(f"{where}: detector '{name}': unknown scaler {scaler!r}; known: {', '.join(SCALER_NAMES)}")
         params = dict(body.get("params", {}))
-        _check_params(name, kind, estimator, params, where)
+        if check_params:  # imports the estimator's library (river, pyod: seconds) to read its signature
+            _check_params(name, kind, estimator, params, where)
         features = body.get("features", {})
         text = body.get("text", {})
         if not isinstance(text, dict) or not all(isinstance(v, str) for v in text.values()):
@@ -336,12 +337,14 @@ def _parse_file(path: Path) -> tuple[list[DetectorSpec], dict[str, CombineSpec]]
     return specs, combine
 
 
-def load_models(models_dir: Path) -> ModelsConfig:
-    """Every detector and combination declared under ``models_dir``; names must be unique."""
+def load_models(models_dir: Path, check_params: bool = True) -> ModelsConfig:
+    """Every detector and combination declared under ``models_dir``; names must be unique. With
+    ``check_params=False`` the estimators' parameters are not checked against their signatures, which spares
+    importing river and pyod when only the detectors' names and features are needed (``rules check``)."""
     specs: list[DetectorSpec] = []
     combine: dict[str, CombineSpec] = {}
     for path in sorted(models_dir.glob("*.toml")):
-        file_specs, file_combine = _parse_file(path)
+        file_specs, file_combine = _parse_file(path, check_params)
         for spec in file_specs:
             if any(s.name == spec.name for s in specs):
                 raise SpecError(f"{path}: detector '{spec.name}' is declared twice")
