@@ -8,11 +8,14 @@ import sys
 import tempfile
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from risk_engine.config import Settings
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 app = typer.Typer(
     help="risk-engine: trust, risk and fraud control for marketplaces.", no_args_is_help=True, add_completion=False
@@ -53,14 +56,24 @@ def serve(
 @app.command()
 def migrate() -> None:
     """Bring the database schema up to date."""
+    _logging()
+    _migrated_database(Settings()).dispose()
+    typer.echo("ok: schema up to date")
+
+
+def _migrated_database(settings: Settings) -> Engine:
+    """The database of ``settings``, its schema brought up to date (no engine state is loaded)."""
     from risk_engine.storage.db import make_engine
     from risk_engine.storage.db import migrate as run_migrations
 
-    _logging()
-    settings = Settings()
     settings.home.mkdir(parents=True, exist_ok=True)
-    run_migrations(make_engine(settings.resolved_database_url))
-    typer.echo("ok: schema up to date")
+    db = make_engine(settings.resolved_database_url, settings.db_busy_timeout_s)
+    try:
+        run_migrations(db)
+    except BaseException:
+        db.dispose()
+        raise
+    return db
 
 
 @app.command()
@@ -144,17 +157,13 @@ def keys_create(
 ) -> None:
     """Create an API key. The key alone is printed on the last line; only its hash is stored."""
     from risk_engine.engine import ROLES, create_api_key
-    from risk_engine.storage.db import make_engine, migrate
 
     if role not in ROLES:
         typer.echo(f"role must be one of {', '.join(ROLES)}", err=True)
         raise typer.Exit(2)
     _logging(logging.WARNING)
-    settings = Settings()
-    settings.home.mkdir(parents=True, exist_ok=True)
-    db = make_engine(settings.resolved_database_url, settings.db_busy_timeout_s)
-    try:  # the database only: no velocity or detector rebuild, however much history is stored
-        migrate(db)
+    db = _migrated_database(Settings())  # the database only: no velocity or detector rebuild from history
+    try:
         key = create_api_key(db, role, name, actor="cli")
     finally:
         db.dispose()

@@ -163,6 +163,13 @@ def load_environments(
     return envs, models, list_decls
 
 
+def audit(
+    s: Session, actor: str, action: str, target: str, before: dict[str, Any] | None, after: dict[str, Any] | None
+) -> None:
+    """Add an audit-log entry to ``s`` (committed with the change it records)."""
+    s.add(m.AuditEntry(at=now_utc(), actor=actor, action=action, target=target, before=before, after=after))
+
+
 def create_api_key(db: SqlEngine, role: str, name: str, actor: str = "cli") -> str:
     """Create a key in the database and return it; only its hash is stored, and the creation is audited.
 
@@ -184,8 +191,7 @@ def create_api_key(db: SqlEngine, role: str, name: str, actor: str = "cli") -> s
                 revoked_at=None,
             )
         )
-        after = {"role": role, "name": name}
-        s.add(m.AuditEntry(at=now_utc(), actor=actor, action="key.create", target=f"key:{key_id}", after=after))
+        audit(s, actor, "key.create", f"key:{key_id}", None, {"role": role, "name": name})
         s.commit()
     return f"rk_{key_id}_{secret}"
 
@@ -1714,11 +1720,7 @@ class RiskEngine:
         return True
 
     # -- audit and introspection -------------------------------------------------------------------------------
-    @staticmethod
-    def _audit(
-        s: Session, actor: str, action: str, target: str, before: dict[str, Any] | None, after: dict[str, Any] | None
-    ) -> None:
-        s.add(m.AuditEntry(at=now_utc(), actor=actor, action=action, target=target, before=before, after=after))
+    _audit = staticmethod(audit)
 
     def models_info(self) -> list[dict[str, Any]]:
         """Detectors with versions, events seen and the current raw-score distribution (a population
