@@ -55,6 +55,27 @@ def test_a_duplicate_fails_alone_and_its_batch_neighbours_commit(database_url: s
         engine.dispose()
 
 
+def test_a_row_the_database_cannot_store_fails_alone(database_url: str) -> None:
+    # 2**70 does not fit an INTEGER: sqlite3 refuses to bind it, PostgreSQL answers "integer out of range"
+    engine = make_engine(database_url)
+    metadata.create_all(engine)
+    insert = RawInsert(items, engine)
+    writer = GroupCommitWriter(engine, linger_s=0.05)
+    writer.start()
+    try:
+        tickets = [writer.submit(insert, {"name": n, "value": v}) for n, v in [("p", 1), ("q", 2**70), ("r", 3)]]
+        errors = [ticket.exception(10) for ticket in tickets]
+        assert errors[0] is None and errors[2] is None, errors
+        assert errors[1] is not None
+        assert _names(engine) == ["p", "r"]
+        writer.submit(insert, {"name": "s", "value": 4}).result(10)  # and the writer goes on
+        assert _names(engine) == ["p", "r", "s"]
+    finally:
+        writer.close()
+        metadata.drop_all(engine)
+        engine.dispose()
+
+
 def test_a_locked_database_fails_the_batch_whole_and_the_writer_recovers(tmp_path: Path) -> None:
     path = tmp_path / "w.db"
     engine = make_engine(f"sqlite:///{path}", busy_timeout_s=0.1)

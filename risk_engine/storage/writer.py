@@ -220,6 +220,11 @@ class GroupCommitWriter:
         self._conn: Any = None  # the writer's own DBAPI connection (pool proxied), opened on first use
         self._dbapi_errors: tuple[type[BaseException], ...] = (engine.dialect.loaded_dbapi.Error,)
         self._integrity_error: type[BaseException] = engine.dialect.loaded_dbapi.IntegrityError
+        # the database cannot take writes (down, locked, out of space): every row of a batch would fail alike
+        self._unavailable: tuple[type[Exception], ...] = (
+            engine.dialect.loaded_dbapi.OperationalError,
+            engine.dialect.loaded_dbapi.InterfaceError,
+        )
         self.batches = 0
         self.rows = 0
         self.on_batch: Callable[[int], None] | None = None
@@ -314,14 +319,16 @@ class GroupCommitWriter:
             except BaseException:
                 conn.rollback()
                 raise
-        except self._integrity_error:
-            self._write_one_by_one(batch)
-            return
-        except Exception as exc:
+        except self._unavailable as exc:
             error = self._failed(exc)
             log.error("group commit of %d rows failed: %s", len(batch), type(exc).__name__)
             for job in batch:
                 job.future.set_exception(error)
+            return
+        except Exception:
+            # a row the database refused (a duplicate, a value it cannot store) or the driver could not bind:
+            # one bad row must not fail its neighbours
+            self._write_one_by_one(batch)
             return
         self.batches += 1
         self.rows += len(batch)
@@ -331,7 +338,7 @@ class GroupCommitWriter:
             self.on_batch(len(batch))
 
     def _write_one_by_one(self, batch: Sequence[_Job]) -> None:
-        """One bad row must not fail its neighbours: each row in its own transaction."""
+        """Each row in its own transaction, so only the rows at fault fail."""
         for job in batch:
             if job.insert is None:
                 job.future.set_result(None)
@@ -348,8 +355,12 @@ class GroupCommitWriter:
                     raise
             except self._integrity_error as exc:
                 job.future.set_exception(DuplicateRow(type(exc).__name__))
-            except Exception as exc:
+            except self._unavailable as exc:
                 job.future.set_exception(self._failed(exc))
+            except Exception as exc:  # this row only: the connection is still good
+                log.error("a row for %s was refused: %s", job.insert.table.name, type(exc).__name__)
+                refused = WriteFailed(type(exc).__name__) if isinstance(exc, self._dbapi_errors) else exc
+                job.future.set_exception(refused)
             else:
                 job.future.set_result(None)
 
