@@ -4,13 +4,15 @@ writer recovers once the database takes writes again."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from sqlalchemy import Column, Integer, MetaData, String, Table, UniqueConstraint, func, select
+from sqlalchemy import Column, Engine, Integer, MetaData, String, Table, UniqueConstraint, func, select
 
 from risk_engine.storage.db import make_engine
 from risk_engine.storage.writer import DuplicateRow, GroupCommitWriter, RawInsert, WriteFailed, sqlite_time
@@ -31,13 +33,23 @@ def _names(engine: object) -> list[str]:
         return list(conn.execute(select(items.c.name).order_by(items.c.name)).scalars())
 
 
-def test_a_duplicate_fails_alone_and_its_batch_neighbours_commit(database_url: str) -> None:
+@contextmanager
+def _writer(database_url: str) -> Iterator[tuple[Engine, RawInsert, GroupCommitWriter]]:
+    """A started writer on the ``writer_items`` table, which is dropped afterwards."""
     engine = make_engine(database_url)
     metadata.create_all(engine)
-    insert = RawInsert(items, engine)
     writer = GroupCommitWriter(engine, linger_s=0.05)
     writer.start()
     try:
+        yield engine, RawInsert(items, engine), writer
+    finally:
+        writer.close()
+        metadata.drop_all(engine)
+        engine.dispose()
+
+
+def test_a_duplicate_fails_alone_and_its_batch_neighbours_commit(database_url: str) -> None:
+    with _writer(database_url) as (engine, insert, writer):
         writer.submit(insert, {"name": "a", "value": 1}).result(10)
         # queued together, so the writer takes them as one batch
         tickets = [writer.submit(insert, {"name": n, "value": i}) for i, n in enumerate(["b", "a", "c"])]
@@ -49,20 +61,11 @@ def test_a_duplicate_fails_alone_and_its_batch_neighbours_commit(database_url: s
         assert _names(engine) == ["a", "b", "c"]
         with engine.connect() as conn:
             assert conn.execute(select(items.c.value).where(items.c.name == "a")).scalar_one() == 1  # not replaced
-    finally:
-        writer.close()
-        metadata.drop_all(engine)
-        engine.dispose()
 
 
 def test_a_row_the_database_cannot_store_fails_alone(database_url: str) -> None:
     # 2**70 does not fit an INTEGER: sqlite3 refuses to bind it, PostgreSQL answers "integer out of range"
-    engine = make_engine(database_url)
-    metadata.create_all(engine)
-    insert = RawInsert(items, engine)
-    writer = GroupCommitWriter(engine, linger_s=0.05)
-    writer.start()
-    try:
+    with _writer(database_url) as (engine, insert, writer):
         tickets = [writer.submit(insert, {"name": n, "value": v}) for n, v in [("p", 1), ("q", 2**70), ("r", 3)]]
         errors = [ticket.exception(10) for ticket in tickets]
         assert errors[0] is None and errors[2] is None, errors
@@ -70,10 +73,6 @@ def test_a_row_the_database_cannot_store_fails_alone(database_url: str) -> None:
         assert _names(engine) == ["p", "r"]
         writer.submit(insert, {"name": "s", "value": 4}).result(10)  # and the writer goes on
         assert _names(engine) == ["p", "r", "s"]
-    finally:
-        writer.close()
-        metadata.drop_all(engine)
-        engine.dispose()
 
 
 def test_a_locked_database_fails_the_batch_whole_and_the_writer_recovers(tmp_path: Path) -> None:
