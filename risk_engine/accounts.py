@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, Field
+from pydantic import Field
 
-from risk_engine.payments import Attributes, Id, Strict
+from risk_engine.payments import Attributes, Id, Instant, Strict
 from risk_engine.schema import FieldSpec, FieldType, SubjectSchema
 from risk_engine.vault import Vault
 
@@ -18,10 +18,10 @@ class AccountIn(Strict):
     """An account to score."""
 
     account_id: Id = Field(description="Idempotency key of this scoring: one id per account review.")
-    occurred_at: AwareDatetime
+    occurred_at: Instant
     subject_id: Id | None = Field(default=None, description="The account reviewed (default: account_id).")
     role: Literal["buyer", "seller", "wallet", "other"] = "other"
-    created_at: AwareDatetime | None = None
+    created_at: Instant | None = None
     country: Annotated[str, Field(pattern=r"^[A-Z]{2}$")] | None = None
     attributes: Attributes = Field(default_factory=dict, max_length=256)
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, Field, model_validator
+from pydantic import Field, model_validator
 
 from risk_engine.money import currency_exponent
-from risk_engine.payments import Amount, Attributes, Id, IpAddress, Strict
+from risk_engine.payments import Amount, Attributes, Id, Instant, IpAddress, Strict
 from risk_engine.schema import SELLER_FIELDS, FieldSpec, FieldType, SubjectSchema
 from risk_engine.vault import PiiKind, Vault
 
@@ -37,7 +37,7 @@ class MerchantEventIn(Strict):
     """One thing a seller did or that happened to its orders. ``event_id`` is the idempotency key."""
 
     event_id: Id
-    occurred_at: AwareDatetime
+    occurred_at: Instant
     seller_id: Id | None = Field(default=None, description="Set from the path; if sent, it must match")
     type: MerchantEventType
     order_id: Id | None = None
@@ -47,7 +47,7 @@ class MerchantEventIn(Strict):
     late: bool = Field(default=False, description="order_shipped: after the promised time")
     outcome: Literal["buyer_won", "seller_won"] | None = Field(default=None, description="dispute_resolved")
     points: int | None = Field(default=None, ge=1, le=100, description="violation: penalty points")
-    expires_at: AwareDatetime | None = Field(default=None, description="violation: when its points expire")
+    expires_at: Instant | None = Field(default=None, description="violation: when its points expire")
     device_id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
     ip: IpAddress | None = None
     attributes: Attributes = Field(default_factory=dict, max_length=256)
@@ -133,7 +133,7 @@ class MerchantDayIn(Strict):
     """A merchant's daily roll-up (computed by the engine from the day's stored events; see ``rollup``)."""
 
     event_id: Id = Field(description="seller:day, the roll-up's idempotency key")
-    occurred_at: AwareDatetime = Field(description="End of the day rolled up")
+    occurred_at: Instant = Field(description="End of the day rolled up")
     seller_id: Id
     day: Annotated[str, Field(pattern=r"^\d{4}-\d{2}-\d{2}$")]
     orders: int = Field(ge=0)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 import socket
-from datetime import UTC
-from typing import Annotated, Any, Literal
+from collections.abc import ValuesView
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
@@ -14,9 +15,18 @@ from risk_engine.money import UnknownCurrencyError, currency_exponent
 from risk_engine.schema import SELLER_FIELDS, FieldSpec, FieldType, SubjectSchema
 from risk_engine.vault import PiiKind, Vault
 
-Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+ID_PATTERN = r"^[A-Za-z0-9_.:\-]+$"
+Id = Annotated[str, Field(min_length=1, max_length=128, pattern=ID_PATTERN)]
 ShortText = Annotated[str, Field(max_length=256)]
+# free text bound for a text column: no NUL, which PostgreSQL's text cannot hold
+Text = Annotated[str, Field(pattern=r"^[^\x00]*$")]
 AttributeValue = float | int | str | bool
+ATTRIBUTE_NUMBER_LIMIT = 1e15  # an attribute number's largest magnitude: amounts' bound, JSON-safe as an integer
+EARLIEST_INSTANT = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_INSTANT = datetime(2200, 1, 1, tzinfo=UTC)
+# a time with its UTC offset, within what storage and ``datetime.timestamp`` take once turned into UTC
+# (9999-12-31T23:59:59-05:00 is past the year 9999 in UTC)
+Instant = Annotated[AwareDatetime, Field(ge=EARLIEST_INSTANT, lt=LATEST_INSTANT)]
 
 
 def looks_like_card_number(text: str) -> bool:
@@ -39,18 +49,30 @@ _SEPARATORS = re.compile(r"[\s\-]")
 _NUMBER_TYPES = frozenset({float, int, bool})
 
 
-def _no_pan_in_attributes(v: dict[str, AttributeValue]) -> dict[str, AttributeValue]:
-    if set(map(type, v.values())) <= _NUMBER_TYPES:  # numbers only, the usual case: no Python loop
+def _check_attribute_values(v: dict[str, AttributeValue]) -> dict[str, AttributeValue]:
+    """No full card number in a string; every number finite (JSON's NaN and Infinity, which the parser takes,
+    would stay in a detector's running means for good) and within ``ATTRIBUTE_NUMBER_LIMIT``."""
+    if not v:
         return v
+    if set(map(type, v.values())) <= _NUMBER_TYPES:  # numbers only, the usual case: no Python loop
+        numbers = cast("ValuesView[float]", v.values())
+        total = sum(numbers)  # NaN or an infinity anywhere makes it NaN or infinite
+        if total - total == 0 and min(numbers) >= -ATTRIBUTE_NUMBER_LIMIT and max(numbers) <= ATTRIBUTE_NUMBER_LIMIT:
+            return v
     for key, value in v.items():
-        if isinstance(value, str) and looks_like_card_number(value):
-            raise ValueError(f"attribute {key!r} looks like a full card number; never send the PAN")
+        if isinstance(value, str):
+            if looks_like_card_number(value):
+                raise ValueError(f"attribute {key!r} looks like a full card number; never send the PAN")
+        elif not -ATTRIBUTE_NUMBER_LIMIT <= value <= ATTRIBUTE_NUMBER_LIMIT:  # False for NaN too
+            raise ValueError(
+                f"attribute {key!r} must be a finite number from -1e15 to 1e15 (send a larger id or count as a string)"
+            )
     return v
 
 
 # Caller-declared fields of any subject (checked against subjects.toml by the engine); never a card number.
 Attributes = Annotated[
-    dict[Annotated[str, Field(max_length=64)], AttributeValue], AfterValidator(_no_pan_in_attributes)
+    dict[Annotated[str, Field(max_length=64)], AttributeValue], AfterValidator(_check_attribute_values)
 ]
 
 
@@ -83,7 +105,7 @@ class Amount(Strict):
 
 class Buyer(Strict):
     id: Id
-    created_at: AwareDatetime | None = None
+    created_at: Instant | None = None
     email: Annotated[str, Field(max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")] | None = None
     phone: Annotated[str, Field(max_length=32, pattern=r"^\+?[0-9 ()\-]{5,31}$")] | None = None
     name: ShortText | None = None
@@ -142,7 +164,7 @@ class PaymentIn(Strict):
     """A payment to score."""
 
     payment_id: Id
-    occurred_at: AwareDatetime
+    occurred_at: Instant
     amount: Amount
     order_id: Id | None = None
     seller_id: Id | None = None

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AwareDatetime, Field, field_validator
+from pydantic import Field, field_validator
 
 from risk_engine.features.lists import ip_prefix
-from risk_engine.payments import Attributes, Id, IpAddress, Strict, contains_card_number
+from risk_engine.payments import Attributes, Id, Instant, IpAddress, Strict, contains_card_number
 from risk_engine.schema import SELLER_FIELDS, FieldSpec, FieldType, SubjectSchema
 from risk_engine.vault import PiiKind, Vault
 
@@ -20,7 +20,7 @@ Rating = Annotated[int, Field(ge=1, le=5)]
 
 class Reviewer(Strict):
     id: Id
-    created_at: AwareDatetime | None = Field(default=None, description="When the reviewer's account was created")
+    created_at: Instant | None = Field(default=None, description="When the reviewer's account was created")
     device_id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
     ip: IpAddress | None = None
 
@@ -37,7 +37,7 @@ class ReviewIn(Strict):
     """A review to score."""
 
     review_id: Id
-    occurred_at: AwareDatetime
+    occurred_at: Instant
     order_id: Id | None = None
     item_id: Id
     seller_id: Id

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 import pytest
@@ -175,17 +176,61 @@ BAD_INPUTS: list[tuple[str, Any, str]] = [
     ("bad email", payment(**{"buyer.email": "not-an-email"}), "buyer.email"),
     ("undeclared attribute", payment(attributes={"mystery": 1}), "attributes.mystery"),
     ("attribute of wrong type", payment(attributes={"V1": "high"}), "attributes.V1"),
+    # JSON's NaN and Infinity, which the parser takes, or a huge value would stay in the detectors' running means
+    ("NaN attribute", payment(attributes={"V1": 0.5, "V2": float("nan")}), "attributes"),
+    ("infinite attribute", payment(attributes={"V1": float("-inf")}), "attributes"),
+    ("attribute too large", payment(attributes={"V1": 1e300}), "attributes"),
+    ("attribute past 64 bits", payment(attributes={"V1": 10**30}), "attributes"),
+    ("time past the year 9999 in UTC", payment(occurred_at="9999-12-31T23:59:59-05:00"), "occurred_at"),
+    ("time before 1970 in UTC", payment(occurred_at="1970-01-01T04:00:00+05:00"), "occurred_at"),
+    ("account created in the year 1", payment(**{"buyer.created_at": "0001-01-01T00:00:00+05:00"}), "buyer.created_at"),
     ("unknown top-level field", payment(cardholder="x"), "cardholder"),
 ]
 
 
 @pytest.mark.parametrize(("case", "body", "field"), BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_is_422_with_field_and_reason_and_nothing_stored(api: Api, case: str, body: Any, field: str) -> None:
-    response = api.client.post("/v1/payments/score", json=body, headers=api.headers())
+    # json.dumps writes NaN and Infinity as such, as some clients' encoders do
+    content, json_type = json.dumps(body).encode(), {"content-type": "application/json"}
+    response = api.client.post("/v1/payments/score", content=content, headers={**api.headers(), **json_type})
     assert response.status_code == 422, response.text
     errors = response.json()["errors"]
     assert field in [e["field"] for e in errors], errors
     assert all(e["reason"] for e in errors)
+    assert stored_events(api) == 0
+
+
+def test_largest_attribute_numbers_and_earliest_time_are_accepted(api: Api) -> None:
+    body = payment(attributes={"V1": -1e15, "V2": 10**15}, occurred_at="1970-01-01T05:00:00+05:00")
+    response = api.client.post("/v1/payments/score", json=body, headers=api.headers())
+    assert response.status_code == 200, response.text
+    assert stored_events(api) == 1
+
+
+T = "2026-11-22T10:15:00Z"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "field"),
+    [
+        ("GET", "/v1/payments/pay%00x", None, "payment_id"),  # PostgreSQL's text cannot hold NUL
+        ("POST", "/v1/merchants/s%00x/events", {"event_id": "e1", "occurred_at": T, "type": "login"}, "seller_id"),
+        ("POST", "/v1/labels", {"label_id": "l1", "payment_id": "pay\x00x", "label": "chargeback"}, "payment_id"),
+        ("POST", "/v1/lists/blocked_devices/entries", {"value": "dev\x00x"}, "value"),
+        ("GET", f"/v1/policies/payment/versions/{2**31}", None, "version"),  # past the 32-bit column
+        ("POST", "/v1/policies/payment/rollback", {"to_version": 10**30}, "to_version"),
+        ("GET", f"/v1/audit?before_id={2**63}", None, "before_id"),
+    ],
+)
+def test_ids_text_and_numbers_no_column_can_hold_are_422(
+    api: Api, method: str, path: str, body: dict[str, Any] | None, field: str
+) -> None:
+    content = None if body is None else json.dumps(body)  # a NUL goes as JSON's \\u0000
+    response = api.client.request(
+        method, path, content=content, headers={**api.headers("admin"), "content-type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    assert field in [e["field"] for e in response.json()["errors"]]
     assert stored_events(api) == 0
 
 

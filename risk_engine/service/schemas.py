@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 from datetime import date, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from fastapi import Path
+from pydantic import BaseModel, ConfigDict, Field
+
+from risk_engine.payments import ID_PATTERN, Instant, Text
+
+# path parameters: an id as the scoring contracts take it; a policy version (a 32-bit column); a stored row's id
+IdPath = Annotated[str, Path(min_length=1, max_length=128, pattern=ID_PATTERN)]
+MAX_VERSION = 2**31 - 1
+MAX_ROW_ID = 2**63 - 1
+VersionPath = Annotated[int, Path(ge=1, le=MAX_VERSION)]
 
 
 class ReasonOut(BaseModel):
@@ -135,12 +144,12 @@ class LabelIn(BaseModel):
     holds that subject's id, e.g. an ``account_id``). ``label_id`` is the caller's idempotency key."""
 
     model_config = ConfigDict(extra="forbid")
-    label_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")
+    label_id: str = Field(min_length=1, max_length=128, pattern=ID_PATTERN)
     subject: Literal["payment", "account", "review", "merchant"] = "payment"
-    payment_id: str = Field(min_length=1, max_length=128, description="The scored event's id")
+    payment_id: str = Field(min_length=1, max_length=128, pattern=ID_PATTERN, description="The scored event's id")
     label: Literal["chargeback", "confirmed_fraud", "legitimate", "dispute_lost", "dispute_won", "fake", "genuine"]
-    occurred_at: AwareDatetime | None = None
-    source: str | None = Field(default=None, max_length=64)
+    occurred_at: Instant | None = None
+    source: Text | None = Field(default=None, max_length=64)
 
 
 class LabelOut(BaseModel):
@@ -155,14 +164,14 @@ class LabelOut(BaseModel):
 
 class ListEntryIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    value: str = Field(min_length=1, max_length=256)
-    expires_at: AwareDatetime | None = None
-    note: str | None = Field(default=None, max_length=512)
+    value: Text = Field(min_length=1, max_length=256)
+    expires_at: Instant | None = None
+    note: Text | None = Field(default=None, max_length=512)
 
 
 class ListEntryRemove(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    value: str = Field(min_length=1, max_length=256)
+    value: Text = Field(min_length=1, max_length=256)
 
 
 class ListEntryOut(BaseModel):

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request, Response
 from risk_engine.accounts import AccountIn
 from risk_engine.service.deps import EngineDep, Scorer
 from risk_engine.service.responses import JsonResponse, answer
-from risk_engine.service.schemas import ERRORS, AccountScoreOut
+from risk_engine.service.schemas import ERRORS, AccountScoreOut, IdPath
 
 router = APIRouter(prefix="/v1/accounts", tags=["accounts"])
 
@@ -19,6 +19,6 @@ async def score_account(account: AccountIn, engine: EngineDep, _: Scorer, reques
 
 
 @router.get("/{account_id}", responses=ERRORS)
-async def get_account(account_id: str, engine: EngineDep, _: Scorer) -> JsonResponse:
+async def get_account(account_id: IdPath, engine: EngineDep, _: Scorer) -> JsonResponse:
     """A stored account scoring: decision, aggregates and features."""
     return JsonResponse(engine.get_event("account", account_id))

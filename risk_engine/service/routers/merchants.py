@@ -10,7 +10,15 @@ from risk_engine.engine import InvalidInput
 from risk_engine.merchants import MerchantEventIn
 from risk_engine.service.deps import Analyst, EngineDep, Scorer
 from risk_engine.service.responses import JsonResponse, answer
-from risk_engine.service.schemas import ERRORS, CreditOut, MerchantEventOut, MerchantRiskOut, RollupIn, RollupOut
+from risk_engine.service.schemas import (
+    ERRORS,
+    CreditOut,
+    IdPath,
+    MerchantEventOut,
+    MerchantRiskOut,
+    RollupIn,
+    RollupOut,
+)
 
 merchants = APIRouter(prefix="/v1/merchants", tags=["merchants"])
 sellers = APIRouter(prefix="/v1/sellers", tags=["sellers"])
@@ -18,7 +26,7 @@ sellers = APIRouter(prefix="/v1/sellers", tags=["sellers"])
 
 @merchants.post("/{seller_id}/events", response_model=MerchantEventOut, responses={**ERRORS, 409: ERRORS[422]})
 async def merchant_event(
-    seller_id: str, event: MerchantEventIn, engine: EngineDep, _: Scorer, request: Request
+    seller_id: IdPath, event: MerchantEventIn, engine: EngineDep, _: Scorer, request: Request
 ) -> Response:
     """Record and score a merchant event: its flag (``ok``, ``watch``, ``investigate``, ``restrict_payouts``)
     and reasons; it also moves the seller's credit score. Idempotent on ``event_id``."""
@@ -35,12 +43,12 @@ async def merchants_rollup(body: RollupIn, engine: EngineDep, _: Analyst) -> Jso
 
 
 @merchants.get("/{seller_id}/risk", response_model=MerchantRiskOut, responses=ERRORS)
-async def merchant_risk(seller_id: str, engine: EngineDep, _: Scorer) -> JsonResponse:
+async def merchant_risk(seller_id: IdPath, engine: EngineDep, _: Scorer) -> JsonResponse:
     """The merchant's current flag (the strictest of its last 7 days), why, and its flag history."""
     return JsonResponse(engine.merchant_risk(seller_id))
 
 
 @sellers.get("/{seller_id}/credit", response_model=CreditOut, responses=ERRORS)
-async def seller_credit(seller_id: str, engine: EngineDep, _: Scorer) -> JsonResponse:
+async def seller_credit(seller_id: IdPath, engine: EngineDep, _: Scorer) -> JsonResponse:
     """The seller's credit score (0-1000), tier, each component's contribution and the score's history."""
     return JsonResponse(engine.seller_credit(seller_id))

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request, Response
 from risk_engine.payments import PaymentIn
 from risk_engine.service.deps import EngineDep, Scorer
 from risk_engine.service.responses import JsonResponse, answer
-from risk_engine.service.schemas import ERRORS, PaymentOut, ScoreOut
+from risk_engine.service.schemas import ERRORS, IdPath, PaymentOut, ScoreOut
 
 router = APIRouter(prefix="/v1/payments", tags=["payments"])
 
@@ -19,6 +19,6 @@ async def score_payment(payment: PaymentIn, engine: EngineDep, _: Scorer, reques
 
 
 @router.get("/{payment_id}", response_model=PaymentOut, responses=ERRORS)
-async def get_payment(payment_id: str, engine: EngineDep, _: Scorer) -> JsonResponse:
+async def get_payment(payment_id: IdPath, engine: EngineDep, _: Scorer) -> JsonResponse:
     """A stored payment's decision, aggregates and features, with its PII masked."""
     return JsonResponse(engine.get_payment(payment_id))

@@ -11,22 +11,23 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from risk_engine.backtest import Jobs
 from risk_engine.dsl.parser import parse_duration
 from risk_engine.engine import NotFound
+from risk_engine.payments import Text
 from risk_engine.policies import PolicyWorkflow
 from risk_engine.service.deps import Analyst, EngineDep
 from risk_engine.service.responses import JsonResponse
-from risk_engine.service.schemas import ERRORS
+from risk_engine.service.schemas import ERRORS, MAX_ROW_ID, MAX_VERSION, VersionPath
 
 router = APIRouter(tags=["policies"])
 
 
 class DraftIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    text: str = Field(min_length=1, max_length=200_000, description="The policy in the rules language")
+    text: Text = Field(min_length=1, max_length=200_000, description="The policy in the rules language")
 
 
 class RollbackIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    to_version: int = Field(ge=1)
+    to_version: int = Field(ge=1, le=MAX_VERSION)
 
 
 class BacktestIn(BaseModel):
@@ -70,7 +71,7 @@ async def list_versions(subject: str, engine: EngineDep, _: Analyst) -> JsonResp
 
 
 @router.get("/v1/policies/{subject}/versions/{version}", response_model=PolicyVersionOut, responses=ERRORS)
-async def get_version(subject: str, version: int, engine: EngineDep, _: Analyst) -> JsonResponse:
+async def get_version(subject: str, version: VersionPath, engine: EngineDep, _: Analyst) -> JsonResponse:
     """One version with its text."""
     return JsonResponse(PolicyWorkflow(engine).version(subject, version))
 
@@ -80,8 +81,8 @@ async def diff_versions(
     subject: str,
     engine: EngineDep,
     _: Analyst,
-    old: Annotated[int, Query(alias="from", ge=1)],
-    new: Annotated[int, Query(alias="to", ge=1)],
+    old: Annotated[int, Query(alias="from", ge=1, le=MAX_VERSION)],
+    new: Annotated[int, Query(alias="to", ge=1, le=MAX_VERSION)],
 ) -> PlainTextResponse:
     """Unified diff between two versions."""
     return PlainTextResponse(PolicyWorkflow(engine).diff(subject, old, new))
@@ -95,7 +96,7 @@ async def create_draft(subject: str, draft: DraftIn, engine: EngineDep, who: Ana
 
 
 @router.post("/v1/policies/{subject}/versions/{version}/publish", response_model=PolicyVersionOut, responses=ERRORS)
-async def publish(subject: str, version: int, engine: EngineDep, who: Analyst) -> JsonResponse:
+async def publish(subject: str, version: VersionPath, engine: EngineDep, who: Analyst) -> JsonResponse:
     """Make a version live in every worker (checked again first). Publishing the live version is a no-op."""
     return JsonResponse(PolicyWorkflow(engine).publish(subject, version, f"key:{who.key_id}"))
 
@@ -107,7 +108,7 @@ async def rollback(subject: str, body: RollbackIn, engine: EngineDep, who: Analy
 
 
 @router.post("/v1/policies/{subject}/versions/{version}/shadow", response_model=PolicyVersionOut, responses=ERRORS)
-async def start_shadow(subject: str, version: int, engine: EngineDep, who: Analyst) -> JsonResponse:
+async def start_shadow(subject: str, version: VersionPath, engine: EngineDep, who: Analyst) -> JsonResponse:
     """Score live events with this version too, recording (never acting on) its decisions."""
     return JsonResponse(PolicyWorkflow(engine).start_shadow(subject, version, f"key:{who.key_id}"))
 
@@ -128,7 +129,7 @@ async def stop_shadow(subject: str, engine: EngineDep, who: Analyst) -> JsonResp
     "/v1/policies/{subject}/drafts/{version}/backtest", response_model=JobOut, status_code=202, responses=ERRORS
 )
 async def start_backtest(
-    subject: str, version: int, body: BacktestIn, request: Request, engine: EngineDep, _: Analyst
+    subject: str, version: VersionPath, body: BacktestIn, request: Request, engine: EngineDep, _: Analyst
 ) -> JsonResponse:
     """Replay stored events through this version and the published one, in the background; poll the job."""
     workflow = PolicyWorkflow(engine)
@@ -171,7 +172,7 @@ async def audit(
     engine: EngineDep,
     _: Analyst,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    before_id: Annotated[int | None, Query(ge=1)] = None,
+    before_id: Annotated[int | None, Query(ge=1, le=MAX_ROW_ID)] = None,
 ) -> JsonResponse:
     """The append-only audit log, newest first: who, when, what, before and after."""
     return JsonResponse(PolicyWorkflow(engine).audit(limit, before_id))

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request, Response
 from risk_engine.reviews import ReviewIn
 from risk_engine.service.deps import EngineDep, Scorer
 from risk_engine.service.responses import JsonResponse, answer
-from risk_engine.service.schemas import ERRORS, ReviewScoreOut
+from risk_engine.service.schemas import ERRORS, IdPath, ReviewScoreOut
 
 router = APIRouter(prefix="/v1/reviews", tags=["reviews"])
 
@@ -20,6 +20,6 @@ async def score_review(review: ReviewIn, engine: EngineDep, _: Scorer, request: 
 
 
 @router.get("/{review_id}", responses=ERRORS)
-async def get_review(review_id: str, engine: EngineDep, _: Scorer) -> JsonResponse:
+async def get_review(review_id: IdPath, engine: EngineDep, _: Scorer) -> JsonResponse:
     """A stored review scoring: decision, aggregates and features, the reviewer's IP masked."""
     return JsonResponse(engine.get_event("review", review_id))
