@@ -279,6 +279,21 @@ def test_features_compile_to_numbers() -> None:
     assert "must be numeric" in str(caught.value)
 
 
+def test_an_infinite_or_nan_feature_is_left_out_as_a_failed_one_is() -> None:
+    exprs = {
+        "ratio": "amount.major / attributes.V1",  # over a subnormal: infinite, and no ZeroDivisionError
+        "nan": "amount.major * amount.major - amount.major * amount.major",  # inf - inf
+        "v": "attributes.V1",
+    }
+    tiny = {"amount.major": 1e200, "attributes.V1": 1e-320}
+    usual = {"amount.major": 100.0, "attributes.V1": 4.0}
+    features = compile_features(exprs, ENV)
+    assert features.compute(tiny, {}, {}, {}) == {"v": 1e-320}
+    assert features.compute(usual, {}, {}, {}) == {"ratio": 25.0, "nan": 0.0, "v": 4.0}
+    with_text = compile_features({**exprs, "t": "channel"}, ENV, text_names=frozenset({"t"}))
+    assert with_text.compute({**tiny, "channel": "app"}, {}, {}, {}) == {"v": 1e-320, "t": "app"}
+
+
 POLICY = """subject payment
 thresholds { challenge at 30 review at 60 block at 85 }
 rule plus40 { when attributes.V1 > 0 then score +40 }

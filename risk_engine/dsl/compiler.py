@@ -161,6 +161,7 @@ _RUNTIME: dict[str, Any] = {
     "_len": len,
     "_min": min,
     "_max": max,
+    "_sum": sum,
     "_SAFE": (TypeError, ValueError, ZeroDivisionError, KeyError, AttributeError, OverflowError),
     "float": float,
     "str": str,
@@ -676,7 +677,26 @@ def compile_features(
     errors.extend(walk.errors)
     if errors:
         raise DslErrors(errors, source)
-    python = "def features(r, a, L, M):\n    g = r.get\n    out = {}\n" + "\n".join(body) + "\n    return out\n"
+    # an infinite or NaN value (1e300 * 1e300, x / 1e-320) would stay in a detector's running statistics for good:
+    # such a feature is left out, as one whose expression failed is; the sum finds one in a single C-level pass
+    numeric = [n for n in exprs if n not in text_names]
+    if numeric and not text_names:
+        check = (
+            "    t = _sum(out.values())\n"
+            "    if t - t != 0:\n"
+            "        out = {k: v for k, v in out.items() if v - v == 0}\n"
+        )
+    elif numeric:
+        check = (
+            f"    for k in {tuple(numeric)!r}:\n"
+            "        v = out.get(k)\n"
+            "        if v is not None and v - v != 0:\n"
+            "            del out[k]\n"
+        )
+    else:
+        check = ""
+    head = "def features(r, a, L, M):\n    g = r.get\n    out = {}\n"
+    python = head + "\n".join(body) + "\n" + check + "    return out\n"
     compute = _build(python, "features", walk.constants, source)
     return CompiledFeatures(
         names=tuple(exprs),
