@@ -78,6 +78,17 @@ ERRORS: list[tuple[str, str, int, int, str, str, str | None]] = [
         "7d",
     ),
     ("unknown function", one_rule('lowr(channel) == "app"'), 3, 8, "type.unknown_function", "lowr", "lower"),
+    # once a RecursionError (and, from 200 deep, Python's "too many nested parentheses"): the 148th 'not'
+    ("nested too deep", one_rule("not " * 1000 + "buyer.verified"), 3, 596, "syntax.depth", "150 levels", "rules"),
+    (
+        "chain of a thousand 'and's",
+        one_rule(" and ".join(["buyer.verified"] * 1000)),
+        3,
+        16215,  # the 853rd term: 'and' nests to the right
+        "syntax.depth",
+        "150 levels",
+        "several rules",
+    ),
     ("wrong argument count", one_rule("abs(amount.value, 2) > 1"), 3, 8, "type.arity", "1 argument", None),
     (
         "unknown list",

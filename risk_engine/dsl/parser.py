@@ -278,15 +278,43 @@ def _syntax_error(exc: UnexpectedInput, text: str) -> DslError:
     return DslError(line, column, "syntax", str(exc).splitlines()[0])
 
 
+# how deep an expression may nest (a chain of 150 `and`s or `+`s nests 150 deep): the syntax tree is turned into
+# ours, type-checked and generated into Python recursively, and Python's own parser refuses 200 nested brackets
+MAX_DEPTH = 150
+
+
+def _too_deep(tree: Tree[Any]) -> Tree[Any] | None:
+    """The first node found nested deeper than ``MAX_DEPTH``, looked for without recursing."""
+    stack: list[tuple[Tree[Any], int]] = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return node
+        stack.extend((child, depth + 1) for child in node.children if isinstance(child, Tree))
+    return None
+
+
 @lru_cache(maxsize=1024)  # distinct texts: the features and policies of a few versions
 def _parsed(text: str, start: str) -> ast.Policy | ast.Expr | DslError:
     """The syntax tree of ``text`` from rule ``start``, or its syntax error. Parsing is a pure function of the
     text and the tree is immutable, so a text is parsed once per process: a start-up reads each policy when it
     seeds versions and again when it loads the published one, and every detector feature twice."""
     try:
-        node: ast.Policy | ast.Expr = _ToAst().transform(_parser().parse(text, start=start))
+        tree = _parser().parse(text, start=start)
     except UnexpectedInput as exc:
         return _syntax_error(exc, text)
+    deepest = _too_deep(tree)
+    if deepest is not None:
+        meta = deepest.meta
+        return DslError(
+            getattr(meta, "line", 1),
+            getattr(meta, "column", 1),
+            "syntax.depth",
+            f"expression nested more than {MAX_DEPTH} levels deep",
+            "split the condition into several rules, or use 'in [...]' for a long list of alternatives",
+        )
+    try:
+        node: ast.Policy | ast.Expr = _ToAst().transform(tree)
     except VisitError as exc:
         what = "policy" if start == "start" else "expression"
         return DslError(1, 1, "syntax", f"cannot read {what}: {exc.orig_exc}")
