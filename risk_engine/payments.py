@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import socket
 from collections.abc import ValuesView
@@ -46,7 +47,6 @@ def looks_like_card_number(text: str) -> bool:
 
 
 _SEPARATORS = re.compile(r"[\s\-]")
-_NUMBER_TYPES = frozenset({float, int, bool})
 
 
 def _check_attribute_values(v: dict[str, AttributeValue]) -> dict[str, AttributeValue]:
@@ -54,11 +54,12 @@ def _check_attribute_values(v: dict[str, AttributeValue]) -> dict[str, Attribute
     would stay in a detector's running means for good) and within ``ATTRIBUTE_NUMBER_LIMIT``."""
     if not v:
         return v
-    if set(map(type, v.values())) <= _NUMBER_TYPES:  # numbers only, the usual case: no Python loop
-        numbers = cast("ValuesView[float]", v.values())
-        total = sum(numbers)  # NaN or an infinity anywhere makes it NaN or infinite
-        if total - total == 0 and min(numbers) >= -ATTRIBUTE_NUMBER_LIMIT and max(numbers) <= ATTRIBUTE_NUMBER_LIMIT:
+    try:  # numbers only, the usual case, in one C-level pass: a string raises, as does an int past float's range
+        # within the limit as a vector, so each one is; NaN or an infinity makes the norm NaN or infinite
+        if math.hypot(*cast("ValuesView[float]", v.values())) <= ATTRIBUTE_NUMBER_LIMIT:
             return v
+    except (TypeError, OverflowError):
+        pass
     for key, value in v.items():
         if isinstance(value, str):
             if looks_like_card_number(value):

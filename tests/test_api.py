@@ -316,3 +316,28 @@ def test_known_card_numbers_are_caught_with_separators() -> None:
 
     assert looks_like_card_number("4111 1111 1111 1111") and looks_like_card_number("4111-1111-1111-1111")
     assert not looks_like_card_number("4111 1111 1111 1112") and not looks_like_card_number("fp_4111")
+
+
+ATTRIBUTE_VALUES = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=-2e15, max_value=2e15),
+    st.integers(min_value=-(10**17), max_value=10**17),
+    st.integers(),
+    st.booleans(),
+    st.text(alphabet="ab1", max_size=4),
+)
+
+
+@given(st.dictionaries(st.text(alphabet="xyz", min_size=1, max_size=3), ATTRIBUTE_VALUES, max_size=40))
+def test_attribute_numbers_are_taken_exactly_when_each_is_finite_and_within_the_limit(values: dict[str, Any]) -> None:
+    # the check's fast path judges the numbers as one vector; it must agree with judging each one
+    from risk_engine.payments import ATTRIBUTE_NUMBER_LIMIT, _check_attribute_values
+
+    numbers = [v for v in values.values() if not isinstance(v, str)]
+    expected = all(-ATTRIBUTE_NUMBER_LIMIT <= v <= ATTRIBUTE_NUMBER_LIMIT for v in numbers)
+    try:
+        _check_attribute_values(values)
+        taken = True
+    except ValueError:
+        taken = False
+    assert taken == expected
