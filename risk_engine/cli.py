@@ -295,12 +295,16 @@ def merchants_rollup(
     from datetime import date
 
     from risk_engine.engine import NotFound, RiskEngine
+    from risk_engine.payments import EARLIEST_INSTANT, LATEST_INSTANT
 
     try:
         when = date.fromisoformat(day) if day else None
     except ValueError:
         typer.echo(f"error: --day {day!r} is not YYYY-MM-DD", err=True)
         raise typer.Exit(2) from None
+    if when is not None and not EARLIEST_INSTANT.date() <= when < LATEST_INSTANT.date():
+        typer.echo(f"error: --day {day} is outside 1970-01-01..2199-12-31", err=True)
+        raise typer.Exit(2)
     engine = RiskEngine.open(Settings(policy_poll_s=0))
     try:
         summary = engine.rollup_merchants(when)

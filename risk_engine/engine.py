@@ -931,7 +931,7 @@ class RiskEngine:
                 fraud[event_id] = fraud.get(event_id, False) or is_fraud
         sqlite = self.db.dialect.name == "sqlite"
         marker = "?" if self.db.dialect.paramstyle == "qmark" else "%s"
-        since = datetime.fromtimestamp(since_ts - warmup_s, UTC)
+        since = datetime.fromtimestamp(max(since_ts - warmup_s, 0.0), UTC)  # stored times start in 1970
         sql = (
             "SELECT event_id, record, occurred_at, ingest_seq, model_scores, policy_version, decision, score "
             f"FROM events WHERE subject = {marker} AND occurred_at >= {marker} ORDER BY ingest_seq"
@@ -1061,7 +1061,8 @@ class RiskEngine:
                 [
                     {
                         "field": "name",
-                        "reason": f"{name} is a {det.spec.kind} detector; only population detectors are fitted",
+                        "reason": f"{name} is not a population detector but {det.spec.kind}; only population "
+                        "detectors are fitted",
                     }
                 ]
             )

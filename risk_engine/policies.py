@@ -327,7 +327,8 @@ class PolicyWorkflow:
         draft = compile_policy(draft_text, envs, draft_label)
         live = self.engine.subjects[subject].policy
         latest = self.engine.latest_event_time(subject)
-        since_ts = (latest - since_s) if latest is not None else 0.0
+        # stored times start in 1970: a longer look back (99999d) means everything, not a date before year 1
+        since_ts = max(latest - since_s, 0.0) if latest is not None else 0.0
         warmup = max((a.window_s for a in (*draft.aggregates, *live.compiled.aggregates)), default=0.0) + GRACE_S
         events = self.engine.backtest_events(subject, since_ts, warmup)
         return run_backtest(

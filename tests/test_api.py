@@ -220,9 +220,10 @@ T = "2026-11-22T10:15:00Z"
         ("GET", f"/v1/policies/payment/versions/{2**31}", None, "version"),  # past the 32-bit column
         ("POST", "/v1/policies/payment/rollback", {"to_version": 10**30}, "to_version"),
         ("GET", f"/v1/audit?before_id={2**63}", None, "before_id"),
+        ("POST", "/v1/merchants/rollup", {"day": "9999-12-31"}, "day"),  # no day follows it
     ],
 )
-def test_ids_text_and_numbers_no_column_can_hold_are_422(
+def test_ids_text_numbers_and_days_out_of_range_are_422(
     api: Api, method: str, path: str, body: dict[str, Any] | None, field: str
 ) -> None:
     content = None if body is None else json.dumps(body)  # a NUL goes as JSON's \\u0000

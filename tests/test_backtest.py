@@ -36,6 +36,14 @@ def test_backtest_of_the_live_policy_equals_live(api: Api) -> None:
     assert sum(report.published.rule_hits.values()) > 0
 
 
+def test_a_look_back_past_1970_replays_everything(api: Api) -> None:
+    for p in traffic(50):
+        api.score(p)
+    # 10^11 days back is before the year 1: it used to fail converting that time; it means every stored event
+    report = PolicyWorkflow(api.engine).backtest("payment", DEFAULT, "same text", since_s=1e11 * 86400)
+    assert report.events == 50 and report.live_mismatches == 0
+
+
 def test_a_stricter_draft_only_moves_decisions_up(api: Api) -> None:
     for p in traffic(300):
         api.score(p)

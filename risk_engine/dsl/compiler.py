@@ -161,7 +161,6 @@ _RUNTIME: dict[str, Any] = {
     "_len": len,
     "_min": min,
     "_max": max,
-    "_sum": sum,
     "_SAFE": (TypeError, ValueError, ZeroDivisionError, KeyError, AttributeError, OverflowError),
     "float": float,
     "str": str,
@@ -670,33 +669,23 @@ def compile_features(
             if t not in (NUMBER, BOOL, DURATION, ERROR):
                 walk.error(node.pos, "type.feature", f"feature '{name}' must be numeric, got {_describe(t)}")
             convert = "float"
-        body.append(
-            f"    try:\n        v = {code}\n        if v is not None: out[{name!r}] = {convert}(v)\n"
-            f"    except _SAFE:\n        pass"
-        )
+        if convert == "float" and _may_be_non_finite(node):
+            # an infinite or NaN value (x / 1e-320, a long product) would stay in a detector's running statistics
+            # for good: it is left out, as a failed expression's is (v - v is 0 only for a finite v)
+            body.append(
+                f"    try:\n        v = {code}\n        if v is not None:\n            v = float(v)\n"
+                f"            if v - v == 0: out[{name!r}] = v\n    except _SAFE:\n        pass"
+            )
+        else:
+            body.append(
+                f"    try:\n        v = {code}\n        if v is not None: out[{name!r}] = {convert}(v)\n"
+                f"    except _SAFE:\n        pass"
+            )
     errors.extend(walk.errors)
     if errors:
         raise DslErrors(errors, source)
-    # an infinite or NaN value (1e300 * 1e300, x / 1e-320) would stay in a detector's running statistics for good:
-    # such a feature is left out, as one whose expression failed is; the sum finds one in a single C-level pass
-    numeric = [n for n in exprs if n not in text_names]
-    if numeric and not text_names:
-        check = (
-            "    t = _sum(out.values())\n"
-            "    if t - t != 0:\n"
-            "        out = {k: v for k, v in out.items() if v - v == 0}\n"
-        )
-    elif numeric:
-        check = (
-            f"    for k in {tuple(numeric)!r}:\n"
-            "        v = out.get(k)\n"
-            "        if v is not None and v - v != 0:\n"
-            "            del out[k]\n"
-        )
-    else:
-        check = ""
     head = "def features(r, a, L, M):\n    g = r.get\n    out = {}\n"
-    python = head + "\n".join(body) + "\n" + check + "    return out\n"
+    python = head + "\n".join(body) + "\n    return out\n"
     compute = _build(python, "features", walk.constants, source)
     return CompiledFeatures(
         names=tuple(exprs),
@@ -705,6 +694,33 @@ def compile_features(
         python_source=python,
         compute=compute,
     )
+
+
+# functions whose result is no larger than their arguments' (or a small count): over finite inputs, finite
+_TAME_FUNCTIONS = frozenset(
+    {"lower", "upper", "len", "abs", "log1p", "slog1p", "sqrt", "floor", "min", "max", "days", "hours", "minutes"}
+)
+_TAME_LITERAL = 1e15
+
+
+def _may_be_non_finite(node: ast.Expr) -> bool:
+    """Whether an expression over the contracts' inputs (finite, at most 1e15 across) could come out infinite
+    or NaN: it multiplies or divides, holds a huge literal or calls a function not known to be tame. Sums,
+    counts and comparisons of such inputs cannot (an expression nests at most ``MAX_DEPTH`` deep)."""
+    if isinstance(node, ast.Number):
+        return not abs(node.value) <= _TAME_LITERAL
+    if isinstance(node, ast.Binary):
+        return node.op in ("*", "/") or _may_be_non_finite(node.left) or _may_be_non_finite(node.right)
+    if isinstance(node, ast.Unary):
+        return _may_be_non_finite(node.operand)
+    if isinstance(node, ast.BoolOp):
+        return any(_may_be_non_finite(x) for x in node.operands)
+    if isinstance(node, ast.SetLiteral):
+        return any(_may_be_non_finite(x) for x in node.items)
+    if isinstance(node, ast.Call):
+        tame = node.func in _TAME_FUNCTIONS or node.func in ("exists", "model", "list")
+        return not tame or any(_may_be_non_finite(x) for x in node.args)
+    return False  # field paths, aggregates, strings, booleans, durations
 
 
 def aggregate_union(*groups: Sequence[AggSpec]) -> tuple[AggSpec, ...]:
