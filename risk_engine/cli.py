@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import tempfile
 from datetime import datetime
@@ -47,10 +48,16 @@ def serve(
     """Migrate the database and serve the API."""
     import uvicorn
 
+    from risk_engine.engine import RiskEngine
     from risk_engine.service import create_app
 
     _logging()
-    uvicorn.run(create_app(Settings()), host=host, port=port, log_level=log_level, access_log=access_log)
+    # opened here rather than in the app's start-up, where uvicorn would print a set-up failure as a traceback
+    engine = RiskEngine.open(Settings())
+    try:
+        uvicorn.run(create_app(engine=engine), host=host, port=port, log_level=log_level, access_log=access_log)
+    finally:
+        engine.close()
 
 
 @app.command()
@@ -345,12 +352,45 @@ def merchants_fit(
     typer.echo(json.dumps({"fitted": fitted}, sort_keys=True))
 
 
+def _operator_error(exc: BaseException) -> str | None:
+    """One line for a failure of the set-up (configuration, database, key files) rather than of the code, or
+    None. Driver messages name the host and port, never the password."""
+    from pydantic import ValidationError
+    from sqlalchemy.exc import ArgumentError, OperationalError
+
+    from risk_engine.storage.db import DatabaseUnavailable
+    from risk_engine.vault import VaultKeyError
+
+    if isinstance(exc, DatabaseUnavailable) and isinstance(exc.__cause__, OperationalError):
+        exc = exc.__cause__
+    if isinstance(exc, OperationalError):
+        first = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else type(exc).__name__
+        return f"cannot reach the database: {first}"
+    if isinstance(exc, ArgumentError):
+        return f"RISK_ENGINE_DATABASE_URL is not a database URL ({exc})"
+    if isinstance(exc, VaultKeyError):
+        return f"keys: {exc}"
+    if isinstance(exc, ValidationError):
+        fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        return f"settings (RISK_ENGINE_*): {fields}"
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.strerror or type(exc).__name__}: {exc.filename}"
+    return None
+
+
 def main() -> None:
-    """Entry point of the console script."""
+    """Entry point of the console script: a set-up failure is one line on stderr and exit status 1 (set
+    RISK_ENGINE_TRACEBACK=1 for the traceback); anything else raises as usual."""
     try:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:
+        message = _operator_error(exc)
+        if message is None or os.environ.get("RISK_ENGINE_TRACEBACK"):
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -132,10 +132,13 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return url
 
 
-def run_cli(*args: str, home: Path, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run the ``risk-engine`` command line as a user would, with its own data directory."""
-    env = {**os.environ, "RISK_ENGINE_HOME": str(home)}
-    env.pop("RISK_ENGINE_DATABASE_URL", None)
+def run_cli(
+    *args: str, home: Path, cwd: Path = REPO, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the ``risk-engine`` command line as a user would, with its own data directory (and ``env`` added)."""
+    base = {**os.environ, "RISK_ENGINE_HOME": str(home)}
+    base.pop("RISK_ENGINE_DATABASE_URL", None)
+    env = {**base, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "risk_engine.cli", *args],
         cwd=cwd,

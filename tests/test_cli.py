@@ -90,3 +90,18 @@ def test_models_check_names_each_detector(tmp_path: Path) -> None:
     expected = "[combine.payment] ok (up to 60 points above a model score of 0; anomaly ranks as evidence at a base"
     assert f"{expected} rate of 0.002)" in result.stdout
     assert "[combine.review] ok (up to 50 points above a model score of 0)\n" in result.stdout
+
+
+def test_a_set_up_failure_is_one_line_without_the_password_and_exit_status_1(tmp_path: Path) -> None:
+    unreachable = {"RISK_ENGINE_DATABASE_URL": "postgresql+psycopg://ops:s3cret-pw@127.0.0.1:1/risk"}
+    for command in (("migrate",), ("serve", "--port", "1")):  # serve fails before it binds
+        result = run_cli(*command, home=tmp_path / "var", env=unreachable, timeout=120)
+        assert result.returncode == 1, result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert errors and errors[-1].startswith("error: cannot reach the database:"), result.stderr
+        assert "Traceback" not in result.stderr and "s3cret-pw" not in result.stderr + result.stdout
+    bad_setting = run_cli("migrate", home=tmp_path / "var", env={"RISK_ENGINE_POLICY_POLL_S": "often"})
+    assert bad_setting.returncode == 1
+    assert "error: settings (RISK_ENGINE_*): policy_poll_s:" in bad_setting.stderr
+    traced = run_cli("migrate", home=tmp_path / "var", env={**unreachable, "RISK_ENGINE_TRACEBACK": "1"}, timeout=120)
+    assert traced.returncode != 0 and "OperationalError" in traced.stderr
