@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 import re
-import socket
 from collections.abc import ValuesView
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, cast
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
-from risk_engine.features.lists import ip_prefix
+from risk_engine.features.lists import canonical_ip, ip_prefix
 from risk_engine.money import UnknownCurrencyError, currency_exponent
 from risk_engine.schema import SELLER_FIELDS, FieldSpec, FieldType, SubjectSchema
 from risk_engine.vault import PiiKind, Vault
@@ -128,15 +127,7 @@ class PaymentMethod(Strict):
         return v
 
 
-def _canonical_ip(v: str) -> str:
-    family = socket.AF_INET6 if ":" in v else socket.AF_INET
-    try:
-        return socket.inet_ntop(family, socket.inet_pton(family, v))  # canonical form, fast
-    except (OSError, ValueError):
-        raise ValueError("not an IPv4 or IPv6 address") from None
-
-
-IpAddress = Annotated[str, Field(max_length=64), AfterValidator(_canonical_ip)]
+IpAddress = Annotated[str, Field(max_length=64), AfterValidator(canonical_ip)]
 
 
 def contains_card_number(text: str) -> bool:

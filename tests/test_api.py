@@ -254,6 +254,18 @@ def test_oversized_body_is_413(api: Api) -> None:
     assert stored_events(api) == 0
 
 
+def test_an_ip_entry_matches_the_address_however_either_side_writes_it(api: Api) -> None:
+    h = api.headers("analyst")
+    added = api.client.post("/v1/lists/blocked_ips/entries", json={"value": " 2001:0DB8:0000::0001 "}, headers=h)
+    assert added.status_code == 201, added.text
+    blocked = api.score(payment(payment_id="v6", **{"device.ip": "2001:db8:0:0::1"}))
+    assert "BLOCKED_IP" in [r["code"] for r in blocked["reasons"]]
+    removed = api.client.request("DELETE", "/v1/lists/blocked_ips/entries", json={"value": "2001:db8::1"}, headers=h)
+    assert removed.status_code == 200
+    not_an_ip = api.client.post("/v1/lists/blocked_ips/entries", json={"value": "2001:db8::g"}, headers=h)
+    assert not_an_ip.status_code == 422 and not_an_ip.json()["errors"][0]["field"] == "value"
+
+
 def test_lists_can_be_read_and_edited_and_every_edit_is_audited(api: Api) -> None:
     h = api.headers("analyst")
     added = api.client.post("/v1/lists/blocked_emails/entries", json={"value": "Bad.Actor@Example.com"}, headers=h)

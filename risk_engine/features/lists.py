@@ -22,6 +22,17 @@ MIN_PREFIX = {4: 12, 6: 32}  # broadest range accepted: a /12 expands to 4,096 n
 PREFIX_LEN = {4: 24, 6: 48}  # the network a payment's IP is reduced to (device.ip_prefix)
 
 
+def canonical_ip(text: str) -> str:
+    """An IPv4 or IPv6 address in its one canonical text (``2001:0DB8::0001`` is ``2001:db8::1``), so blind
+    indexes, velocity keys and list entries of one address agree however it was written; ValueError if it is
+    not one."""
+    family = socket.AF_INET6 if ":" in text else socket.AF_INET
+    try:
+        return socket.inet_ntop(family, socket.inet_pton(family, text))  # canonical form, fast
+    except (OSError, ValueError):
+        raise ValueError("not an IPv4 or IPv6 address") from None
+
+
 def ip_prefix(ip: str) -> str:
     """The /24 (IPv4) or /48 (IPv6) network of an address: what rules may see of an IP in clear.
 
@@ -89,6 +100,8 @@ def list_value_token(decl: ListDecl, value: str, vault: Vault) -> str:
     if decl.kind == "ip_range":
         expand_range(value)  # validates
         return str(ipaddress.ip_network(value.strip(), strict=False))
+    if decl.kind == "ip":  # as a payment's or review's IP is, or an entry written another way never matches
+        value = canonical_ip(value.strip())
     return vault.blind_index(PiiKind(decl.kind), value)
 
 
