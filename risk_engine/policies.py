@@ -168,6 +168,11 @@ class PolicyWorkflow:
         self._subject(subject)
         with self._session() as s:
             row = self._row(s, subject, version)
+            if action == "policy.rollback" and row.status not in ("archived", "published"):
+                raise Conflict(
+                    f"{subject}:v{version} was never published ({row.status}): a rollback returns to a version "
+                    "that was live before; publish it instead"
+                )
             compile_policy(row.text, self.engine.environments, f"{subject}:v{version}")  # raises DslErrors
             current = s.scalars(
                 select(m.PolicyVersion).where(m.PolicyVersion.subject == subject, m.PolicyVersion.status == "published")

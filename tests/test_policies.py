@@ -44,6 +44,11 @@ def test_versions_diff_publish_rollback_and_audit(api: Api) -> None:
     status, v2 = draft(api, V2)
     assert (status, v2["version"], v2["status"]) == (201, 2, "draft")
     assert draft(api, V2) == (200, v2)  # the same text again: the same draft
+    # a rollback returns to a version that was live; a draft goes live only by being published (and audited so)
+    unpublished = api.client.post(
+        "/v1/policies/payment/rollback", json={"to_version": 2}, headers=api.headers("analyst")
+    )
+    assert unpublished.status_code == 409 and "never published" in unpublished.json()["message"]
     listed = api.client.get("/v1/policies/payment", headers=api.headers("analyst")).json()
     assert [(v["version"], v["status"]) for v in listed] == [(2, "draft"), (1, "published")]
     text = api.client.get("/v1/policies/payment/versions/2", headers=api.headers("analyst")).json()["text"]
