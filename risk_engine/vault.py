@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import stat
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -69,9 +70,17 @@ def load_or_create_key(env_value: str | None, path: Path, name: str) -> bytes:
         return _decode_key(path.read_text(), name)
     path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_bytes(KEY_BYTES)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(base64.b64encode(key).decode() + "\n")
+    # written whole under a temporary name, then linked into place: a process starting at the same moment either
+    # links first (and this one reads its key) or finds the file complete, never empty or half-written
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(base64.b64encode(key).decode() + "\n")
+        os.link(temporary, path)
+    except FileExistsError:
+        return _decode_key(path.read_text(), name)
+    finally:
+        os.unlink(temporary)
     log.warning(
         "generated %s in %s (embedded default); in production set RISK_ENGINE_%s from a secret store",
         name,

@@ -6,6 +6,8 @@ import base64
 import hashlib
 import hmac
 import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -67,6 +69,24 @@ def test_generated_key_file_is_private_and_reused(tmp_path: Path) -> None:
     assert load_or_create_key(None, path, "master_key") == key
     with pytest.raises(VaultKeyError):
         load_or_create_key("not base64!", path, "master_key")
+
+
+def test_processes_starting_together_on_a_fresh_home_share_one_key(tmp_path: Path) -> None:
+    # each worker of a fresh embedded install creates the key files at the same moment: one key must win, whole
+    # (before, the losers failed on the existing file, or read it empty before the winner had written it)
+    for attempt in range(20):
+        path = tmp_path / f"master{attempt}.key"
+        barrier = threading.Barrier(6)
+
+        def start(path: Path, barrier: threading.Barrier) -> bytes:
+            barrier.wait()
+            return load_or_create_key(None, path, "master_key")
+
+        with ThreadPoolExecutor(6) as pool:
+            keys = list(pool.map(start, [path] * 6, [barrier] * 6))
+        assert len(set(keys)) == 1 and len(keys[0]) == 32
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"master{i}.key" for i in range(20))  # no leftovers
 
 
 @settings(max_examples=200, deadline=None)
