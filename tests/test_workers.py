@@ -89,3 +89,24 @@ def test_a_publish_reaches_a_second_worker_process(tmp_path: Path, database_url:
     finally:
         first.terminate()
         first.wait(20)
+
+
+def test_workers_migrating_a_new_database_together_all_start(database_url: str) -> None:
+    # every worker of a deployment migrates on start; on PostgreSQL concurrent upgrades collided creating the
+    # same tables, and all but one worker failed on its first boot
+    from sqlalchemy import inspect
+
+    from risk_engine.storage.db import make_engine
+
+    script = "import sys; from risk_engine.storage.db import make_engine, migrate; migrate(make_engine(sys.argv[1]))"
+    workers = [
+        subprocess.Popen([sys.executable, "-c", script, database_url], cwd=REPO, stderr=subprocess.PIPE)
+        for _ in range(4)
+    ]
+    failures = [w.stderr.read().decode()[-400:] for w in workers if w.wait(120) != 0 and w.stderr is not None]
+    assert not failures, failures
+    engine = make_engine(database_url)
+    try:
+        assert {"events", "labels", "policy_versions", "alembic_version"} <= set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()

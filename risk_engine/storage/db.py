@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 from pathlib import Path
 from typing import Any
 
 import orjson
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -67,9 +68,28 @@ def alembic_config(engine: Engine) -> Config:
     return cfg
 
 
+# PostgreSQL advisory lock held while migrating ("riskeng1"): database-wide, released with the transaction
+MIGRATION_LOCK = int.from_bytes(b"riskeng1", "big")
+
+
 def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest migration."""
+    """Bring the schema to the newest migration. Processes starting together take turns, the first migrating
+    and the rest finding the schema done (concurrent upgrades collided creating the same tables): on
+    PostgreSQL under an advisory lock; on SQLite, whose driver runs DDL outside any transaction, under a lock
+    on the file ``<database>.migrate-lock`` beside it."""
+    database = engine.url.database
+    if engine.dialect.name == "sqlite" and database and database != ":memory:":
+        with open(f"{database}.migrate-lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+            _upgrade(engine)
+    else:
+        _upgrade(engine)
+
+
+def _upgrade(engine: Engine) -> None:
     cfg = alembic_config(engine)
     with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")
