@@ -16,7 +16,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -89,6 +89,7 @@ LABELS = {
     "genuine": False,
 }
 RECENT_CACHE = 50_000
+RACE_ATTEMPTS = 5  # tries at a write that concurrent writers may race for (a version number, seeded entries)
 STATE_SNAPSHOT_FORMAT = 2  # 2: orders carry their shipping address (a format-1 snapshot is rebuilt)
 ORDERS_KEPT_S = 180 * 86_400.0  # payments whose orders a restart reloads for the review link
 BLOOM_MIN_CAPACITY = 1_000_000
@@ -447,47 +448,56 @@ class RiskEngine:
         for path in sorted(self.settings.rules_dir.glob("*.rules")):
             text = path.read_text()
             compiled = compile_policy(text, envs, str(path))
-            with self._session() as s:
-                known = s.scalar(
-                    select(m.PolicyVersion.id).where(
-                        m.PolicyVersion.subject == compiled.subject, m.PolicyVersion.digest == compiled.digest
-                    )
+            for attempt in range(RACE_ATTEMPTS):
+                try:
+                    self._seed_policy(path, text, compiled)
+                    break
+                except IntegrityError:  # another worker starting at the same moment stored a version first
+                    if attempt == RACE_ATTEMPTS - 1:
+                        raise
+
+    def _seed_policy(self, path: Path, text: str, compiled: CompiledPolicy) -> None:
+        with self._session() as s:
+            # the number first, then the text: a writer that stored this text under a lower number had committed
+            # before this read of the number, so the look-up that follows finds it
+            latest = (
+                s.scalar(select(func.max(m.PolicyVersion.version)).where(m.PolicyVersion.subject == compiled.subject))
+                or 0
+            )
+            known = s.scalar(
+                select(m.PolicyVersion.id).where(
+                    m.PolicyVersion.subject == compiled.subject, m.PolicyVersion.digest == compiled.digest
                 )
-                if known is not None:
-                    continue
-                latest = (
-                    s.scalar(
-                        select(func.max(m.PolicyVersion.version)).where(m.PolicyVersion.subject == compiled.subject)
-                    )
-                    or 0
+            )
+            if known is not None:
+                return
+            s.execute(
+                update(m.PolicyVersion)
+                .where(m.PolicyVersion.subject == compiled.subject, m.PolicyVersion.status == "published")
+                .values(status="archived")
+            )
+            s.add(
+                m.PolicyVersion(
+                    subject=compiled.subject,
+                    version=latest + 1,
+                    status="published",
+                    text=text,
+                    digest=compiled.digest,
+                    source="file",
+                    created_by=f"file:{path.name}",
+                    created_at=now_utc(),
                 )
-                s.execute(
-                    update(m.PolicyVersion)
-                    .where(m.PolicyVersion.subject == compiled.subject, m.PolicyVersion.status == "published")
-                    .values(status="archived")
-                )
-                s.add(
-                    m.PolicyVersion(
-                        subject=compiled.subject,
-                        version=latest + 1,
-                        status="published",
-                        text=text,
-                        digest=compiled.digest,
-                        source="file",
-                        created_by=f"file:{path.name}",
-                        created_at=now_utc(),
-                    )
-                )
-                self._audit(
-                    s,
-                    "system",
-                    "policy.publish",
-                    f"{compiled.subject}:v{latest + 1}",
-                    None,
-                    {"source": str(path), "digest": compiled.digest},
-                )
-                s.commit()
-                log.info("published %s as %s:v%d", path, compiled.subject, latest + 1)
+            )
+            self._audit(
+                s,
+                "system",
+                "policy.publish",
+                f"{compiled.subject}:v{latest + 1}",
+                None,
+                {"source": str(path), "digest": compiled.digest},
+            )
+            s.commit()
+            log.info("published %s as %s:v%d", path, compiled.subject, latest + 1)
 
     def _published_policy(self, subject: str, envs: Mapping[str, Environment]) -> ActivePolicy:
         with self._session() as s:
@@ -592,6 +602,17 @@ class RiskEngine:
 
     def _load_lists(self) -> None:
         self.lists = ListMatcher(self.list_decls)
+        for attempt in range(RACE_ATTEMPTS):
+            try:
+                rows = self._seed_list_entries()
+                break
+            except IntegrityError:  # another worker starting at the same moment seeded them first
+                if attempt == RACE_ATTEMPTS - 1:
+                    raise
+        self.lists.load((ListEntry(r.list_name, r.token, r.expires_at) for r in rows), now_utc())
+
+    def _seed_list_entries(self) -> Sequence[m.ListEntry]:
+        """Store the entries ``lists.toml`` seeds that are not stored yet; every stored entry."""
         with self._session() as s:
             for decl in self.list_decls.values():
                 present = set(s.scalars(select(m.ListEntry.token).where(m.ListEntry.list_name == decl.name)))
@@ -609,8 +630,7 @@ class RiskEngine:
                             )
                         )
             s.commit()
-            rows = s.scalars(select(m.ListEntry)).all()
-        self.lists.load((ListEntry(r.list_name, r.token, r.expires_at) for r in rows), now_utc())
+            return s.scalars(select(m.ListEntry)).all()
 
     def _load_known_ids(self) -> None:
         """A Bloom filter of stored event ids: a new id (the common case) needs no database look-up."""

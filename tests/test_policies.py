@@ -245,3 +245,48 @@ def test_rule_statistics_count_hits_by_age_and_the_share_labelled_fraud(api: Api
     assert by_rule["blocked_device"]["hits_30d"] == 0 and by_rule["blocked_device"]["fraud_share"] is None
     assert stats["policy"] == "payment:v1"
     assert api.client.get("/v1/policies/payment/rules/stats", headers=api.headers()).status_code == 403
+
+
+def test_drafts_and_seeded_versions_written_at_the_same_moment_each_get_a_number(api: Api, tmp_path: Path) -> None:
+    # both take the next version number as max + 1: writers racing for it collided on (subject, version)
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from risk_engine.policies import PolicyWorkflow
+
+    workflow = PolicyWorkflow(api.engine)
+    barrier = threading.Barrier(4)
+
+    def write_draft(i: int) -> int:
+        barrier.wait()
+        view, created = workflow.create_draft("payment", DEFAULT + f"\n# draft {i}\n", "test")
+        assert created
+        return int(view["version"])
+
+    with ThreadPoolExecutor(4) as pool:
+        versions = sorted(pool.map(write_draft, range(4)))
+    assert versions == [2, 3, 4, 5]
+
+    # workers starting together with a changed rules/ file: one publishes it, the others find it stored
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "payment.rules").write_text(DEFAULT + "\n# edited on disk\n")
+    api.engine.settings.rules_dir = rules
+
+    def seed(_: int) -> None:
+        barrier.wait()
+        api.engine._seed_policies(api.engine.environments)
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(seed, range(4)))
+    with api.engine.db.connect() as conn:
+        rows = conn.execute(
+            select(m.PolicyVersion.version, m.PolicyVersion.status, m.PolicyVersion.source)
+            .where(m.PolicyVersion.subject == "payment")
+            .order_by(m.PolicyVersion.version)
+        ).all()
+    assert [tuple(r) for r in rows] == [
+        (1, "archived", "file"),
+        *((v, "draft", "api") for v in (2, 3, 4, 5)),
+        (6, "published", "file"),
+    ]

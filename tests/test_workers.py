@@ -91,22 +91,37 @@ def test_a_publish_reaches_a_second_worker_process(tmp_path: Path, database_url:
         first.wait(20)
 
 
-def test_workers_migrating_a_new_database_together_all_start(database_url: str) -> None:
-    # every worker of a deployment migrates on start; on PostgreSQL concurrent upgrades collided creating the
-    # same tables, and all but one worker failed on its first boot
-    from sqlalchemy import inspect
+def test_workers_starting_together_on_a_new_database_all_start(database_url: str, tmp_path: Path) -> None:
+    # each worker of a fresh deployment migrates, creates the key files it shares with the others and seeds the
+    # policies and lists: all of it raced (colliding CREATE TABLEs, version numbers and list entries, a key file
+    # read before it was written) and all but one worker could fail their first boot
+    from sqlalchemy import func, select
 
+    from risk_engine.storage import models as m
     from risk_engine.storage.db import make_engine
 
-    script = "import sys; from risk_engine.storage.db import make_engine, migrate; migrate(make_engine(sys.argv[1]))"
+    script = (
+        "import sys; from pathlib import Path; from risk_engine.config import Settings; "
+        "from risk_engine.engine import RiskEngine; "
+        "RiskEngine.open(Settings(home=Path(sys.argv[1]), database_url=sys.argv[2])).close()"
+    )
+    home = str(tmp_path / "shared")
     workers = [
-        subprocess.Popen([sys.executable, "-c", script, database_url], cwd=REPO, stderr=subprocess.PIPE)
-        for _ in range(4)
+        subprocess.Popen([sys.executable, "-c", script, home, database_url], cwd=REPO, stderr=subprocess.PIPE)
+        for _ in range(3)
     ]
-    failures = [w.stderr.read().decode()[-400:] for w in workers if w.wait(120) != 0 and w.stderr is not None]
+    failures = [w.stderr.read().decode()[-600:] for w in workers if w.wait(300) != 0 and w.stderr is not None]
     assert not failures, failures
     engine = make_engine(database_url)
     try:
-        assert {"events", "labels", "policy_versions", "alembic_version"} <= set(inspect(engine).get_table_names())
+        with engine.connect() as conn:
+            versions = dict(
+                conn.execute(select(m.PolicyVersion.subject, func.count()).group_by(m.PolicyVersion.subject)).all()
+            )
+            seeded = conn.execute(
+                select(func.count()).where(m.ListEntry.list_name == "disposable_email_domains")
+            ).scalar_one()
     finally:
         engine.dispose()
+    assert set(versions.values()) == {1}  # each rules/ file stored once
+    assert seeded == 10
