@@ -24,6 +24,12 @@ class Settings(BaseSettings):
     blind_index_key: str | None = Field(default=None, description="Base64 32-byte key for blind indexes.")
     signing_key: str | None = Field(default=None, description="Base64 32-byte key signing model snapshots.")
     max_body_bytes: int = Field(default=64 * 1024, description="Larger request bodies get HTTP 413.")
+    max_future_s: float = Field(
+        default=86_400.0,
+        ge=0,
+        description="How far ahead of this server's clock an event's occurred_at may be (clock skew, a local time "
+        "sent as UTC); later is a 422. Raise it for a simulation that scores events dated ahead.",
+    )
     snapshot_every: int = Field(default=5000, description="Snapshot detectors every N learned events.")
     writer_batch_max: int = Field(default=1000, description="Largest group commit.")
     db_busy_timeout_s: float = Field(default=5.0, description="How long SQLite waits on a lock before failing.")

@@ -1249,6 +1249,19 @@ class RiskEngine:
         rt = self.subjects[subject]
         self._check_attributes(rt.schema, event.attributes)
         event_id = kind.event_id(event)
+        occurred_at: datetime = event.occurred_at
+        ts = occurred_at.timestamp()
+        if ts > time.time() + self.settings.max_future_s:
+            # stored, it would become the latest event, and a restart rebuilds velocity from the days before that
+            raise InvalidInput(
+                [
+                    {
+                        "field": "occurred_at",
+                        "reason": f"is more than {self.settings.max_future_s / 3600:g} h ahead of this server's "
+                        "clock; send the time the event happened, in UTC or with its offset",
+                    }
+                ]
+            )
         record, pii = kind.flatten(event, self.vault)
         if request_hash is None:
             # the record carries every field of the request, PII as keyed blind indexes: hashing it is hashing
@@ -1258,8 +1271,6 @@ class RiskEngine:
         replay = self._replay(kind, event_id, request_hash)
         if replay is not None:
             return replay
-        occurred_at: datetime = event.occurred_at
-        ts = occurred_at.timestamp()
         key = f"{subject}\x1f{event_id}"
         with self._lock:
             pending = self._recent.get(key)

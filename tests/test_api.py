@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -156,6 +157,7 @@ def test_models_endpoint_lists_the_detectors(api: Api) -> None:
     assert models["payment_fraud"]["labels_seen"] == 1
 
 
+WEEK_AHEAD = (datetime.now(UTC) + timedelta(days=7)).isoformat()
 BAD_INPUTS: list[tuple[str, Any, str]] = [
     ("negative amount", payment(**{"amount.value": -1}), "amount.value"),
     ("float amount", payment(**{"amount.value": 12.5}), "amount.value"),
@@ -184,6 +186,12 @@ BAD_INPUTS: list[tuple[str, Any, str]] = [
     ("time past the year 9999 in UTC", payment(occurred_at="9999-12-31T23:59:59-05:00"), "occurred_at"),
     ("time before 1970 in UTC", payment(occurred_at="1970-01-01T04:00:00+05:00"), "occurred_at"),
     ("account created in the year 1", payment(**{"buyer.created_at": "0001-01-01T00:00:00+05:00"}), "buyer.created_at"),
+    # stored, it would be the latest event, and a restart rebuilds velocity from the 90 days before it: none
+    (
+        "time a week ahead of the clock",
+        payment(occurred_at=(datetime.now(UTC) + timedelta(days=7)).isoformat()),
+        "occurred_at",
+    ),
     ("unknown top-level field", payment(cardholder="x"), "cardholder"),
 ]
 
