@@ -16,12 +16,13 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from rbloom import Bloom
@@ -195,6 +196,20 @@ def create_api_key(db: SqlEngine, role: str, name: str, actor: str = "cli") -> s
         audit(s, actor, "key.create", f"key:{key_id}", None, {"role": role, "name": name})
         s.commit()
     return f"rk_{key_id}_{secret}"
+
+
+T = TypeVar("T")
+
+
+def retry_on_race(write: Callable[[], T]) -> T:
+    """Run ``write`` (one transaction) again when a concurrent writer took the unique value it wrote, a version
+    number or a seeded entry, first: each attempt reads afresh what is stored (up to ``RACE_ATTEMPTS``)."""
+    for _ in range(RACE_ATTEMPTS - 1):
+        try:
+            return write()
+        except IntegrityError:
+            continue
+    return write()
 
 
 def tune_garbage_collector() -> None:
@@ -448,13 +463,8 @@ class RiskEngine:
         for path in sorted(self.settings.rules_dir.glob("*.rules")):
             text = path.read_text()
             compiled = compile_policy(text, envs, str(path))
-            for attempt in range(RACE_ATTEMPTS):
-                try:
-                    self._seed_policy(path, text, compiled)
-                    break
-                except IntegrityError:  # another worker starting at the same moment stored a version first
-                    if attempt == RACE_ATTEMPTS - 1:
-                        raise
+            # another worker starting at the same moment may store a version first
+            retry_on_race(partial(self._seed_policy, path, text, compiled))
 
     def _seed_policy(self, path: Path, text: str, compiled: CompiledPolicy) -> None:
         with self._session() as s:
@@ -602,13 +612,7 @@ class RiskEngine:
 
     def _load_lists(self) -> None:
         self.lists = ListMatcher(self.list_decls)
-        for attempt in range(RACE_ATTEMPTS):
-            try:
-                rows = self._seed_list_entries()
-                break
-            except IntegrityError:  # another worker starting at the same moment seeded them first
-                if attempt == RACE_ATTEMPTS - 1:
-                    raise
+        rows = retry_on_race(self._seed_list_entries)  # another worker starting at once may seed them first
         self.lists.load((ListEntry(r.list_name, r.token, r.expires_at) for r in rows), now_utc())
 
     def _seed_list_entries(self) -> Sequence[m.ListEntry]:

@@ -17,12 +17,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from risk_engine.backtest import BacktestReport, Job, run_backtest
-from risk_engine.dsl import DslError, DslErrors, compile_policy
-from risk_engine.engine import RACE_ATTEMPTS, Conflict, NotFound, RiskEngine, now_utc
+from risk_engine.dsl import CompiledPolicy, DslError, DslErrors, compile_policy
+from risk_engine.engine import Conflict, NotFound, RiskEngine, now_utc, retry_on_race
 from risk_engine.features.velocity import GRACE_S
 from risk_engine.storage import models as m
 
@@ -133,46 +132,42 @@ class PolicyWorkflow:
                     )
                 ]
             )
-        for attempt in range(RACE_ATTEMPTS):
-            with self._session() as s:
-                # the number first, then the text (as in RiskEngine._seed_policy): one text, one version
-                latest = (
-                    s.scalar(select(func.max(m.PolicyVersion.version)).where(m.PolicyVersion.subject == subject)) or 0
+        return retry_on_race(lambda: self._store_draft(subject, text, compiled, actor))  # concurrent drafts
+
+    def _store_draft(
+        self, subject: str, text: str, compiled: CompiledPolicy, actor: str
+    ) -> tuple[dict[str, Any], bool]:
+        with self._session() as s:
+            # the number first, then the text (as in RiskEngine._seed_policy): one text, one version
+            latest = s.scalar(select(func.max(m.PolicyVersion.version)).where(m.PolicyVersion.subject == subject)) or 0
+            existing = s.scalars(
+                select(m.PolicyVersion).where(
+                    m.PolicyVersion.subject == subject, m.PolicyVersion.digest == compiled.digest
                 )
-                existing = s.scalars(
-                    select(m.PolicyVersion).where(
-                        m.PolicyVersion.subject == subject, m.PolicyVersion.digest == compiled.digest
-                    )
-                ).first()
-                if existing is not None:
-                    return _view(existing), False
-                row = m.PolicyVersion(
-                    subject=subject,
-                    version=latest + 1,
-                    status="draft",
-                    text=text,
-                    digest=compiled.digest,
-                    source="api",
-                    created_by=actor,
-                    created_at=now_utc(),
-                )
-                s.add(row)
-                RiskEngine._audit(
-                    s,
-                    actor,
-                    "policy.draft",
-                    f"{subject}:v{latest + 1}",
-                    None,
-                    {"digest": compiled.digest, "rules": len(compiled.rules)},
-                )
-                try:
-                    s.commit()
-                except IntegrityError:  # another draft took the number (or stored this text) at the same moment
-                    if attempt == RACE_ATTEMPTS - 1:
-                        raise
-                    continue
-                return _view(row), True
-        raise AssertionError("unreachable")
+            ).first()
+            if existing is not None:
+                return _view(existing), False
+            row = m.PolicyVersion(
+                subject=subject,
+                version=latest + 1,
+                status="draft",
+                text=text,
+                digest=compiled.digest,
+                source="api",
+                created_by=actor,
+                created_at=now_utc(),
+            )
+            s.add(row)
+            RiskEngine._audit(
+                s,
+                actor,
+                "policy.draft",
+                f"{subject}:v{latest + 1}",
+                None,
+                {"digest": compiled.digest, "rules": len(compiled.rules)},
+            )
+            s.commit()
+            return _view(row), True
 
     def publish(self, subject: str, version: int, actor: str, action: str = "policy.publish") -> dict[str, Any]:
         """Make a version live (check it again first); the previous live version is archived."""
