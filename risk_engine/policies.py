@@ -169,12 +169,13 @@ class PolicyWorkflow:
             s.commit()
             return _view(row), True
 
-    def publish(self, subject: str, version: int, actor: str, action: str = "policy.publish") -> dict[str, Any]:
-        """Make a version live (check it again first); the previous live version is archived."""
+    def publish(self, subject: str, version: int, actor: str, rollback: bool = False) -> dict[str, Any]:
+        """Make a version live (check it again first); the previous live version is archived. A ``rollback``
+        returns only to a version that was live before, and is audited as one."""
         self._subject(subject)
         with self._session() as s:
             row = self._row(s, subject, version)
-            if action == "policy.rollback" and row.status not in ("archived", "published"):
+            if rollback and row.status not in ("archived", "published"):
                 raise Conflict(
                     f"{subject}:v{version} was never published ({row.status}): a rollback returns to a version "
                     "that was live before; publish it instead"
@@ -194,7 +195,7 @@ class PolicyWorkflow:
             RiskEngine._audit(
                 s,
                 actor,
-                action,
+                "policy.rollback" if rollback else "policy.publish",
                 f"{subject}:v{version}",
                 {"version": current.version if current else None},
                 {"version": version},
@@ -320,7 +321,7 @@ class PolicyWorkflow:
 
     def rollback(self, subject: str, to_version: int, actor: str) -> dict[str, Any]:
         """Make an earlier version live again."""
-        return self.publish(subject, to_version, actor, action="policy.rollback")
+        return self.publish(subject, to_version, actor, rollback=True)
 
     def backtest(
         self,
