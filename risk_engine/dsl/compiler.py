@@ -696,9 +696,11 @@ def compile_features(
     )
 
 
-# functions whose result is no larger than their arguments' (or a small count): over finite inputs, finite
+# functions whose result is no larger than their arguments' (or a small count, a score, a membership): over
+# finite inputs, finite
 _TAME_FUNCTIONS = frozenset(
     {"lower", "upper", "len", "abs", "log1p", "slog1p", "sqrt", "floor", "min", "max", "days", "hours", "minutes"}
+    | {"exists", "model", "list"}
 )
 _TAME_LITERAL = 1e15
 
@@ -718,8 +720,7 @@ def _may_be_non_finite(node: ast.Expr) -> bool:
     if isinstance(node, ast.SetLiteral):
         return any(_may_be_non_finite(x) for x in node.items)
     if isinstance(node, ast.Call):
-        tame = node.func in _TAME_FUNCTIONS or node.func in ("exists", "model", "list")
-        return not tame or any(_may_be_non_finite(x) for x in node.args)
+        return node.func not in _TAME_FUNCTIONS or any(_may_be_non_finite(x) for x in node.args)
     return False  # field paths, aggregates, strings, booleans, durations
 
 
