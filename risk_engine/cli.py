@@ -171,11 +171,54 @@ def keys_create(
     _logging(logging.WARNING)
     db = _migrated_database(Settings())  # the database only: no velocity or detector rebuild from history
     try:
-        key = create_api_key(db, role, name, actor="cli")
+        key, _ = create_api_key(db, role, name, actor="cli")
     finally:
         db.dispose()
     typer.echo(f"created a {role} key named {name!r}; store it now, it is not shown again:")
     typer.echo(key)
+
+
+@keys_app.command("list")
+def keys_list(
+    active: Annotated[bool, typer.Option("--active", help="Only keys that are not revoked.")] = False,
+) -> None:
+    """List API keys: id, role, name, created, revoked (never a secret). A JSON array on the last line."""
+    from risk_engine.engine import list_api_keys
+
+    _logging(logging.WARNING)
+    db = _migrated_database(Settings())
+    try:
+        keys = list_api_keys(db, include_revoked=not active)
+    finally:
+        db.dispose()
+    for k in keys:
+        state = f"revoked {k['revoked_at']}" if k["revoked_at"] else "live"
+        typer.echo(f"{k['key_id']}  {k['role']:8s} {k['name']!r:24s} created {k['created_at']}  {state}")
+    typer.echo(json.dumps(keys))
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key's id: rk_<id>_... or as `keys list` shows.")],
+) -> None:
+    """Revoke an API key (audited). Running services refuse it within a few seconds."""
+    from risk_engine.engine import KEY_CACHE_S, NotFound, revoke_api_key
+
+    _logging(logging.WARNING)
+    if key_id.startswith("rk_"):  # a whole key was pasted: its id is the part after rk_
+        key_id = key_id.split("_", 2)[1]
+    db = _migrated_database(Settings())
+    try:
+        view = revoke_api_key(db, key_id, actor="cli")
+    except NotFound as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    finally:
+        db.dispose()
+    typer.echo(
+        f"revoked {view['key_id']} ({view['role']}, {view['name']!r}) at {view['revoked_at']}; "
+        f"running services refuse it within {KEY_CACHE_S:g} s"
+    )
 
 
 @lists_app.command("add")

@@ -94,6 +94,7 @@ RACE_ATTEMPTS = 5  # tries at a write that concurrent writers may race for (a ve
 STATE_SNAPSHOT_FORMAT = 2  # 2: orders carry their shipping address (a format-1 snapshot is rebuilt)
 ORDERS_KEPT_S = 180 * 86_400.0  # payments whose orders a restart reloads for the review link
 BLOOM_MIN_CAPACITY = 1_000_000
+KEY_CACHE_S = 5.0  # how long a process trusts what it read of a key: a revocation elsewhere takes this long
 
 
 class InvalidInput(Exception):
@@ -172,8 +173,23 @@ def audit(
     s.add(m.AuditEntry(at=now_utc(), actor=actor, action=action, target=target, before=before, after=after))
 
 
-def create_api_key(db: SqlEngine, role: str, name: str, actor: str = "cli") -> str:
-    """Create a key in the database and return it; only its hash is stored, and the creation is audited.
+def api_key_view(row: m.ApiKey) -> dict[str, Any]:
+    """What may be shown of a key: never its secret or the secret's hash."""
+    return {
+        "key_id": row.key_id,
+        "role": row.role,
+        "name": row.name,
+        "created_at": row.created_at.isoformat(),
+        "revoked_at": row.revoked_at.isoformat() if row.revoked_at is not None else None,
+    }
+
+
+def create_api_key(
+    db: SqlEngine, role: str, name: str, actor: str = "cli", request_id: str | None = None
+) -> tuple[str, dict[str, Any]]:
+    """Create a key in the database and return it with its view; only its hash is stored, and the creation is
+    audited. With ``request_id`` (the API's idempotency key), a request id already used raises ``Conflict``
+    naming the key it created: the secret is shown once, so a lost answer means revoking that key.
 
     Needs no running engine: ``risk-engine keys create`` calls it on a migrated database without rebuilding
     velocity and detectors from the stored history.
@@ -182,20 +198,79 @@ def create_api_key(db: SqlEngine, role: str, name: str, actor: str = "cli") -> s
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
     key_id = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
-    with Session(db, expire_on_commit=False) as s:
-        s.add(
-            m.ApiKey(
-                key_id=key_id,
-                secret_hash=hashlib.sha256(secret.encode()).hexdigest(),
-                role=role,
-                name=name,
-                created_at=now_utc(),
-                revoked_at=None,
+    row = m.ApiKey(
+        key_id=key_id,
+        secret_hash=hashlib.sha256(secret.encode()).hexdigest(),
+        role=role,
+        name=name,
+        created_at=now_utc(),
+        revoked_at=None,
+        request_id=request_id,
+    )
+
+    def already_created() -> Conflict | None:
+        if request_id is None:
+            return None
+        with Session(db) as s:
+            earlier = s.scalars(select(m.ApiKey).where(m.ApiKey.request_id == request_id)).first()
+            if earlier is None:
+                return None
+            return Conflict(
+                f"request_id {request_id} already created key {earlier.key_id}; its secret is shown only once: "
+                "if that answer was lost, revoke the key and create another with a new request_id"
             )
-        )
-        audit(s, actor, "key.create", f"key:{key_id}", None, {"role": role, "name": name})
+
+    conflict = already_created()
+    if conflict is not None:
+        raise conflict
+    try:
+        with Session(db, expire_on_commit=False) as s:
+            s.add(row)
+            audit(s, actor, "key.create", f"key:{key_id}", None, {"role": role, "name": name})
+            s.commit()
+    except IntegrityError:
+        conflict = already_created()  # a concurrent replay of the same request won the race
+        if conflict is None:
+            raise
+        raise conflict from None
+    return f"rk_{key_id}_{secret}", api_key_view(row)
+
+
+def list_api_keys(db: SqlEngine, include_revoked: bool = True) -> list[dict[str, Any]]:
+    """Every key's view, oldest first."""
+    stmt = select(m.ApiKey).order_by(m.ApiKey.created_at, m.ApiKey.key_id)
+    if not include_revoked:
+        stmt = stmt.where(m.ApiKey.revoked_at.is_(None))
+    with Session(db) as s:
+        return [api_key_view(row) for row in s.scalars(stmt)]
+
+
+def revoke_api_key(db: SqlEngine, key_id: str, actor: str, keep_an_admin: bool = False) -> dict[str, Any]:
+    """Revoke a key (audited); revoking a revoked key changes nothing and answers the same view.
+
+    ``keep_an_admin`` (the API) refuses to revoke the last live admin key, which would leave nobody able to
+    manage keys over HTTP; the CLI, which can always create one, may. Raises ``NotFound`` or ``Conflict``.
+    """
+    with Session(db, expire_on_commit=False) as s:
+        row = s.get(m.ApiKey, key_id, with_for_update=True)
+        if row is None:
+            raise NotFound(f"no API key {key_id}")
+        if row.revoked_at is not None:
+            return api_key_view(row)
+        if keep_an_admin and row.role == "admin":
+            # every live admin row locked (PostgreSQL), so two revocations at once cannot both pass the count
+            live_admins = s.scalars(
+                select(m.ApiKey.key_id)
+                .where(m.ApiKey.role == "admin", m.ApiKey.revoked_at.is_(None))
+                .order_by(m.ApiKey.key_id)
+                .with_for_update()
+            ).all()
+            if set(live_admins) <= {key_id}:
+                raise Conflict(f"key {key_id} is the last live admin key: create another admin key first")
+        row.revoked_at = now_utc()
+        audit(s, actor, "key.revoke", f"key:{key_id}", {"revoked_at": None}, {"revoked_at": row.revoked_at.isoformat()})
         s.commit()
-    return f"rk_{key_id}_{secret}"
+        return api_key_view(row)
 
 
 T = TypeVar("T")
@@ -1639,9 +1714,21 @@ class RiskEngine:
         }
 
     # -- API keys ----------------------------------------------------------------------------------------------
-    def create_api_key(self, role: str, name: str, actor: str = "cli") -> str:
-        """Create a key and return it; only its hash is stored."""
-        return create_api_key(self.db, role, name, actor)
+    def create_api_key(
+        self, role: str, name: str, actor: str = "cli", request_id: str | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        """Create a key and return it with its view; only its hash is stored (see ``create_api_key``)."""
+        return create_api_key(self.db, role, name, actor, request_id)
+
+    def api_keys(self, include_revoked: bool = True) -> list[dict[str, Any]]:
+        """Every key's view (no secrets), oldest first."""
+        return list_api_keys(self.db, include_revoked)
+
+    def revoke_api_key(self, key_id: str, actor: str, keep_an_admin: bool = True) -> dict[str, Any]:
+        """Revoke a key. This process refuses it at once; other processes within ``KEY_CACHE_S``."""
+        view = revoke_api_key(self.db, key_id, actor, keep_an_admin)
+        self._key_cache.clear()
+        return view
 
     def has_api_keys(self) -> bool:
         """True once any key exists."""
@@ -1652,7 +1739,7 @@ class RiskEngine:
         """The principal behind a bearer token, or None. Cached for a few seconds."""
         now = time.monotonic()
         cached = self._key_cache.get(token)
-        if cached is not None and now - cached[0] < 5.0:
+        if cached is not None and now - cached[0] < KEY_CACHE_S:
             return cached[1]
         principal = None
         parts = token.split("_", 2)

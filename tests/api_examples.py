@@ -23,8 +23,12 @@ VOLATILE = {
     "finished_at",
     "events_per_s",
     "replay_events_per_s",
+    "key_id",
+    "key",
+    "revoked_at",
 }
 JOB_ID = "{job_id}"  # in a path: the id of the job the previous example started
+KEY_ID = "{key_id}"  # in a path: the id of the key the previous example created
 SMALL_POLICY = """subject payment
 
 thresholds { challenge at 30  review at 60  block at 85 }
@@ -288,12 +292,21 @@ REQUESTS: list[dict[str, Any]] = [
         "body": {"day": "2026-11-22"},
     },
     {"name": "41_seller_credit", "method": "GET", "path": "/v1/sellers/s_42/credit", "role": "scorer"},
+    {
+        "name": "42_create_key",
+        "method": "POST",
+        "path": "/v1/keys",
+        "role": "admin",
+        "body": {"role": "scorer", "name": "checkout-service", "request_id": "key_req_0001"},
+    },
+    {"name": "43_list_keys", "method": "GET", "path": "/v1/keys?active=true", "role": "admin"},
+    {"name": "44_revoke_key", "method": "POST", "path": f"/v1/keys/{KEY_ID}/revoke", "role": "admin"},
 ]
 
 
 def send(client: Any, req: dict[str, Any], headers: dict[str, str], state: dict[str, str]) -> Any:
-    """Send one example request (substituting the last job id; polling a job until it has finished)."""
-    path = req["path"].replace(JOB_ID, state.get("job_id", "none"))
+    """Send one example request (substituting the last job or key id; polling a job until it has finished)."""
+    path = req["path"].replace(JOB_ID, state.get("job_id", "none")).replace(KEY_ID, state.get("key_id", "none"))
     response = client.request(req["method"], path, json=req.get("body"), headers=headers)
     while req.get("poll") and response.status_code == 200 and response.json().get("state") == "running":
         time.sleep(0.02)
@@ -302,6 +315,8 @@ def send(client: Any, req: dict[str, Any], headers: dict[str, str], state: dict[
         body = response.json()
         if isinstance(body, dict) and str(body.get("id", "")).startswith("backtest_"):
             state["job_id"] = body["id"]
+        if isinstance(body, dict) and str(body.get("key", "")).startswith("rk_"):
+            state["key_id"] = body["key_id"]
     return response
 
 

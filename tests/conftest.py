@@ -170,8 +170,8 @@ class Api:
         self.admin_key = (settings.home / "admin.key").read_text().strip()
         engine = client.app.state.engine  # type: ignore[attr-defined]
         self.engine = engine
-        self.scorer_key = engine.create_api_key("scorer", "tests")
-        self.analyst_key = engine.create_api_key("analyst", "tests")
+        self.scorer_key, _ = engine.create_api_key("scorer", "tests")
+        self.analyst_key, _ = engine.create_api_key("analyst", "tests")
 
     def headers(self, role: str = "scorer") -> dict[str, str]:
         key = {"scorer": self.scorer_key, "analyst": self.analyst_key, "admin": self.admin_key}[role]

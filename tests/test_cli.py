@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from risk_engine.config import Settings
@@ -79,6 +80,30 @@ def test_keys_create_prints_the_key_alone_on_the_last_line(tmp_path: Path) -> No
     finally:
         engine.close()
     assert run("keys", "create", "--role", "root", home=tmp_path).returncode == 2
+
+
+def test_keys_list_and_revoke(tmp_path: Path) -> None:
+    key = run("keys", "create", "--role", "analyst", "--name", "ops", home=tmp_path).stdout.strip().splitlines()[-1]
+    key_id = key.split("_")[1]
+    listed = run("keys", "list", home=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    keys = json.loads(listed.stdout.strip().splitlines()[-1])
+    assert [(k["key_id"], k["role"], k["name"], k["revoked_at"]) for k in keys] == [(key_id, "analyst", "ops", None)]
+    assert key.split("_", 2)[2] not in listed.stdout
+
+    revoked = run("keys", "revoke", key, home=tmp_path)  # the whole key pasted: its id is taken from it
+    assert revoked.returncode == 0, revoked.stderr
+    assert f"revoked {key_id}" in revoked.stdout
+    after = json.loads(run("keys", "list", home=tmp_path).stdout.strip().splitlines()[-1])
+    assert after[0]["revoked_at"] is not None
+    assert json.loads(run("keys", "list", "--active", home=tmp_path).stdout.strip().splitlines()[-1]) == []
+    unknown = run("keys", "revoke", "000000000000", home=tmp_path)
+    assert unknown.returncode == 1 and "no API key 000000000000" in unknown.stderr
+    engine = RiskEngine.open(Settings(home=tmp_path, rules_dir=REPO / "rules", models_dir=REPO / "models"))
+    try:
+        assert engine.authenticate(key) is None
+    finally:
+        engine.close()
 
 
 def test_models_check_names_each_detector(tmp_path: Path) -> None:

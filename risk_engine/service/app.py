@@ -19,7 +19,18 @@ from risk_engine.service.errors import install_error_handlers
 from risk_engine.service.fastpath import ScoringFastPath
 from risk_engine.service.metrics import Metrics, RequestGuard
 from risk_engine.service.responses import JsonResponse
-from risk_engine.service.routers import accounts, health, labels, lists, merchants, models, payments, policies, reviews
+from risk_engine.service.routers import (
+    accounts,
+    health,
+    keys,
+    labels,
+    lists,
+    merchants,
+    models,
+    payments,
+    policies,
+    reviews,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +46,7 @@ def bootstrap_admin_key(engine: RiskEngine) -> None:
     """On a database with no keys, create an admin key and write it to ``$RISK_ENGINE_HOME/admin.key`` (0600)."""
     if engine.has_api_keys():
         return
-    key = engine.create_api_key("admin", "bootstrap", actor="system")
+    key, _ = engine.create_api_key("admin", "bootstrap", actor="system")
     path = engine.settings.home / "admin.key"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
@@ -70,7 +81,7 @@ def create_app(settings: Settings | None = None, engine: RiskEngine | None = Non
         default_response_class=JsonResponse,
     )
     install_error_handlers(app)
-    for module in (payments, accounts, reviews, labels, lists, policies, models, health):
+    for module in (payments, accounts, reviews, labels, lists, policies, models, keys, health):
         app.include_router(module.router)
     app.include_router(merchants.merchants)
     app.include_router(merchants.sellers)

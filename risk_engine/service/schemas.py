@@ -235,3 +235,26 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorOut, "description": "Invalid input: each error names the field and the reason"},
     503: {"model": ErrorOut, "description": "Storage unavailable: nothing was decided or stored"},
 }
+
+
+class ApiKeyIn(BaseModel):
+    """A key to create. ``request_id`` is the caller's idempotency key: a replay creates nothing more."""
+
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["scorer", "analyst", "admin"]
+    name: Text = Field(min_length=1, max_length=128, description="What or who the key is for")
+    request_id: str = Field(min_length=1, max_length=128, pattern=ID_PATTERN)
+
+
+class ApiKeyOut(BaseModel):
+    """A key as it may be shown: never its secret or the secret's hash."""
+
+    key_id: str = Field(description="The part after rk_ in the key, before the second underscore")
+    role: Literal["scorer", "analyst", "admin"]
+    name: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class ApiKeyCreatedOut(ApiKeyOut):
+    key: str = Field(description="The key itself (rk_...): shown in this answer only, store it now")

@@ -116,12 +116,14 @@ class ApiKey(Base):
     """An API key: only its SHA-256 is kept."""
 
     __tablename__ = "api_keys"
+    __table_args__ = (Index("uq_api_keys_request_id", "request_id", unique=True),)
     key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     secret_hash: Mapped[str] = mapped_column(String(64))
     role: Mapped[str] = mapped_column(String(16))
     name: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime]
     revoked_at: Mapped[datetime | None]
+    request_id: Mapped[str | None] = mapped_column(String(128))  # POST /v1/keys idempotency key
 
 
 class ListEntry(Base):

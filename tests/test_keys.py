@@ -1,0 +1,113 @@
+"""API keys over HTTP (admin only), on SQLite and PostgreSQL: create once per request id, list without secrets,
+revoke so that the key is refused at once, never locking the last admin out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+
+from risk_engine.storage import models as m
+from tests.conftest import Api, payment
+
+
+def create(api: Api, role: str, request_id: str, name: str = "checkout", expect: int = 201) -> dict[str, Any]:
+    response = api.client.post(
+        "/v1/keys", json={"role": role, "name": name, "request_id": request_id}, headers=api.headers("admin")
+    )
+    assert response.status_code == expect, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def stored_keys(api: Api) -> int:
+    with api.engine.db.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(m.ApiKey)).scalar_one())
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_a_created_key_works_for_its_role_and_a_replayed_request_creates_no_second_key(api: Api) -> None:
+    before = stored_keys(api)
+    created = create(api, "scorer", "req_1")
+    assert created["role"] == "scorer" and created["revoked_at"] is None
+    assert created["key"].startswith(f"rk_{created['key_id']}_")
+    assert api.client.post("/v1/payments/score", json=payment(), headers=bearer(created["key"])).status_code == 200
+    # a scorer key is not an analyst's
+    assert api.client.get("/v1/lists", headers=bearer(created["key"])).status_code == 403
+
+    replay = create(api, "scorer", "req_1", expect=409)
+    assert created["key_id"] in replay["message"] and created["key"] not in replay["message"]
+    create(api, "admin", "req_1", expect=409)  # the same request id with another body creates nothing either
+    assert stored_keys(api) == before + 1
+
+
+def test_keys_are_listed_without_secrets(api: Api) -> None:
+    created = create(api, "analyst", "req_list")
+    listed = api.client.get("/v1/keys", headers=api.headers("admin")).json()
+    mine = [k for k in listed if k["key_id"] == created["key_id"]]
+    assert mine == [{k: created[k] for k in ("key_id", "role", "name", "created_at", "revoked_at")}]
+    text = api.client.get("/v1/keys", headers=api.headers("admin")).text
+    secret = created["key"].split("_", 2)[2]
+    assert secret not in text and "secret_hash" not in text
+    assert {k["role"] for k in listed} == {"scorer", "analyst", "admin"}
+
+
+def test_only_an_admin_manages_keys(api: Api) -> None:
+    for role in ("scorer", "analyst"):
+        assert api.client.get("/v1/keys", headers=api.headers(role)).status_code == 403
+        response = api.client.post(
+            "/v1/keys", json={"role": "admin", "name": "x", "request_id": f"r_{role}"}, headers=api.headers(role)
+        )
+        assert response.status_code == 403
+        own_id = (api.scorer_key if role == "scorer" else api.analyst_key).split("_")[1]
+        assert api.client.post(f"/v1/keys/{own_id}/revoke", headers=api.headers(role)).status_code == 403
+
+
+def test_a_revoked_key_is_refused_at_once_even_just_after_it_was_used(api: Api) -> None:
+    created = create(api, "scorer", "req_revoke")
+    key = created["key"]
+    assert api.client.post("/v1/payments/score", json=payment(), headers=bearer(key)).status_code == 200  # cached
+    response = api.client.post(f"/v1/keys/{created['key_id']}/revoke", headers=api.headers("admin"))
+    assert response.status_code == 200, response.text
+    revoked = response.json()
+    assert revoked["revoked_at"] is not None
+    for path in ("/v1/payments/score",):  # the fast path and the router both ask the same engine
+        refused = api.client.post(path, json=payment(payment_id="pay_after"), headers=bearer(key))
+        assert refused.status_code == 401, refused.text
+    assert api.client.get("/v1/payments/pay_0001", headers=bearer(key)).status_code == 401
+    # revoking again changes nothing
+    again = api.client.post(f"/v1/keys/{created['key_id']}/revoke", headers=api.headers("admin")).json()
+    assert again == revoked
+    audit = api.client.get("/v1/audit", headers=api.headers("analyst")).json()
+    actions = [(e["action"], e["target"]) for e in audit if e["target"] == f"key:{created['key_id']}"]
+    assert actions == [("key.revoke", f"key:{created['key_id']}"), ("key.create", f"key:{created['key_id']}")]
+    assert api.client.post("/v1/keys/000000000000/revoke", headers=api.headers("admin")).status_code == 404
+
+
+def test_the_last_live_admin_key_cannot_be_revoked_over_http(api: Api) -> None:
+    bootstrap_id = api.admin_key.split("_")[1]
+    refused = api.client.post(f"/v1/keys/{bootstrap_id}/revoke", headers=api.headers("admin"))
+    assert refused.status_code == 409, refused.text
+    assert api.client.get("/v1/keys", headers=api.headers("admin")).status_code == 200
+    # with a second admin, the first can go, and the second then cannot
+    second = create(api, "admin", "req_admin2")
+    assert api.client.post(f"/v1/keys/{bootstrap_id}/revoke", headers=bearer(second["key"])).status_code == 200
+    assert api.client.get("/v1/keys", headers=api.headers("admin")).status_code == 401
+    last = api.client.post(f"/v1/keys/{second['key_id']}/revoke", headers=bearer(second["key"]))
+    assert last.status_code == 409
+
+
+def test_a_key_request_is_checked(api: Api) -> None:
+    for body, field in (
+        ({"role": "root", "name": "x", "request_id": "r1"}, "role"),
+        ({"role": "scorer", "name": "", "request_id": "r1"}, "name"),
+        ({"role": "scorer", "name": "x"}, "request_id"),
+        ({"role": "scorer", "name": "x", "request_id": "r 1"}, "request_id"),
+        ({"role": "scorer", "name": "x", "request_id": "r1", "secret": "mine"}, "secret"),
+    ):
+        response = api.client.post("/v1/keys", json=body, headers=api.headers("admin"))
+        assert response.status_code == 422, (body, response.text)
+        assert [e["field"] for e in response.json()["errors"]] == [field], response.text
