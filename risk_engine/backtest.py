@@ -140,6 +140,8 @@ def run_backtest(
             if cancelled is not None and n % 256 == 0 and cancelled.is_set():
                 raise Cancelled()
         velocity.add(event.record, event.ts, event.seq)
+    if progress is not None:
+        progress(n)  # a finished job's progress is its whole count, not the last thousand it reported
     transitions: Counter[str] = Counter()
     for before, after in zip(decided[1], decided[0], strict=True):
         if before is not after:

@@ -93,6 +93,7 @@ def test_backtest_runs_as_a_job_with_progress(api: Api) -> None:
         job = api.client.get(f"/v1/jobs/{job_id}", headers=api.headers("analyst")).json()
     assert job["state"] == "done", job
     assert job["result"]["events"] == 200 and job["result"]["draft"]["label"] == "payment:v2"
+    assert job["processed"] == 200
     assert (
         api.client.post("/v1/policies/payment/drafts/9/backtest", json={}, headers=api.headers("analyst")).status_code
         == 404
