@@ -1551,11 +1551,16 @@ class RiskEngine:
         return self.get_event("payment", payment_id)
 
     def get_event(self, subject: str, event_id: str) -> dict[str, Any]:
-        """A stored event's decision, features and PII (masked)."""
+        """A stored event's decision, features, PII (masked) and the labels received for it, oldest first."""
         kind = SUBJECT_KINDS[subject]
         try:
             with self._session() as s:
                 row = s.scalars(select(m.Event).where(m.Event.subject == subject, m.Event.event_id == event_id)).first()
+                labels = s.scalars(
+                    select(m.Label)
+                    .where(m.Label.subject == subject, m.Label.event_id == event_id)
+                    .order_by(m.Label.received_at, m.Label.id)
+                ).all()
         except OperationalError as exc:
             raise DatabaseUnavailable(type(exc).__name__) from exc
         if row is None:
@@ -1571,6 +1576,7 @@ class RiskEngine:
             "pii_masked": masked,
             "aggregates": row.aggregates,
             "features": row.features,
+            "labels": [self._label_view(label) for label in labels],
         }
 
     # -- labels -------------------------------------------------------------------------------------------------

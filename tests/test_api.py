@@ -102,6 +102,34 @@ def test_labels_are_idempotent_on_label_id(api: Api) -> None:
         assert conn.execute(select(func.count()).select_from(m.Label)).scalar_one() == 1
 
 
+def test_a_stored_payment_shows_the_labels_received_for_it(api: Api) -> None:
+    api.score(payment())
+    api.score(payment(payment_id="pay_other"))
+    assert api.client.get("/v1/payments/pay_0001", headers=api.headers()).json()["labels"] == []
+    first = {"label_id": "lbl_a", "payment_id": "pay_0001", "label": "chargeback", "source": "issuer"}
+    second = {"label_id": "lbl_b", "payment_id": "pay_0001", "label": "legitimate", "source": "analyst"}
+    elsewhere = {"label_id": "lbl_c", "payment_id": "pay_other", "label": "confirmed_fraud"}
+    answers = [api.client.post("/v1/labels", json=b, headers=api.headers()).json() for b in (first, second, elsewhere)]
+    shown = api.client.get("/v1/payments/pay_0001", headers=api.headers()).json()["labels"]
+    assert shown == answers[:2]  # oldest first, only this payment's
+    # an account scored under the same id has labels of its own
+    account = {
+        "account_id": "pay_0001",
+        "occurred_at": "2026-11-22T10:20:00Z",
+        "subject_id": "s_42",
+        "role": "seller",
+        "created_at": "2026-11-22T02:00:00Z",
+        "country": "CN",
+        "attributes": {"sent_tnx": 3, "received_tnx": 40, "total_ether_balance": 12.5},
+    }
+    assert api.client.post("/v1/accounts/score", json=account, headers=api.headers()).status_code == 200
+    account_label = {**elsewhere, "label_id": "lbl_d", "subject": "account", "payment_id": "pay_0001"}
+    labelled = api.client.post("/v1/labels", json=account_label, headers=api.headers())
+    assert labelled.status_code == 201, labelled.text
+    assert api.client.get("/v1/payments/pay_0001", headers=api.headers()).json()["labels"] == answers[:2]
+    assert api.client.get("/v1/accounts/pay_0001", headers=api.headers()).json()["labels"] == [labelled.json()]
+
+
 def test_every_endpoint_but_health_and_metrics_needs_a_key(api: Api) -> None:
     assert api.client.post("/v1/payments/score", json=payment()).status_code == 401
     bad = {"Authorization": "Bearer rk_000000000000_nope"}

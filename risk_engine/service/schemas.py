@@ -142,6 +142,7 @@ class PaymentOut(BaseModel):
     pii_masked: dict[str, str]
     aggregates: dict[str, Any]
     features: dict[str, Any]
+    labels: list[LabelOut] = Field(description="Outcomes received for this payment, oldest first")
 
 
 class LabelIn(BaseModel):
