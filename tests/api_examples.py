@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import REPO, payment
+from tests.conftest import REPO, account, payment
 
 EXAMPLES = REPO / "api" / "examples"
 VOLATILE_PREFIXES = ("backtest_",)
@@ -188,15 +188,7 @@ REQUESTS: list[dict[str, Any]] = [
         "method": "POST",
         "path": "/v1/accounts/score",
         "role": "scorer",
-        "body": {
-            "account_id": "acct_review_0001",
-            "occurred_at": "2026-11-22T10:20:00Z",
-            "subject_id": "s_42",
-            "role": "seller",
-            "created_at": "2026-11-22T02:00:00Z",
-            "country": "CN",
-            "attributes": {"sent_tnx": 3, "received_tnx": 40, "total_ether_balance": 12.5},
-        },
+        "body": account(),
     },
     {
         "name": "31_label_account",

@@ -71,6 +71,21 @@ def payment(**overrides: Any) -> dict[str, Any]:
 
 DELETE = object()
 
+BASE_ACCOUNT: dict[str, Any] = {
+    "account_id": "acct_review_0001",
+    "occurred_at": "2026-11-22T10:20:00Z",
+    "subject_id": "s_42",
+    "role": "seller",
+    "created_at": "2026-11-22T02:00:00Z",
+    "country": "CN",
+    "attributes": {"sent_tnx": 3, "received_tnx": 40, "total_ether_balance": 12.5},
+}
+
+
+def account(**overrides: Any) -> dict[str, Any]:
+    """A valid account event, top-level fields overridden."""
+    return {**copy.deepcopy(BASE_ACCOUNT), **overrides}
+
 
 def shared_data(name: str) -> Path:
     """A file of ../shared/data; a test that needs it skips when it is absent, and fails in CI."""

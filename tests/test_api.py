@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from risk_engine.engine import sha256_hex
 from risk_engine.storage import models as m
-from tests.conftest import DELETE, Api, payment
+from tests.conftest import DELETE, Api, account, payment
 
 
 def stored_events(api: Api) -> int:
@@ -113,16 +113,8 @@ def test_a_stored_payment_shows_the_labels_received_for_it(api: Api) -> None:
     shown = api.client.get("/v1/payments/pay_0001", headers=api.headers()).json()["labels"]
     assert shown == answers[:2]  # oldest first, only this payment's
     # an account scored under the same id has labels of its own
-    account = {
-        "account_id": "pay_0001",
-        "occurred_at": "2026-11-22T10:20:00Z",
-        "subject_id": "s_42",
-        "role": "seller",
-        "created_at": "2026-11-22T02:00:00Z",
-        "country": "CN",
-        "attributes": {"sent_tnx": 3, "received_tnx": 40, "total_ether_balance": 12.5},
-    }
-    assert api.client.post("/v1/accounts/score", json=account, headers=api.headers()).status_code == 200
+    scored = api.client.post("/v1/accounts/score", json=account(account_id="pay_0001"), headers=api.headers())
+    assert scored.status_code == 200
     account_label = {**elsewhere, "label_id": "lbl_d", "subject": "account", "payment_id": "pay_0001"}
     labelled = api.client.post("/v1/labels", json=account_label, headers=api.headers())
     assert labelled.status_code == 201, labelled.text
