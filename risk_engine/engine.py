@@ -441,6 +441,7 @@ class RiskEngine:
         self.subjects: dict[str, SubjectRuntime] = {}
         self.list_decls: dict[str, ListDecl] = {}
         self.lists = ListMatcher({})
+        self._lists_signature = (0, 0, 0)
         self.counters = _Counters()
         self._lock = threading.RLock()
         self._recent: OrderedDict[str, Pending] = OrderedDict()
@@ -679,6 +680,7 @@ class RiskEngine:
                 try:
                     self.refresh_policies()
                     self.refresh_fits()
+                    self.refresh_lists()
                 except Exception as exc:  # a bad poll must not kill the worker; the next one retries
                     log.warning("policy refresh failed: %s", type(exc).__name__)
 
@@ -687,8 +689,32 @@ class RiskEngine:
 
     def _load_lists(self) -> None:
         self.lists = ListMatcher(self.list_decls)
+        self._lists_signature = self._list_signature()  # read before the entries: a change between is seen later
         rows = retry_on_race(self._seed_list_entries)  # another worker starting at once may seed them first
         self.lists.load((ListEntry(r.list_name, r.token, r.expires_at) for r in rows), now_utc())
+
+    def _list_signature(self) -> tuple[int, int, int]:
+        """What changes with every stored list change: the entries' count and newest id (additions, removals,
+        seeds) and the newest list audit entry (an entry's expiry or note replaced in place)."""
+        with self._session() as s:
+            count, newest = s.execute(select(func.count(), func.max(m.ListEntry.id)).select_from(m.ListEntry)).one()
+            audited = s.scalar(select(func.max(m.AuditEntry.id)).where(m.AuditEntry.action.like("list.%")))
+        return int(count), int(newest or 0), int(audited or 0)
+
+    def refresh_lists(self) -> bool:
+        """Pick up list entries other processes (workers, ``risk-engine lists``) added, changed or removed.
+        True if the lists were reloaded."""
+        signature = self._list_signature()
+        if signature == self._lists_signature:
+            return False
+        with self._session() as s:
+            rows = s.scalars(select(m.ListEntry)).all()
+        fresh = ListMatcher(self.list_decls)
+        fresh.load((ListEntry(r.list_name, r.token, r.expires_at) for r in rows), now_utc())
+        with self._lock:
+            self.lists = fresh
+            self._lists_signature = signature
+        return True
 
     def _seed_list_entries(self) -> Sequence[m.ListEntry]:
         """Store the entries ``lists.toml`` seeds that are not stored yet; every stored entry."""
@@ -1769,40 +1795,53 @@ class RiskEngine:
     def add_list_entry(
         self, list_name: str, value: str, actor: str, expires_at: datetime | None = None, note: str | None = None
     ) -> dict[str, Any]:
-        """Add a value to a declared list (PII kinds stored as blind indexes only)."""
+        """Add a value to a declared list (PII kinds stored as blind indexes only), audited.
+
+        Idempotent on the value: the same value again changes nothing, unless it states another expiry (``None``:
+        never) or a note, which then replace the stored ones (audited as ``list.update``).
+        """
         decl, token = self._list_token(list_name, value)
         display = token if decl.kind in ("string", "ip_range") else mask(PiiKind(decl.kind), value)
-        with self._session() as s:
-            existing = s.scalars(
-                select(m.ListEntry).where(m.ListEntry.list_name == list_name, m.ListEntry.token == token)
-            ).first()
-            if existing is None:
-                existing = m.ListEntry(
-                    list_name=list_name,
-                    token=token,
-                    display=display,
-                    added_by=actor,
-                    note=note,
-                    created_at=now_utc(),
-                    expires_at=expires_at,
-                )
-                s.add(existing)
-                self._audit(
-                    s,
-                    actor,
-                    "list.add",
-                    f"list:{list_name}",
-                    None,
-                    {"display": display, "expires_at": expires_at.isoformat() if expires_at else None},
-                )
-                s.commit()
+
+        def write() -> m.ListEntry:
+            with self._session() as s:
+                row = s.scalars(
+                    select(m.ListEntry).where(m.ListEntry.list_name == list_name, m.ListEntry.token == token)
+                ).first()
+                stated = {"display": display, "expires_at": expires_at.isoformat() if expires_at else None}
+                if row is None:
+                    row = m.ListEntry(
+                        list_name=list_name,
+                        token=token,
+                        display=display,
+                        added_by=actor,
+                        note=note,
+                        created_at=now_utc(),
+                        expires_at=expires_at,
+                    )
+                    s.add(row)
+                    self._audit(s, actor, "list.add", f"list:{list_name}", None, stated)
+                    s.commit()
+                elif row.expires_at != expires_at or (note is not None and note != row.note):
+                    before = {
+                        "display": row.display,
+                        "expires_at": row.expires_at.isoformat() if row.expires_at else None,
+                        "note": row.note,
+                    }
+                    row.expires_at = expires_at
+                    row.note = note if note is not None else row.note
+                    self._audit(s, actor, "list.update", f"list:{list_name}", before, {**stated, "note": row.note})
+                    s.commit()
+                return row
+
+        row = retry_on_race(write)  # two workers adding the same value at once: the second finds the first's
         with self._lock:
-            self.lists.add(ListEntry(list_name, token, existing.expires_at), now_utc())
+            self.lists.add(ListEntry(list_name, token, row.expires_at), now_utc())
         return {
             "list": list_name,
             "entry": display,
-            "added_by": existing.added_by,
-            "expires_at": existing.expires_at.isoformat() if existing.expires_at else None,
+            "added_by": row.added_by,
+            "expires_at": row.expires_at.isoformat() if row.expires_at else None,
         }
 
     def _list_token(self, list_name: str, value: str) -> tuple[ListDecl, str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import REPO, payment
+from tests.conftest import REPO, payment, run_cli
 
 
 def free_port() -> int:
@@ -125,3 +125,30 @@ def test_workers_starting_together_on_a_new_database_all_start(database_url: str
         engine.dispose()
     assert set(versions.values()) == {1}  # each rules/ file stored once
     assert seeded == 10
+
+
+def test_a_list_entry_added_from_the_command_line_is_enforced_by_a_running_worker(tmp_path: Path) -> None:
+    home = tmp_path / "var"
+    home.mkdir()
+    database_url = f"sqlite:///{home / 'risk.db'}"
+    port = free_port()
+    worker = start_worker(home, database_url, port)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert wait_until(lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200)
+        auth = {"Authorization": f"Bearer {(home / 'admin.key').read_text().strip()}"}
+        added = run_cli(
+            "lists", "add", "blocked_devices", "dev_cli", home=home, env={"RISK_ENGINE_DATABASE_URL": database_url}
+        )
+        assert added.returncode == 0, added.stderr
+        attempts = iter(range(1_000))
+
+        def blocked() -> bool:
+            body = payment(payment_id=f"cli_{next(attempts)}", **{"device.id": "dev_cli"})
+            answer = httpx.post(f"{url}/v1/payments/score", json=body, headers=auth, timeout=10).json()
+            return answer["decision"] == "block" and "BLOCKED_DEVICE" in [r["code"] for r in answer["reasons"]]
+
+        assert wait_until(blocked, timeout=30), "the running worker never enforced the entry the CLI added"
+    finally:
+        worker.terminate()
+        worker.wait(20)

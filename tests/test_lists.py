@@ -1,0 +1,74 @@
+"""Lists shared by every process on one database: an entry added, changed or removed by one worker (or by
+``risk-engine lists``) is enforced by the others without a restart; a value added again restates its expiry."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from tests.conftest import Api, make_settings, open_api, payment
+
+
+def decides(api: Api, payment_id: str, minute: int) -> tuple[str, list[str]]:
+    answer = api.score(
+        payment(payment_id=payment_id, occurred_at=f"2026-11-22T10:{minute:02d}:00Z", **{"device.id": "dev_x"})
+    )
+    return answer["decision"], [r["code"] for r in answer["reasons"]]
+
+
+def list_audit(api: Api) -> list[str]:
+    audit = api.client.get("/v1/audit", headers=api.headers("analyst")).json()
+    return [e["action"] for e in audit if e["action"].startswith("list.")]
+
+
+def test_a_list_edit_in_one_worker_reaches_another(tmp_path: Path, database_url: str) -> None:
+    settings = make_settings(tmp_path / "var", database_url, policy_poll_s=3600)  # refreshed by hand below
+    client_a, a = open_api(settings)
+    client_b, b = open_api(settings)
+    h = a.headers("analyst")
+    try:
+        assert "BLOCKED_DEVICE" not in decides(b, "p1", 1)[1]
+        assert b.engine.refresh_lists() is False  # nothing changed
+
+        added = a.client.post("/v1/lists/blocked_devices/entries", json={"value": "dev_x"}, headers=h)
+        assert added.status_code == 201
+        assert b.engine.refresh_lists() is True
+        decision, reasons = decides(b, "p2", 2)
+        assert decision == "block" and "BLOCKED_DEVICE" in reasons
+        assert b.engine.refresh_lists() is False
+
+        # the same value again changes nothing; with an expiry it replaces the stored one (audited)
+        assert a.client.post("/v1/lists/blocked_devices/entries", json={"value": "dev_x"}, headers=h).status_code == 201
+        assert list_audit(a) == ["list.add"]
+        until = (datetime.now(UTC) + timedelta(days=1)).replace(microsecond=0)
+        restated = a.client.post(
+            "/v1/lists/blocked_devices/entries",
+            json={"value": "dev_x", "expires_at": until.isoformat(), "note": "one day"},
+            headers=h,
+        )
+        assert restated.json()["expires_at"] == until.isoformat()
+        assert list_audit(a) == ["list.update", "list.add"]
+        entries = a.client.get("/v1/lists/blocked_devices/entries", headers=h).json()
+        assert [(e["entry"], e["expires_at"], e["note"]) for e in entries] == [("dev_x", until.isoformat(), "one day")]
+        assert b.engine.refresh_lists() is True  # a change in place is seen too
+        assert decides(b, "p3", 3)[0] == "block"
+
+        removed = a.client.request("DELETE", "/v1/lists/blocked_devices/entries", json={"value": "dev_x"}, headers=h)
+        assert removed.status_code == 200
+        assert b.engine.refresh_lists() is True
+        assert "BLOCKED_DEVICE" not in decides(b, "p4", 4)[1]
+    finally:
+        client_b.__exit__(None, None, None)
+        client_a.__exit__(None, None, None)
+
+
+def test_an_entry_that_expired_is_made_permanent_by_adding_it_again(api: Api) -> None:
+    h = api.headers("analyst")
+    soon = datetime.now(UTC) + timedelta(seconds=1)
+    api.client.post(
+        "/v1/lists/blocked_devices/entries", json={"value": "dev_x", "expires_at": soon.isoformat()}, headers=h
+    )
+    again = api.client.post("/v1/lists/blocked_devices/entries", json={"value": "dev_x"}, headers=h)
+    assert again.json()["expires_at"] is None
+    api.engine.lists.current(soon + timedelta(seconds=5))  # past the first expiry: nothing drops out
+    assert decides(api, "p1", 1)[0] == "block"
