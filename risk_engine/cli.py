@@ -94,14 +94,14 @@ def openapi() -> None:
 @rules_app.command("check")
 def rules_check(files: Annotated[list[Path], typer.Argument(help="Policy files to check.")]) -> None:
     """Parse and type-check policy files: print every error with line:column, or ok with a rule count."""
-    from risk_engine.dsl import DslErrors, compile_policy
+    from risk_engine.dsl import DslErrors, compile_policy, read_policy_file
     from risk_engine.engine import load_environments
 
     envs, _, _ = load_environments(Settings(), check_estimators=False)  # `models check` checks the detectors
     failed = False
     for path in files:
         try:
-            policy = compile_policy(path.read_text(), envs, str(path))
+            policy = compile_policy(read_policy_file(path), envs, str(path))
         except DslErrors as exc:
             failed = True
             for error in exc.errors:
@@ -120,7 +120,7 @@ def rules_backtest(
     since: Annotated[str, typer.Option(help="How far back from the latest stored event (30d, 12h, ...).")] = "30d",
 ) -> None:
     """Replay stored events through FILE and the published policy; print the comparison, then one JSON line."""
-    from risk_engine.dsl import DslErrors, compile_policy
+    from risk_engine.dsl import DslErrors, compile_policy, read_policy_file
     from risk_engine.dsl.parser import parse_duration
     from risk_engine.engine import RiskEngine
     from risk_engine.policies import PolicyWorkflow
@@ -131,9 +131,17 @@ def rules_backtest(
     except ValueError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
+    try:  # before opening the engine, which rebuilds its state from the stored history
+        text = read_policy_file(file)
+    except DslErrors as exc:
+        for error in exc.errors:
+            typer.echo(f"{file}:{error}")
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        typer.echo(f"{file}: {exc.strerror}")
+        raise typer.Exit(1) from None
     engine = RiskEngine.open(Settings(policy_poll_s=0))
     try:
-        text = file.read_text()
         subject = compile_policy(text, engine.environments, str(file)).subject
         report = PolicyWorkflow(engine).backtest(subject, text, str(file), since_s)
     except DslErrors as exc:
@@ -401,6 +409,9 @@ def _operator_error(exc: BaseException) -> str | None:
     from pydantic import ValidationError
     from sqlalchemy.exc import ArgumentError, OperationalError
 
+    from risk_engine.detectors.spec import SpecError
+    from risk_engine.dsl import DslErrors
+    from risk_engine.schema import ConfigError
     from risk_engine.storage.db import DatabaseUnavailable
     from risk_engine.vault import VaultKeyError
 
@@ -413,6 +424,12 @@ def _operator_error(exc: BaseException) -> str | None:
         return f"RISK_ENGINE_DATABASE_URL is not a database URL ({exc})"
     if isinstance(exc, VaultKeyError):
         return f"keys: {exc}"
+    if isinstance(exc, ConfigError | SpecError):  # rules/*.toml, models/*.toml
+        return str(exc)
+    if isinstance(exc, DslErrors):  # a policy in rules/: every error, one line each
+        return "a policy does not check (risk-engine rules check FILE):\n" + "\n".join(
+            f"error: {exc.source}:{e}" for e in exc.errors
+        )
     if isinstance(exc, ValidationError):
         fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
         return f"settings (RISK_ENGINE_*): {fields}"
@@ -422,8 +439,8 @@ def _operator_error(exc: BaseException) -> str | None:
 
 
 def main() -> None:
-    """Entry point of the console script: a set-up failure is one line on stderr and exit status 1 (set
-    RISK_ENGINE_TRACEBACK=1 for the traceback); anything else raises as usual."""
+    """Entry point of the console script: a set-up failure is an ``error:`` line on stderr (one per problem)
+    and exit status 1 (set RISK_ENGINE_TRACEBACK=1 for the traceback); anything else raises as usual."""
     try:
         app()
     except KeyboardInterrupt:

@@ -45,6 +45,7 @@ from risk_engine.dsl import (
     Environment,
     aggregate_union,
     compile_policy,
+    read_policy_file,
 )
 from risk_engine.dsl.errors import did_you_mean
 from risk_engine.features.lists import (
@@ -537,7 +538,7 @@ class RiskEngine:
     def _seed_policies(self, envs: Mapping[str, Environment]) -> None:
         """Store each ``rules/*.rules`` file as a published version when its text is new."""
         for path in sorted(self.settings.rules_dir.glob("*.rules")):
-            text = path.read_text()
+            text = read_policy_file(path)
             compiled = compile_policy(text, envs, str(path))
             # another worker starting at the same moment may store a version first
             retry_on_race(partial(self._seed_policy, path, text, compiled))

@@ -83,7 +83,7 @@ def load_attribute_declarations(path: Path) -> dict[str, dict[str, FieldType]]:
         return {}
     try:
         data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # not TOML, or not UTF-8 text
         raise ConfigError(f"{path}: {exc}") from exc
     result: dict[str, dict[str, FieldType]] = {}
     for subject, body in data.items():

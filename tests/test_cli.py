@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from risk_engine.config import Settings
@@ -59,6 +60,38 @@ def test_rules_check_prints_every_error_with_its_position(tmp_path: Path) -> Non
         f"{typed}:2:15: unknown field 'buyer.acount_age' for subject payment (did you mean 'buyer.account_age'?)",
         f"{typed}:2:54: cannot compare a number with a string (quote both sides or neither)",
     ]
+
+
+def test_a_policy_or_config_file_that_does_not_load_is_an_error_line_at_start_up(tmp_path: Path) -> None:
+    rules, models = tmp_path / "rules", tmp_path / "models"
+    shutil.copytree(REPO / "rules", rules)
+    shutil.copytree(REPO / "models", models)
+    env = {"RISK_ENGINE_RULES_DIR": str(rules), "RISK_ENGINE_MODELS_DIR": str(models)}
+    good_policy = (rules / "payment.rules").read_text()
+    broken = {
+        rules / "payment.rules": (
+            good_policy.replace("buyer.account_age < 1d", "buyer.acount_age < 1d", 1).encode(),
+            "(did you mean 'buyer.account_age'?)",
+        ),
+        rules / "lists.toml": (b"[blocked_devices\n", f"error: {rules / 'lists.toml'}: "),
+        models / "payment.toml": (
+            (models / "payment.toml").read_bytes() + b"x = '\xe9'\n",
+            f"error: {models / 'payment.toml'}: 'utf-8' codec can't decode byte 0xe9",
+        ),
+    }
+    for path, (content, expected) in broken.items():
+        original = path.read_bytes()
+        path.write_bytes(content)
+        try:
+            result = run_cli("serve", "--port", "1", home=tmp_path / "var", env=env, timeout=120)
+        finally:
+            path.write_bytes(original)
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr, result.stderr
+        assert expected in result.stderr, result.stderr
+        lines = result.stderr.strip().splitlines()
+        first = next(i for i, line in enumerate(lines) if line.startswith("error: "))
+        assert all(line.startswith("error: ") for line in lines[first:]), result.stderr  # nothing after but errors
 
 
 def test_keys_create_prints_the_key_alone_on_the_last_line(tmp_path: Path) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from risk_engine.dsl import Decision, DslErrors, Environment, compile_features, compile_policy
+from risk_engine.dsl import Decision, DslErrors, Environment, compile_features, compile_policy, read_policy_file
 from risk_engine.dsl.parser import parse_expression
 from risk_engine.payments import PAYMENT_SCHEMA
 from risk_engine.pipeline import ModelScore, decide
@@ -215,6 +216,27 @@ def test_every_error_in_a_policy_is_reported_in_text_order() -> None:
     with pytest.raises(DslErrors) as caught:
         compile_policy(text, ENVS)
     assert [(e.line, e.code) for e in caught.value.errors] == [(2, "type.unknown_field"), (3, "type.unknown_field")]
+
+
+def test_a_policy_file_that_is_not_utf8_is_an_error_at_its_first_bad_byte(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.rules"
+    path.write_bytes(one_rule('channel == "caf\u00e9"').encode("latin-1"))  # é is one byte, 0xe9, in Latin-1
+    with pytest.raises(DslErrors) as caught:
+        read_policy_file(path)
+    error = caught.value.errors[0]
+    assert (error.line, error.column, error.code) == (3, 23, "text.encoding")  # `  when channel == "caf` is 22
+    assert "0xe9" in error.message and error.suggestion == "save the file as UTF-8"
+    assert str(path) in str(caught.value)
+    path.write_text(one_rule('channel == "caf\u00e9"'), encoding="utf-8")
+    assert read_policy_file(path) == one_rule('channel == "caf\u00e9"')
+
+
+def test_a_leading_byte_order_mark_is_not_part_of_the_policy() -> None:
+    policy = compile_policy("\ufeff" + one_rule('channel == "app"'), ENVS)
+    assert [r.name for r in policy.rules] == ["r"]
+    with pytest.raises(DslErrors) as caught:  # positions are as an editor shows them, the mark unseen
+        compile_policy("\ufeffsubject payment\nrule r {\n  when foo > 1\n  then block\n}\n", ENVS)
+    assert (caught.value.errors[0].line, caught.value.errors[0].column) == (3, 8)
 
 
 def evaluate(

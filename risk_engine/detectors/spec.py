@@ -203,7 +203,7 @@ def parse_spec_file(path: Path) -> list[DetectorSpec]:
 def _parse_file(path: Path, check_params: bool = True) -> tuple[list[DetectorSpec], dict[str, CombineSpec]]:
     try:
         data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # not TOML, or not UTF-8 text
         raise SpecError(f"{path}: {exc}") from exc
     unknown_tables = set(data) - {"detectors", "combine"}
     if unknown_tables:

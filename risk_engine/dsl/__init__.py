@@ -12,6 +12,7 @@ from risk_engine.dsl.compiler import (
     compile_policy,
 )
 from risk_engine.dsl.errors import DslError, DslErrors
+from risk_engine.dsl.parser import read_policy_file
 
 __all__ = [
     "AggSpec",
@@ -25,4 +26,5 @@ __all__ = [
     "aggregate_union",
     "compile_features",
     "compile_policy",
+    "read_policy_file",
 ]

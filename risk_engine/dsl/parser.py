@@ -321,9 +321,30 @@ def _parsed(text: str, start: str) -> ast.Policy | ast.Expr | DslError:
     return node
 
 
+def read_policy_file(path: FsPath) -> str:
+    """A policy file's text. A file that is not UTF-8 raises :class:`DslErrors` at the line:column of its
+    first undecodable byte (``OSError`` when it cannot be read at all)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        before = data[: exc.start]
+        line_start = before.rfind(b"\n") + 1
+        column = len(before[line_start:].decode("utf-8", errors="replace")) + 1
+        error = DslError(
+            before.count(b"\n") + 1,
+            column,
+            "text.encoding",
+            f"the text is not UTF-8 (byte 0x{data[exc.start]:02x})",
+            "save the file as UTF-8",
+        )
+        raise DslErrors([error], str(path)) from None
+
+
 def parse_policy(text: str, source: str = "<policy>") -> ast.Policy:
-    """Parse a policy. Raises :class:`DslErrors` with line:column on bad syntax."""
-    policy = _parsed(text, "start")
+    """Parse a policy. Raises :class:`DslErrors` with line:column on bad syntax. A leading byte-order mark
+    (which some editors write) is not part of the text."""
+    policy = _parsed(text.removeprefix("\ufeff"), "start")
     if isinstance(policy, DslError):
         raise DslErrors([policy], source)
     assert isinstance(policy, ast.Policy)

@@ -79,7 +79,7 @@ def load_list_declarations(path: Path) -> dict[str, ListDecl]:
         return {}
     try:
         data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # not TOML, or not UTF-8 text
         raise ConfigError(f"{path}: {exc}") from exc
     result: dict[str, ListDecl] = {}
     for name, body in data.items():
