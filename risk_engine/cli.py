@@ -18,6 +18,9 @@ from risk_engine.config import Settings
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
+    from risk_engine.features.lists import ListDecl
+    from risk_engine.vault import Vault
+
 app = typer.Typer(
     help="risk-engine: trust, risk and fraud control for marketplaces.", no_args_is_help=True, add_completion=False
 )
@@ -229,6 +232,33 @@ def keys_revoke(
     )
 
 
+def _list_context(list_name: str) -> tuple[Engine, Vault, ListDecl]:
+    """What editing a list needs without an engine: the migrated database, the vault (for blind indexes) and
+    the list's declaration; exits 1 naming the declared lists when there is no such list."""
+    from risk_engine.features.lists import load_list_declarations
+    from risk_engine.vault import Vault, load_or_create_key
+
+    settings = Settings()
+    decls = load_list_declarations(settings.rules_dir / "lists.toml")
+    if list_name not in decls:
+        typer.echo(f"no list {list_name}; lists: {', '.join(sorted(decls))}", err=True)
+        raise typer.Exit(1)
+    db = _migrated_database(settings)
+    master = load_or_create_key(settings.master_key, settings.home / "master.key", "master_key")
+    blind = load_or_create_key(settings.blind_index_key, settings.home / "blind_index.key", "blind_index_key")
+    return db, Vault(master, blind), decls[list_name]
+
+
+def _list_token(decl: ListDecl, value: str, vault: Vault) -> str:
+    from risk_engine.features.lists import list_value_token
+
+    try:
+        return list_value_token(decl, value, vault)
+    except ValueError as exc:
+        typer.echo(f"value: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
 @lists_app.command("add")
 def lists_add(
     list_name: str,
@@ -236,23 +266,71 @@ def lists_add(
     expires: Annotated[datetime | None, typer.Option(help="Expiry (ISO 8601, UTC if no zone).")] = None,
     note: Annotated[str | None, typer.Option(help="Why.")] = None,
 ) -> None:
-    """Add a value to a named list (PII lists keep only its blind index)."""
+    """Add a value to a named list (PII lists keep only its blind index); running services enforce it within
+    a second. The same value again restates its expiry (none: never) and note. Prints the entry as JSON."""
     from datetime import UTC
 
-    from risk_engine.engine import NotFound, RiskEngine
+    from pydantic import ValidationError
+
+    from risk_engine.features.lists import list_value_display
+    from risk_engine.service.schemas import ListEntryIn
+    from risk_engine.storage.list_entries import add_entry
 
     _logging(logging.WARNING)
-    engine = RiskEngine.open(Settings())
-    try:
-        if expires is not None and expires.tzinfo is None:
-            expires = expires.replace(tzinfo=UTC)
-        view = engine.add_list_entry(list_name, value, "cli", expires, note)
-    except NotFound as exc:
-        typer.echo(str(exc), err=True)
+    if expires is not None and expires.tzinfo is None:
+        expires = expires.replace(tzinfo=UTC)
+    try:  # the API's own checks: lengths, no NUL, an expiry within 1970-2200
+        entry = ListEntryIn(value=value, expires_at=expires, note=note)
+    except ValidationError as exc:
+        for e in exc.errors():
+            typer.echo(f"{'.'.join(map(str, e['loc']))}: {e['msg']}", err=True)
         raise typer.Exit(1) from None
+    db, vault, decl = _list_context(list_name)
+    try:
+        token = _list_token(decl, entry.value, vault)
+        display = list_value_display(decl, entry.value, token)
+        row = add_entry(db, list_name, token, display, "cli", entry.expires_at, entry.note)
     finally:
-        engine.close()
-    typer.echo(json.dumps(view))
+        db.dispose()
+    expires_at = row.expires_at.isoformat() if row.expires_at else None
+    typer.echo(json.dumps({"list": list_name, "entry": display, "added_by": row.added_by, "expires_at": expires_at}))
+
+
+@lists_app.command("remove")
+def lists_remove(list_name: str, value: str) -> None:
+    """Remove a value from a named list (audited); running services stop enforcing it within a second."""
+    from risk_engine.storage.list_entries import remove_entry
+
+    _logging(logging.WARNING)
+    db, vault, decl = _list_context(list_name)
+    try:
+        removed = remove_entry(db, list_name, _list_token(decl, value, vault), "cli")
+    finally:
+        db.dispose()
+    if not removed:
+        typer.echo(f"that value is not on {list_name}", err=True)
+        raise typer.Exit(1)
+    typer.echo(json.dumps({"list": list_name, "removed": True}))
+
+
+@lists_app.command("show")
+def lists_show(list_name: str) -> None:
+    """A list's entries, oldest first (PII lists masked): one per line, then a JSON array on the last line."""
+    from risk_engine.storage.list_entries import entry_views
+
+    _logging(logging.WARNING)
+    db, _, _ = _list_context(list_name)
+    try:
+        entries = entry_views(db, list_name)
+    finally:
+        db.dispose()
+    for e in entries:
+        expiry = f"until {e['expires_at']}" if e["expires_at"] else "no expiry"
+        typer.echo(
+            f"{e['entry']}  added by {e['added_by']} at {e['created_at']}, {expiry}"
+            + (f": {e['note']}" if e["note"] else "")
+        )
+    typer.echo(json.dumps(entries))
 
 
 @app.command("eval")

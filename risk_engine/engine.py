@@ -16,13 +16,13 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 from rbloom import Bloom
@@ -52,6 +52,7 @@ from risk_engine.features.lists import (
     ListDecl,
     ListEntry,
     ListMatcher,
+    list_value_display,
     list_value_token,
     load_list_declarations,
 )
@@ -61,8 +62,10 @@ from risk_engine.merchants import rollup
 from risk_engine.payments import PaymentIn
 from risk_engine.pipeline import ModelScore, Verdict, decide, decision_for
 from risk_engine.schema import FieldType, SubjectSchema, load_attribute_declarations
+from risk_engine.storage import list_entries
 from risk_engine.storage import models as m
-from risk_engine.storage.db import DatabaseUnavailable, make_engine, migrate
+from risk_engine.storage.audit import audit
+from risk_engine.storage.db import DatabaseUnavailable, make_engine, migrate, retry_on_race
 from risk_engine.storage.writer import (
     DuplicateRow,
     GroupCommitWriter,
@@ -91,7 +94,6 @@ LABELS = {
     "genuine": False,
 }
 RECENT_CACHE = 50_000
-RACE_ATTEMPTS = 5  # tries at a write that concurrent writers may race for (a version number, seeded entries)
 STATE_SNAPSHOT_FORMAT = 2  # 2: orders carry their shipping address (a format-1 snapshot is rebuilt)
 ORDERS_KEPT_S = 180 * 86_400.0  # payments whose orders a restart reloads for the review link
 BLOOM_MIN_CAPACITY = 1_000_000
@@ -165,13 +167,6 @@ def load_environments(
     for spec in specs:  # a spec whose features do not type-check is refused at start-up
         compile_spec_features(spec, envs[spec.subject])
     return envs, models, list_decls
-
-
-def audit(
-    s: Session, actor: str, action: str, target: str, before: dict[str, Any] | None, after: dict[str, Any] | None
-) -> None:
-    """Add an audit-log entry to ``s`` (committed with the change it records)."""
-    s.add(m.AuditEntry(at=now_utc(), actor=actor, action=action, target=target, before=before, after=after))
 
 
 def api_key_view(row: m.ApiKey) -> dict[str, Any]:
@@ -272,20 +267,6 @@ def revoke_api_key(db: SqlEngine, key_id: str, actor: str, keep_an_admin: bool =
         audit(s, actor, "key.revoke", f"key:{key_id}", {"revoked_at": None}, {"revoked_at": row.revoked_at.isoformat()})
         s.commit()
         return api_key_view(row)
-
-
-T = TypeVar("T")
-
-
-def retry_on_race(write: Callable[[], T]) -> T:
-    """Run ``write`` (one transaction) again when a concurrent writer took the unique value it wrote, a version
-    number or a seeded entry, first: each attempt reads afresh what is stored (up to ``RACE_ATTEMPTS``)."""
-    for _ in range(RACE_ATTEMPTS - 1):
-        try:
-            return write()
-        except IntegrityError:
-            continue
-    return write()
 
 
 def tune_garbage_collector() -> None:
@@ -690,26 +671,19 @@ class RiskEngine:
 
     def _load_lists(self) -> None:
         self.lists = ListMatcher(self.list_decls)
-        self._lists_signature = self._list_signature()  # read before the entries: a change between is seen later
+        self._lists_signature = list_entries.list_signature(
+            self.db
+        )  # read before the entries: a change between is seen later
         rows = retry_on_race(self._seed_list_entries)  # another worker starting at once may seed them first
         self.lists.load((ListEntry(r.list_name, r.token, r.expires_at) for r in rows), now_utc())
-
-    def _list_signature(self) -> tuple[int, int, int]:
-        """What changes with every stored list change: the entries' count and newest id (additions, removals,
-        seeds) and the newest list audit entry (an entry's expiry or note replaced in place)."""
-        with self._session() as s:
-            count, newest = s.execute(select(func.count(), func.max(m.ListEntry.id)).select_from(m.ListEntry)).one()
-            audited = s.scalar(select(func.max(m.AuditEntry.id)).where(m.AuditEntry.action.like("list.%")))
-        return int(count), int(newest or 0), int(audited or 0)
 
     def refresh_lists(self) -> bool:
         """Pick up list entries other processes (workers, ``risk-engine lists``) added, changed or removed.
         True if the lists were reloaded."""
-        signature = self._list_signature()
+        signature = list_entries.list_signature(self.db)
         if signature == self._lists_signature:
             return False
-        with self._session() as s:
-            rows = s.scalars(select(m.ListEntry)).all()
+        rows = list_entries.all_entries(self.db)
         fresh = ListMatcher(self.list_decls)
         fresh.load((ListEntry(r.list_name, r.token, r.expires_at) for r in rows), now_utc())
         with self._lock:
@@ -1796,46 +1770,11 @@ class RiskEngine:
     def add_list_entry(
         self, list_name: str, value: str, actor: str, expires_at: datetime | None = None, note: str | None = None
     ) -> dict[str, Any]:
-        """Add a value to a declared list (PII kinds stored as blind indexes only), audited.
-
-        Idempotent on the value: the same value again changes nothing, unless it states another expiry (``None``:
-        never) or a note, which then replace the stored ones (audited as ``list.update``).
-        """
+        """Add a value to a declared list (PII kinds stored as blind indexes only), audited; idempotent on the
+        value, a restated expiry or note replacing the stored ones (``storage.list_entries.add_entry``)."""
         decl, token = self._list_token(list_name, value)
-        display = token if decl.kind in ("string", "ip_range") else mask(PiiKind(decl.kind), value)
-
-        def write() -> m.ListEntry:
-            with self._session() as s:
-                row = s.scalars(
-                    select(m.ListEntry).where(m.ListEntry.list_name == list_name, m.ListEntry.token == token)
-                ).first()
-                stated = {"display": display, "expires_at": expires_at.isoformat() if expires_at else None}
-                if row is None:
-                    row = m.ListEntry(
-                        list_name=list_name,
-                        token=token,
-                        display=display,
-                        added_by=actor,
-                        note=note,
-                        created_at=now_utc(),
-                        expires_at=expires_at,
-                    )
-                    s.add(row)
-                    self._audit(s, actor, "list.add", f"list:{list_name}", None, stated)
-                    s.commit()
-                elif row.expires_at != expires_at or (note is not None and note != row.note):
-                    before = {
-                        "display": row.display,
-                        "expires_at": row.expires_at.isoformat() if row.expires_at else None,
-                        "note": row.note,
-                    }
-                    row.expires_at = expires_at
-                    row.note = note if note is not None else row.note
-                    self._audit(s, actor, "list.update", f"list:{list_name}", before, {**stated, "note": row.note})
-                    s.commit()
-                return row
-
-        row = retry_on_race(write)  # two workers adding the same value at once: the second finds the first's
+        display = list_value_display(decl, value, token)
+        row = list_entries.add_entry(self.db, list_name, token, display, actor, expires_at, note)
         with self._lock:
             self.lists.add(ListEntry(list_name, token, row.expires_at), now_utc())
         return {
@@ -1859,31 +1798,13 @@ class RiskEngine:
         """A list's entries as stored (PII lists show masked values only)."""
         if list_name not in self.list_decls:
             raise NotFound(f"no list {list_name}")
-        with self._session() as s:
-            rows = s.scalars(select(m.ListEntry).where(m.ListEntry.list_name == list_name).order_by(m.ListEntry.id))
-            return [
-                {
-                    "entry": r.display,
-                    "added_by": r.added_by,
-                    "note": r.note,
-                    "created_at": r.created_at.isoformat(),
-                    "expires_at": r.expires_at.isoformat() if r.expires_at else None,
-                }
-                for r in rows
-            ]
+        return list_entries.entry_views(self.db, list_name)
 
     def remove_list_entry(self, list_name: str, value: str, actor: str) -> bool:
         """Remove a value from a list (audited). False if it was not there."""
         _, token = self._list_token(list_name, value)
-        with self._session() as s:
-            row = s.scalars(
-                select(m.ListEntry).where(m.ListEntry.list_name == list_name, m.ListEntry.token == token)
-            ).first()
-            if row is None:
-                return False
-            self._audit(s, actor, "list.remove", f"list:{list_name}", {"display": row.display}, None)
-            s.delete(row)
-            s.commit()
+        if not list_entries.remove_entry(self.db, list_name, token, actor):
+            return False
         with self._lock:
             self.lists.remove(list_name, token, now_utc())
         return True

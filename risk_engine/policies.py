@@ -21,9 +21,10 @@ from sqlalchemy.orm import Session
 
 from risk_engine.backtest import BacktestReport, Job, run_backtest
 from risk_engine.dsl import CompiledPolicy, DslError, DslErrors, compile_policy
-from risk_engine.engine import Conflict, NotFound, RiskEngine, now_utc, retry_on_race
+from risk_engine.engine import Conflict, NotFound, RiskEngine, now_utc
 from risk_engine.features.velocity import GRACE_S
 from risk_engine.storage import models as m
+from risk_engine.storage.db import retry_on_race
 
 
 @dataclass

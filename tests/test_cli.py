@@ -139,6 +139,39 @@ def test_keys_list_and_revoke(tmp_path: Path) -> None:
         engine.close()
 
 
+def test_lists_add_show_and_remove_without_opening_an_engine(tmp_path: Path) -> None:
+    added = run("lists", "add", "blocked_emails", "Bad.Actor@Example.com", "--note", "incident 42", home=tmp_path)
+    assert added.returncode == 0, added.stderr
+    assert json.loads(added.stdout.strip().splitlines()[-1])["entry"] == "B****@Example.com"
+    assert not (tmp_path / "snapshots").exists()  # no engine ran: none rebuilt its state or wrote it at close
+    shown = run("lists", "show", "blocked_emails", home=tmp_path)
+    entries = json.loads(shown.stdout.strip().splitlines()[-1])
+    assert [(e["entry"], e["added_by"], e["note"]) for e in entries] == [("B****@Example.com", "cli", "incident 42")]
+    assert "Bad.Actor" not in shown.stdout and "bad.actor" not in shown.stdout
+    # an engine matches the entry the command line stored (the same blind index, case-folded)
+    engine = RiskEngine.open(Settings(home=tmp_path, rules_dir=REPO / "rules", models_dir=REPO / "models"))
+    try:
+        assert len(engine.lists.sets["blocked_emails"]) == 1
+        assert engine.remove_list_entry("blocked_emails", "bad.actor@example.com", "test") is True
+        engine.add_list_entry("blocked_emails", "bad.actor@example.com", "test")
+    finally:
+        engine.close()
+    removed = run("lists", "remove", "blocked_emails", "BAD.ACTOR@example.com", home=tmp_path)
+    assert removed.returncode == 0, removed.stderr
+    assert json.loads(run("lists", "show", "blocked_emails", home=tmp_path).stdout.strip().splitlines()[-1]) == []
+    again = run("lists", "remove", "blocked_emails", "bad.actor@example.com", home=tmp_path)
+    assert again.returncode == 1 and "not on blocked_emails" in again.stderr
+    for args, message in (
+        (("add", "no_such_list", "x"), "no list no_such_list; lists: blocked_cards"),
+        (("add", "blocked_ips", "300.1.1.1"), "value: not an IPv4 or IPv6 address"),
+        (("add", "blocked_devices", "d" * 300), "value: String should have at most 256 characters"),
+        (("add", "blocked_devices", "d", "--expires", "2300-01-01"), "expires_at: Input should be less than"),
+    ):
+        result = run("lists", *args, home=tmp_path)
+        assert result.returncode == 1 and message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
 def test_models_check_names_each_detector(tmp_path: Path) -> None:
     result = run("models", "check", home=tmp_path)
     assert result.returncode == 0, result.stderr

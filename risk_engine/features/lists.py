@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 from risk_engine.schema import ConfigError
-from risk_engine.vault import PiiKind, Vault
+from risk_engine.vault import PiiKind, Vault, mask
 
 LIST_KINDS = ("string", "ip_range", *(k.value for k in PiiKind))
 MIN_PREFIX = {4: 12, 6: 32}  # broadest range accepted: a /12 expands to 4,096 networks of /24
@@ -103,6 +103,11 @@ def list_value_token(decl: ListDecl, value: str, vault: Vault) -> str:
     if decl.kind == "ip":  # as a payment's or review's IP is, or an entry written another way never matches
         value = canonical_ip(value.strip())
     return vault.blind_index(PiiKind(decl.kind), value)
+
+
+def list_value_display(decl: ListDecl, value: str, token: str) -> str:
+    """How an entry is shown: its stored value, or the PII value masked (the value itself is not stored)."""
+    return token if decl.kind in ("string", "ip_range") else mask(PiiKind(decl.kind), value)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import fcntl
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import IntegrityError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+RACE_ATTEMPTS = 5  # tries at a write that concurrent writers may race for (a version number, seeded entries)
 
 
 class DatabaseUnavailable(Exception):
@@ -93,3 +96,17 @@ def _upgrade(engine: Engine) -> None:
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")
+
+
+T = TypeVar("T")
+
+
+def retry_on_race(write: Callable[[], T]) -> T:
+    """Run ``write`` (one transaction) again when a concurrent writer took the unique value it wrote, a version
+    number or a seeded entry, first: each attempt reads afresh what is stored (up to ``RACE_ATTEMPTS``)."""
+    for _ in range(RACE_ATTEMPTS - 1):
+        try:
+            return write()
+        except IntegrityError:
+            continue
+    return write()
