@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from risk_engine.engine import sha256_hex
 from risk_engine.storage import models as m
-from tests.conftest import DELETE, Api, account, payment
+from tests.conftest import DELETE, REPO, Api, account, payment
 
 
 def stored_events(api: Api) -> int:
@@ -271,7 +271,53 @@ def test_malformed_json_is_422(api: Api) -> None:
     )
     assert response.status_code == 422
     assert "JSON" in response.json()["errors"][0]["reason"]
+    # the offset FastAPI reports is in the reason; the field is the body, not a field named "19"
+    assert response.json()["errors"][0]["field"] == "body"
+    assert "at character 19" in response.json()["errors"][0]["reason"]
     assert stored_events(api) == 0
+
+
+@pytest.mark.parametrize("path", ["/v1/payments/score", "/v1/labels", "/v1/lists/blocked_devices/entries"])
+def test_a_body_that_is_not_utf8_or_not_json_is_refused_with_the_reason(api: Api, path: str) -> None:
+    role = "analyst" if "lists" in path else "scorer"
+    json_type = {**api.headers(role), "content-type": "application/json"}
+    latin1 = json.dumps(payment(**{"buyer.name": "L\u00ef W\u00e9i"}), ensure_ascii=False).encode("latin-1")
+    assert b"\xef" in latin1  # a Latin-1 byte, not UTF-8
+    not_utf8 = api.client.post(path, content=latin1, headers=json_type)
+    assert not_utf8.status_code == 422, not_utf8.text
+    assert not_utf8.json()["errors"] == [
+        {"field": "body", "reason": not_utf8.json()["errors"][0]["reason"], "type": "json_invalid"}
+    ]
+    assert "not UTF-8 text (byte 0xef at " in not_utf8.json()["errors"][0]["reason"]
+    body = json.dumps(payment()).encode()
+    for headers, message in (
+        ({"content-type": "application/x-www-form-urlencoded"}, "Content-Type must be application/json, not"),
+        ({"content-type": "text/plain; charset=utf-8"}, "not text/plain"),
+        ({"content-type": "application/json", "content-encoding": "gzip"}, "Content-Encoding gzip is not accepted"),
+    ):
+        refused = api.client.post(path, content=body, headers={**api.headers(role), **headers})
+        assert refused.status_code == 415, refused.text
+        assert refused.json()["error"] == "unsupported_media_type" and message in refused.json()["message"]
+    # JSON under its other names is read as JSON; a request with no body needs no type
+    vendor = api.client.post(
+        path, content=b"{}", headers={**api.headers(role), "content-type": "application/problem+json"}
+    )
+    assert vendor.status_code == 422 and vendor.json()["errors"][0]["type"] == "missing"
+    assert stored_events(api) == 0
+
+
+def test_a_post_without_a_body_needs_no_content_type(api: Api) -> None:
+    drafted = api.client.post(
+        "/v1/policies/payment/drafts",
+        json={"text": (REPO / "rules" / "payment.rules").read_text() + "\n"},
+        headers=api.headers("analyst"),
+    )
+    assert drafted.status_code == 201, drafted.text
+    published = api.client.post(
+        "/v1/policies/payment/versions/2/publish",
+        headers={**api.headers("analyst"), "content-type": "application/x-www-form-urlencoded"},
+    )
+    assert published.status_code == 200, published.text
 
 
 def test_oversized_body_is_413(api: Api) -> None:

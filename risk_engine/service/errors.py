@@ -38,11 +38,15 @@ def install_error_handlers(app: FastAPI) -> None:
         errors = []
         for e in exc.errors():
             reason = str(e.get("msg", "invalid"))
+            loc = e.get("loc", ())
             if e.get("type") == "json_invalid":
-                reason = "malformed JSON: " + str(e.get("ctx", {}).get("error", reason))
+                # FastAPI puts the character's offset where a field would be: say it in the reason instead
+                at = f" at character {loc[1]}" if len(loc) > 1 and isinstance(loc[1], int) else ""
+                reason = f"malformed JSON{at}: " + str(e.get("ctx", {}).get("error", reason))
+                loc = ("body",)
             elif e.get("type") == "extra_forbidden":
                 reason = "unknown field (never send CVV or a full card number)"
-            errors.append({"field": _field(e.get("loc", ())), "reason": reason, "type": e.get("type")})
+            errors.append({"field": _field(loc), "reason": reason, "type": e.get("type")})
         return JsonResponse(error_body("invalid_request", "the request failed validation", errors), 422)
 
     @app.exception_handler(InvalidInput)
@@ -73,11 +77,19 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JsonResponse:
+        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):  # the body, read as JSON
+            cause = exc.__cause__
+            reason = (
+                f"malformed JSON: the body is not UTF-8 text (byte 0x{cause.object[cause.start]:02x} at {cause.start})"
+            )
+            errors = [{"field": "body", "reason": reason, "type": "json_invalid"}]
+            return JsonResponse(error_body("invalid_request", "the request failed validation", errors), 422)
         kind = {
             401: "unauthorized",
             403: "forbidden",
             404: "not_found",
             405: "method_not_allowed",
             413: "too_large",
-        }.get(exc.status_code, "error")
+            415: "unsupported_media_type",
+        }.get(exc.status_code, "bad_request" if exc.status_code == 400 else "error")
         return JsonResponse(error_body(kind, str(exc.detail)), exc.status_code, headers=exc.headers)

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -82,16 +83,30 @@ class RequestGuard:
         started = time.perf_counter()
         status = [500]
         limit = self.max_body_bytes
+        has_body = False  # a body may follow: a length above 0, or chunks
+        content_type = encoding = None
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
                     too_big = int(value) > limit
+                    has_body = has_body or int(value) > 0
                 except ValueError:
                     too_big = True
                 if too_big:
                     await _reject_413(send, limit)
                     self._observe(scope, 413, started)
                     return
+            elif name == b"transfer-encoding":
+                has_body = True
+            elif name == b"content-type":
+                content_type = value.decode("latin-1")
+            elif name == b"content-encoding":
+                encoding = value.decode("latin-1").strip().lower()
+        unsupported = _unsupported_media(has_body, content_type, encoding)
+        if unsupported is not None:
+            await _reject(send, 415, b"unsupported_media_type", unsupported.encode())
+            self._observe(scope, 415, started)
+            return
         received = 0
 
         async def limited_receive() -> Message:
@@ -129,13 +144,32 @@ class _BodyTooLarge(Exception):
     pass
 
 
-async def _reject_413(send: Send, limit: int) -> None:
-    body = b'{"error":"too_large","message":"request body exceeds ' + str(limit).encode() + b' bytes"}'
+def _unsupported_media(has_body: bool, content_type: str | None, encoding: str | None) -> str | None:
+    """Why a body cannot be read as JSON, or None: every body is JSON (``application/json`` or a ``+json``
+    type; none declared is read as JSON), uncompressed. Without this a form-encoded body (what ``curl -d``
+    sends unless told otherwise) failed validation as "not an object", and a gzipped one as a parse error."""
+    if not has_body:
+        return None
+    if encoding not in (None, "", "identity"):
+        return f"Content-Encoding {encoding} is not accepted: send the JSON body uncompressed"
+    if content_type is not None:
+        media = content_type.split(";", 1)[0].strip().lower()
+        if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+            return f"Content-Type must be application/json, not {media or 'empty'}"
+    return None
+
+
+async def _reject(send: Send, status: int, kind: bytes, message: bytes) -> None:
+    body = b'{"error":"' + kind + b'","message":' + orjson.dumps(message.decode()) + b"}"
     await send(
         {
             "type": "http.response.start",
-            "status": 413,
+            "status": status,
             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+async def _reject_413(send: Send, limit: int) -> None:
+    await _reject(send, 413, b"too_large", b"request body exceeds " + str(limit).encode() + b" bytes")

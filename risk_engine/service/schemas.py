@@ -233,6 +233,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut, "description": "Missing or unknown API key"},
     403: {"model": ErrorOut, "description": "The key's role may not do this"},
     413: {"model": ErrorOut, "description": "Body too large"},
+    415: {
+        "model": ErrorOut,
+        "description": "A body that is not JSON (Content-Type) or is compressed (Content-Encoding)",
+    },
     422: {"model": ErrorOut, "description": "Invalid input: each error names the field and the reason"},
     503: {"model": ErrorOut, "description": "Storage unavailable: nothing was decided or stored"},
 }
