@@ -84,15 +84,7 @@ ROLES = ("scorer", "analyst", "admin")
 ROLE_RANK = {role: i for i, role in enumerate(ROLES)}
 BASE_SCHEMAS: dict[str, SubjectSchema] = {name: kind.schema for name, kind in SUBJECT_KINDS.items()}
 Detector = StreamingDetector | PopulationDetector
-LABELS = {
-    "chargeback": True,
-    "confirmed_fraud": True,
-    "legitimate": False,
-    "dispute_lost": True,
-    "dispute_won": False,
-    "fake": True,  # a review moderation found fake
-    "genuine": False,
-}
+LABELS = {label: fraud for kind in SUBJECT_KINDS.values() for label, fraud in kind.labels.items()}
 RECENT_CACHE = 50_000
 STATE_SNAPSHOT_FORMAT = 2  # 2: orders carry their shipping address (a format-1 snapshot is rebuilt)
 ORDERS_KEPT_S = 180 * 86_400.0  # payments whose orders a restart reloads for the review link
@@ -1681,6 +1673,10 @@ class RiskEngine:
     ) -> int:
         """Store many outcomes ``(event id, label, occurred_at)`` in one transaction, idempotently: each
         gets the label id ``source:event id``. Returns how many were new."""
+        outcomes = SUBJECT_KINDS[subject].labels
+        unknown = sorted({label for _, label, _ in labels if label not in outcomes})
+        if unknown:
+            raise ValueError(f"a {subject} takes {', '.join(outcomes)}, not {', '.join(unknown)}")
         now = now_utc()
         rows = {
             f"{source}:{pid}": m.Label(

@@ -4,7 +4,7 @@ flattening into the record that rules and detectors read."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
@@ -24,6 +24,17 @@ from risk_engine.reviews import REVIEW_DECISIONS, REVIEW_SCHEMA, ReviewIn, flatt
 from risk_engine.schema import SubjectSchema
 from risk_engine.vault import PiiKind, Vault
 
+# the outcomes a late label may report, and whether each means fraud
+OUTCOMES: Mapping[str, bool] = {"confirmed_fraud": True, "legitimate": False}
+PAYMENT_OUTCOMES: Mapping[str, bool] = {
+    "chargeback": True,
+    "confirmed_fraud": True,
+    "legitimate": False,
+    "dispute_lost": True,
+    "dispute_won": False,
+}
+REVIEW_OUTCOMES: Mapping[str, bool] = {"fake": True, "genuine": False, **OUTCOMES}  # moderation's words, or ours
+
 
 @dataclass(frozen=True)
 class SubjectKind:
@@ -40,6 +51,7 @@ class SubjectKind:
     beyond_record: Callable[[Any], Any] = lambda event: getattr(event, "created_at", None)
     # fields the subject's answer adds, from the 0-100 score
     answer_fields: Callable[[int], dict[str, Any]] = lambda score: {}
+    labels: Mapping[str, bool] = field(default_factory=lambda: OUTCOMES)  # what POST /v1/labels takes for it
 
     def event_id(self, event: BaseModel) -> str:
         """The event's idempotency key."""
@@ -56,6 +68,7 @@ SUBJECT_KINDS: dict[str, SubjectKind] = {
         flatten_payment,
         PII_FIELD_KINDS,
         beyond_record=lambda p: p.buyer.created_at,  # the record has the account's age, not its creation
+        labels=PAYMENT_OUTCOMES,
     ),
     "account": SubjectKind("account", "account_id", AccountIn, ACCOUNT_SCHEMA, flatten_account, {}),
     "review": SubjectKind(
@@ -68,6 +81,7 @@ SUBJECT_KINDS: dict[str, SubjectKind] = {
         REVIEW_DECISIONS,
         beyond_record=lambda r: r.reviewer.created_at,
         answer_fields=lambda score: {"authenticity": 100 - score},
+        labels=REVIEW_OUTCOMES,
     ),
     "merchant": SubjectKind(
         "merchant",

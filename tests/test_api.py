@@ -102,6 +102,31 @@ def test_labels_are_idempotent_on_label_id(api: Api) -> None:
         assert conn.execute(select(func.count()).select_from(m.Label)).scalar_one() == 1
 
 
+def test_each_subject_takes_the_labels_that_mean_something_for_it(api: Api) -> None:
+    api.score(payment())
+    for body in (
+        {"label": "fake"},  # a review's word
+        {"label": "genuine"},
+        {"label": "dispute_lost", "subject": "account"},  # a payment's
+        {"label": "chargeback", "subject": "review"},
+        {"label": "chargeback", "subject": "merchant"},
+    ):
+        response = api.client.post(
+            "/v1/labels", json={"label_id": "l1", "payment_id": "pay_0001", **body}, headers=api.headers()
+        )
+        assert response.status_code == 422, (body, response.text)
+        [error] = response.json()["errors"]
+        assert error["field"] == "label" and f"not {body['label']}" in error["reason"], error
+    with api.engine.db.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(m.Label)).scalar_one() == 0
+    ok = api.client.post(
+        "/v1/labels", json={"label_id": "l1", "payment_id": "pay_0001", "label": "dispute_lost"}, headers=api.headers()
+    )
+    assert ok.status_code == 201 and ok.json()["is_fraud"] is True
+    with pytest.raises(ValueError, match=r"a payment takes .*, not fake"):
+        api.engine.record_labels([("pay_0001", "fake", None)], source="test")
+
+
 def test_a_stored_payment_shows_the_labels_received_for_it(api: Api) -> None:
     api.score(payment())
     api.score(payment(payment_id="pay_other"))

@@ -6,9 +6,10 @@ from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import Path
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from risk_engine.payments import EARLIEST_INSTANT, ID_PATTERN, LATEST_INSTANT, Instant, Text
+from risk_engine.subjects import SUBJECT_KINDS
 
 # path parameters: an id as the scoring contracts take it; a policy version (a 32-bit column); a stored row's id
 IdPath = Annotated[str, Path(min_length=1, max_length=128, pattern=ID_PATTERN)]
@@ -153,9 +154,22 @@ class LabelIn(BaseModel):
     label_id: str = Field(min_length=1, max_length=128, pattern=ID_PATTERN)
     subject: Literal["payment", "account", "review", "merchant"] = "payment"
     payment_id: str = Field(min_length=1, max_length=128, pattern=ID_PATTERN, description="The scored event's id")
-    label: Literal["chargeback", "confirmed_fraud", "legitimate", "dispute_lost", "dispute_won", "fake", "genuine"]
+    label: Literal["chargeback", "confirmed_fraud", "legitimate", "dispute_lost", "dispute_won", "fake", "genuine"] = (
+        Field(
+            description="Payments: chargeback, confirmed_fraud, legitimate, dispute_lost, dispute_won. Reviews: fake, "
+            "genuine, confirmed_fraud, legitimate. Accounts and merchant events: confirmed_fraud, legitimate."
+        )
+    )
     occurred_at: Instant | None = None
     source: Text | None = Field(default=None, max_length=64)
+
+    @field_validator("label")
+    @classmethod
+    def _label_of_the_subject(cls, label: str, info: ValidationInfo) -> str:
+        subject = info.data.get("subject")  # absent when the subject itself failed: that error is reported
+        if subject is not None and label not in SUBJECT_KINDS[subject].labels:
+            raise ValueError(f"a {subject} takes {', '.join(SUBJECT_KINDS[subject].labels)}, not {label}")
+        return label
 
 
 class LabelOut(BaseModel):
