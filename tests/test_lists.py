@@ -64,11 +64,22 @@ def test_a_list_edit_in_one_worker_reaches_another(tmp_path: Path, database_url:
 
 def test_an_entry_that_expired_is_made_permanent_by_adding_it_again(api: Api) -> None:
     h = api.headers("analyst")
-    soon = datetime.now(UTC) + timedelta(seconds=1)
-    api.client.post(
+    soon = datetime.now(UTC) + timedelta(seconds=30)
+    first = api.client.post(
         "/v1/lists/blocked_devices/entries", json={"value": "dev_x", "expires_at": soon.isoformat()}, headers=h
     )
+    assert first.status_code == 201, first.text
     again = api.client.post("/v1/lists/blocked_devices/entries", json={"value": "dev_x"}, headers=h)
     assert again.json()["expires_at"] is None
     api.engine.lists.current(soon + timedelta(seconds=5))  # past the first expiry: nothing drops out
     assert decides(api, "p1", 1)[0] == "block"
+
+
+def test_an_expiry_in_the_past_is_refused(api: Api) -> None:
+    past = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    response = api.client.post(
+        "/v1/lists/blocked_devices/entries", json={"value": "dev_x", "expires_at": past}, headers=api.headers("analyst")
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["errors"][0]["field"] == "expires_at"
+    assert api.client.get("/v1/lists/blocked_devices/entries", headers=api.headers("analyst")).json() == []

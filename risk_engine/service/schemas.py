@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import Path
@@ -185,8 +185,16 @@ class LabelOut(BaseModel):
 class ListEntryIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     value: Text = Field(min_length=1, max_length=256)
-    expires_at: Instant | None = None
+    expires_at: Instant | None = Field(default=None, description="When the entry stops matching: in the future")
     note: Text | None = Field(default=None, max_length=512)
+
+    @field_validator("expires_at")
+    @classmethod
+    def _in_the_future(cls, expires_at: datetime | None) -> datetime | None:
+        # an entry that has expired already would be stored, answered 201 and never match
+        if expires_at is not None and expires_at <= datetime.now(UTC):
+            raise ValueError("expires_at is not in the future: the entry would never match")
+        return expires_at
 
 
 class ListEntryRemove(BaseModel):
