@@ -62,7 +62,7 @@ from risk_engine.merchants import rollup
 from risk_engine.payments import PaymentIn
 from risk_engine.pipeline import ModelScore, Verdict, decide, decision_for
 from risk_engine.schema import FieldType, SubjectSchema, load_attribute_declarations
-from risk_engine.storage import list_entries
+from risk_engine.storage import idempotency, list_entries
 from risk_engine.storage import models as m
 from risk_engine.storage.audit import audit
 from risk_engine.storage.db import DatabaseUnavailable, make_engine, migrate, retry_on_race
@@ -89,6 +89,7 @@ RECENT_CACHE = 50_000
 STATE_SNAPSHOT_FORMAT = 2  # 2: orders carry their shipping address (a format-1 snapshot is rebuilt)
 ORDERS_KEPT_S = 180 * 86_400.0  # payments whose orders a restart reloads for the review link
 BLOOM_MIN_CAPACITY = 1_000_000
+IDEMPOTENCY_PURGE_S = 3600.0  # how often a worker deletes expired idempotency keys
 KEY_CACHE_S = 5.0  # how long a process trusts what it read of a key: a revocation elsewhere takes this long
 
 
@@ -649,12 +650,18 @@ class RiskEngine:
         return changed
 
     def _start_policy_poller(self) -> None:
+        purged_at = float("-inf")  # the first poll purges
+
         def poll() -> None:
+            nonlocal purged_at
             while not self._stopping.wait(self.settings.policy_poll_s):
                 try:
                     self.refresh_policies()
                     self.refresh_fits()
                     self.refresh_lists()
+                    if time.monotonic() - purged_at > IDEMPOTENCY_PURGE_S:
+                        idempotency.purge(self.db, now_utc())  # keys past their 24 h
+                        purged_at = time.monotonic()
                 except Exception as exc:  # a bad poll must not kill the worker; the next one retries
                     log.warning("policy refresh failed: %s", type(exc).__name__)
 

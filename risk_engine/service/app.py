@@ -17,6 +17,7 @@ from risk_engine.engine import RiskEngine
 from risk_engine.service.commits import CommitWaiter
 from risk_engine.service.errors import install_error_handlers
 from risk_engine.service.fastpath import ScoringFastPath
+from risk_engine.service.idempotency import IdempotencyKeys
 from risk_engine.service.metrics import Metrics, RequestGuard
 from risk_engine.service.responses import JsonResponse
 from risk_engine.service.routers import (
@@ -39,6 +40,10 @@ DESCRIPTION = """Trust, risk and fraud control for online marketplaces.
 Every endpoint but `/healthz` and `/metrics` needs an API key: `Authorization: Bearer rk_...`.
 Roles: `scorer` (score, labels), `analyst` (+ lists, policies), `admin` (+ keys).
 Errors share one shape: `{"error", "message", "errors": [{"field", "reason"}]}`.
+Retries: scoring, labels, merchant events and key creation are idempotent on an id in the body; every other
+state-changing request takes an `Idempotency-Key` header (up to 255 printable ASCII characters, per API key,
+kept 24 h): the same request again gets the first answer (`Idempotent-Replayed: true`) without doing the work
+twice; the key with another request is a 409.
 """
 
 
@@ -87,5 +92,6 @@ def create_app(settings: Settings | None = None, engine: RiskEngine | None = Non
     app.include_router(merchants.sellers)
     if settings.scoring_fast_path:
         app.add_middleware(ScoringFastPath, fastapi_app=app)
+    app.add_middleware(IdempotencyKeys, fastapi_app=app)  # outside the fast path, which it never sees
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)  # outermost: sees every request
     return app

@@ -57,15 +57,15 @@ class ScoringFastPath:
         if model is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        body, more = await _read_body(receive)
+        body, more = await read_body(receive)
         if more is not None:  # the client went away mid-body: let FastAPI see what it would have seen
-            await self.app(scope, _replay(body, receive, more), send)
+            await self.app(scope, replay_receive(body, receive, more), send)
             return
         if await self._answer(scope, model, body, send):
             self.answered += 1
         else:
             self.handed_over += 1
-            await self.app(scope, _replay(body, receive), send)
+            await self.app(scope, replay_receive(body, receive), send)
 
     async def _answer(self, scope: Scope, model: type[BaseModel], body: bytes, send: Send) -> bool:
         """Score and answer; False (nothing sent, nothing stored) to hand the request to FastAPI."""
@@ -124,7 +124,7 @@ def _headers(scope: Scope) -> tuple[str | None, bool]:
     return token, json_body
 
 
-async def _read_body(receive: Receive) -> tuple[bytes, Message | None]:
+async def read_body(receive: Receive) -> tuple[bytes, Message | None]:
     """The whole body, or what came of it and the message that ended it early (a disconnect)."""
     chunks: list[bytes] = []
     while True:
@@ -136,7 +136,7 @@ async def _read_body(receive: Receive) -> tuple[bytes, Message | None]:
             return b"".join(chunks), None
 
 
-def _replay(body: bytes, receive: Receive, last: Message | None = None) -> Receive:
+def replay_receive(body: bytes, receive: Receive, last: Message | None = None) -> Receive:
     """A ``receive`` that gives the body already read, then whatever the client sends next."""
     pending: list[Message] = [{"type": "http.request", "body": body, "more_body": last is not None}]
     if last is not None:

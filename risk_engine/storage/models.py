@@ -157,6 +157,24 @@ class PolicyVersion(Base):
     created_at: Mapped[datetime]
 
 
+class IdempotencyKey(Base):
+    """A state-changing request sent with an ``Idempotency-Key`` header, and the answer it got, so that the
+    same request again (a client's retry) gets that answer instead of doing the work twice."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("key_id", "idempotency_key", name="uq_idempotency_keys_key_id_key"),)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    key_id: Mapped[str] = mapped_column(String(32))  # the API key that sent it: each key has its own keys
+    idempotency_key: Mapped[str] = mapped_column(String(255))
+    method: Mapped[str] = mapped_column(String(8))
+    path: Mapped[str] = mapped_column(String(1024))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    status: Mapped[int | None] = mapped_column(Integer)  # None while the first request is being answered
+    content_type: Mapped[str | None] = mapped_column(String(128))
+    body: Mapped[bytes | None] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime]
+
+
 class AuditEntry(Base):
     """Append-only record of every change: who, when, what, before and after."""
 

@@ -1,0 +1,140 @@
+"""``Idempotency-Key``: a client that may retry a state-changing request (a publish, a rollback, a backtest, a
+fit, a roll-up, a list edit) sends a key of its choosing; the first request with it is answered and its answer
+stored, the same request again gets that answer (``Idempotent-Replayed: true``) without doing the work twice.
+
+A pure ASGI layer, inside the request guard (body limits, media types) and outside FastAPI. The key belongs to
+the API key that sent it, so the request is authenticated before anything is replayed. The same key with
+another request (method, path, query or body) is a 409, as is a retry while the first is still being
+answered. An answer of 5xx is not kept: the work did not happen, so a retry does it. The scoring endpoints
+are idempotent on the event's own id and are not looked at here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from sqlalchemy.exc import DBAPIError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from risk_engine.engine import RiskEngine
+from risk_engine.service.fastpath import SCORING_PATHS, read_body, replay_receive
+from risk_engine.storage import idempotency
+from risk_engine.storage.db import DatabaseUnavailable
+
+HEADER = b"idempotency-key"
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+MAX_KEY_LENGTH = 255
+
+
+class IdempotencyKeys:
+    """Claims, replays and refuses requests that carry an ``Idempotency-Key`` (see the module)."""
+
+    def __init__(self, app: ASGIApp, fastapi_app: Any) -> None:
+        self.app = app
+        self.fastapi_app = fastapi_app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        key, token = _headers(scope) if scope["type"] == "http" else (None, None)
+        if key is None or scope["method"] not in STATE_CHANGING or scope["path"] in SCORING_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if not key or len(key) > MAX_KEY_LENGTH or not key.isascii() or not key.isprintable():
+            reason = f"1 to {MAX_KEY_LENGTH} printable ASCII characters"
+            await _send_json(send, 422, _error("invalid_request", "the request failed validation", reason))
+            return
+        engine: RiskEngine | None = getattr(self.fastapi_app.state, "engine", None)
+        try:
+            principal = engine.authenticate(token) if engine is not None and token else None
+        except DatabaseUnavailable:
+            principal = None
+        if engine is None or principal is None:  # FastAPI answers: 401, or 503
+            await self.app(scope, receive, send)
+            return
+        body, more = await read_body(receive)
+        if more is not None:  # the client went away mid-body
+            await self.app(scope, replay_receive(body, receive, more), send)
+            return
+        path = scope["path"] + (f"?{scope['query_string'].decode('latin-1')}" if scope.get("query_string") else "")
+        digest = hashlib.sha256(b"\0".join((scope["method"].encode(), path.encode(), body))).hexdigest()
+        try:
+            claim = idempotency.claim(
+                engine.db, principal.key_id, key, scope["method"], path, digest, datetime.now(UTC)
+            )
+        except DBAPIError:
+            await _send_json(send, 503, {"error": "unavailable", "message": "storage is unavailable; retry later"})
+            return
+        if claim.outcome == "replay":
+            headers = [
+                (b"content-type", (claim.content_type or "application/json").encode("latin-1")),
+                (b"idempotent-replayed", b"true"),
+            ]
+            await _send(send, claim.status or 200, headers, claim.body or b"")
+            return
+        if claim.outcome == "conflict":
+            message = f"Idempotency-Key {key} was sent with another request ({claim.first_request}); use a new key"
+            await _send_json(send, 409, {"error": "conflict", "message": message})
+            return
+        if claim.outcome == "in_progress":
+            message = f"the request with Idempotency-Key {key} is still being answered; retry shortly"
+            await _send_json(send, 409, {"error": "conflict", "message": message}, [(b"retry-after", b"1")])
+            return
+        assert claim.row_id is not None
+        await self._answer_and_keep(scope, replay_receive(body, receive), send, engine, claim.row_id)
+
+    async def _answer_and_keep(self, scope: Scope, receive: Receive, send: Send, engine: RiskEngine, row: int) -> None:
+        status = 500
+        content_type: str | None = None
+        chunks: list[bytes] = []
+
+        async def keeping_send(message: Message) -> None:
+            nonlocal status, content_type
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                for name, value in message.get("headers", ()):
+                    if name.lower() == b"content-type":
+                        content_type = value.decode("latin-1")
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, keeping_send)
+        except BaseException:
+            idempotency.release(engine.db, row)
+            raise
+        if status >= 500:
+            idempotency.release(engine.db, row)
+        else:
+            idempotency.complete(engine.db, row, status, content_type, b"".join(chunks))
+
+
+def _headers(scope: Scope) -> tuple[str | None, str | None]:
+    """(Idempotency-Key, bearer token)."""
+    key = token = None
+    for name, value in scope["headers"]:
+        if name == HEADER:
+            key = value.decode("latin-1").strip()
+        elif name == b"authorization":
+            scheme, _, credentials = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and credentials:
+                token = credentials.strip()
+    return key, token
+
+
+def _error(kind: str, message: str, reason: str) -> dict[str, Any]:
+    return {"error": kind, "message": message, "errors": [{"field": "Idempotency-Key", "reason": reason}]}
+
+
+async def _send_json(
+    send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await _send(send, status, [(b"content-type", b"application/json"), *(headers or [])], orjson.dumps(body))
+
+
+async def _send(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    headers = [*headers, (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
