@@ -365,11 +365,28 @@ class PolicyWorkflow:
 
         return self.backtest(subject, row["text"], row["label"], since_s, progress, job.cancel).as_dict()
 
-    def audit(self, limit: int = 100, before_id: int | None = None) -> list[dict[str, Any]]:
-        """The audit log, newest first."""
+    def audit(
+        self,
+        limit: int = 100,
+        before_id: int | None = None,
+        action: str | None = None,
+        target: str | None = None,
+        actor: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """The audit log, newest first; ``action`` ending in ``.`` matches every action of that family."""
         stmt = select(m.AuditEntry).order_by(m.AuditEntry.id.desc()).limit(limit)
         if before_id is not None:
             stmt = stmt.where(m.AuditEntry.id < before_id)
+        if action is not None:
+            stmt = stmt.where(
+                m.AuditEntry.action.startswith(action, autoescape=True)
+                if action.endswith(".")
+                else m.AuditEntry.action == action
+            )
+        if target is not None:
+            stmt = stmt.where(m.AuditEntry.target == target)
+        if actor is not None:
+            stmt = stmt.where(m.AuditEntry.actor == actor)
         with self._session() as s:
             rows = s.scalars(stmt).all()
         return [

@@ -290,3 +290,28 @@ def test_drafts_and_seeded_versions_written_at_the_same_moment_each_get_a_number
         *((v, "draft", "api") for v in (2, 3, 4, 5)),
         (6, "published", "file"),
     ]
+
+
+def test_the_audit_log_is_filtered_by_action_target_and_actor(api: Api) -> None:
+    h = api.headers("analyst")
+    for value in ("dev_a", "dev_b"):
+        api.client.post("/v1/lists/blocked_devices/entries", json={"value": value}, headers=h)
+    api.client.request("DELETE", "/v1/lists/blocked_devices/entries", json={"value": "dev_a"}, headers=h)
+    api.client.post("/v1/lists/blocked_emails/entries", json={"value": "x@example.com"}, headers=api.headers("admin"))
+    assert draft(api, V2)[0] == 201
+
+    def actions(**query: str) -> list[tuple[str, str]]:
+        response = api.client.get("/v1/audit", params=query, headers=h)
+        assert response.status_code == 200, response.text
+        return [(e["action"], e["target"]) for e in response.json()]
+
+    devices = "list:blocked_devices"
+    assert actions(target=devices) == [("list.remove", devices), ("list.add", devices), ("list.add", devices)]
+    assert actions(action="list.") == [("list.add", "list:blocked_emails"), *actions(target=devices)]
+    assert actions(action="list.remove") == [("list.remove", devices)]
+    assert actions(action="list") == []  # an action is exact unless it ends with "."
+    admin_id = api.admin_key.split("_")[1]
+    assert actions(actor=f"key:{admin_id}") == [("list.add", "list:blocked_emails")]
+    assert actions(action="policy.draft", target="payment:v2") == [("policy.draft", "payment:v2")]
+    for bad in ({"target": "a\x00b"}, {"action": "LIST"}, {"actor": ""}):
+        assert api.client.get("/v1/audit", params=bad, headers=h).status_code == 422, bad

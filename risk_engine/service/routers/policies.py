@@ -167,12 +167,26 @@ async def rule_statistics(
     return JsonResponse(PolicyWorkflow(engine).rule_statistics(subject, days))
 
 
+NO_NUL = r"^[^\x00]*$"  # PostgreSQL's text cannot hold NUL: refused here, not a 500 in the query
+
+
 @router.get("/v1/audit", responses=ERRORS)
 async def audit(
     engine: EngineDep,
     _: Analyst,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     before_id: Annotated[int | None, Query(ge=1, le=MAX_ROW_ID)] = None,
+    action: Annotated[
+        str | None,
+        Query(min_length=1, max_length=64, pattern=r"^[a-z_.]+$", description="policy.publish; list. for every list.*"),
+    ] = None,
+    target: Annotated[
+        str | None, Query(min_length=1, max_length=256, pattern=NO_NUL, description="e.g. list:blocked_devices")
+    ] = None,
+    actor: Annotated[
+        str | None, Query(min_length=1, max_length=128, pattern=NO_NUL, description="e.g. key:1f2e3d4c5b6a, cli")
+    ] = None,
 ) -> JsonResponse:
-    """The append-only audit log, newest first: who, when, what, before and after."""
-    return JsonResponse(PolicyWorkflow(engine).audit(limit, before_id))
+    """The append-only audit log, newest first: who, when, what, before and after; filtered by action (a
+    prefix ending in ``.`` takes a family), target and actor. Page with ``before_id`` (the last id seen)."""
+    return JsonResponse(PolicyWorkflow(engine).audit(limit, before_id, action=action, target=target, actor=actor))
