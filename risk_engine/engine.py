@@ -42,6 +42,7 @@ from risk_engine.detectors.snapshot import encode_state, open_signed, open_state
 from risk_engine.detectors.spec import ModelsConfig, SpecError, compile_spec_features, load_models
 from risk_engine.dsl import (
     CompiledPolicy,
+    Decision,
     Environment,
     aggregate_union,
     compile_policy,
@@ -1578,6 +1579,55 @@ class RiskEngine:
             "features": row.features,
             "labels": [self._label_view(label) for label in labels],
         }
+
+    def list_events(
+        self,
+        subject: str,
+        decision: str | None = None,
+        unlabelled: bool = False,
+        limit: int = 50,
+        before_id: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Stored events of ``subject``, newest first: what a review queue lists (``decision="review"``,
+        ``unlabelled``: not yet resolved by a label). ``decision`` is in the subject's words (a review's
+        ``hold``); each item carries ``id`` for the next page's ``before_id``. No PII is read."""
+        kind = SUBJECT_KINDS[subject]
+        stmt = (
+            select(m.Event.id, m.Event.event_id, m.Event.occurred_at, m.Event.response)
+            .where(m.Event.subject == subject)
+            .order_by(m.Event.id.desc())
+            .limit(limit)
+        )
+        if decision is not None:
+            names = kind.decision_names or {d.value: d.value for d in Decision}
+            internal = [d for d, name in names.items() if name == decision]
+            if not internal:
+                raise InvalidInput(
+                    [{"field": "decision", "reason": f"one of {', '.join(sorted(set(names.values())))}"}]
+                )
+            stmt = stmt.where(m.Event.decision.in_(internal))
+        if before_id is not None:
+            stmt = stmt.where(m.Event.id < before_id)
+        if unlabelled:
+            labelled = select(m.Label.id).where(m.Label.subject == subject, m.Label.event_id == m.Event.event_id)
+            stmt = stmt.where(~labelled.exists())
+        try:
+            with self._session() as s:
+                rows = s.execute(stmt).all()
+        except OperationalError as exc:
+            raise DatabaseUnavailable(type(exc).__name__) from exc
+        return [
+            {
+                "id": row.id,
+                kind.id_field: row.event_id,
+                "occurred_at": row.occurred_at.isoformat(),
+                "decision": row.response["decision"],
+                "score": row.response["score"],
+                "reasons": [r["code"] for r in row.response["reasons"] if r["source"] == "rule"],
+                "policy_version": row.response["policy_version"],
+            }
+            for row in rows
+        ]
 
     # -- labels -------------------------------------------------------------------------------------------------
     def record_label(

@@ -293,6 +293,15 @@ REQUESTS: list[dict[str, Any]] = [
     },
     {"name": "43_list_keys", "method": "GET", "path": "/v1/keys?active=true", "role": "admin"},
     {"name": "44_revoke_key", "method": "POST", "path": f"/v1/keys/{KEY_ID}/revoke", "role": "admin"},
+    {
+        "name": "45_review_queue",
+        "method": "GET",
+        "path": "/v1/payments?decision=challenge&unlabelled=true",
+        "role": "analyst",
+    },
+    {"name": "46_list_payments", "method": "GET", "path": "/v1/payments?limit=2", "role": "analyst"},
+    {"name": "47_list_reviews", "method": "GET", "path": "/v1/reviews?decision=publish", "role": "analyst"},
+    {"name": "48_list_accounts", "method": "GET", "path": "/v1/accounts", "role": "analyst"},
 ]
 
 

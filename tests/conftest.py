@@ -71,6 +71,17 @@ def payment(**overrides: Any) -> dict[str, Any]:
 
 DELETE = object()
 
+BASE_REVIEW: dict[str, Any] = {
+    "review_id": "r_1",
+    "order_id": "o_1",
+    "item_id": "i_1",
+    "seller_id": "s_42",
+    "reviewer": {"id": "b_7", "created_at": "2024-01-01T00:00:00Z", "device_id": "dev_1", "ip": "198.51.100.7"},
+    "rating": 5,
+    "text": "Arrived on time, exactly as described.",
+    "occurred_at": "2026-11-22T11:00:00Z",
+}
+
 BASE_ACCOUNT: dict[str, Any] = {
     "account_id": "acct_review_0001",
     "occurred_at": "2026-11-22T10:20:00Z",

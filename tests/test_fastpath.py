@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import Api, make_settings, open_api, payment
+from tests.conftest import BASE_REVIEW, Api, make_settings, open_api, payment
 
 
 @pytest.fixture
@@ -37,16 +37,7 @@ def _exchange(api: Api, path: str, content: bytes | None = None, json: Any = Non
     return r.status_code, body, r.headers.get("idempotent-replayed")
 
 
-REVIEW = {
-    "review_id": "r_1",
-    "order_id": "o_1",
-    "item_id": "i_1",
-    "seller_id": "s_42",
-    "reviewer": {"id": "b_7", "created_at": "2024-01-01T00:00:00Z", "device_id": "dev_1", "ip": "198.51.100.7"},
-    "rating": 5,
-    "text": "Arrived on time, exactly as described.",
-    "occurred_at": "2026-11-22T11:00:00Z",
-}
+REVIEW = BASE_REVIEW
 
 
 def test_the_fast_path_answers_every_request_as_the_routes_do(both: tuple[Api, Api]) -> None:

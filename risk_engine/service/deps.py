@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from risk_engine.engine import Principal, RiskEngine
@@ -46,3 +47,28 @@ def require(role: str) -> Callable[..., Coroutine[Any, Any, Principal]]:
 Scorer = Annotated[Principal, Depends(require("scorer"))]
 Analyst = Annotated[Principal, Depends(require("analyst"))]
 Admin = Annotated[Principal, Depends(require("admin"))]
+
+
+@dataclass(frozen=True)
+class EventListing:
+    """Which stored events a listing (a review queue) asks for."""
+
+    decision: str | None
+    unlabelled: bool
+    limit: int
+    before_id: int | None
+
+
+def event_listing(
+    decision: Annotated[
+        str | None, Query(pattern=r"^[a-z_]+$", max_length=32, description="In the subject's words: review, hold")
+    ] = None,
+    unlabelled: Annotated[bool, Query(description="Only events no label has resolved yet")] = False,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    before_id: Annotated[int | None, Query(ge=1, le=2**63 - 1, description="The last id of the page before")] = None,
+) -> EventListing:
+    """The query of a listing of stored events."""
+    return EventListing(decision, unlabelled, limit, before_id)
+
+
+Listing = Annotated[EventListing, Depends(event_listing)]

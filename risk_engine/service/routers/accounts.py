@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from fastapi import APIRouter, Request, Response
 
 from risk_engine.accounts import AccountIn
-from risk_engine.service.deps import EngineDep, Scorer
+from risk_engine.service.deps import Analyst, EngineDep, Listing, Scorer
 from risk_engine.service.responses import JsonResponse, answer
 from risk_engine.service.schemas import ERRORS, AccountScoreOut, IdPath
 
@@ -16,6 +18,13 @@ router = APIRouter(prefix="/v1/accounts", tags=["accounts"])
 async def score_account(account: AccountIn, engine: EngineDep, _: Scorer, request: Request) -> Response:
     """Score an account: decision, 0-100 score and reasons. Idempotent on ``account_id``."""
     return await answer(engine.score_event("account", account), request)
+
+
+@router.get("", responses=ERRORS)
+async def list_accounts(listing: Listing, engine: EngineDep, _: Analyst) -> JsonResponse:
+    """Stored accounts, newest first, with their decision, score and the rules that fired: filter by ``decision``
+    and ``unlabelled`` for a review queue; page with ``before_id``."""
+    return JsonResponse(engine.list_events("account", **asdict(listing)))
 
 
 @router.get("/{account_id}", responses=ERRORS)

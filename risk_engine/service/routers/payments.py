@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from fastapi import APIRouter, Request, Response
 
 from risk_engine.payments import PaymentIn
-from risk_engine.service.deps import EngineDep, Scorer
+from risk_engine.service.deps import Analyst, EngineDep, Listing, Scorer
 from risk_engine.service.responses import JsonResponse, answer
 from risk_engine.service.schemas import ERRORS, IdPath, PaymentOut, ScoreOut
 
@@ -16,6 +18,13 @@ router = APIRouter(prefix="/v1/payments", tags=["payments"])
 async def score_payment(payment: PaymentIn, engine: EngineDep, _: Scorer, request: Request) -> Response:
     """Score a payment: decision, 0-100 score and reasons. Idempotent on ``payment_id``."""
     return await answer(engine.score_payment(payment), request)
+
+
+@router.get("", responses=ERRORS)
+async def list_payments(listing: Listing, engine: EngineDep, _: Analyst) -> JsonResponse:
+    """Stored payments, newest first, with their decision, score and the rules that fired: filter by ``decision``
+    and ``unlabelled`` for a review queue; page with ``before_id``."""
+    return JsonResponse(engine.list_events("payment", **asdict(listing)))
 
 
 @router.get("/{payment_id}", response_model=PaymentOut, responses=ERRORS)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from fastapi import APIRouter, Request, Response
 
 from risk_engine.reviews import ReviewIn
-from risk_engine.service.deps import EngineDep, Scorer
+from risk_engine.service.deps import Analyst, EngineDep, Listing, Scorer
 from risk_engine.service.responses import JsonResponse, answer
 from risk_engine.service.schemas import ERRORS, IdPath, ReviewScoreOut
 
@@ -17,6 +19,13 @@ async def score_review(review: ReviewIn, engine: EngineDep, _: Scorer, request: 
     """Score a review: ``publish``, ``hold`` or ``reject``, a 0-100 risk score, its authenticity (100 minus
     it) and reasons. Idempotent on ``review_id``."""
     return await answer(engine.score_event("review", review), request)
+
+
+@router.get("", responses=ERRORS)
+async def list_reviews(listing: Listing, engine: EngineDep, _: Analyst) -> JsonResponse:
+    """Stored reviews, newest first, with their decision, score and the rules that fired: filter by ``decision``
+    and ``unlabelled`` for a review queue; page with ``before_id``."""
+    return JsonResponse(engine.list_events("review", **asdict(listing)))
 
 
 @router.get("/{review_id}", responses=ERRORS)

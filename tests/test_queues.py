@@ -1,0 +1,56 @@
+"""Listing stored events (a review queue), on SQLite and PostgreSQL: by decision in the subject's words, only
+those no label has resolved, newest first, page by page, with no PII."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.conftest import BASE_REVIEW, Api, payment
+
+
+def listing(api: Api, path: str = "/v1/payments", **query: Any) -> list[dict[str, Any]]:
+    response = api.client.get(path, params=query, headers=api.headers("analyst"))
+    assert response.status_code == 200, response.text
+    items: list[dict[str, Any]] = response.json()
+    return items
+
+
+def test_a_review_queue_lists_what_is_undecided_newest_first_page_by_page(api: Api) -> None:
+    api.client.post("/v1/lists/blocked_devices/entries", json={"value": "dev_bad"}, headers=api.headers("analyst"))
+    decisions = {}
+    for i in range(6):
+        blocked = i % 3 == 0
+        body = payment(
+            payment_id=f"p{i}",
+            occurred_at=f"2026-11-22T10:{10 + i}:00Z",
+            **({"device.id": "dev_bad"} if blocked else {}),
+        )
+        decisions[f"p{i}"] = api.score(body)["decision"]
+    assert decisions["p0"] == decisions["p3"] == "block"
+    everything = listing(api)
+    assert [e["payment_id"] for e in everything] == ["p5", "p4", "p3", "p2", "p1", "p0"]
+    assert [e["decision"] for e in everything] == [decisions[e["payment_id"]] for e in everything]
+    assert "BLOCKED_DEVICE" in everything[2]["reasons"] and "buyer" not in str(everything)  # codes, no PII
+    assert [e["payment_id"] for e in listing(api, decision="block")] == ["p3", "p0"]
+    api.client.post(
+        "/v1/labels", json={"label_id": "l3", "payment_id": "p3", "label": "confirmed_fraud"}, headers=api.headers()
+    )
+    assert [e["payment_id"] for e in listing(api, decision="block", unlabelled=True)] == ["p0"]
+    first = listing(api, limit=4)
+    rest = listing(api, limit=4, before_id=first[-1]["id"])
+    assert [e["payment_id"] for e in first + rest] == [e["payment_id"] for e in everything]
+    assert (
+        api.client.get("/v1/payments", params={"decision": "hold"}, headers=api.headers("analyst")).status_code == 422
+    )
+    assert api.client.get("/v1/payments", headers=api.headers("scorer")).status_code == 403
+
+
+def test_a_review_queue_speaks_the_subjects_words(api: Api) -> None:
+    answer = api.client.post("/v1/reviews/score", json=BASE_REVIEW, headers=api.headers()).json()
+    listed = listing(api, "/v1/reviews", decision=answer["decision"])
+    assert [(e["review_id"], e["decision"]) for e in listed] == [("r_1", answer["decision"])]
+    other = "hold" if answer["decision"] != "hold" else "publish"
+    assert listing(api, "/v1/reviews", decision=other) == []
+    refused = api.client.get("/v1/reviews", params={"decision": "block"}, headers=api.headers("analyst"))
+    assert refused.status_code == 422 and "publish" in refused.text
+    assert listing(api, "/v1/accounts") == []
