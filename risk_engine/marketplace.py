@@ -211,7 +211,7 @@ class MarketplaceState:
                 self.orders.popitem(last=False)
             return
         order = self.orders.get(order_id)
-        if order is None:
+        if order is None or order.seller_id != record.get("seller_id"):  # another seller's order is not its to ship
             return
         if record.get("type") == "order_shipped":
             order.shipped_at = at

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from xxhash import xxh3_64_intdigest
 
 from risk_engine.detectors.spec import SpecError, parse_spec_file
-from risk_engine.marketplace import NEAR_DUPLICATE_BITS, simhash, word_bytes, words
+from risk_engine.marketplace import NEAR_DUPLICATE_BITS, MarketplaceState, simhash, word_bytes, words
 from tests.conftest import REPO, Api, make_settings, open_api, payment, run_cli, shared_data
 
 T0 = datetime(2026, 11, 22, 9, tzinfo=UTC)
@@ -397,3 +397,16 @@ def test_reviewer_accounts_whose_orders_ship_to_one_address_are_flagged(api: Api
     assert "SHARED_ADDRESS_SAME_SELLER" not in {r["code"] for r in answer["reasons"]}
     stored = api.client.get("/v1/reviews/r_42", headers=api.headers()).json()
     assert "88 Drop Lane" not in str(stored)  # the address reaches the review as its blind index only
+
+
+def test_only_the_seller_paid_for_an_order_marks_it_shipped_or_delivered() -> None:
+    state = MarketplaceState()
+    paid = {"order_id": "o_1", "buyer.id": "b_7", "seller_id": "s_42", "amount.major": 10.0}
+    state.observe("payment", paid, 1_000.0, "allow", 0)
+    for seller in ("s_99", "s_42"):  # a misrouted event first, then the order's own seller's
+        event = {"event_id": f"e_{seller}", "seller_id": seller, "type": "order_delivered", "order_id": "o_1"}
+        state.observe("merchant", event, 2_000.0, "allow", 0)
+        review = {"seller_id": "s_42", "order_id": "o_1", "reviewer.id": "b_7"}
+        state.enrich("review", review, 3_000.0)
+        assert review["order.paid"] is True
+        assert review["order.delivered"] is (seller == "s_42"), seller
