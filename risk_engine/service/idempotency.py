@@ -37,8 +37,12 @@ class IdempotencyKeys:
         self.fastapi_app = fastapi_app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        key, token = _headers(scope) if scope["type"] == "http" else (None, None)
-        if key is None or scope["method"] not in STATE_CHANGING or scope["path"] in SCORING_PATHS:
+        # the scoring hot path passes on the first test, before any header is read
+        if scope["type"] != "http" or scope["path"] in SCORING_PATHS or scope["method"] not in STATE_CHANGING:
+            await self.app(scope, receive, send)
+            return
+        key, token = _headers(scope)
+        if key is None:
             await self.app(scope, receive, send)
             return
         if not key or len(key) > MAX_KEY_LENGTH or not key.isascii() or not key.isprintable():
