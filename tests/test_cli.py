@@ -164,9 +164,8 @@ def test_lists_add_show_and_remove_without_opening_an_engine(tmp_path: Path) -> 
     for args, message in (
         (("add", "no_such_list", "x"), "no list no_such_list; lists: blocked_cards"),
         (("add", "blocked_ips", "300.1.1.1"), "value: not an IPv4 or IPv6 address"),
-        (("add", "blocked_devices", "d" * 300), "value: String should have at most 256 characters"),
         (("add", "blocked_devices", "d", "--expires", "2300-01-01"), "expires_at: Input should be less than"),
-    ):
+    ):  # the API's own checks (tested there), as the command reports them
         result = run("lists", *args, home=tmp_path)
         assert result.returncode == 1 and message in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
