@@ -173,6 +173,7 @@ class Job:
 
     id: str
     kind: str
+    target: str = ""  # what it works on: "payment:v2 since 30d"
     state: str = "running"  # running | done | failed | cancelled
     processed: int = 0
     started_at: float = field(default_factory=time.time)
@@ -186,6 +187,7 @@ class Job:
         return {
             "id": self.id,
             "kind": self.kind,
+            "target": self.target,
             "state": self.state,
             "processed": self.processed,
             "started_at": self.started_at,
@@ -203,9 +205,9 @@ class Jobs:
         self._lock = threading.Lock()
         self.keep = keep
 
-    def start(self, kind: str, work: Callable[[Job], dict[str, Any]]) -> Job:
+    def start(self, kind: str, work: Callable[[Job], dict[str, Any]], target: str = "") -> Job:
         """Run ``work(job)`` on a thread; it reports progress in ``job.processed``, checks ``job.cancel``."""
-        job = Job(id=f"{kind}_{uuid.uuid4().hex[:12]}", kind=kind)
+        job = Job(id=f"{kind}_{uuid.uuid4().hex[:12]}", kind=kind, target=target)
         with self._lock:
             self._jobs[job.id] = job
             while len(self._jobs) > self.keep:
@@ -228,6 +230,11 @@ class Jobs:
 
         threading.Thread(target=run, name=job.id, daemon=True).start()
         return job
+
+    def recent(self) -> list[Job]:
+        """The jobs kept (the last ``keep``), newest first."""
+        with self._lock:
+            return list(reversed(self._jobs.values()))
 
     def get(self, job_id: str) -> Job | None:
         """A job by id."""

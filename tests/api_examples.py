@@ -302,6 +302,7 @@ REQUESTS: list[dict[str, Any]] = [
     {"name": "46_list_payments", "method": "GET", "path": "/v1/payments?limit=2", "role": "analyst"},
     {"name": "47_list_reviews", "method": "GET", "path": "/v1/reviews?decision=publish", "role": "analyst"},
     {"name": "48_list_accounts", "method": "GET", "path": "/v1/accounts", "role": "analyst"},
+    {"name": "49_list_jobs", "method": "GET", "path": "/v1/jobs", "role": "analyst"},
 ]
 
 

@@ -93,7 +93,9 @@ def test_backtest_runs_as_a_job_with_progress(api: Api) -> None:
         job = api.client.get(f"/v1/jobs/{job_id}", headers=api.headers("analyst")).json()
     assert job["state"] == "done", job
     assert job["result"]["events"] == 200 and job["result"]["draft"]["label"] == "payment:v2"
-    assert job["processed"] == 200
+    assert job["processed"] == 200 and job["target"] == "payment:v2 since 30d"
+    listed = api.client.get("/v1/jobs", headers=api.headers("analyst")).json()
+    assert [(j["id"], j["state"], j["result"]) for j in listed] == [(job_id, "done", None)]  # reports: by id
     assert (
         api.client.post("/v1/policies/payment/drafts/9/backtest", json={}, headers=api.headers("analyst")).status_code
         == 404

@@ -44,6 +44,7 @@ class BacktestIn(BaseModel):
 class JobOut(BaseModel):
     id: str
     kind: str
+    target: str = Field(description="What it works on, e.g. payment:v2 since 30d")
     state: str = Field(description="running, done, failed or cancelled")
     processed: int
     started_at: float
@@ -136,8 +137,20 @@ async def start_backtest(
     workflow.version(subject, version)  # 404 now rather than a failed job later
     since_s = parse_duration(body.since)
     jobs: Jobs = request.app.state.jobs
-    job = jobs.start("backtest", lambda j: workflow.backtest_version(subject, version, since_s, j))
+    job = jobs.start(
+        "backtest",
+        lambda j: workflow.backtest_version(subject, version, since_s, j),
+        f"{subject}:v{version} since {body.since}",
+    )
     return JsonResponse(job.view(), status_code=202)
+
+
+@router.get("/v1/jobs", response_model=list[JobOut], responses=ERRORS)
+async def list_jobs(request: Request, _: Analyst) -> JsonResponse:
+    """This worker's recent background jobs (the last 100), newest first, without their reports: a job's
+    report is at ``GET /v1/jobs/{id}``."""
+    jobs: Jobs = request.app.state.jobs
+    return JsonResponse([{**job.view(), "result": None} for job in jobs.recent()])
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobOut, responses=ERRORS)
