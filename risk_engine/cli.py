@@ -489,6 +489,7 @@ def _operator_error(exc: BaseException) -> str | None:
 
     from risk_engine.detectors.spec import SpecError
     from risk_engine.dsl import DslErrors
+    from risk_engine.money import CurrencyConfigError
     from risk_engine.schema import ConfigError
     from risk_engine.storage.db import DatabaseUnavailable
     from risk_engine.vault import VaultKeyError
@@ -502,7 +503,7 @@ def _operator_error(exc: BaseException) -> str | None:
         return f"RISK_ENGINE_DATABASE_URL is not a database URL ({exc})"
     if isinstance(exc, VaultKeyError):
         return f"keys: {exc}"
-    if isinstance(exc, ConfigError | SpecError):  # rules/*.toml, models/*.toml
+    if isinstance(exc, ConfigError | SpecError | CurrencyConfigError):  # rules/*.toml, models/*.toml
         return str(exc)
     if isinstance(exc, DslErrors):  # a policy in rules/: every error, one line each
         return "a policy does not check (risk-engine rules check FILE):\n" + "\n".join(

@@ -60,6 +60,7 @@ from risk_engine.features.lists import (
 from risk_engine.features.velocity import GRACE_S, VelocityState
 from risk_engine.marketplace import MarketplaceState
 from risk_engine.merchants import rollup
+from risk_engine.money import BaseCurrency, load_base_currency
 from risk_engine.payments import PaymentIn
 from risk_engine.pipeline import ModelScore, Verdict, decide, decision_for
 from risk_engine.schema import FieldType, SubjectSchema, load_attribute_declarations
@@ -417,6 +418,7 @@ class RiskEngine:
         self.subjects: dict[str, SubjectRuntime] = {}
         self.list_decls: dict[str, ListDecl] = {}
         self.lists = ListMatcher({})
+        self.base_currency: BaseCurrency | None = None
         self._lists_signature = (0, 0, 0)
         self.counters = _Counters()
         self._lock = threading.RLock()
@@ -496,6 +498,7 @@ class RiskEngine:
     def _load_subjects(self) -> None:
         envs, models, self.list_decls = load_environments(self.settings)
         self.environments = envs
+        self.base_currency = load_base_currency(self.settings.rules_dir / "currencies.toml")
         self._seed_policies(envs)
         for subject, env in envs.items():
             policy = self._published_policy(subject, envs)
@@ -1364,6 +1367,11 @@ class RiskEngine:
             if self._marketplace_stale:
                 self._refresh_marketplace()
             self.marketplace.enrich(subject, record, ts)  # seller credit, flag, order link: stored with the record
+            if self.base_currency is not None and "amount.major" in record:
+                # after the request hash, as the enrichment: new rates do not make a replay a conflict
+                base = self.base_currency.convert(record["amount.major"], record["amount.currency"])
+                if base is not None:
+                    record["amount.base"] = base
             ev = self._evaluate(rt, record, ts, seq)
             verdict, aggs, vectors, scores = ev.verdict, ev.aggregates, ev.vectors, ev.scores
             elapsed_ms = round((time.perf_counter() - started) * 1000, 3)

@@ -77,6 +77,7 @@ MERCHANT_SCHEMA = SubjectSchema(
             FieldSpec("order_id", S, "the order concerned"),
             FieldSpec("item_id", S, "the listing concerned"),
             FieldSpec("amount.major", N, "amount in major units"),
+            FieldSpec("amount.base", N, "amount in the base currency's major units (rules/currencies.toml)"),
             FieldSpec("amount.currency", S, "ISO 4217 code"),
             FieldSpec("price_change", N, "price_changed: new price / old price (1.0 = unchanged)"),
             FieldSpec("late", B, "order_shipped after the promised time"),
@@ -205,7 +206,8 @@ def rollup(day: str, end: Any, events: list[tuple[str, dict[str, Any], str]]) ->
         if subject == "payment":
             if decision != "block":
                 t["orders"] += 1
-                t["gmv"] += float(record.get("amount.major") or 0.0)
+                # in the base currency when the payment had a rate (a record stored before rates: as paid)
+                t["gmv"] += float(record.get("amount.base", record.get("amount.major")) or 0.0)
             continue
         kind = record.get("type")
         if kind == "refund_issued":

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 # ISO 4217 active codes and their minor-unit exponents (number of decimal places).
 _EXPONENT_0 = "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX UYI VND VUV XAF XOF XPF"
@@ -74,3 +78,53 @@ class Money:
         sign = "-" if self.value < 0 else ""
         whole, frac = divmod(abs(self.value), 10**exp)
         return f"{sign}{whole}.{frac:0{exp}d} {self.currency}" if exp else f"{sign}{whole} {self.currency}"
+
+
+@dataclass(frozen=True, slots=True)
+class BaseCurrency:
+    """The platform's base currency and what one major unit of each other currency is worth in it, so rules
+    compare and sum amounts paid in different currencies (``amount.base``). For scoring only: no money is
+    converted or moved with these rates."""
+
+    code: str
+    rates: Mapping[str, float]
+
+    def convert(self, major: float, currency: str) -> float | None:
+        """``major`` units of ``currency`` in the base currency's major units; None without a rate."""
+        if currency == self.code:
+            return major
+        rate = self.rates.get(currency)
+        return major * rate if rate is not None else None
+
+
+class CurrencyConfigError(ValueError):
+    """``currencies.toml`` does not say what it must."""
+
+
+def load_base_currency(path: Path) -> BaseCurrency | None:
+    """Read ``currencies.toml`` (``base = "CNY"`` and ``[rates] USD = 7.1``); None if there is no such file."""
+    if not path.exists():
+        return None
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise CurrencyConfigError(f"{path}: {exc}") from exc
+    unknown = set(data) - {"base", "rates"}
+    if unknown:
+        raise CurrencyConfigError(f"{path}: unknown key {sorted(unknown)[0]!r}; expected base and [rates]")
+    base = data.get("base")
+    if not isinstance(base, str) or base not in CURRENCY_EXPONENTS:
+        raise CurrencyConfigError(f'{path}: base must be an ISO 4217 code such as "CNY", not {base!r}')
+    rates: dict[str, float] = {}
+    raw = data.get("rates", {})
+    if not isinstance(raw, dict):
+        raise CurrencyConfigError(f"{path}: [rates] must be a table of CODE = rate")
+    for code, rate in raw.items():
+        if code not in CURRENCY_EXPONENTS:
+            raise CurrencyConfigError(f"{path}: rates: {code!r} is not an ISO 4217 code")
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not math.isfinite(rate) or rate <= 0:
+            raise CurrencyConfigError(f"{path}: rates: {code} = {rate!r} is not a positive number")
+        rates[code] = float(rate)
+    if rates.get(base, 1.0) != 1.0:
+        raise CurrencyConfigError(f"{path}: rates: the base currency {base} is worth 1, not {rates[base]}")
+    return BaseCurrency(base, rates)

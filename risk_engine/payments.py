@@ -197,6 +197,7 @@ PAYMENT_SCHEMA = SubjectSchema(
             _spec("weekday", N, "day of week of occurred_at, Monday 0"),
             _spec("amount.value", N, "amount in minor units"),
             _spec("amount.major", N, "amount in major units (yuan, euros)"),
+            _spec("amount.base", N, "amount in the base currency's major units (rules/currencies.toml)"),
             _spec("amount.currency", S, "ISO 4217 code"),
             _spec("buyer.id", S, "buyer id"),
             _spec("buyer.account_age", D, "time since the buyer's account was created"),

@@ -371,3 +371,23 @@ def test_default_rule(rules_api: Api, rule: str, fire: bool) -> None:
         assert code in codes, (rule, result)
     else:
         assert code not in codes, (rule, result)
+
+
+def test_amount_rules_read_the_base_currency_and_sum_across_currencies(api: Api) -> None:
+    s = Scenario(api, "fx")
+    young = {"buyer.created_at": iso(T0 - timedelta(hours=2))}
+
+    def codes(**overrides: Any) -> list[str]:
+        return [r["code"] for r in s.pay(**young, **overrides)["reasons"] if r["source"] == "rule"]
+
+    # 1,000 USD is 7,100 CNY: a large ticket for a day-old account; 10,000 JPY (470 CNY) and a currency
+    # without a rate are not
+    assert "NEW_ACCOUNT_LARGE_TICKET" in codes(amount={"value": 100_000, "currency": "USD"})
+    assert "NEW_ACCOUNT_LARGE_TICKET" not in codes(amount={"value": 10_000, "currency": "JPY"})
+    assert "NEW_ACCOUNT_LARGE_TICKET" not in codes(amount={"value": 10_000_000, "currency": "BRL"})
+    # the buyer's day so far, in CNY: 7,100 + 470 (the BRL payment has none) + 3,850 for 500 EUR; then 1,000 GBP
+    # (9,000) takes it past 20,000
+    assert "BUYER_SPEND_SPIKE" not in codes(amount={"value": 50_000, "currency": "EUR"})
+    assert "BUYER_SPEND_SPIKE" in codes(amount={"value": 100_000, "currency": "GBP"})
+    stored = api.client.get(f"/v1/payments/fx_{s.n}", headers=api.headers()).json()
+    assert stored["aggregates"]["sum(amount.base by buyer.id within 1d)"] == pytest.approx(7_100 + 470 + 3_850)
