@@ -116,3 +116,21 @@ def test_a_claim_in_progress_refuses_a_retry_until_it_is_answered_or_abandoned(a
     expired = later + timedelta(seconds=idempotency.RETAIN_S + 1)
     assert idempotency.claim(db, "key1", "k", "POST", "/v1/x", "h3", expired).outcome == "new"
     assert idempotency.purge(db, expired + timedelta(seconds=idempotency.RETAIN_S + 1)) == 1
+
+
+def test_a_created_keys_secret_is_never_kept_for_a_replay(api: Api) -> None:
+    body = {"role": "scorer", "name": "checkout", "request_id": "rq_1"}
+    created = api.client.post("/v1/keys", json=body, headers=keyed(api, "create-1", "admin"))
+    assert created.status_code == 201, created.text
+    secret = created.json()["key"].split("_", 2)[2]
+    assert stored_keys(api) == 0  # nothing kept: the answer holds the secret
+    again = api.client.post("/v1/keys", json=body, headers=keyed(api, "create-1", "admin"))
+    assert again.status_code == 409 and secret not in again.text  # the request_id's own replay, no secret
+    with api.engine.db.connect() as conn:
+        bodies = conn.execute(select(m.IdempotencyKey.body)).scalars().all()
+    assert all(secret.encode() not in (b or b"") for b in bodies)
+    # revoking is kept as any other request: its answer holds no secret
+    revoke = f"/v1/keys/{created.json()['key_id']}/revoke"
+    first = api.client.post(revoke, headers=keyed(api, "revoke-1", "admin"))
+    retry = api.client.post(revoke, headers=keyed(api, "revoke-1", "admin"))
+    assert retry.headers["idempotent-replayed"] == "true" and retry.json() == first.json()

@@ -6,7 +6,8 @@ A pure ASGI layer, inside the request guard (body limits, media types) and outsi
 the API key that sent it, so the request is authenticated before anything is replayed. The same key with
 another request (method, path, query or body) is a 409, as is a retry while the first is still being
 answered. An answer of 5xx is not kept: the work did not happen, so a retry does it. The scoring endpoints
-are idempotent on the event's own id and are not looked at here.
+are idempotent on the event's own id and are not looked at here; nor is key creation, whose answer holds a
+secret that must never be stored (it is idempotent on its ``request_id``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from risk_engine.storage import idempotency
 from risk_engine.storage.db import DatabaseUnavailable
 
 HEADER = b"idempotency-key"
+# a created key's answer holds its secret, which is never stored: that request is idempotent on its request_id
+NEVER_KEPT = frozenset({"/v1/keys"})
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 MAX_KEY_LENGTH = 255
 
@@ -38,7 +41,12 @@ class IdempotencyKeys:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # the scoring hot path passes on the first test, before any header is read
-        if scope["type"] != "http" or scope["path"] in SCORING_PATHS or scope["method"] not in STATE_CHANGING:
+        if (
+            scope["type"] != "http"
+            or scope["path"] in SCORING_PATHS
+            or scope["method"] not in STATE_CHANGING
+            or scope["path"] in NEVER_KEPT
+        ):
             await self.app(scope, receive, send)
             return
         key, token = _headers(scope)
