@@ -15,6 +15,7 @@ from risk_engine.service.responses import JsonResponse
 from risk_engine.storage.db import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
+UNAVAILABLE = "storage is unavailable; nothing was decided or stored, retry later"
 
 
 def _field(loc: tuple[Any, ...] | list[Any]) -> str:
@@ -70,7 +71,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unavailable(_: Request, exc: DatabaseUnavailable) -> JsonResponse:
         log.error("database unavailable: %s", exc)
         return JsonResponse(
-            error_body("unavailable", "storage is unavailable; nothing was decided or stored, retry later"),
+            error_body("unavailable", UNAVAILABLE),
             503,
             headers={"Retry-After": "1"},
         )

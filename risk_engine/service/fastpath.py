@@ -116,12 +116,16 @@ def _headers(scope: Scope) -> tuple[str | None, bool]:
     json_body = False
     for name, value in scope["headers"]:
         if name == b"authorization":
-            scheme, _, credentials = value.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and credentials:
-                token = credentials.strip()
+            token = bearer_token(value)
         elif name == b"content-type":
             json_body = value.split(b";", 1)[0].strip().lower() == b"application/json"
     return token, json_body
+
+
+def bearer_token(authorization: bytes) -> str | None:
+    """The token of an ``Authorization: Bearer ...`` header's value, or None."""
+    scheme, _, credentials = authorization.decode("latin-1").partition(" ")
+    return credentials.strip() if scheme.lower() == "bearer" and credentials else None
 
 
 async def read_body(receive: Receive) -> tuple[bytes, Message | None]:

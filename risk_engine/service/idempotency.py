@@ -16,12 +16,13 @@ import hashlib
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from sqlalchemy.exc import DBAPIError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from risk_engine.engine import RiskEngine
-from risk_engine.service.fastpath import SCORING_PATHS, read_body, replay_receive
+from risk_engine.service.errors import UNAVAILABLE, error_body
+from risk_engine.service.fastpath import SCORING_PATHS, bearer_token, read_body, replay_receive
+from risk_engine.service.responses import send_json, send_raw
 from risk_engine.storage import idempotency
 from risk_engine.storage.db import DatabaseUnavailable
 
@@ -55,7 +56,8 @@ class IdempotencyKeys:
             return
         if not key or len(key) > MAX_KEY_LENGTH or not key.isascii() or not key.isprintable():
             reason = f"1 to {MAX_KEY_LENGTH} printable ASCII characters"
-            await _send_json(send, 422, _error("invalid_request", "the request failed validation", reason))
+            errors = [{"field": "Idempotency-Key", "reason": reason}]
+            await send_json(send, 422, error_body("invalid_request", "the request failed validation", errors))
             return
         engine: RiskEngine | None = getattr(self.fastapi_app.state, "engine", None)
         try:
@@ -76,22 +78,22 @@ class IdempotencyKeys:
                 engine.db, principal.key_id, key, scope["method"], path, digest, datetime.now(UTC)
             )
         except DBAPIError:
-            await _send_json(send, 503, {"error": "unavailable", "message": "storage is unavailable; retry later"})
+            await send_json(send, 503, error_body("unavailable", UNAVAILABLE), [(b"retry-after", b"1")])
             return
         if claim.outcome == "replay":
             headers = [
                 (b"content-type", (claim.content_type or "application/json").encode("latin-1")),
                 (b"idempotent-replayed", b"true"),
             ]
-            await _send(send, claim.status or 200, headers, claim.body or b"")
+            await send_raw(send, claim.status or 200, headers, claim.body or b"")
             return
         if claim.outcome == "conflict":
             message = f"Idempotency-Key {key} was sent with another request ({claim.first_request}); use a new key"
-            await _send_json(send, 409, {"error": "conflict", "message": message})
+            await send_json(send, 409, error_body("conflict", message))
             return
         if claim.outcome == "in_progress":
             message = f"the request with Idempotency-Key {key} is still being answered; retry shortly"
-            await _send_json(send, 409, {"error": "conflict", "message": message}, [(b"retry-after", b"1")])
+            await send_json(send, 409, error_body("conflict", message), [(b"retry-after", b"1")])
             return
         assert claim.row_id is not None
         await self._answer_and_keep(scope, replay_receive(body, receive), send, engine, claim.row_id)
@@ -130,23 +132,5 @@ def _headers(scope: Scope) -> tuple[str | None, str | None]:
         if name == HEADER:
             key = value.decode("latin-1").strip()
         elif name == b"authorization":
-            scheme, _, credentials = value.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and credentials:
-                token = credentials.strip()
+            token = bearer_token(value)
     return key, token
-
-
-def _error(kind: str, message: str, reason: str) -> dict[str, Any]:
-    return {"error": kind, "message": message, "errors": [{"field": "Idempotency-Key", "reason": reason}]}
-
-
-async def _send_json(
-    send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    await _send(send, status, [(b"content-type", b"application/json"), *(headers or [])], orjson.dumps(body))
-
-
-async def _send(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-    headers = [*headers, (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})

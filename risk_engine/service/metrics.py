@@ -7,13 +7,14 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import orjson
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from risk_engine.engine import RiskEngine
+from risk_engine.service.errors import error_body
+from risk_engine.service.responses import send_json
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -88,8 +89,8 @@ class RequestGuard:
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
-                    too_big = int(value) > limit
-                    has_body = has_body or int(value) > 0
+                    length = int(value)
+                    too_big, has_body = length > limit, has_body or length > 0
                 except ValueError:
                     too_big = True
                 if too_big:
@@ -104,7 +105,7 @@ class RequestGuard:
                 encoding = value.decode("latin-1").strip().lower()
         unsupported = _unsupported_media(has_body, content_type, encoding)
         if unsupported is not None:
-            await _reject(send, 415, b"unsupported_media_type", unsupported.encode())
+            await send_json(send, 415, error_body("unsupported_media_type", unsupported))
             self._observe(scope, 415, started)
             return
         received = 0
@@ -159,17 +160,5 @@ def _unsupported_media(has_body: bool, content_type: str | None, encoding: str |
     return None
 
 
-async def _reject(send: Send, status: int, kind: bytes, message: bytes) -> None:
-    body = b'{"error":"' + kind + b'","message":' + orjson.dumps(message.decode()) + b"}"
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
 async def _reject_413(send: Send, limit: int) -> None:
-    await _reject(send, 413, b"too_large", b"request body exceeds " + str(limit).encode() + b" bytes")
+    await send_json(send, 413, error_body("too_large", f"request body exceeds {limit} bytes"))

@@ -3,11 +3,13 @@ answer of any scoring endpoint."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 from fastapi import Request, Response
 from starlette.responses import JSONResponse
+from starlette.types import Send
 
 from risk_engine.engine import ScoreOutcome
 
@@ -26,3 +28,20 @@ async def answer(outcome: ScoreOutcome, request: Request) -> Response:
     outcome.raise_if_not_stored()
     headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
     return Response(outcome.body, media_type="application/json", headers=headers)
+
+
+async def send_raw(send: Send, status: int, headers: Sequence[tuple[bytes, bytes]], body: bytes) -> None:
+    """An answer sent straight through ASGI, by the layers in front of FastAPI."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*headers, (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_json(send: Send, status: int, body: dict[str, Any], headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    """A JSON answer (an error's shape is ``errors.error_body``) sent straight through ASGI."""
+    await send_raw(send, status, [(b"content-type", b"application/json"), *headers], orjson.dumps(body))
