@@ -199,31 +199,22 @@ def create_api_key(
         request_id=request_id,
     )
 
-    def already_created() -> Conflict | None:
-        if request_id is None:
-            return None
-        with Session(db) as s:
-            earlier = s.scalars(select(m.ApiKey).where(m.ApiKey.request_id == request_id)).first()
-            if earlier is None:
-                return None
-            return Conflict(
-                f"request_id {request_id} already created key {earlier.key_id}; its secret is shown only once: "
-                "if that answer was lost, revoke the key and create another with a new request_id"
-            )
-
-    conflict = already_created()
-    if conflict is not None:
-        raise conflict
     try:
         with Session(db, expire_on_commit=False) as s:
             s.add(row)
             audit(s, actor, "key.create", f"key:{key_id}", None, {"role": role, "name": name})
             s.commit()
-    except IntegrityError:
-        conflict = already_created()  # a concurrent replay of the same request won the race
-        if conflict is None:
+    except IntegrityError:  # the request id's unique index: an earlier (or concurrent) attempt made the key
+        if request_id is None:
             raise
-        raise conflict from None
+        with Session(db) as s:
+            earlier = s.scalars(select(m.ApiKey).where(m.ApiKey.request_id == request_id)).first()
+        if earlier is None:
+            raise
+        raise Conflict(
+            f"request_id {request_id} already created key {earlier.key_id}; its secret is shown only once: "
+            "if that answer was lost, revoke the key and create another with a new request_id"
+        ) from None
     return f"rk_{key_id}_{secret}", api_key_view(row)
 
 
@@ -674,9 +665,8 @@ class RiskEngine:
 
     def _load_lists(self) -> None:
         self.lists = ListMatcher(self.list_decls)
-        self._lists_signature = list_entries.list_signature(
-            self.db
-        )  # read before the entries: a change between is seen later
+        # the signature is read before the entries, so a change made in between is seen by the next poll
+        self._lists_signature = list_entries.list_signature(self.db)
         rows = retry_on_race(self._seed_list_entries)  # another worker starting at once may seed them first
         self.lists.load((ListEntry(r.list_name, r.token, r.expires_at) for r in rows), now_utc())
 
