@@ -236,7 +236,7 @@ def _list_context(list_name: str) -> tuple[Engine, Vault, ListDecl]:
     """What editing a list needs without an engine: the migrated database, the vault (for blind indexes) and
     the list's declaration; exits 1 naming the declared lists when there is no such list."""
     from risk_engine.features.lists import load_list_declarations
-    from risk_engine.vault import Vault, load_or_create_key
+    from risk_engine.vault import Vault
 
     settings = Settings()
     decls = load_list_declarations(settings.rules_dir / "lists.toml")
@@ -244,9 +244,7 @@ def _list_context(list_name: str) -> tuple[Engine, Vault, ListDecl]:
         typer.echo(f"no list {list_name}; lists: {', '.join(sorted(decls))}", err=True)
         raise typer.Exit(1)
     db = _migrated_database(settings)
-    master = load_or_create_key(settings.master_key, settings.home / "master.key", "master_key")
-    blind = load_or_create_key(settings.blind_index_key, settings.home / "blind_index.key", "blind_index_key")
-    return db, Vault(master, blind), decls[list_name]
+    return db, Vault.from_settings(settings), decls[list_name]
 
 
 def _list_token(decl: ListDecl, value: str, vault: Vault) -> str:

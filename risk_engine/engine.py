@@ -442,10 +442,9 @@ class RiskEngine:
             migrate(db)
         except OperationalError as exc:
             raise DatabaseUnavailable(f"cannot reach the database: {type(exc).__name__}") from exc
-        master = load_or_create_key(settings.master_key, settings.home / "master.key", "master_key")
-        blind = load_or_create_key(settings.blind_index_key, settings.home / "blind_index.key", "blind_index_key")
+        vault = Vault.from_settings(settings)
         signing = load_or_create_key(settings.signing_key, settings.home / "signing.key", "signing_key")
-        engine = cls(settings, db, Vault(master, blind), signing)
+        engine = cls(settings, db, vault, signing)
         engine._load_data_keys()
         engine._load_subjects()
         engine._load_lists()

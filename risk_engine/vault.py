@@ -19,9 +19,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+if TYPE_CHECKING:
+    from risk_engine.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +127,14 @@ class Vault:
         self._deks: dict[str, AESGCM] = {}
         self._active_id: str | None = None
         self._nonce_counter = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Vault:
+        """The vault of ``settings``: its keys from the environment, or from key files under the home (made,
+        with a warning, on first use)."""
+        master = load_or_create_key(settings.master_key, settings.home / "master.key", "master_key")
+        blind = load_or_create_key(settings.blind_index_key, settings.home / "blind_index.key", "blind_index_key")
+        return cls(master, blind)
 
     # -- data keys -------------------------------------------------------------------------------------
     def new_data_key(self) -> WrappedDataKey:
