@@ -13,6 +13,7 @@ secret that must never be stored (it is idempotent on its ``request_id``).
 from __future__ import annotations
 
 import hashlib
+import hmac
 from datetime import UTC, datetime
 from typing import Any
 
@@ -72,7 +73,9 @@ class IdempotencyKeys:
             await self.app(scope, replay_receive(body, receive, more), send)
             return
         path = scope["path"] + (f"?{scope['query_string'].decode('latin-1')}" if scope.get("query_string") else "")
-        digest = hashlib.sha256(b"\0".join((scope["method"].encode(), path.encode(), body))).hexdigest()
+        # keyed: a body may carry PII (a list value, an IP), and no unkeyed digest of PII is stored
+        signed = b"\0".join((scope["method"].encode(), path.encode(), body))
+        digest = hmac.new(engine.signing_key, signed, hashlib.sha256).hexdigest()
         try:
             claim = idempotency.claim(
                 engine.db, principal.key_id, key, scope["method"], path, digest, datetime.now(UTC)
