@@ -411,6 +411,7 @@ class RiskEngine:
         self.lists = ListMatcher({})
         self.base_currency: BaseCurrency | None = None
         self._lists_signature = (0, 0, 0)
+        self._lists_edits = 0  # this process's own list edits, so a reload read before one does not undo it
         self.counters = _Counters()
         self._lock = threading.RLock()
         self._recent: OrderedDict[str, Pending] = OrderedDict()
@@ -672,6 +673,8 @@ class RiskEngine:
     def refresh_lists(self) -> bool:
         """Pick up list entries other processes (workers, ``risk-engine lists``) added, changed or removed.
         True if the lists were reloaded."""
+        with self._lock:
+            edits = self._lists_edits
         signature = list_entries.list_signature(self.db)
         if signature == self._lists_signature:
             return False
@@ -679,6 +682,10 @@ class RiskEngine:
         fresh = ListMatcher(self.list_decls)
         fresh.load((ListEntry(r.list_name, r.token, r.expires_at) for r in rows), now_utc())
         with self._lock:
+            if self._lists_edits != edits:
+                # an edit here landed while the rows were read: they may not hold it, the matcher in use does;
+                # the signature stays old, so the next poll reloads with it
+                return False
             self.lists = fresh
             self._lists_signature = signature
         return True
@@ -1827,6 +1834,7 @@ class RiskEngine:
         row = list_entries.add_entry(self.db, list_name, token, display, actor, expires_at, note)
         with self._lock:
             self.lists.add(ListEntry(list_name, token, row.expires_at), now_utc())
+            self._lists_edits += 1
         return {
             "list": list_name,
             "entry": display,
@@ -1857,6 +1865,7 @@ class RiskEngine:
             return False
         with self._lock:
             self.lists.remove(list_name, token, now_utc())
+            self._lists_edits += 1
         return True
 
     # -- audit and introspection -------------------------------------------------------------------------------

@@ -3,9 +3,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import pytest
+from sqlalchemy import Engine
+
+from risk_engine.storage import list_entries
 from tests.conftest import Api, make_settings, open_api, payment
 
 
@@ -83,3 +89,32 @@ def test_an_expiry_in_the_past_is_refused(api: Api) -> None:
     assert response.status_code == 422, response.text
     assert response.json()["errors"][0]["field"] == "expires_at"
     assert api.client.get("/v1/lists/blocked_devices/entries", headers=api.headers("analyst")).json() == []
+
+
+def test_a_reload_that_read_the_rows_before_an_edit_here_does_not_undo_it(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings(tmp_path / "var", database_url, policy_poll_s=3600)  # refreshed by hand below
+    client_a, a = open_api(settings)
+    client_b, b = open_api(settings)
+    h = a.headers("analyst")
+    try:
+        assert a.client.post("/v1/lists/blocked_devices/entries", json={"value": "dev_y"}, headers=h).status_code == 201
+        read_rows = list_entries.all_entries
+
+        def rows_then_an_edit_here(db: Engine) -> Sequence[Any]:
+            rows = read_rows(db)  # the poller has read the rows: then an analyst's add reaches this worker
+            b.engine.add_list_entry("blocked_devices", "dev_x", "analyst:test")
+            return rows
+
+        monkeypatch.setattr(list_entries, "all_entries", rows_then_an_edit_here)
+        assert b.engine.refresh_lists() is False  # the rows read may lack the edit: kept for the next poll
+        monkeypatch.setattr(list_entries, "all_entries", read_rows)
+        assert decides(b, "p1", 1)[0] == "block"  # dev_x, added here, is enforced at once
+        assert b.engine.refresh_lists() is True  # and the next poll brings the other worker's dev_y too
+        assert decides(b, "p2", 2)[0] == "block"
+        y = payment(payment_id="p3", occurred_at="2026-11-22T10:03:00Z", **{"device.id": "dev_y"})
+        assert "BLOCKED_DEVICE" in [r["code"] for r in b.score(y)["reasons"]]
+    finally:
+        client_b.__exit__(None, None, None)
+        client_a.__exit__(None, None, None)
