@@ -11,14 +11,16 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from risk_engine.dsl import CompiledPolicy, Decision, aggregate_union
 from risk_engine.features.velocity import VelocityState
 from risk_engine.pipeline import decision_for
+
+EXAMPLES_PER_TRANSITION = 10  # the latest events of each changed decision, for an analyst to open one by one
 
 
 @dataclass(slots=True)  # not frozen: a frozen init costs a setattr call per field, on every replayed event
@@ -70,6 +72,8 @@ class BacktestReport:
     published: VersionResult
     changed: int
     transitions: dict[str, int]
+    transition_fraud: dict[str, int]  # of each transition's events, how many are labelled fraud
+    examples: dict[str, list[dict[str, Any]]]  # per transition, its latest events: id, label, scores, rules fired
     live_mismatches: int
     events_per_s: float
 
@@ -118,20 +122,31 @@ def run_backtest(
     labelled = mismatches = 0
     n = 0
     live_label = published[0]
+    examples: dict[str, deque[dict[str, Any]]] = {}
+    transition_fraud: Counter[str] = Counter()
     for event in events:
         aggregates = velocity.query(event.record, event.ts)
         if event.ts >= since_ts:
             points = event.model_points
+            outcomes: list[tuple[Decision, int, Sequence[int]]] = []
             for k, policy in enumerate(policies):
                 hits = policy.evaluate(event.record, aggregates, lists, event.model_scores)
                 decision, score = decision_for(policy, hits, points)
                 decided[k].append(decision)
+                outcomes.append((decision, score, hits))
                 counts = hit_counts[k]
                 for i in hits:
                     counts[i] += 1
                 if k == 1 and event.live_policy == live_label:
                     # Decision is a StrEnum: it compares equal to the stored text
                     mismatches += decision != event.live_decision or score != event.live_score
+            if outcomes[0][0] is not outcomes[1][0]:
+                transition = f"{outcomes[1][0].value}->{outcomes[0][0].value}"
+                transition_fraud[transition] += bool(event.fraud)
+                kept = examples.get(transition)
+                if kept is None:
+                    kept = examples[transition] = deque(maxlen=EXAMPLES_PER_TRANSITION)
+                kept.append(_example(event, policies, outcomes))
             fraud.append(bool(event.fraud))
             labelled += event.fraud is not None
             n += 1
@@ -162,9 +177,28 @@ def run_backtest(
         published=results[1],
         changed=sum(transitions.values()),
         transitions=dict(transitions.most_common()),
+        transition_fraud={t: transition_fraud[t] for t in transitions},
+        examples={t: list(examples[t]) for t in transitions},
         live_mismatches=mismatches,
         events_per_s=round(n / elapsed, 1) if elapsed else 0.0,
     )
+
+
+def _example(
+    event: StoredEvent,
+    policies: tuple[CompiledPolicy, CompiledPolicy],
+    outcomes: list[tuple[Decision, int, Sequence[int]]],
+) -> dict[str, Any]:
+    """A changed decision as the report shows it: the event, its label, each version's score and rules."""
+    (_, draft_score, draft_hits), (_, published_score, published_hits) = outcomes
+    return {
+        "event_id": event.event_id,
+        "label": None if event.fraud is None else "fraud" if event.fraud else "legitimate",
+        "published_score": published_score,
+        "draft_score": draft_score,
+        "published_rules": [policies[1].rules[i].name for i in published_hits],
+        "draft_rules": [policies[0].rules[i].name for i in draft_hits],
+    }
 
 
 @dataclass

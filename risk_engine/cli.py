@@ -160,6 +160,11 @@ def rules_backtest(
     )
     typer.echo(f"  {'decisions':22s} {p.label}: {p.decisions}   {d.label}: {d.decisions}")
     typer.echo(f"  changed {report.changed}: {report.transitions}")
+    for transition, count in report.transitions.items():
+        latest = ", ".join(e["event_id"] for e in report.examples[transition])
+        typer.echo(
+            f"    {transition:18s} {count} ({report.transition_fraud[transition]} labelled fraud), latest: {latest}"
+        )
     for name, q_p, q_d in (("block", p.block, d.block), ("block or review", p.block_or_review, d.block_or_review)):
         typer.echo(
             f"  {name:22s} precision {q_p.precision} -> {q_d.precision}   recall {q_p.recall} -> "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import threading
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from risk_engine.backtest import BacktestReport, Job, run_backtest
+from risk_engine.backtest import EXAMPLES_PER_TRANSITION, BacktestReport, Job, run_backtest
 from risk_engine.dsl import CompiledPolicy, DslError, DslErrors, compile_policy
 from risk_engine.engine import Conflict, NotFound, RiskEngine, now_utc
 from risk_engine.features.velocity import GRACE_S
@@ -259,12 +259,15 @@ class PolicyWorkflow:
                 raise NotFound(f"no {subject} policy is in shadow")
             label = f"{subject}:v{row.version}"
             records = s.execute(
-                select(m.Event.decision, m.Event.shadow).where(m.Event.subject == subject, m.Event.shadow.is_not(None))
+                select(m.Event.event_id, m.Event.decision, m.Event.score, m.Event.shadow)
+                .where(m.Event.subject == subject, m.Event.shadow.is_not(None))
+                .order_by(m.Event.ingest_seq)
             ).all()
         transitions: Counter[str] = Counter()
         hits: Counter[str] = Counter()
+        examples: dict[str, deque[dict[str, Any]]] = {}
         events = agreed = 0
-        for live, shadow in records:
+        for event_id, live, live_score, shadow in records:
             if shadow.get("version") != label:
                 continue
             events += 1
@@ -272,7 +275,17 @@ class PolicyWorkflow:
             if shadow["decision"] == live:
                 agreed += 1
             else:
-                transitions[f"{live}->{shadow['decision']}"] += 1
+                transition = f"{live}->{shadow['decision']}"
+                transitions[transition] += 1
+                kept = examples.setdefault(transition, deque(maxlen=EXAMPLES_PER_TRANSITION))
+                kept.append(
+                    {
+                        "event_id": event_id,
+                        "live_score": live_score,
+                        "shadow_score": shadow.get("score"),
+                        "shadow_rules": shadow.get("rules", []),
+                    }
+                )
         return {
             "subject": subject,
             "shadow": label,
@@ -281,6 +294,7 @@ class PolicyWorkflow:
             "agreed": agreed,
             "disagreed": events - agreed,
             "transitions": dict(transitions.most_common()),
+            "examples": {t: list(examples[t]) for t in transitions},
             "rule_hits": dict(hits.most_common()),
         }
 

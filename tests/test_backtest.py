@@ -9,8 +9,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
+from risk_engine import backtest
 from risk_engine.backtest import Cancelled, Jobs
 from risk_engine.policies import PolicyWorkflow
 from risk_engine.storage import models as m
@@ -54,6 +56,40 @@ def test_a_stricter_draft_only_moves_decisions_up(api: Api) -> None:
     for transition in report.transitions:
         before, after = transition.split("->")
         assert order.index(after) > order.index(before), transition
+
+
+def test_the_report_names_the_latest_events_whose_decision_changed(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    for p in traffic(300):
+        api.score(p)
+    stricter = DEFAULT.replace("challenge at 35", "challenge at 10").replace("review at 60", "review at 30")
+    monkeypatch.setattr(backtest, "EXAMPLES_PER_TRANSITION", 100_000)
+    every = PolicyWorkflow(api.engine).backtest("payment", stricter, "stricter", since_s=90 * 86400)
+    changed = {t: [e["event_id"] for e in every.examples[t]] for t in every.transitions}
+    assert {t: len(ids) for t, ids in changed.items()} == every.transitions
+    fraud = [ids[0] for ids in changed.values()]  # one labelled fraud, one legitimate per transition
+    legit = [ids[-1] for ids in changed.values() if len(ids) > 1]
+    api.engine.record_labels([(e, "chargeback", None) for e in fraud], source="test")
+    api.engine.record_labels([(e, "legitimate", None) for e in legit], source="test")
+    monkeypatch.undo()
+
+    report = PolicyWorkflow(api.engine).backtest("payment", stricter, "stricter", since_s=90 * 86400)
+    assert report.transitions == every.transitions
+    assert report.transition_fraud == {t: 1 for t in report.transitions}
+    with api.engine.db.connect() as conn:
+        live = dict(conn.execute(select(m.Event.event_id, m.Event.decision)).all())
+    for transition, examples in report.examples.items():
+        before, _ = transition.split("->")
+        assert [e["event_id"] for e in examples] == changed[transition][-10:]  # the latest ten, oldest first
+        for e in examples:
+            assert live[e["event_id"]] == before
+            assert e["draft_score"] >= e["published_score"]
+            expected = "fraud" if e["event_id"] in fraud else "legitimate" if e["event_id"] in legit else None
+            assert e["label"] == expected
+    assert any(e["label"] == "fraud" for examples in report.examples.values() for e in examples) == any(
+        len(ids) <= 10 for ids in changed.values()
+    )
+    printed = report.as_dict()
+    assert printed["examples"] == report.examples and printed["transition_fraud"] == report.transition_fraud
 
 
 def test_quality_against_labels(api: Api) -> None:
@@ -139,8 +175,14 @@ def test_rules_backtest_command_ends_with_json(tmp_path: Path) -> None:
     finally:
         client.__exit__(None, None, None)
     draft = tmp_path / "draft.rules"
-    draft.write_text(DEFAULT.replace("block at 85", "block at 70"))
+    draft.write_text(DEFAULT.replace("challenge at 35", "challenge at 10").replace("review at 60", "review at 30"))
     result = run_cli("rules", "backtest", str(draft), "--since", "7d", home=tmp_path / "var")
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["events"] == 120 and figures["live_mismatches"] == 0
+    assert figures["changed"] > 0
+    lines = result.stdout.splitlines()
+    for transition, count in figures["transitions"].items():  # each change, with the events to open
+        latest = ", ".join(e["event_id"] for e in figures["examples"][transition])
+        printed = f"{count} ({figures['transition_fraud'][transition]} labelled fraud), latest: {latest}"
+        assert any(line.split() == [transition, *printed.split()] for line in lines), (transition, lines)

@@ -189,6 +189,20 @@ def test_a_shadow_version_is_scored_and_recorded_but_never_decides(api: Api) -> 
     assert report["rule_hits"]["seller_day_volume"] >= 1
     with api.engine.db.connect() as conn:
         recorded = conn.execute(select(m.Event.shadow).where(m.Event.event_id == "big")).scalar_one()
+        rows = conn.execute(
+            select(m.Event.event_id, m.Event.decision, m.Event.shadow).order_by(m.Event.ingest_seq)
+        ).all()
+    disagreeing: dict[str, list[str]] = {}
+    for event_id, decision, shadow in rows:
+        if shadow is not None and shadow["decision"] != decision:
+            disagreeing.setdefault(f"{decision}->{shadow['decision']}", []).append(event_id)
+    assert {t: len(ids) for t, ids in disagreeing.items()} == report["transitions"]
+    for transition, examples in report["examples"].items():  # the latest ten of each, to open one by one
+        assert [e["event_id"] for e in examples] == disagreeing[transition][-10:]
+    assert any(len(ids) > 10 for ids in disagreeing.values())
+    (big_example,) = [e for kept in report["examples"].values() for e in kept if e["event_id"] == "big"]
+    assert "seller_day_volume" in big_example["shadow_rules"]  # what the shadow saw that live did not
+    assert (big_example["live_score"], big_example["shadow_score"]) == (big["score"], recorded["score"])
     assert recorded["version"] == "payment:v2" and "seller_day_volume" in recorded["rules"]
 
     stopped = api.client.delete("/v1/policies/payment/shadow", headers=api.headers("analyst"))
