@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,6 +17,7 @@ from typing import Any
 
 from risk_engine.dsl import CompiledPolicy, Decision, aggregate_union
 from risk_engine.features.velocity import VelocityState
+from risk_engine.jobs import Cancelled
 from risk_engine.pipeline import decision_for
 
 EXAMPLES_PER_TRANSITION = 10  # the latest events of each changed decision, for an analyst to open one by one
@@ -80,10 +80,6 @@ class BacktestReport:
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready."""
         return asdict(self)
-
-
-class Cancelled(Exception):
-    """The backtest was cancelled."""
 
 
 def _quality(predicted: list[bool], fraud: list[bool]) -> AlertQuality:
@@ -199,84 +195,3 @@ def _example(
         "published_rules": [policies[1].rules[i].name for i in published_hits],
         "draft_rules": [policies[0].rules[i].name for i in draft_hits],
     }
-
-
-@dataclass
-class Job:
-    """A background job's state, as the API shows it."""
-
-    id: str
-    kind: str
-    target: str = ""  # what it works on: "payment:v2 since 30d"
-    state: str = "running"  # running | done | failed | cancelled
-    processed: int = 0
-    started_at: float = field(default_factory=time.time)
-    finished_at: float | None = None
-    result: dict[str, Any] | None = None
-    error: str | None = None
-    cancel: threading.Event = field(default_factory=threading.Event, repr=False)
-
-    def view(self) -> dict[str, Any]:
-        """JSON-ready, without the cancel flag."""
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "target": self.target,
-            "state": self.state,
-            "processed": self.processed,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "result": self.result,
-            "error": self.error,
-        }
-
-
-class Jobs:
-    """Long work (backtests) on background threads, with progress and cancellation."""
-
-    def __init__(self, keep: int = 100) -> None:
-        self._jobs: dict[str, Job] = {}
-        self._lock = threading.Lock()
-        self.keep = keep
-
-    def start(self, kind: str, work: Callable[[Job], dict[str, Any]], target: str = "") -> Job:
-        """Run ``work(job)`` on a thread; it reports progress in ``job.processed``, checks ``job.cancel``."""
-        job = Job(id=f"{kind}_{uuid.uuid4().hex[:12]}", kind=kind, target=target)
-        with self._lock:
-            self._jobs[job.id] = job
-            while len(self._jobs) > self.keep:
-                oldest = next(iter(self._jobs))
-                if self._jobs[oldest].state == "running":
-                    break
-                del self._jobs[oldest]
-
-        def run() -> None:
-            try:
-                job.result = work(job)
-                job.state = "done"
-            except Cancelled:
-                job.state = "cancelled"
-            except Exception as exc:  # the job's failure is reported through the API, not raised
-                job.state = "failed"
-                job.error = f"{type(exc).__name__}: {exc}"
-            finally:
-                job.finished_at = time.time()
-
-        threading.Thread(target=run, name=job.id, daemon=True).start()
-        return job
-
-    def recent(self) -> list[Job]:
-        """The jobs kept (the last ``keep``), newest first."""
-        with self._lock:
-            return list(reversed(self._jobs.values()))
-
-    def get(self, job_id: str) -> Job | None:
-        """A job by id."""
-        return self._jobs.get(job_id)
-
-    def cancel(self, job_id: str) -> Job | None:
-        """Ask a running job to stop."""
-        job = self._jobs.get(job_id)
-        if job is not None:
-            job.cancel.set()
-        return job

@@ -19,10 +19,11 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from risk_engine.backtest import EXAMPLES_PER_TRANSITION, BacktestReport, Job, run_backtest
+from risk_engine.backtest import EXAMPLES_PER_TRANSITION, BacktestReport, run_backtest
 from risk_engine.dsl import CompiledPolicy, DslError, DslErrors, compile_policy
 from risk_engine.engine import Conflict, NotFound, RiskEngine, now_utc
 from risk_engine.features.velocity import GRACE_S
+from risk_engine.jobs import Job
 from risk_engine.storage import models as m
 from risk_engine.storage.db import retry_on_race
 

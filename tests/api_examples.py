@@ -15,6 +15,7 @@ VOLATILE = {
     "elapsed_ms",
     "received_at",
     "added_by",
+    "started_by",
     "at",
     "actor",
     "created_at",

@@ -6,20 +6,25 @@ import json
 import threading
 import time
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from risk_engine import backtest
-from risk_engine.backtest import Cancelled, Jobs
+from risk_engine.jobs import LOST_AFTER_S, Cancelled, Job, Jobs
 from risk_engine.policies import PolicyWorkflow
+from risk_engine.storage import jobs as stored_jobs
 from risk_engine.storage import models as m
+from risk_engine.storage.db import make_engine, migrate
 from tests.conftest import REPO, Api, make_settings, open_api, run_cli
 from tests.test_durability import traffic
 
 DEFAULT = (REPO / "rules" / "payment.rules").read_text()
+STRICTER = DEFAULT.replace("challenge at 35", "challenge at 10").replace("review at 60", "review at 30")
 
 
 def stored_decisions(api: Api) -> Counter[str]:
@@ -147,23 +152,93 @@ def test_backtest_runs_as_a_job_with_progress(api: Api) -> None:
     assert api.client.delete(f"/v1/jobs/{job_id}", headers=api.headers()).status_code == 403
 
 
-def test_jobs_can_be_cancelled() -> None:
-    jobs = Jobs()
+def test_jobs_can_be_cancelled(tmp_path: Path, database_url: str) -> None:
+    db = make_engine(database_url)
+    migrate(db)
+    jobs = Jobs(db, heartbeat_s=0.05)
     entered = threading.Event()
 
-    def work(job: Any) -> dict[str, Any]:
+    def work(job: Job) -> dict[str, Any]:
         entered.set()
         while not job.cancel.wait(0.01):
             job.processed += 1
         raise Cancelled()
 
-    job = jobs.start("backtest", work)
-    assert entered.wait(10)
-    jobs.cancel(job.id)
-    deadline = time.monotonic() + 10
-    while job.state == "running" and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert job.state == "cancelled" and job.finished_at is not None
+    try:
+        job = jobs.start("backtest", work, "payment:v2 since 1d", "key:k1")
+        assert entered.wait(10)
+        deadline = time.monotonic() + 10
+        while (jobs.get(job["id"]) or {})["processed"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)  # the heartbeat writes the progress as it goes
+        running = jobs.get(job["id"])
+        assert running is not None and running["state"] == "running" and running["processed"] > 0
+        assert jobs.cancel(job["id"]) is not None
+        ended = jobs.wait(job["id"], 10)
+        assert ended is not None and ended["state"] == "cancelled" and ended["finished_at"] is not None
+        assert ended["processed"] >= running["processed"] and ended["started_by"] == "key:k1"
+        assert jobs.cancel("backtest_nope") is None and jobs.get("backtest_nope") is None
+    finally:
+        db.dispose()
+
+
+def test_a_job_is_seen_and_cancelled_from_another_worker(tmp_path: Path, database_url: str) -> None:
+    settings = make_settings(tmp_path / "var", database_url)
+    client_a, a = open_api(settings)
+    client_b, b = open_api(settings)
+    h = a.headers("analyst")
+    started = threading.Event()
+    try:
+        for p in traffic(50):
+            a.score(p)
+        draft = a.client.post("/v1/policies/payment/drafts", json={"text": STRICTER}, headers=h).json()
+        backtest = a.client.app.state.jobs  # type: ignore[attr-defined]
+        backtest.heartbeat_s = 0.05
+
+        def slow(job: Job) -> dict[str, Any]:  # a backtest that runs until it is told to stop
+            started.set()
+            while not job.cancel.wait(0.01):
+                job.processed += 1
+            raise Cancelled()
+
+        job = backtest.start("backtest", slow, "payment:v2 since 30d", "key:a")
+        assert started.wait(10)
+        seen = b.client.get(f"/v1/jobs/{job['id']}", headers=h)  # worker b never ran it
+        assert seen.status_code == 200 and seen.json()["state"] == "running"
+        assert [j["id"] for j in b.client.get("/v1/jobs", headers=h).json()] == [job["id"]]
+        assert b.client.delete(f"/v1/jobs/{job['id']}", headers=h).status_code == 202  # b asks; a's job stops
+        ended = b.client.app.state.jobs.wait(job["id"], 10)  # type: ignore[attr-defined]
+        assert ended["state"] == "cancelled" and ended["processed"] > 0
+
+        real = a.client.post(
+            f"/v1/policies/payment/drafts/{draft['version']}/backtest", json={"since": "30d"}, headers=h
+        ).json()
+        done = b.client.app.state.jobs.wait(real["id"], 60)  # type: ignore[attr-defined]
+        assert done["state"] == "done" and done["result"]["events"] == 50
+        report = b.client.get(f"/v1/jobs/{real['id']}", headers=h).json()
+        assert report["result"] == done["result"] and report["started_by"].startswith("key:")
+        listed = b.client.get("/v1/jobs", headers=h).json()
+        assert [(j["id"], j["result"]) for j in listed] == [(real["id"], None), (job["id"], None)]
+    finally:
+        client_b.__exit__(None, None, None)
+        client_a.__exit__(None, None, None)
+
+
+def test_a_job_whose_worker_died_is_shown_as_failed(tmp_path: Path, database_url: str) -> None:
+    db = make_engine(database_url)
+    migrate(db)
+    try:
+        silent = datetime.now(UTC) - timedelta(seconds=LOST_AFTER_S + 5)
+        with Session(db) as s:  # what a worker killed mid-backtest leaves: running, its heartbeat stale
+            dead = stored_jobs.new_record("backtest_dead", "backtest", "payment:v2 since 30d", "key:k1", silent)
+            dead.processed = 4000
+            s.add(dead)
+            s.commit()
+        view = Jobs(db).get("backtest_dead")
+        assert view is not None and view["state"] == "failed" and "stopped before it finished" in view["error"]
+        assert view["processed"] == 4000
+        assert [j["state"] for j in Jobs(db).recent()] == ["failed"]
+    finally:
+        db.dispose()
 
 
 def test_rules_backtest_command_ends_with_json(tmp_path: Path) -> None:
@@ -186,3 +261,25 @@ def test_rules_backtest_command_ends_with_json(tmp_path: Path) -> None:
         latest = ", ".join(e["event_id"] for e in figures["examples"][transition])
         printed = f"{count} ({figures['transition_fraud'][transition]} labelled fraud), latest: {latest}"
         assert any(line.split() == [transition, *printed.split()] for line in lines), (transition, lines)
+
+
+def test_a_job_running_when_its_worker_shuts_down_is_recorded_as_failed(tmp_path: Path, database_url: str) -> None:
+    settings = make_settings(tmp_path / "var", database_url)
+    client_a, a = open_api(settings)
+    client_b, b = open_api(settings)
+    started = threading.Event()
+
+    def endless(job: Job) -> dict[str, Any]:
+        started.set()
+        while not job.cancel.wait(0.01):
+            job.processed += 1
+        raise Cancelled()
+
+    try:
+        job = a.client.app.state.jobs.start("backtest", endless, "payment:v2 since 30d", "key:a")  # type: ignore[attr-defined]
+        assert started.wait(10)
+        client_a.__exit__(None, None, None)  # worker a stops: its job must not look like it runs on
+        ended = b.client.get(f"/v1/jobs/{job['id']}", headers=b.headers("analyst")).json()
+        assert ended["state"] == "failed" and ended["error"] == "its worker shut down before it finished"
+    finally:
+        client_b.__exit__(None, None, None)

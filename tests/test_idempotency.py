@@ -44,14 +44,14 @@ def test_a_retried_backtest_starts_no_second_job(api: Api) -> None:
     api.score(payment())
     h = api.headers("analyst")
     assert api.client.post("/v1/policies/payment/drafts", json={"text": POLICY + "\n"}, headers=h).status_code == 201
-    jobs_before = len(api.client.app.state.jobs._jobs)  # type: ignore[attr-defined]
+    jobs_before = len(api.client.app.state.jobs.recent())  # type: ignore[attr-defined]
     answers = [
         api.client.post("/v1/policies/payment/drafts/2/backtest", json={"since": "30d"}, headers=keyed(api, "bt-1"))
         for _ in range(3)
     ]
     assert [a.status_code for a in answers] == [202, 202, 202]
     assert len({a.json()["id"] for a in answers}) == 1
-    assert len(api.client.app.state.jobs._jobs) == jobs_before + 1  # type: ignore[attr-defined]
+    assert len(api.client.app.state.jobs.recent()) == jobs_before + 1  # type: ignore[attr-defined]
     # the same key with another body, path or method is another request: refused, nothing started
     for method, path, body in (
         ("POST", "/v1/policies/payment/drafts/2/backtest", {"since": "7d"}),
@@ -60,7 +60,7 @@ def test_a_retried_backtest_starts_no_second_job(api: Api) -> None:
         reused = api.client.request(method, path, json=body, headers=keyed(api, "bt-1"))
         assert reused.status_code == 409, reused.text
         assert "POST /v1/policies/payment/drafts/2/backtest" in reused.json()["message"]
-    assert len(api.client.app.state.jobs._jobs) == jobs_before + 1  # type: ignore[attr-defined]
+    assert len(api.client.app.state.jobs.recent()) == jobs_before + 1  # type: ignore[attr-defined]
 
 
 def test_each_api_key_has_its_own_idempotency_keys_and_errors_are_kept_too(api: Api) -> None:

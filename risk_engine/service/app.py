@@ -11,9 +11,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from risk_engine import __version__
-from risk_engine.backtest import Jobs
 from risk_engine.config import Settings
 from risk_engine.engine import RiskEngine
+from risk_engine.jobs import Jobs
 from risk_engine.service.commits import CommitWaiter
 from risk_engine.service.errors import install_error_handlers
 from risk_engine.service.fastpath import ScoringFastPath
@@ -71,10 +71,11 @@ def create_app(settings: Settings | None = None, engine: RiskEngine | None = Non
         app.state.engine = live
         app.state.metrics = Metrics(live)
         app.state.commits = CommitWaiter(asyncio.get_running_loop())
-        app.state.jobs = Jobs()
+        app.state.jobs = Jobs(live.db)
         try:
             yield
         finally:
+            app.state.jobs.shutdown()  # before the engine closes under them
             if owned:
                 live.close()
 

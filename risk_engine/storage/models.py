@@ -175,6 +175,25 @@ class IdempotencyKey(Base):
     created_at: Mapped[datetime]
 
 
+class JobRecord(Base):
+    """A background job (a backtest): its state, progress and report, in the database so that every worker can
+    show it and cancel it, and a job whose worker died is seen to have stopped (its heartbeat goes stale)."""
+
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    target: Mapped[str] = mapped_column(String(256))
+    state: Mapped[str] = mapped_column(String(16))  # running | done | failed | cancelled
+    processed: Mapped[int] = mapped_column(BigInteger)
+    started_by: Mapped[str] = mapped_column(String(128))
+    started_at: Mapped[datetime] = mapped_column(index=True)
+    heartbeat_at: Mapped[datetime]  # the running worker's last word: stale, the job is lost
+    finished_at: Mapped[datetime | None]
+    cancel_requested: Mapped[bool] = mapped_column(Boolean)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
 class AuditEntry(Base):
     """Append-only record of every change: who, when, what, before and after."""
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from risk_engine.backtest import Jobs
 from risk_engine.dsl.parser import parse_duration
 from risk_engine.engine import NotFound
+from risk_engine.jobs import Jobs
 from risk_engine.payments import Text
 from risk_engine.policies import PolicyWorkflow
 from risk_engine.service.deps import Analyst, EngineDep
@@ -47,6 +48,7 @@ class JobOut(BaseModel):
     target: str = Field(description="What it works on, e.g. payment:v2 since 30d")
     state: str = Field(description="running, done, failed or cancelled")
     processed: int
+    started_by: str = Field(description="Who started it: key:ID")
     started_at: float
     finished_at: float | None
     result: dict[str, Any] | None
@@ -130,45 +132,49 @@ async def stop_shadow(subject: str, engine: EngineDep, who: Analyst) -> JsonResp
     "/v1/policies/{subject}/drafts/{version}/backtest", response_model=JobOut, status_code=202, responses=ERRORS
 )
 async def start_backtest(
-    subject: str, version: VersionPath, body: BacktestIn, request: Request, engine: EngineDep, _: Analyst
+    subject: str, version: VersionPath, body: BacktestIn, request: Request, engine: EngineDep, who: Analyst
 ) -> JsonResponse:
     """Replay stored events through this version and the published one, in the background; poll the job."""
     workflow = PolicyWorkflow(engine)
     workflow.version(subject, version)  # 404 now rather than a failed job later
     since_s = parse_duration(body.since)
     jobs: Jobs = request.app.state.jobs
-    job = jobs.start(
+    job = await asyncio.to_thread(
+        jobs.start,
         "backtest",
         lambda j: workflow.backtest_version(subject, version, since_s, j),
         f"{subject}:v{version} since {body.since}",
+        f"key:{who.key_id}",
     )
-    return JsonResponse(job.view(), status_code=202)
+    return JsonResponse(job, status_code=202)
 
 
 @router.get("/v1/jobs", response_model=list[JobOut], responses=ERRORS)
 async def list_jobs(request: Request, _: Analyst) -> JsonResponse:
-    """This worker's recent background jobs (the last 100), newest first, without their reports: a job's
-    report is at ``GET /v1/jobs/{id}``."""
+    """The recent background jobs of every worker (the last 100), newest first, without their reports: a
+    job's report is at ``GET /v1/jobs/{id}``."""
     jobs: Jobs = request.app.state.jobs
-    return JsonResponse([{**job.view(), "result": None} for job in jobs.recent()])
+    return JsonResponse(await asyncio.to_thread(jobs.recent))
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobOut, responses=ERRORS)
 async def get_job(job_id: str, request: Request, _: Analyst) -> JsonResponse:
     """A background job's state, progress (events processed) and, once done, its report."""
-    job = request.app.state.jobs.get(job_id)
+    jobs: Jobs = request.app.state.jobs
+    job = await asyncio.to_thread(jobs.get, job_id)
     if job is None:
         raise NotFound(f"no job {job_id}")
-    return JsonResponse(job.view())
+    return JsonResponse(job)
 
 
 @router.delete("/v1/jobs/{job_id}", response_model=JobOut, status_code=202, responses=ERRORS)
 async def cancel_job(job_id: str, request: Request, _: Analyst) -> JsonResponse:
-    """Ask a running job to stop; it ends in the cancelled state."""
-    job = request.app.state.jobs.cancel(job_id)
+    """Ask a running job to stop, whichever worker runs it; it ends in the cancelled state."""
+    jobs: Jobs = request.app.state.jobs
+    job = await asyncio.to_thread(jobs.cancel, job_id)
     if job is None:
         raise NotFound(f"no job {job_id}")
-    return JsonResponse(job.view(), status_code=202)
+    return JsonResponse(job, status_code=202)
 
 
 @router.get("/v1/policies/{subject}/rules/stats", responses=ERRORS)
