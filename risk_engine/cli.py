@@ -7,9 +7,10 @@ import logging
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
@@ -18,6 +19,7 @@ from risk_engine.config import Settings
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
+    from risk_engine.engine import RiskEngine
     from risk_engine.features.lists import ListDecl
     from risk_engine.vault import Vault
 
@@ -34,6 +36,9 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(lists_app, name="lists")
 app.add_typer(models_app, name="models")
 app.add_typer(merchants_app, name="merchants")
+
+
+T = TypeVar("T")
 
 
 def _logging(level: int = logging.INFO) -> None:
@@ -117,23 +122,12 @@ def rules_check(files: Annotated[list[Path], typer.Argument(help="Policy files t
     raise typer.Exit(1 if failed else 0)
 
 
-@rules_app.command("backtest")
-def rules_backtest(
-    file: Annotated[Path, typer.Argument(help="The draft policy to replay.")],
-    since: Annotated[str, typer.Option(help="How far back from the latest stored event (30d, 12h, ...).")] = "30d",
-) -> None:
-    """Replay stored events through FILE and the published policy; print the comparison, then one JSON line."""
+def _on_policy_file(file: Path, work: Callable[[RiskEngine, str, str], T]) -> tuple[str, T]:
+    """Read and check a policy file, then ``work(engine, subject, text)`` on an engine opened for it; a DSL
+    error (line:column) or a missing event ends the command with status 1."""
     from risk_engine.dsl import DslErrors, compile_policy, read_policy_file
-    from risk_engine.dsl.parser import parse_duration
-    from risk_engine.engine import RiskEngine
-    from risk_engine.policies import PolicyWorkflow
+    from risk_engine.engine import NotFound, RiskEngine
 
-    _logging(logging.WARNING)
-    try:
-        since_s = parse_duration(since)
-    except ValueError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
     try:  # before opening the engine, which rebuilds its state from the stored history
         text = read_policy_file(file)
     except DslErrors as exc:
@@ -146,13 +140,36 @@ def rules_backtest(
     engine = RiskEngine.open(Settings(policy_poll_s=0))
     try:
         subject = compile_policy(text, engine.environments, str(file)).subject
-        report = PolicyWorkflow(engine).backtest(subject, text, str(file), since_s)
+        return subject, work(engine, subject, text)
     except DslErrors as exc:
         for error in exc.errors:
             typer.echo(f"{file}:{error}")
         raise typer.Exit(1) from None
+    except NotFound as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     finally:
         engine.close()
+
+
+@rules_app.command("backtest")
+def rules_backtest(
+    file: Annotated[Path, typer.Argument(help="The draft policy to replay.")],
+    since: Annotated[str, typer.Option(help="How far back from the latest stored event (30d, 12h, ...).")] = "30d",
+) -> None:
+    """Replay stored events through FILE and the published policy; print the comparison, then one JSON line."""
+    from risk_engine.dsl.parser import parse_duration
+    from risk_engine.policies import PolicyWorkflow
+
+    _logging(logging.WARNING)
+    try:
+        since_s = parse_duration(since)
+    except ValueError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    subject, report = _on_policy_file(
+        file, lambda engine, subject, text: PolicyWorkflow(engine).backtest(subject, text, str(file), since_s)
+    )
     d, p = report.draft, report.published
     typer.echo(
         f"{report.events} {subject} events ({report.labelled} labelled, {report.fraud} fraud), "
@@ -171,6 +188,29 @@ def rules_backtest(
             f"{q_d.recall}   FPR {q_p.false_positive_rate} -> {q_d.false_positive_rate}"
         )
     typer.echo(json.dumps(report.as_dict()))
+
+
+@rules_app.command("evaluate")
+def rules_evaluate(
+    file: Annotated[Path, typer.Argument(help="The policy (a draft) to try.")],
+    event_id: Annotated[str, typer.Argument(help="A stored event of the policy's subject (a payment id, ...).")],
+) -> None:
+    """What FILE would have decided on one stored event, with the windows it saw, beside the live decision;
+    then one JSON line."""
+    from risk_engine.policies import PolicyWorkflow
+
+    _logging(logging.WARNING)
+    subject, answer = _on_policy_file(
+        file, lambda engine, subject, text: PolicyWorkflow(engine).evaluate_stored(subject, text, str(file), event_id)
+    )
+    live = answer["live"]
+    typer.echo(f"{subject} {event_id} (label: {answer['label'] or 'none'})")
+    typer.echo(f"  live  {live['policy_version']}: {live['decision']} {live['score']}  {', '.join(live['rule_codes'])}")
+    codes = ", ".join(r["code"] for r in answer["reasons"])
+    typer.echo(f"  {file.name}: {answer['decision']} {answer['score']}  {codes}")
+    if answer["rebuilt_aggregates"]:
+        typer.echo(f"  rebuilt from stored events: {', '.join(answer['rebuilt_aggregates'])}")
+    typer.echo(json.dumps(answer))
 
 
 @keys_app.command("create")

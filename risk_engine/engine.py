@@ -1059,6 +1059,30 @@ class RiskEngine:
                     fraud.get(event_id),
                 )
 
+    def stored_event(self, subject: str, event_id: str) -> tuple[StoredEvent, dict[str, Any], dict[str, Any]]:
+        """A stored event as a backtest sees it, with the aggregates it was scored with and its answer."""
+        with self._session() as s:
+            row = s.scalars(select(m.Event).where(m.Event.subject == subject, m.Event.event_id == event_id)).first()
+            if row is None:
+                raise NotFound(f"no {subject} {event_id}")
+            labels = list(
+                s.scalars(select(m.Label.is_fraud).where(m.Label.subject == subject, m.Label.event_id == event_id))
+            )
+        stored = row.model_scores or {}
+        event = StoredEvent(
+            event_id,
+            row.record,
+            row.occurred_at.timestamp(),
+            row.ingest_seq,
+            stored.get("scores", {}),
+            float(stored.get("points", 0.0)),
+            row.policy_version,
+            row.decision,
+            row.score,
+            any(labels) if labels else None,
+        )
+        return event, row.aggregates, row.response
+
     def latest_event_time(self, subject: str) -> float | None:
         """Time of the subject's latest stored event."""
         return self._latest_occurred(subject)

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from risk_engine.backtest import EXAMPLES_PER_TRANSITION, BacktestReport, run_backtest
+from risk_engine.backtest import EXAMPLES_PER_TRANSITION, BacktestReport, replay_one, run_backtest
 from risk_engine.dsl import CompiledPolicy, DslError, DslErrors, compile_policy
 from risk_engine.engine import Conflict, NotFound, RiskEngine, now_utc
 from risk_engine.features.velocity import GRACE_S
@@ -370,6 +370,44 @@ class PolicyWorkflow:
             cancelled,
             self.engine.settings.velocity_max_events_per_key,
         )
+
+    def evaluate_stored(self, subject: str, text: str, label: str, event_id: str) -> dict[str, Any]:
+        """What a policy text would have decided on one stored event, beside what live decided."""
+        self._subject(subject)
+        compiled = compile_policy(text, self.engine.environments, label)
+        if compiled.subject != subject:
+            raise NotFound(f"{label} is a {compiled.subject} policy")
+        event, aggregates, answer = self.engine.stored_event(subject, event_id)
+        rebuilt = [a for a in compiled.aggregates if a.id not in aggregates]
+        window = max((a.window_s for a in rebuilt), default=0.0) + GRACE_S
+        history = self.engine.backtest_events(subject, event.ts, window) if rebuilt else ()
+        replayed = replay_one(
+            compiled,
+            event,
+            aggregates,
+            self.engine.lists.current(now_utc()),
+            history,
+            self.engine.settings.velocity_max_events_per_key,
+        )
+        live_rules = [r["code"] for r in answer.get("reasons", ()) if r.get("source") == "rule"]
+        return {
+            "subject": subject,
+            "event_id": event_id,
+            "label": None if event.fraud is None else "fraud" if event.fraud else "legitimate",
+            "version": label,
+            **replayed,
+            "live": {
+                "policy_version": event.live_policy,
+                "decision": event.live_decision,
+                "score": event.live_score,
+                "rule_codes": live_rules,
+            },
+        }
+
+    def evaluate_version(self, subject: str, version: int, event_id: str) -> dict[str, Any]:
+        """What a stored version would have decided on one stored event (``evaluate_stored``)."""
+        row = self.version(subject, version)
+        return self.evaluate_stored(subject, row["text"], row["label"], event_id)
 
     def backtest_version(self, subject: str, version: int, since_s: float, job: Job) -> dict[str, Any]:
         """A stored version's backtest, as a background job's work."""

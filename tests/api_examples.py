@@ -304,6 +304,12 @@ REQUESTS: list[dict[str, Any]] = [
     {"name": "47_list_reviews", "method": "GET", "path": "/v1/reviews?decision=publish", "role": "analyst"},
     {"name": "48_list_accounts", "method": "GET", "path": "/v1/accounts", "role": "analyst"},
     {"name": "49_list_jobs", "method": "GET", "path": "/v1/jobs", "role": "analyst"},
+    {
+        "name": "50_evaluate_version_on_a_payment",
+        "method": "GET",
+        "path": "/v1/policies/payment/versions/2/evaluate/pay_0002",
+        "role": "analyst",
+    },
 ]
 
 

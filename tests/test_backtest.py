@@ -241,14 +241,20 @@ def test_a_job_whose_worker_died_is_shown_as_failed(tmp_path: Path, database_url
         db.dispose()
 
 
-def test_rules_backtest_command_ends_with_json(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path / "var", f"sqlite:///{tmp_path / 'var' / 'risk_engine.db'}")
-    client, api = open_api(settings)
+def embedded_home_with_traffic(tmp_path: Path, n: int) -> Path:
+    """An embedded home (SQLite under it, as the CLI opens it) holding ``n`` scored payments of ``traffic``."""
+    home = tmp_path / "var"
+    client, api = open_api(make_settings(home, f"sqlite:///{home / 'risk_engine.db'}"))
     try:
-        for p in traffic(120):
+        for p in traffic(n):
             api.score(p)
     finally:
         client.__exit__(None, None, None)
+    return home
+
+
+def test_rules_backtest_command_ends_with_json(tmp_path: Path) -> None:
+    embedded_home_with_traffic(tmp_path, 120)
     draft = tmp_path / "draft.rules"
     draft.write_text(DEFAULT.replace("challenge at 35", "challenge at 10").replace("review at 60", "review at 30"))
     result = run_cli("rules", "backtest", str(draft), "--since", "7d", home=tmp_path / "var")
@@ -283,3 +289,27 @@ def test_a_job_running_when_its_worker_shuts_down_is_recorded_as_failed(tmp_path
         assert ended["state"] == "failed" and ended["error"] == "its worker shut down before it finished"
     finally:
         client_b.__exit__(None, None, None)
+
+
+def test_rules_evaluate_command_tries_a_file_on_one_stored_event(tmp_path: Path) -> None:
+    home = embedded_home_with_traffic(tmp_path, 30)
+    event_id = traffic(30)[-1]["payment_id"]
+    client, api = open_api(make_settings(home, f"sqlite:///{home / 'risk_engine.db'}"))
+    try:
+        live = api.client.get(f"/v1/payments/{event_id}", headers=api.headers()).json()["decision"]
+    finally:
+        client.__exit__(None, None, None)
+    draft = tmp_path / "draft.rules"
+    draft.write_text(DEFAULT)
+    result = run_cli("rules", "evaluate", str(draft), event_id, home=tmp_path / "var")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (answer["decision"], answer["score"]) == (live["decision"], live["score"])  # same rules, same windows
+    assert [r["code"] for r in answer["reasons"]] == answer["live"]["rule_codes"]
+    draft.write_text(DEFAULT + "\nrule every_payment {\n  when amount.value >= 0\n  then block, reason EVERY\n}\n")
+    stricter = run_cli("rules", "evaluate", str(draft), event_id, home=tmp_path / "var")
+    answer = json.loads(stricter.stdout.strip().splitlines()[-1])
+    assert answer["decision"] == "block" and answer["reasons"][0]["code"] == "EVERY"
+    assert f"{draft.name}: block" in stricter.stdout
+    missing = run_cli("rules", "evaluate", str(draft), "nope", home=tmp_path / "var")
+    assert missing.returncode == 1 and "no payment nope" in missing.stderr

@@ -32,6 +32,7 @@ def test_every_endpoint_has_an_example() -> None:
             .replace("{review_id}", "rev_0001")
             .replace("{seller_id}", "s_42")
             .replace("{name}", "account_population")
+            .replace("{event_id}", "pay_0002")
         )
         assert any(c.split("?")[0] == template for c in covered), f"no example for {path}"
 

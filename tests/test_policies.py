@@ -329,3 +329,65 @@ def test_the_audit_log_is_filtered_by_action_target_and_actor(api: Api) -> None:
     assert actions(action="policy.draft", target="payment:v2") == [("policy.draft", "payment:v2")]
     for bad in ({"target": "a\x00b"}, {"action": "LIST"}, {"actor": ""}):
         assert api.client.get("/v1/audit", params=bad, headers=h).status_code == 422, bad
+
+
+POSTCODE_BURST = """
+rule postcode_burst {
+  description "Three or more payments shipping to one postal code within the hour"
+  when count(by shipping.postal_code within 1h) >= 3
+  then block, reason POSTCODE_BURST
+}
+"""
+
+
+def test_a_version_is_evaluated_on_one_stored_event_with_the_windows_it_saw(api: Api) -> None:
+    h = api.headers("analyst")
+    for minute in range(5):  # the fourth (10:03) saw three before it; the fifth, later, must not count for it
+        api.score(
+            payment(
+                payment_id=f"pc{minute}",
+                occurred_at=f"2026-11-22T10:0{minute}:00Z",
+                **{"buyer.id": f"b_pc{minute}", "shipping_address.postal_code": "999001"},
+            )
+        )
+    api.score(
+        payment(
+            payment_id="pc_far",
+            occurred_at="2026-11-22T12:00:00Z",
+            **{"buyer.id": "b_far", "shipping_address.postal_code": "999001"},
+        )
+    )
+    risky = api.score(
+        payment(
+            payment_id="risky", occurred_at="2026-11-22T12:05:00Z", **{"amount.value": 900_000, "buyer.verified": False}
+        )
+    )
+    api.engine.record_labels([("risky", "chargeback", None)], source="test")
+
+    live = api.client.get("/v1/policies/payment/versions/1/evaluate/risky", headers=h)
+    assert live.status_code == 200, live.text
+    same = live.json()  # the live version on a stored event decides as live did, for the same reasons
+    assert (
+        (same["decision"], same["score"])
+        == (risky["decision"], risky["score"])
+        == (
+            same["live"]["decision"],
+            same["live"]["score"],
+        )
+    )
+    assert [r["code"] for r in same["reasons"]] == same["live"]["rule_codes"] != []
+    assert same["rebuilt_aggregates"] == [] and same["label"] == "fraud" and same["version"] == "payment:v1"
+
+    assert draft(api, DEFAULT + POSTCODE_BURST)[0] == 201
+    fourth = api.client.get("/v1/policies/payment/versions/2/evaluate/pc3", headers=h).json()
+    assert fourth["rebuilt_aggregates"] == ["count(by shipping.postal_code within 1h)"]
+    assert fourth["decision"] == "block" and "POSTCODE_BURST" in [r["code"] for r in fourth["reasons"]]
+    assert fourth["live"]["decision"] != "block" and fourth["label"] is None
+    third = api.client.get("/v1/policies/payment/versions/2/evaluate/pc2", headers=h).json()
+    assert "POSTCODE_BURST" not in [r["code"] for r in third["reasons"]]  # two before it, not the ones after
+    far = api.client.get("/v1/policies/payment/versions/2/evaluate/pc_far", headers=h).json()
+    assert "POSTCODE_BURST" not in [r["code"] for r in far["reasons"]]  # the burst is out of its window
+
+    assert api.client.get("/v1/policies/payment/versions/2/evaluate/nope", headers=h).status_code == 404
+    assert api.client.get("/v1/policies/payment/versions/9/evaluate/pc3", headers=h).status_code == 404
+    assert api.client.get("/v1/policies/payment/versions/2/evaluate/pc3", headers=api.headers()).status_code == 403

@@ -16,7 +16,7 @@ from risk_engine.payments import Text
 from risk_engine.policies import PolicyWorkflow
 from risk_engine.service.deps import Analyst, EngineDep
 from risk_engine.service.responses import JsonResponse
-from risk_engine.service.schemas import ERRORS, MAX_ROW_ID, MAX_VERSION, VersionPath
+from risk_engine.service.schemas import ERRORS, MAX_ROW_ID, MAX_VERSION, IdPath, VersionPath
 
 router = APIRouter(tags=["policies"])
 
@@ -77,6 +77,47 @@ async def list_versions(subject: str, engine: EngineDep, _: Analyst) -> JsonResp
 async def get_version(subject: str, version: VersionPath, engine: EngineDep, _: Analyst) -> JsonResponse:
     """One version with its text."""
     return JsonResponse(PolicyWorkflow(engine).version(subject, version))
+
+
+class ReplayedReasonOut(BaseModel):
+    rule: str
+    code: str
+    text: str
+    decision: str | None = Field(description="The decision the rule forces, if any")
+    score_delta: float
+
+
+class LiveDecisionOut(BaseModel):
+    policy_version: str
+    decision: str
+    score: int
+    rule_codes: list[str] = Field(description="Reason codes of the rules that fired live")
+
+
+class EvaluationOut(BaseModel):
+    subject: str
+    event_id: str
+    label: str | None = Field(description="fraud, legitimate, or null when no label has come")
+    version: str
+    decision: str
+    score: int
+    reasons: list[ReplayedReasonOut]
+    model_points: float = Field(description="What the detectors added live (stored with the decision)")
+    rebuilt_aggregates: list[str] = Field(
+        description="Aggregates this version names that live did not keep: rebuilt from the stored events before it"
+    )
+    live: LiveDecisionOut
+
+
+@router.get(
+    "/v1/policies/{subject}/versions/{version}/evaluate/{event_id}", response_model=EvaluationOut, responses=ERRORS
+)
+async def evaluate_version(
+    subject: str, version: VersionPath, event_id: IdPath, engine: EngineDep, _: Analyst
+) -> JsonResponse:
+    """What this version would have decided on one stored event, with the windows that event saw, beside the
+    live decision: to see why a draft would catch (or let through) a payment that is known to be fraud."""
+    return JsonResponse(await asyncio.to_thread(PolicyWorkflow(engine).evaluate_version, subject, version, event_id))
 
 
 @router.get("/v1/policies/{subject}/diff", response_class=PlainTextResponse, responses=ERRORS)
