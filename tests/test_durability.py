@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import create_engine, func, select, text
 
 from risk_engine.storage import models as m
-from tests.conftest import make_settings, open_api, payment
+from tests.conftest import REPO, make_settings, open_api, payment
 from tests.helpers import TcpProxy
 
 CARD_AGG = "count(by payment_method.card_fingerprint within 1h)"
@@ -125,6 +125,47 @@ def test_database_outage_on_sqlite_is_503_and_nothing_is_half_written(tmp_path: 
         client.__exit__(None, None, None)
 
 
+def test_every_write_refused_by_the_database_is_a_503_and_leaves_nothing(tmp_path: Path) -> None:
+    db_path = tmp_path / "risk.db"
+    client, api = open_api(make_settings(tmp_path / "var", f"sqlite:///{db_path}", db_busy_timeout_s=0.2))
+    policy = (REPO / "rules" / "payment.rules").read_text()
+    analyst, admin = api.headers("analyst"), api.headers("admin")
+    try:
+        api.score(payment(payment_id="ok1"))
+        assert (
+            api.client.post("/v1/policies/payment/drafts", json={"text": policy + "\n"}, headers=analyst).status_code
+            == 201
+        )
+        with api.engine.db.connect() as conn:
+            audited = conn.execute(select(func.count()).select_from(m.AuditEntry)).scalar_one()
+            versions = conn.execute(select(func.count()).select_from(m.PolicyVersion)).scalar_one()
+        writes = [
+            ("POST", "/v1/lists/blocked_devices/entries", {"value": "dev_z"}, analyst),
+            ("POST", "/v1/policies/payment/drafts", {"text": policy + "\n\n"}, analyst),
+            ("POST", "/v1/policies/payment/versions/2/publish", None, analyst),
+            ("POST", "/v1/policies/payment/drafts/2/backtest", {"since": "1d"}, analyst),
+            ("POST", "/v1/labels", {"label_id": "l1", "payment_id": "ok1", "label": "chargeback"}, api.headers()),
+            ("POST", "/v1/keys", {"role": "scorer", "name": "checkout", "request_id": "req_1"}, admin),
+        ]
+        locker = sqlite3.connect(db_path, timeout=0.1)
+        locker.execute("BEGIN EXCLUSIVE")  # every write now fails as on a full disk or a lost server
+        for method, path, body, headers in writes:
+            refused = api.client.request(method, path, json=body, headers=headers)
+            assert refused.status_code == 503, (path, refused.status_code, refused.text)
+            assert refused.json()["error"] == "unavailable" and refused.headers["Retry-After"] == "1"
+        locker.rollback()
+        locker.close()
+        with api.engine.db.connect() as conn:  # nothing of the refused writes was kept
+            assert conn.execute(select(func.count()).select_from(m.AuditEntry)).scalar_one() == audited
+            assert conn.execute(select(func.count()).select_from(m.JobRecord)).scalar_one() == 0
+            assert conn.execute(select(func.count()).select_from(m.Label)).scalar_one() == 0
+            assert conn.execute(select(func.count()).select_from(m.PolicyVersion)).scalar_one() == versions
+        for method, path, body, headers in writes:  # and each goes through once the database is back
+            assert api.client.request(method, path, json=body, headers=headers).status_code in (200, 201, 202), path
+    finally:
+        client.__exit__(None, None, None)
+
+
 def test_database_outage_on_postgres_is_503_and_nothing_is_half_written(tmp_path: Path, pg_schema_url: str) -> None:
     parts = urlsplit(pg_schema_url)
     proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
@@ -142,6 +183,8 @@ def test_database_outage_on_postgres_is_503_and_nothing_is_half_written(tmp_path
         )
         assert down.status_code == 503
         assert api.client.get("/healthz").status_code == 503
+        for path in ("/v1/audit", "/v1/jobs", "/v1/payments/ok1"):  # reads, too, say so rather than fail
+            assert api.client.get(path, headers=api.headers("analyst")).status_code == 503, path
         proxy.start()
         api.score(payment(payment_id="p2", occurred_at="2026-11-22T10:01:00Z"))
         api.score(payment(payment_id="p3", occurred_at="2026-11-22T10:02:00Z"))

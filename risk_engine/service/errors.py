@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from risk_engine.dsl import DslErrors
@@ -75,6 +76,14 @@ def install_error_handlers(app: FastAPI) -> None:
             503,
             headers={"Retry-After": "1"},
         )
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def _driver_unavailable(_: Request, exc: DBAPIError) -> JsonResponse:
+        # a write refused (locked, disk full) or a connection lost on any endpoint: the same 503 as scoring's;
+        # the driver's text is not logged, as it may quote the parameters, PII included
+        log.error("database unavailable: %s", type(exc.orig).__name__ if exc.orig else type(exc).__name__)
+        return JsonResponse(error_body("unavailable", UNAVAILABLE), 503, headers={"Retry-After": "1"})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JsonResponse:
