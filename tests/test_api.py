@@ -274,6 +274,9 @@ T = "2026-11-22T10:15:00Z"
         ("POST", "/v1/policies/payment/rollback", {"to_version": 10**30}, "to_version"),
         ("GET", f"/v1/audit?before_id={2**63}", None, "before_id"),
         ("POST", "/v1/merchants/rollup", {"day": "9999-12-31"}, "day"),  # no day follows it
+        ("GET", "/v1/jobs/backtest_%00", None, "job_id"),
+        ("DELETE", "/v1/jobs/backtest_%00", None, "job_id"),
+        ("GET", "/v1/policies/payment/versions/1/evaluate/pay%00x", None, "event_id"),
     ],
 )
 def test_ids_text_numbers_and_days_out_of_range_are_422(

@@ -16,6 +16,7 @@ IdPath = Annotated[str, Path(min_length=1, max_length=128, pattern=ID_PATTERN)]
 MAX_VERSION = 2**31 - 1
 MAX_ROW_ID = 2**63 - 1
 VersionPath = Annotated[int, Path(ge=1, le=MAX_VERSION)]
+JobIdPath = Annotated[str, Path(min_length=1, max_length=64, pattern=ID_PATTERN)]  # the jobs table's key
 
 
 class ReasonOut(BaseModel):

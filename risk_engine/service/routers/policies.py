@@ -16,7 +16,7 @@ from risk_engine.payments import Text
 from risk_engine.policies import PolicyWorkflow
 from risk_engine.service.deps import Analyst, EngineDep
 from risk_engine.service.responses import JsonResponse
-from risk_engine.service.schemas import ERRORS, MAX_ROW_ID, MAX_VERSION, IdPath, VersionPath
+from risk_engine.service.schemas import ERRORS, MAX_ROW_ID, MAX_VERSION, IdPath, JobIdPath, VersionPath
 
 router = APIRouter(tags=["policies"])
 
@@ -199,7 +199,7 @@ async def list_jobs(request: Request, _: Analyst) -> JsonResponse:
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobOut, responses=ERRORS)
-async def get_job(job_id: str, request: Request, _: Analyst) -> JsonResponse:
+async def get_job(job_id: JobIdPath, request: Request, _: Analyst) -> JsonResponse:
     """A background job's state, progress (events processed) and, once done, its report."""
     jobs: Jobs = request.app.state.jobs
     job = await asyncio.to_thread(jobs.get, job_id)
@@ -209,7 +209,7 @@ async def get_job(job_id: str, request: Request, _: Analyst) -> JsonResponse:
 
 
 @router.delete("/v1/jobs/{job_id}", response_model=JobOut, status_code=202, responses=ERRORS)
-async def cancel_job(job_id: str, request: Request, _: Analyst) -> JsonResponse:
+async def cancel_job(job_id: JobIdPath, request: Request, _: Analyst) -> JsonResponse:
     """Ask a running job to stop, whichever worker runs it; it ends in the cancelled state."""
     jobs: Jobs = request.app.state.jobs
     job = await asyncio.to_thread(jobs.cancel, job_id)
