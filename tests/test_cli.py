@@ -195,3 +195,9 @@ def test_a_set_up_failure_is_one_line_without_the_password_and_exit_status_1(tmp
     assert "error: settings (RISK_ENGINE_*): policy_poll_s:" in bad_setting.stderr
     traced = run_cli("migrate", home=tmp_path / "var", env={**unreachable, "RISK_ENGINE_TRACEBACK": "1"}, timeout=120)
     assert traced.returncode != 0 and "OperationalError" in traced.stderr
+
+
+def test_serve_refuses_a_port_that_cannot_be_bound_before_opening_anything(tmp_path: Path) -> None:
+    result = run_cli("serve", "--port", "99999", home=tmp_path / "var", timeout=60)
+    assert result.returncode == 2 and "--port" in result.stderr  # it used to start, "running on :99999"
+    assert not (tmp_path / "var").exists()  # no database, key files or admin key made for nothing
