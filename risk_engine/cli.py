@@ -284,9 +284,11 @@ def _list_context(list_name: str) -> tuple[Engine, Vault, ListDecl]:
     from risk_engine.vault import Vault
 
     settings = Settings()
-    decls = load_list_declarations(settings.rules_dir / "lists.toml")
+    path = settings.rules_dir / "lists.toml"
+    decls = load_list_declarations(path)
     if list_name not in decls:
-        typer.echo(f"no list {list_name}; lists: {', '.join(sorted(decls))}", err=True)
+        declared = f"lists: {', '.join(sorted(decls))}" if decls else f"no list is declared in {path}"
+        typer.echo(f"no list {list_name}; {declared}", err=True)
         raise typer.Exit(1)
     db = _migrated_database(settings)
     return db, Vault.from_settings(settings), decls[list_name]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -169,6 +170,9 @@ def test_lists_add_show_and_remove_without_opening_an_engine(tmp_path: Path) -> 
         result = run("lists", *args, home=tmp_path)
         assert result.returncode == 1 and message in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
+    elsewhere = run_cli("lists", "add", "blocked_devices", "d", home=tmp_path, cwd=tmp_path)  # no rules/ here
+    assert elsewhere.returncode == 1
+    assert f"no list blocked_devices; no list is declared in rules{os.sep}lists.toml" in elsewhere.stderr
 
 
 def test_models_check_names_each_detector(tmp_path: Path) -> None:
