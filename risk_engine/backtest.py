@@ -82,7 +82,8 @@ class BacktestReport:
         return asdict(self)
 
 
-def _quality(predicted: list[bool], fraud: list[bool]) -> AlertQuality:
+def alert_quality(predicted: Sequence[bool], fraud: Sequence[bool]) -> AlertQuality:
+    """Precision, recall and false-positive rate of ``predicted`` alerts against ``fraud`` (unlabelled: False)."""
     tp = sum(p and f for p, f in zip(predicted, fraud, strict=True))
     fp = sum(p and not f for p, f in zip(predicted, fraud, strict=True))
     positives = sum(fraud)
@@ -161,8 +162,8 @@ def run_backtest(
         result.decisions = dict(Counter(d.value for d in decided[k]))
         named = Counter({policies[k].rules[i].name: c for i, c in enumerate(hit_counts[k]) if c})
         result.rule_hits = dict(named.most_common())
-        result.block = _quality([d is Decision.BLOCK for d in decided[k]], fraud)
-        result.block_or_review = _quality([d in (Decision.BLOCK, Decision.REVIEW) for d in decided[k]], fraud)
+        result.block = alert_quality([d is Decision.BLOCK for d in decided[k]], fraud)
+        result.block_or_review = alert_quality([d in (Decision.BLOCK, Decision.REVIEW) for d in decided[k]], fraud)
     elapsed = time.perf_counter() - started
     return BacktestReport(
         subject=subject,

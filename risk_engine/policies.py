@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from risk_engine.backtest import EXAMPLES_PER_TRANSITION, BacktestReport, replay_one, run_backtest
+from risk_engine.backtest import EXAMPLES_PER_TRANSITION, BacktestReport, alert_quality, replay_one, run_backtest
 from risk_engine.dsl import CompiledPolicy, DslError, DslErrors, compile_policy
 from risk_engine.engine import Conflict, NotFound, RiskEngine, now_utc
 from risk_engine.features.velocity import GRACE_S
@@ -264,14 +264,25 @@ class PolicyWorkflow:
                 .where(m.Event.subject == subject, m.Event.shadow.is_not(None))
                 .order_by(m.Event.ingest_seq)
             ).all()
+            fraud_by_id: dict[str, bool] = {}
+            for event_id, is_fraud in s.execute(
+                select(m.Label.event_id, m.Label.is_fraud).where(m.Label.subject == subject)
+            ):
+                fraud_by_id[event_id] = fraud_by_id.get(event_id, False) or is_fraud
         transitions: Counter[str] = Counter()
         hits: Counter[str] = Counter()
         examples: dict[str, deque[dict[str, Any]]] = {}
-        events = agreed = 0
+        decided: tuple[list[str], list[str]] = ([], [])  # live, shadow
+        fraud: list[bool] = []
+        agreed = labelled = 0
         for event_id, live, live_score, shadow in records:
             if shadow.get("version") != label:
                 continue
-            events += 1
+            decided[0].append(live)
+            decided[1].append(shadow["decision"])
+            outcome = fraud_by_id.get(event_id)
+            fraud.append(bool(outcome))
+            labelled += outcome is not None
             hits.update(shadow.get("rules", ()))
             if shadow["decision"] == live:
                 agreed += 1
@@ -282,11 +293,20 @@ class PolicyWorkflow:
                 kept.append(
                     {
                         "event_id": event_id,
+                        "label": None if outcome is None else "fraud" if outcome else "legitimate",
                         "live_score": live_score,
                         "shadow_score": shadow.get("score"),
                         "shadow_rules": shadow.get("rules", []),
                     }
                 )
+        events = len(fraud)
+        quality = {
+            name: {
+                "block": asdict(alert_quality([d == "block" for d in decisions], fraud)),
+                "block_or_review": asdict(alert_quality([d in ("block", "review") for d in decisions], fraud)),
+            }
+            for name, decisions in zip(("live", "shadow"), decided, strict=True)
+        }
         return {
             "subject": subject,
             "shadow": label,
@@ -297,6 +317,9 @@ class PolicyWorkflow:
             "transitions": dict(transitions.most_common()),
             "examples": {t: list(examples[t]) for t in transitions},
             "rule_hits": dict(hits.most_common()),
+            "labelled": labelled,
+            "fraud": sum(fraud),
+            "quality": quality,  # against the labels so far, as a backtest measures (unlabelled: legitimate)
         }
 
     def rule_statistics(self, subject: str, window_days: int = 30) -> dict[str, Any]:

@@ -203,6 +203,25 @@ def test_a_shadow_version_is_scored_and_recorded_but_never_decides(api: Api) -> 
     (big_example,) = [e for kept in report["examples"].values() for e in kept if e["event_id"] == "big"]
     assert "seller_day_volume" in big_example["shadow_rules"]  # what the shadow saw that live did not
     assert (big_example["live_score"], big_example["shadow_score"]) == (big["score"], recorded["score"])
+
+    # labels come in: the report measures both versions against them, as a backtest would
+    in_shadow = [(e, d, sh["decision"]) for e, d, sh in rows if sh is not None and sh["version"] == "payment:v2"]
+    frauds = {e for e, live, shadow in in_shadow if shadow in ("block", "review")}
+    frauds = set(sorted(frauds)[: max(1, len(frauds) // 2)]) | {"big"}
+    api.engine.record_labels([(e, "chargeback", None) for e in frauds], source="test")
+    api.engine.record_labels([(in_shadow[0][0], "legitimate", None)], source="test")
+    labelled = api.client.get("/v1/policies/payment/shadow", headers=api.headers("analyst")).json()
+    assert (labelled["labelled"], labelled["fraud"]) == (len(frauds | {in_shadow[0][0]}), len(frauds))
+    for column, version in ((1, "live"), (2, "shadow")):
+        for name, alerting in (("block", {"block"}), ("block_or_review", {"block", "review"})):
+            alerts = [e for e, *decisions in in_shadow if decisions[column - 1] in alerting]
+            caught = len(set(alerts) & frauds)
+            quality = labelled["quality"][version][name]
+            assert quality["alerts"] == len(alerts), (version, name)
+            assert quality["precision"] == (round(caught / len(alerts), 4) if alerts else None), (version, name)
+            assert quality["recall"] == round(caught / len(frauds), 4), (version, name)
+    (big_labelled,) = [e for kept in labelled["examples"].values() for e in kept if e["event_id"] == "big"]
+    assert big_labelled["label"] == "fraud"
     assert recorded["version"] == "payment:v2" and "seller_day_volume" in recorded["rules"]
 
     stopped = api.client.delete("/v1/policies/payment/shadow", headers=api.headers("analyst"))
