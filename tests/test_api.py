@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -456,3 +457,35 @@ def test_attribute_numbers_are_taken_exactly_when_each_is_finite_and_within_the_
     except ValueError:
         taken = False
     assert taken == expected
+
+
+@pytest.mark.parametrize(
+    ("path", "method_name"),
+    [
+        ("/v1/policies/payment/rules/stats", "rule_statistics"),  # a scan of the window's stored decisions
+        ("/v1/audit", "audit"),
+    ],
+)
+def test_a_slow_analyst_read_never_holds_up_scoring(
+    api: Api, monkeypatch: pytest.MonkeyPatch, path: str, method_name: str
+) -> None:
+    from risk_engine.policies import PolicyWorkflow
+
+    reading, release = threading.Event(), threading.Event()
+    held_up: list[bool] = []
+    original = getattr(PolicyWorkflow, method_name)
+
+    def slow(self: PolicyWorkflow, *args: Any, **kwargs: Any) -> Any:
+        reading.set()  # the read is under way (a long scan, a database waiting on a lock)
+        held_up.append(not release.wait(20))  # True: scoring could not get through while it ran
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PolicyWorkflow, method_name, slow)
+    h = api.headers("analyst")
+    reader = threading.Thread(target=lambda: api.client.get(path, headers=h))
+    reader.start()
+    assert reading.wait(10)
+    scored = api.score(payment(payment_id="during_a_slow_read"))  # served while the read still runs
+    release.set()
+    reader.join(30)
+    assert scored["payment_id"] == "during_a_slow_read" and held_up == [False]

@@ -21,13 +21,13 @@ async def score_account(account: AccountIn, engine: EngineDep, _: Scorer, reques
 
 
 @router.get("", responses=ERRORS)
-async def list_accounts(listing: Listing, engine: EngineDep, _: Analyst) -> JsonResponse:
+def list_accounts(listing: Listing, engine: EngineDep, _: Analyst) -> JsonResponse:
     """Stored accounts, newest first, with their decision, score and the rules that fired: filter by ``decision``
     and ``unlabelled`` for a review queue; page with ``before_id``."""
     return JsonResponse(engine.list_events("account", **asdict(listing)))
 
 
 @router.get("/{account_id}", responses=ERRORS)
-async def get_account(account_id: IdPath, engine: EngineDep, _: Scorer) -> JsonResponse:
+def get_account(account_id: IdPath, engine: EngineDep, _: Scorer) -> JsonResponse:
     """A stored account scoring: decision, aggregates and features."""
     return JsonResponse(engine.get_event("account", account_id))

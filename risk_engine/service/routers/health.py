@@ -12,7 +12,7 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-async def healthz(engine: EngineDep) -> JsonResponse:
+def healthz(engine: EngineDep) -> JsonResponse:
     """200 when the database answers, 503 when it does not."""
     ok = engine.ping()
     policies = {s: rt.policy.label for s, rt in engine.subjects.items()}
@@ -22,6 +22,6 @@ async def healthz(engine: EngineDep) -> JsonResponse:
 
 
 @router.get("/metrics", response_class=Response)
-async def metrics(request: Request) -> Response:
+def metrics(request: Request) -> Response:
     """Prometheus exposition: request latency, decisions by outcome, rule hits, detector state."""
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

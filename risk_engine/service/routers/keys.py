@@ -14,7 +14,7 @@ router = APIRouter(prefix="/v1/keys", tags=["keys"])
 
 
 @router.get("", response_model=list[ApiKeyOut], responses=ERRORS)
-async def list_keys(
+def list_keys(
     engine: EngineDep,
     _: Admin,
     active: Annotated[bool, Query(description="Only keys that are not revoked")] = False,
@@ -24,7 +24,7 @@ async def list_keys(
 
 
 @router.post("", response_model=ApiKeyCreatedOut, status_code=201, responses=ERRORS)
-async def create_key(body: ApiKeyIn, engine: EngineDep, who: Admin) -> JsonResponse:
+def create_key(body: ApiKeyIn, engine: EngineDep, who: Admin) -> JsonResponse:
     """Create a key (audited). A replayed ``request_id`` answers 409 naming the key it created: its secret
     is not shown again, so if the first answer was lost, revoke that key and create another."""
     key, view = engine.create_api_key(body.role, body.name, f"key:{who.key_id}", body.request_id)
@@ -32,7 +32,7 @@ async def create_key(body: ApiKeyIn, engine: EngineDep, who: Admin) -> JsonRespo
 
 
 @router.post("/{key_id}/revoke", response_model=ApiKeyOut, responses=ERRORS)
-async def revoke_key(key_id: IdPath, engine: EngineDep, who: Admin) -> JsonResponse:
+def revoke_key(key_id: IdPath, engine: EngineDep, who: Admin) -> JsonResponse:
     """Revoke a key (audited; idempotent: a revoked key answers as it is). This process refuses it at once,
     other workers within 5 s. The last live admin key cannot be revoked here (409): create another first."""
     return JsonResponse(engine.revoke_api_key(key_id, f"key:{who.key_id}"))

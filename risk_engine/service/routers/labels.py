@@ -12,7 +12,7 @@ router = APIRouter(prefix="/v1/labels", tags=["labels"])
 
 
 @router.post("", response_model=LabelOut, status_code=201, responses={**ERRORS, 200: {"model": LabelOut}})
-async def record_label(label: LabelIn, engine: EngineDep, _: Scorer) -> JsonResponse:
+def record_label(label: LabelIn, engine: EngineDep, _: Scorer) -> JsonResponse:
     """Record an outcome. Idempotent on ``label_id``: a replay answers 200 with the stored label."""
     view, created = engine.record_label(
         label.label_id, label.payment_id, label.label, label.occurred_at, label.source, label.subject

@@ -13,7 +13,7 @@ router = APIRouter(prefix="/v1/lists", tags=["lists"])
 
 
 @router.get("", responses=ERRORS)
-async def list_lists(engine: EngineDep, _: Analyst) -> JsonResponse:
+def list_lists(engine: EngineDep, _: Analyst) -> JsonResponse:
     """Declared lists with their kinds and live entry counts."""
     sets = engine.lists.sets
     return JsonResponse(
@@ -25,13 +25,13 @@ async def list_lists(engine: EngineDep, _: Analyst) -> JsonResponse:
 
 
 @router.get("/{list_name}/entries", responses=ERRORS)
-async def list_entries(list_name: str, engine: EngineDep, _: Analyst) -> JsonResponse:
+def list_entries(list_name: str, engine: EngineDep, _: Analyst) -> JsonResponse:
     """A list's entries: values of PII lists are shown masked; who added each, and when it expires."""
     return JsonResponse(engine.list_entries(list_name))
 
 
 @router.delete("/{list_name}/entries", status_code=200, responses=ERRORS)
-async def remove_entry(list_name: str, entry: ListEntryRemove, engine: EngineDep, who: Analyst) -> JsonResponse:
+def remove_entry(list_name: str, entry: ListEntryRemove, engine: EngineDep, who: Analyst) -> JsonResponse:
     """Remove a value (audited). Removing a value that is not there answers 404."""
     if not engine.remove_list_entry(list_name, entry.value, f"key:{who.key_id}"):
         raise NotFound(f"that value is not on {list_name}")
@@ -39,7 +39,7 @@ async def remove_entry(list_name: str, entry: ListEntryRemove, engine: EngineDep
 
 
 @router.post("/{list_name}/entries", response_model=ListEntryOut, status_code=201, responses=ERRORS)
-async def add_entry(list_name: str, entry: ListEntryIn, engine: EngineDep, who: Analyst) -> JsonResponse:
+def add_entry(list_name: str, entry: ListEntryIn, engine: EngineDep, who: Analyst) -> JsonResponse:
     """Add a value; PII lists keep only its blind index. Idempotent on the value."""
     view = engine.add_list_entry(list_name, entry.value, f"key:{who.key_id}", entry.expires_at, entry.note)
     return JsonResponse(view, status_code=201)

@@ -43,12 +43,12 @@ async def merchants_rollup(body: RollupIn, engine: EngineDep, _: Analyst) -> Jso
 
 
 @merchants.get("/{seller_id}/risk", response_model=MerchantRiskOut, responses=ERRORS)
-async def merchant_risk(seller_id: IdPath, engine: EngineDep, _: Scorer) -> JsonResponse:
+def merchant_risk(seller_id: IdPath, engine: EngineDep, _: Scorer) -> JsonResponse:
     """The merchant's current flag (the strictest of its last 7 days), why, and its flag history."""
     return JsonResponse(engine.merchant_risk(seller_id))
 
 
 @sellers.get("/{seller_id}/credit", response_model=CreditOut, responses=ERRORS)
-async def seller_credit(seller_id: IdPath, engine: EngineDep, _: Scorer) -> JsonResponse:
+def seller_credit(seller_id: IdPath, engine: EngineDep, _: Scorer) -> JsonResponse:
     """The seller's credit score (0-1000), tier, each component's contribution and the score's history."""
     return JsonResponse(engine.seller_credit(seller_id))

@@ -14,7 +14,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 @router.get("", response_model=list[ModelOut], responses=ERRORS)
-async def list_models(engine: EngineDep, _: Scorer) -> JsonResponse:
+def list_models(engine: EngineDep, _: Scorer) -> JsonResponse:
     """Every detector with its version, events seen and current raw-score quantiles."""
     return JsonResponse(engine.models_info())
 

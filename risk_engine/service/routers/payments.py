@@ -21,13 +21,13 @@ async def score_payment(payment: PaymentIn, engine: EngineDep, _: Scorer, reques
 
 
 @router.get("", responses=ERRORS)
-async def list_payments(listing: Listing, engine: EngineDep, _: Analyst) -> JsonResponse:
+def list_payments(listing: Listing, engine: EngineDep, _: Analyst) -> JsonResponse:
     """Stored payments, newest first, with their decision, score and the rules that fired: filter by ``decision``
     and ``unlabelled`` for a review queue; page with ``before_id``."""
     return JsonResponse(engine.list_events("payment", **asdict(listing)))
 
 
 @router.get("/{payment_id}", response_model=PaymentOut, responses=ERRORS)
-async def get_payment(payment_id: IdPath, engine: EngineDep, _: Scorer) -> JsonResponse:
+def get_payment(payment_id: IdPath, engine: EngineDep, _: Scorer) -> JsonResponse:
     """A stored payment's decision, aggregates and features, with its PII masked."""
     return JsonResponse(engine.get_payment(payment_id))

@@ -68,13 +68,13 @@ class PolicyVersionOut(BaseModel):
 
 
 @router.get("/v1/policies/{subject}", response_model=list[PolicyVersionOut], responses=ERRORS)
-async def list_versions(subject: str, engine: EngineDep, _: Analyst) -> JsonResponse:
+def list_versions(subject: str, engine: EngineDep, _: Analyst) -> JsonResponse:
     """Every version of the subject's policy, newest first, with its status."""
     return JsonResponse(PolicyWorkflow(engine).versions(subject))
 
 
 @router.get("/v1/policies/{subject}/versions/{version}", response_model=PolicyVersionOut, responses=ERRORS)
-async def get_version(subject: str, version: VersionPath, engine: EngineDep, _: Analyst) -> JsonResponse:
+def get_version(subject: str, version: VersionPath, engine: EngineDep, _: Analyst) -> JsonResponse:
     """One version with its text."""
     return JsonResponse(PolicyWorkflow(engine).version(subject, version))
 
@@ -121,7 +121,7 @@ async def evaluate_version(
 
 
 @router.get("/v1/policies/{subject}/diff", response_class=PlainTextResponse, responses=ERRORS)
-async def diff_versions(
+def diff_versions(
     subject: str,
     engine: EngineDep,
     _: Analyst,
@@ -133,38 +133,38 @@ async def diff_versions(
 
 
 @router.post("/v1/policies/{subject}/drafts", response_model=PolicyVersionOut, status_code=201, responses=ERRORS)
-async def create_draft(subject: str, draft: DraftIn, engine: EngineDep, who: Analyst) -> JsonResponse:
+def create_draft(subject: str, draft: DraftIn, engine: EngineDep, who: Analyst) -> JsonResponse:
     """Check and store a draft: a 422 lists every error with line:column. The same text again answers 200."""
     view, created = PolicyWorkflow(engine).create_draft(subject, draft.text, f"key:{who.key_id}")
     return JsonResponse(view, status_code=201 if created else 200)
 
 
 @router.post("/v1/policies/{subject}/versions/{version}/publish", response_model=PolicyVersionOut, responses=ERRORS)
-async def publish(subject: str, version: VersionPath, engine: EngineDep, who: Analyst) -> JsonResponse:
+def publish(subject: str, version: VersionPath, engine: EngineDep, who: Analyst) -> JsonResponse:
     """Make a version live in every worker (checked again first). Publishing the live version is a no-op."""
     return JsonResponse(PolicyWorkflow(engine).publish(subject, version, f"key:{who.key_id}"))
 
 
 @router.post("/v1/policies/{subject}/rollback", response_model=PolicyVersionOut, responses=ERRORS)
-async def rollback(subject: str, body: RollbackIn, engine: EngineDep, who: Analyst) -> JsonResponse:
+def rollback(subject: str, body: RollbackIn, engine: EngineDep, who: Analyst) -> JsonResponse:
     """Make an earlier version live again."""
     return JsonResponse(PolicyWorkflow(engine).rollback(subject, body.to_version, f"key:{who.key_id}"))
 
 
 @router.post("/v1/policies/{subject}/versions/{version}/shadow", response_model=PolicyVersionOut, responses=ERRORS)
-async def start_shadow(subject: str, version: VersionPath, engine: EngineDep, who: Analyst) -> JsonResponse:
+def start_shadow(subject: str, version: VersionPath, engine: EngineDep, who: Analyst) -> JsonResponse:
     """Score live events with this version too, recording (never acting on) its decisions."""
     return JsonResponse(PolicyWorkflow(engine).start_shadow(subject, version, f"key:{who.key_id}"))
 
 
 @router.get("/v1/policies/{subject}/shadow", responses=ERRORS)
-async def shadow_report(subject: str, engine: EngineDep, _: Analyst) -> JsonResponse:
+def shadow_report(subject: str, engine: EngineDep, _: Analyst) -> JsonResponse:
     """The shadow version's disagreement with live decisions so far, and its rule hits."""
     return JsonResponse(PolicyWorkflow(engine).shadow_report(subject))
 
 
 @router.delete("/v1/policies/{subject}/shadow", response_model=PolicyVersionOut, responses=ERRORS)
-async def stop_shadow(subject: str, engine: EngineDep, who: Analyst) -> JsonResponse:
+def stop_shadow(subject: str, engine: EngineDep, who: Analyst) -> JsonResponse:
     """Stop the shadow; its version becomes a draft again."""
     return JsonResponse(PolicyWorkflow(engine).stop_shadow(subject, f"key:{who.key_id}"))
 
@@ -219,7 +219,7 @@ async def cancel_job(job_id: JobIdPath, request: Request, _: Analyst) -> JsonRes
 
 
 @router.get("/v1/policies/{subject}/rules/stats", responses=ERRORS)
-async def rule_statistics(
+def rule_statistics(
     subject: str, engine: EngineDep, _: Analyst, days: Annotated[int, Query(ge=1, le=90)] = 30
 ) -> JsonResponse:
     """Per rule of the live policy: hits in the last hour, day and N days, and the share of its labelled hits
@@ -231,7 +231,7 @@ NO_NUL = r"^[^\x00]*$"  # PostgreSQL's text cannot hold NUL: refused here, not a
 
 
 @router.get("/v1/audit", responses=ERRORS)
-async def audit(
+def audit(
     engine: EngineDep,
     _: Analyst,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,

@@ -22,13 +22,13 @@ async def score_review(review: ReviewIn, engine: EngineDep, _: Scorer, request: 
 
 
 @router.get("", responses=ERRORS)
-async def list_reviews(listing: Listing, engine: EngineDep, _: Analyst) -> JsonResponse:
+def list_reviews(listing: Listing, engine: EngineDep, _: Analyst) -> JsonResponse:
     """Stored reviews, newest first, with their decision, score and the rules that fired: filter by ``decision``
     and ``unlabelled`` for a review queue; page with ``before_id``."""
     return JsonResponse(engine.list_events("review", **asdict(listing)))
 
 
 @router.get("/{review_id}", responses=ERRORS)
-async def get_review(review_id: IdPath, engine: EngineDep, _: Scorer) -> JsonResponse:
+def get_review(review_id: IdPath, engine: EngineDep, _: Scorer) -> JsonResponse:
     """A stored review scoring: decision, aggregates and features, the reviewer's IP masked."""
     return JsonResponse(engine.get_event("review", review_id))
