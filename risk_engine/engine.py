@@ -103,6 +103,45 @@ class InvalidInput(Exception):
         super().__init__("; ".join(f"{e['field']}: {e['reason']}" for e in errors))
 
 
+@dataclass(frozen=True)
+class LabelRequest:
+    """One outcome as a caller sends it: for ``event_id`` of ``subject``, idempotent on ``label_id``."""
+
+    label_id: str
+    event_id: str
+    label: str
+    occurred_at: datetime | None
+    source: str | None
+    subject: str = "payment"
+
+    def digest(self) -> str:
+        """The request's hash, to tell a replay from another label under the same ``label_id``."""
+        body: dict[str, Any] = {
+            "label_id": self.label_id,
+            "payment_id": self.event_id,
+            "label": self.label,
+            "occurred_at": self.occurred_at.isoformat() if self.occurred_at else None,
+            "source": self.source,
+        }
+        if self.subject != "payment":
+            body["subject"] = self.subject
+        return request_digest(body)
+
+    def row(self, now: datetime) -> m.Label:
+        """The label's row, received ``now``."""
+        return m.Label(
+            label_id=self.label_id,
+            subject=self.subject,
+            event_id=self.event_id,
+            label=self.label,
+            is_fraud=LABELS[self.label],
+            occurred_at=self.occurred_at or now,
+            received_at=now,
+            source=self.source,
+            request_hash=self.digest(),
+        )
+
+
 class Conflict(Exception):
     """An idempotency key reused with a different request."""
 
@@ -1669,16 +1708,7 @@ class RiskEngine:
     ) -> tuple[dict[str, Any], bool]:
         """Store an outcome for an event (a payment unless ``subject`` says otherwise), idempotently on
         ``label_id``. Returns (label, created)."""
-        body: dict[str, Any] = {
-            "label_id": label_id,
-            "payment_id": payment_id,
-            "label": label,
-            "occurred_at": occurred_at.isoformat() if occurred_at else None,
-            "source": source,
-        }
-        if subject != "payment":
-            body["subject"] = subject
-        digest = request_digest(body)
+        digest = LabelRequest(label_id, payment_id, label, occurred_at, source, subject).digest()
         try:
             with self._session() as s:
                 existing = s.scalars(select(m.Label).where(m.Label.label_id == label_id)).first()
@@ -1689,17 +1719,7 @@ class RiskEngine:
                 exists = s.scalar(select(m.Event.id).where(m.Event.subject == subject, m.Event.event_id == payment_id))
                 if exists is None:
                     raise NotFound(f"no {subject} {payment_id}")
-                row = m.Label(
-                    label_id=label_id,
-                    subject=subject,
-                    event_id=payment_id,
-                    label=label,
-                    is_fraud=LABELS[label],
-                    occurred_at=occurred_at or now_utc(),
-                    received_at=now_utc(),
-                    source=source,
-                    request_hash=digest,
-                )
+                row = LabelRequest(label_id, payment_id, label, occurred_at, source, subject).row(now_utc())
                 s.add(row)
                 try:
                     s.commit()
@@ -1712,6 +1732,69 @@ class RiskEngine:
             raise DatabaseUnavailable(type(exc).__name__) from exc
         self._learn_from_labels(subject, learned)
         return view, True
+
+    def record_label_batch(self, requests: Sequence[LabelRequest]) -> tuple[list[dict[str, Any]], int]:
+        """Store many outcomes in one transaction, each idempotent on its ``label_id`` as ``record_label`` is;
+        returns every label's view, in order, and how many were new. If any is wrong (its event unknown, its
+        ``label_id`` already used for another label, here or before) none is stored: an ``InvalidInput``
+        names each by its place in the batch."""
+
+        def write() -> tuple[list[dict[str, Any]], list[m.Label]]:
+            digests = [r.digest() for r in requests]
+            errors: list[dict[str, Any]] = []
+            first: dict[str, int] = {}  # label id -> its first place in the batch
+            for i, (r, digest) in enumerate(zip(requests, digests, strict=True)):
+                j = first.setdefault(r.label_id, i)
+                if j != i and digests[j] != digest:
+                    errors.append(
+                        {
+                            "field": f"labels.{i}.label_id",
+                            "reason": f"{r.label_id} is label {j} too, with another label",
+                        }
+                    )
+            with self._session() as s:
+                stored = {
+                    row.label_id: row for row in s.scalars(select(m.Label).where(m.Label.label_id.in_(list(first))))
+                }
+                wanted = {(r.subject, r.event_id) for r in requests if r.label_id not in stored}
+                known: set[tuple[str, str]] = set()
+                for subject in {subject for subject, _ in wanted}:
+                    ids = [e for sub, e in wanted if sub == subject]
+                    known.update(
+                        (subject, e)
+                        for e in s.scalars(
+                            select(m.Event.event_id).where(m.Event.subject == subject, m.Event.event_id.in_(ids))
+                        )
+                    )
+                for i, (r, digest) in enumerate(zip(requests, digests, strict=True)):
+                    before = stored.get(r.label_id)
+                    if before is not None and before.request_hash != digest:
+                        errors.append(
+                            {
+                                "field": f"labels.{i}.label_id",
+                                "reason": f"{r.label_id} was already used for a different label",
+                            }
+                        )
+                    elif before is None and (r.subject, r.event_id) not in known:
+                        errors.append({"field": f"labels.{i}.payment_id", "reason": f"no {r.subject} {r.event_id}"})
+                if errors:
+                    raise InvalidInput(errors)
+                now = now_utc()
+                new = {r.label_id: r.row(now) for r in requests if r.label_id not in stored}
+                s.add_all(new.values())
+                s.commit()
+                views = [self._label_view(stored.get(r.label_id) or new[r.label_id]) for r in requests]
+                return views, list(new.values())
+
+        try:
+            views, new_rows = retry_on_race(write)  # a label id another request stored meanwhile: read again
+        except OperationalError as exc:
+            raise DatabaseUnavailable(type(exc).__name__) from exc
+        for subject in dict.fromkeys(row.subject for row in new_rows):
+            self._learn_from_labels(
+                subject, [(row.id, row.event_id, row.is_fraud) for row in new_rows if row.subject == subject]
+            )
+        return views, len(new_rows)
 
     def _learn_from_labels(self, subject: str, labels: list[tuple[int, str, bool]]) -> None:
         """Teach the subject's supervised detectors new labels ``(label id, event id, fraud)``, in label order,

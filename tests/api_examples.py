@@ -11,6 +11,7 @@ from tests.conftest import REPO, account, payment
 
 EXAMPLES = REPO / "api" / "examples"
 VOLATILE_PREFIXES = ("backtest_",)
+T_LABEL = "2026-12-20T09:00:00Z"  # when the outcomes in the label examples happened
 VOLATILE = {
     "elapsed_ms",
     "received_at",
@@ -309,6 +310,18 @@ REQUESTS: list[dict[str, Any]] = [
         "method": "GET",
         "path": "/v1/policies/payment/versions/2/evaluate/pay_0002",
         "role": "analyst",
+    },
+    {
+        "name": "51_record_labels_batch",
+        "method": "POST",
+        "path": "/v1/labels/batch",
+        "role": "scorer",
+        "body": {
+            "labels": [
+                {"label_id": "lbl_0101", "payment_id": "pay_0001", "label": "legitimate", "occurred_at": T_LABEL},
+                {"label_id": "lbl_0102", "payment_id": "pay_0003", "label": "chargeback", "occurred_at": T_LABEL},
+            ]
+        },
     },
 ]
 

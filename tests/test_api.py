@@ -489,3 +489,57 @@ def test_a_slow_analyst_read_never_holds_up_scoring(
     release.set()
     reader.join(30)
     assert scored["payment_id"] == "during_a_slow_read" and held_up == [False]
+
+
+def test_a_batch_of_labels_is_stored_whole_or_not_at_all(api: Api) -> None:
+    for i in range(3):
+        api.score(payment(payment_id=f"p{i}", occurred_at=f"2026-11-22T10:0{i}:00Z"))
+    account_answer = api.client.post("/v1/accounts/score", json=account(), headers=api.headers())
+    assert account_answer.status_code == 200
+
+    def labels_seen() -> int:
+        models = api.client.get("/v1/models", headers=api.headers()).json()
+        return next(d["labels_seen"] for d in models if d["name"] == "payment_fraud")
+
+    def send(labels: list[dict[str, Any]]) -> Any:
+        return api.client.post("/v1/labels/batch", json={"labels": labels}, headers=api.headers())
+
+    day = [
+        {"label_id": "cb_1", "payment_id": "p0", "label": "chargeback", "source": "issuer"},
+        {"label_id": "ok_1", "payment_id": "p1", "label": "legitimate"},
+        {"label_id": "acct_1", "subject": "account", "payment_id": account()["account_id"], "label": "confirmed_fraud"},
+    ]
+    first = send(day)
+    assert first.status_code == 201, first.text
+    body = first.json()
+    assert (body["created"], body["replayed"]) == (3, 0)
+    assert [(v["label_id"], v["payment_id"], v["is_fraud"]) for v in body["labels"]] == [
+        ("cb_1", "p0", True),
+        ("ok_1", "p1", False),
+        ("acct_1", account()["account_id"], True),
+    ]
+    assert labels_seen() == 2  # the payment model learned both payment labels at once
+    again = send(day)  # the same file sent twice: nothing counts twice
+    assert again.status_code == 200 and (again.json()["created"], again.json()["replayed"]) == (0, 3)
+    assert again.json()["labels"] == body["labels"] and labels_seen() == 2
+
+    wrong = send(
+        [
+            {"label_id": "cb_2", "payment_id": "p2", "label": "chargeback"},
+            {"label_id": "cb_3", "payment_id": "nope", "label": "chargeback"},
+            {"label_id": "cb_1", "payment_id": "p0", "label": "legitimate"},
+            {"label_id": "cb_4", "payment_id": "p2", "label": "chargeback"},
+            {"label_id": "cb_4", "payment_id": "p2", "label": "legitimate"},
+        ]
+    )
+    assert wrong.status_code == 422
+    assert {e["field"]: e["reason"] for e in wrong.json()["errors"]} == {
+        "labels.1.payment_id": "no payment nope",
+        "labels.2.label_id": "cb_1 was already used for a different label",
+        "labels.4.label_id": "cb_4 is label 3 too, with another label",
+    }
+    stored = api.client.get("/v1/payments/p2", headers=api.headers()).json()
+    assert stored["labels"] == [] and labels_seen() == 2  # the good ones of a wrong batch are not kept either
+    too_many = send([{"label_id": f"l{i}", "payment_id": "p0", "label": "chargeback"} for i in range(501)])
+    assert too_many.status_code == 422 and too_many.json()["errors"][0]["field"] == "labels"
+    assert send([]).status_code == 422

@@ -183,6 +183,22 @@ class LabelOut(BaseModel):
     source: str | None
 
 
+MAX_LABEL_BATCH = 500  # about 60 KB of labels: what the 64 KiB body limit holds
+
+
+class LabelBatchIn(BaseModel):
+    """Many outcomes at once (a day's chargeback file): stored together, or, if any is wrong, none of them."""
+
+    model_config = ConfigDict(extra="forbid")
+    labels: list[LabelIn] = Field(min_length=1, max_length=MAX_LABEL_BATCH)
+
+
+class LabelBatchOut(BaseModel):
+    created: int = Field(description="Labels new to the engine")
+    replayed: int = Field(description="Labels it already held (the same label_id with the same label)")
+    labels: list[LabelOut] = Field(description="Every label as stored, in the order sent")
+
+
 class ListEntryIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     value: Text = Field(min_length=1, max_length=256)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from risk_engine.engine import LabelRequest
 from risk_engine.service.deps import EngineDep, Scorer
 from risk_engine.service.responses import JsonResponse
-from risk_engine.service.schemas import ERRORS, LabelIn, LabelOut
+from risk_engine.service.schemas import ERRORS, LabelBatchIn, LabelBatchOut, LabelIn, LabelOut
 
 router = APIRouter(prefix="/v1/labels", tags=["labels"])
 
@@ -18,3 +19,19 @@ def record_label(label: LabelIn, engine: EngineDep, _: Scorer) -> JsonResponse:
         label.label_id, label.payment_id, label.label, label.occurred_at, label.source, label.subject
     )
     return JsonResponse(view, status_code=201 if created else 200)
+
+
+@router.post(
+    "/batch", response_model=LabelBatchOut, status_code=201, responses={**ERRORS, 200: {"model": LabelBatchOut}}
+)
+def record_labels(batch: LabelBatchIn, engine: EngineDep, _: Scorer) -> JsonResponse:
+    """Record up to 500 outcomes in one transaction, each idempotent on its ``label_id``: all of them, or, when
+    any is wrong (an unknown event, a ``label_id`` used for another label), none, with a 422 naming each wrong
+    one by its place (``labels.3.payment_id``). 201 if any was new, 200 if every one was a replay."""
+    requests = [
+        LabelRequest(label.label_id, label.payment_id, label.label, label.occurred_at, label.source, label.subject)
+        for label in batch.labels
+    ]
+    views, created = engine.record_label_batch(requests)
+    body = {"created": created, "replayed": len(views) - created, "labels": views}
+    return JsonResponse(body, status_code=201 if created else 200)
