@@ -53,6 +53,7 @@ from risk_engine.features.lists import (
     ListDecl,
     ListEntry,
     ListMatcher,
+    canonical_ip,
     list_value_display,
     list_value_token,
     load_list_declarations,
@@ -64,7 +65,7 @@ from risk_engine.money import BaseCurrency, load_base_currency
 from risk_engine.payments import PaymentIn
 from risk_engine.pipeline import ModelScore, Verdict, decide, decision_for
 from risk_engine.schema import FieldType, SubjectSchema, load_attribute_declarations
-from risk_engine.storage import idempotency, list_entries
+from risk_engine.storage import erasure, idempotency, list_entries
 from risk_engine.storage import models as m
 from risk_engine.storage.audit import audit
 from risk_engine.storage.db import DatabaseUnavailable, make_engine, migrate, retry_on_race
@@ -93,6 +94,9 @@ ORDERS_KEPT_S = 180 * 86_400.0  # payments whose orders a restart reloads for th
 BLOOM_MIN_CAPACITY = 1_000_000
 IDEMPOTENCY_PURGE_S = 3600.0  # how often a worker deletes expired idempotency keys
 KEY_CACHE_S = 5.0  # how long a process trusts what it read of a key: a revocation elsewhere takes this long
+
+
+PERSON_ID = "buyer_id"  # erasure by a person's id rather than by one of their PII values
 
 
 class InvalidInput(Exception):
@@ -1883,6 +1887,32 @@ class RiskEngine:
             "received_at": row.received_at.isoformat(),
             "source": row.source,
         }
+
+    # -- erasure ------------------------------------------------------------------------------------------------
+    def erase_pii(self, kind: str, value: str, actor: str) -> dict[str, Any]:
+        """Erase a person's PII from every stored event that carries ``value``: a person id (``buyer_id``: a
+        payment's buyer, a review's reviewer, an account) or a PII value of ``kind`` (compared by its blind
+        index). Records keep their blind indexes; the sealed PII goes (see ``storage.erasure``)."""
+        if kind == PERSON_ID:
+            fields = {"payment": ["buyer.id"], "review": ["reviewer.id"], "account": ["account.id"]}
+            token = value.strip()
+        else:
+            pii = PiiKind(kind)
+            fields = {
+                name: [path for path, spec in k.schema.fields.items() if spec.pii_kind is pii]
+                for name, k in SUBJECT_KINDS.items()
+            }
+            fields = {name: paths for name, paths in fields.items() if paths}
+            try:
+                normalized = canonical_ip(value.strip()) if pii is PiiKind.IP else value
+            except ValueError as exc:
+                raise InvalidInput([{"field": "value", "reason": str(exc)}]) from None
+            token = self.vault.blind_index(pii, normalized)
+        try:
+            erased = erasure.erase(self.db, fields, token, actor, f"pii:{kind}")
+        except OperationalError as exc:
+            raise DatabaseUnavailable(type(exc).__name__) from exc
+        return {"kind": kind, "events": sum(erased.values()), "by_subject": erased}
 
     # -- API keys ----------------------------------------------------------------------------------------------
     def create_api_key(

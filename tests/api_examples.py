@@ -323,6 +323,13 @@ REQUESTS: list[dict[str, Any]] = [
             ]
         },
     },
+    {
+        "name": "52_erase_pii",
+        "method": "POST",
+        "path": "/v1/pii/erase",
+        "role": "admin",
+        "body": {"kind": "email", "value": "li.wei@example.com"},
+    },
 ]
 
 

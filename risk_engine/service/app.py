@@ -29,6 +29,7 @@ from risk_engine.service.routers import (
     merchants,
     models,
     payments,
+    pii,
     policies,
     reviews,
 )
@@ -87,7 +88,7 @@ def create_app(settings: Settings | None = None, engine: RiskEngine | None = Non
         default_response_class=JsonResponse,
     )
     install_error_handlers(app)
-    for module in (payments, accounts, reviews, labels, lists, policies, models, keys, health):
+    for module in (payments, accounts, reviews, labels, lists, policies, models, keys, pii, health):
         app.include_router(module.router)
     app.include_router(merchants.merchants)
     app.include_router(merchants.sellers)

@@ -1,0 +1,67 @@
+"""Erasure on request: a person's sealed PII leaves every stored event that carries their id or PII value, audited
+without the value, while decisions, velocity and backtests, which read blind indexes, stay as they were."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+
+from risk_engine.policies import PolicyWorkflow
+from risk_engine.storage import models as m
+from tests.conftest import BASE_REVIEW, REPO, Api, payment
+
+OTHER = {"buyer.id": "b_8", "buyer.email": "zhang.san@example.com", "buyer.phone": "+8613900139000"}
+
+
+def blobs(api: Api) -> dict[str, bytes | None]:
+    with api.engine.db.connect() as conn:
+        return dict(conn.execute(select(m.Event.event_id, m.Event.pii_blob)).all())
+
+
+def erase(api: Api, kind: str, value: str, role: str = "admin") -> Any:
+    return api.client.post("/v1/pii/erase", json={"kind": kind, "value": value}, headers=api.headers(role))
+
+
+def test_a_persons_pii_is_erased_from_every_event_that_carries_it(api: Api) -> None:
+    p1 = api.score(payment(payment_id="p1", occurred_at="2026-11-22T10:00:00Z"))
+    api.score(payment(payment_id="p2", occurred_at="2026-11-22T10:05:00Z", **{"device.ip": "198.51.100.9"}))
+    api.score(payment(payment_id="p3", occurred_at="2026-11-22T10:10:00Z", **OTHER))
+    assert all(blobs(api).values())
+
+    assert erase(api, "email", "Li.Wei@example.com ", role="analyst").status_code == 403
+    done = erase(api, "email", "Li.Wei@example.com ")  # as the blind index normalizes it: case and spaces
+    assert done.status_code == 200, done.text
+    assert done.json() == {"kind": "email", "events": 2, "by_subject": {"payment": 2}}
+    assert [k for k, blob in blobs(api).items() if blob is None] == ["p1", "p2"]
+    shown = api.client.get("/v1/payments/p1", headers=api.headers()).json()
+    assert shown["pii_masked"] == {} and shown["decision"] == p1  # the decision stays, the PII is gone
+    assert api.client.get("/v1/payments/p3", headers=api.headers()).json()["pii_masked"] != {}
+
+    audit = api.client.get("/v1/audit?action=pii.erase", headers=api.headers("analyst")).json()
+    assert [(a["target"], a["after"]["events"]["payment"]) for a in audit] == [("pii:email", 2)]
+    assert "li.wei" not in str(audit).lower()  # the value asked for is never kept
+    assert erase(api, "email", "li.wei@example.com").json()["events"] == 0  # again: nothing more
+
+    by_id = erase(api, "buyer_id", "b_8")
+    assert by_id.json()["events"] == 1 and blobs(api)["p3"] is None
+    assert erase(api, "ip", "not-an-ip").status_code == 422
+    assert erase(api, "passport", "x").status_code == 422
+
+    # the records keep their blind indexes: the live policy replays exactly as it decided
+    policy = (REPO / "rules" / "payment.rules").read_text()
+    report = PolicyWorkflow(api.engine).backtest("payment", policy, "same", since_s=86400)
+    assert report.events == 3 and report.live_mismatches == 0
+
+
+def test_erasure_by_ip_and_by_person_reaches_reviews_too(api: Api) -> None:
+    api.score(payment(payment_id="p1", order_id="o_1", **{"device.ip": "2001:db8::1"}))
+    scored = api.client.post("/v1/reviews/score", json=BASE_REVIEW, headers=api.headers())
+    assert scored.status_code == 200, scored.text
+    api.score(payment(payment_id="p2", **OTHER))
+    by_ip = erase(api, "ip", "2001:0DB8:0:0::0001")  # another spelling of the payment's address
+    assert by_ip.json()["by_subject"]["payment"] == 1 and blobs(api)["p1"] is None
+    reviewer = BASE_REVIEW["reviewer"]["id"]
+    by_person = erase(api, "buyer_id", reviewer)  # the reviewer b_7 is the buyer b_7 of p1
+    assert by_person.json()["by_subject"]["review"] == 1 and blobs(api)[BASE_REVIEW["review_id"]] is None
+    assert blobs(api)["p2"] is not None
