@@ -16,13 +16,13 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from functools import partial
+from functools import partial, wraps
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import orjson
 from rbloom import Bloom
@@ -81,6 +81,8 @@ from risk_engine.storage.writer import (
 from risk_engine.subjects import SUBJECT_KINDS, SubjectKind
 from risk_engine.vault import PiiKind, Vault, WrappedDataKey, load_or_create_key, mask
 
+P = ParamSpec("P")
+R = TypeVar("R")
 log = logging.getLogger(__name__)
 
 ROLES = ("scorer", "analyst", "admin")
@@ -105,6 +107,17 @@ class InvalidInput(Exception):
     def __init__(self, errors: list[dict[str, Any]]) -> None:
         self.errors = errors
         super().__init__("; ".join(f"{e['field']}: {e['reason']}" for e in errors))
+
+
+def _in_label_order(method: Callable[Concatenate[RiskEngine, P], R]) -> Callable[Concatenate[RiskEngine, P], R]:
+    """Run a label-recording method under the engine's labels lock (see ``RiskEngine.__init__``)."""
+
+    @wraps(method)
+    def locked(engine: RiskEngine, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        with engine._labels_lock:
+            return method(engine, *args, **kwargs)
+
+    return locked
 
 
 @dataclass(frozen=True)
@@ -457,6 +470,9 @@ class RiskEngine:
         self._lists_edits = 0  # this process's own list edits, so a reload read before one does not undo it
         self.counters = _Counters()
         self._lock = threading.RLock()
+        # labels are stored and learned one request at a time, so the detectors learn them in id order (a
+        # label learned after a later one would be skipped: see _learn_from_labels)
+        self._labels_lock = threading.RLock()
         self._recent: OrderedDict[str, Pending] = OrderedDict()
         self._seq = 0
         self._since_snapshot = 0
@@ -1701,6 +1717,7 @@ class RiskEngine:
         ]
 
     # -- labels -------------------------------------------------------------------------------------------------
+    @_in_label_order
     def record_label(
         self,
         label_id: str,
@@ -1737,6 +1754,7 @@ class RiskEngine:
         self._learn_from_labels(subject, learned)
         return view, True
 
+    @_in_label_order
     def record_label_batch(self, requests: Sequence[LabelRequest]) -> tuple[list[dict[str, Any]], int]:
         """Store many outcomes in one transaction, each idempotent on its ``label_id`` as ``record_label`` is;
         returns every label's view, in order, and how many were new. If any is wrong (its event unknown, its
@@ -1840,6 +1858,7 @@ class RiskEngine:
         if isinstance(det, StreamingDetector):
             det.complete_refit(self._lock)
 
+    @_in_label_order
     def record_labels(
         self, labels: list[tuple[str, str, datetime | None]], source: str, subject: str = "payment"
     ) -> int:

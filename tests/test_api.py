@@ -543,3 +543,42 @@ def test_a_batch_of_labels_is_stored_whole_or_not_at_all(api: Api) -> None:
     too_many = send([{"label_id": f"l{i}", "payment_id": "p0", "label": "chargeback"} for i in range(501)])
     assert too_many.status_code == 422 and too_many.json()["errors"][0]["field"] == "labels"
     assert send([]).status_code == 422
+
+
+def test_labels_sent_at_once_are_all_learned_in_their_order(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    for i in range(2):
+        api.score(payment(payment_id=f"p{i}", occurred_at=f"2026-11-22T10:0{i}:00Z"))
+    fraud_model = next(d for d in api.engine.subjects["payment"].detectors if d.name == "payment_fraud")
+    learn = api.engine._learn_from_labels
+    first_paused, second_learned = threading.Event(), threading.Event()
+    learned: list[int] = []
+
+    def slow_first(subject: str, labels: list[tuple[int, str, bool]]) -> None:
+        if not learned:  # the first request has committed its label and pauses before teaching it
+            learned.append(labels[0][0])
+            first_paused.set()
+            second_learned.wait(2)  # the second request, if it can run meanwhile, commits and teaches its own
+        else:
+            learned.append(labels[0][0])
+        learn(subject, labels)
+        if len(learned) == 2:
+            second_learned.set()
+
+    monkeypatch.setattr(api.engine, "_learn_from_labels", slow_first)
+    h = api.headers()
+    send = [
+        threading.Thread(
+            target=lambda i=i: api.client.post(
+                "/v1/labels", json={"label_id": f"l{i}", "payment_id": f"p{i}", "label": "chargeback"}, headers=h
+            )
+        )
+        for i in range(2)
+    ]
+    send[0].start()
+    assert first_paused.wait(10)
+    send[1].start()
+    for t in send:
+        t.join(30)
+    # one at a time: each label is learned right after it is stored, so none is learned after a later one
+    # (which the model would skip, as it learns labels in id order)
+    assert learned == sorted(learned) and fraud_model.labels_seen == 2
