@@ -713,6 +713,7 @@ class RiskEngine:
                     self.refresh_policies()
                     self.refresh_fits()
                     self.refresh_lists()
+                    self.refresh_labels()
                     if time.monotonic() - purged_at > IDEMPOTENCY_PURGE_S:
                         idempotency.purge(self.db, now_utc())  # keys past their 24 h
                         purged_at = time.monotonic()
@@ -1817,6 +1818,28 @@ class RiskEngine:
                 subject, [(row.id, row.event_id, row.is_fraud) for row in new_rows if row.subject == subject]
             )
         return views, len(new_rows)
+
+    @_in_label_order
+    def refresh_labels(self, limit: int = 10_000) -> int:
+        """Teach this worker's supervised detectors the labels other workers stored since the last ones they
+        learned (at most ``limit`` a call, in id order): each worker's models learn every label, not only
+        those sent to it. Returns how many were learned."""
+        learned = 0
+        for subject, rt in self.subjects.items():
+            supervised = [d for d in rt.detectors if d.supervised]
+            if not supervised:
+                continue
+            after = min(d.last_label_id for d in supervised)
+            with self._session() as s:
+                rows = s.execute(
+                    select(m.Label.id, m.Label.event_id, m.Label.is_fraud)
+                    .where(m.Label.subject == subject, m.Label.id > after)
+                    .order_by(m.Label.id)
+                    .limit(limit)
+                ).all()
+            self._learn_from_labels(subject, [(i, e, f) for i, e, f in rows])
+            learned += len(rows)
+        return learned
 
     def _learn_from_labels(self, subject: str, labels: list[tuple[int, str, bool]]) -> None:
         """Teach the subject's supervised detectors new labels ``(label id, event id, fraud)``, in label order,

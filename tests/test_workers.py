@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import REPO, payment, run_cli
+from tests.conftest import REPO, Api, make_settings, open_api, payment, run_cli
 
 
 def free_port() -> int:
@@ -152,3 +152,29 @@ def test_a_list_entry_added_from_the_command_line_is_enforced_by_a_running_worke
     finally:
         worker.terminate()
         worker.wait(20)
+
+
+def test_every_worker_learns_the_labels_another_received(tmp_path: Path, database_url: str) -> None:
+    settings = make_settings(tmp_path / "var", database_url, policy_poll_s=3600)  # polled by hand below
+    client_a, a = open_api(settings)
+    client_b, b = open_api(settings)
+
+    def fraud_labels_seen(api: Api) -> int:
+        return next(d.labels_seen for d in api.engine.subjects["payment"].detectors if d.name == "payment_fraud")
+
+    try:
+        a.score(payment(payment_id="p1", occurred_at="2026-11-22T10:00:00Z"))
+        b.score(payment(payment_id="p2", occurred_at="2026-11-22T10:01:00Z"))
+        assert b.engine.refresh_labels() == 0
+        label = {"label_id": "l1", "payment_id": "p1", "label": "chargeback"}
+        assert a.client.post("/v1/labels", json=label, headers=a.headers()).status_code == 201
+        assert (fraud_labels_seen(a), fraud_labels_seen(b)) == (1, 0)  # a learned it at once; b not yet
+        assert b.engine.refresh_labels() == 1 and fraud_labels_seen(b) == 1  # b's poll teaches it
+        assert a.engine.refresh_labels() == 0 and fraud_labels_seen(a) == 1  # a does not learn its own twice
+        label = {"label_id": "l2", "payment_id": "p2", "label": "legitimate"}
+        assert b.client.post("/v1/labels", json=label, headers=b.headers()).status_code == 201
+        assert a.engine.refresh_labels() == 1 and b.engine.refresh_labels() == 0
+        assert fraud_labels_seen(a) == fraud_labels_seen(b) == 2
+    finally:
+        client_b.__exit__(None, None, None)
+        client_a.__exit__(None, None, None)
