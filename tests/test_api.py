@@ -188,6 +188,22 @@ def test_metrics_count_decisions_and_rule_hits(api: Api) -> None:
     }
     assert counts["risk_engine_group_commits_total"] >= 1
     assert counts["risk_engine_group_commit_rows_total"] >= 1
+    assert (
+        api.client.post(
+            "/v1/labels",
+            json={"label_id": "l1", "payment_id": "pay_0001", "label": "chargeback"},
+            headers=api.headers(),
+        ).status_code
+        == 201
+    )
+    learned = [
+        line
+        for line in api.client.get("/metrics").text.splitlines()
+        if line.startswith("risk_engine_model_labels_seen")
+    ]
+    by_model = {line.split('model="')[1].split('"')[0]: float(line.split()[-1]) for line in learned}
+    assert by_model["payment_fraud"] == 1.0 and by_model["review_text"] == 0.0  # one per supervised detector
+    assert "payment_anomaly" not in by_model
 
 
 def test_models_endpoint_lists_the_detectors(api: Api) -> None:

@@ -37,14 +37,20 @@ class EngineCollector(Collector):
         seen = GaugeMetricFamily(
             "risk_engine_model_events_seen", "Events a detector learned from", labels=["model", "version"]
         )
+        labels = GaugeMetricFamily(
+            "risk_engine_model_labels_seen", "Labels a supervised detector learned from", labels=["model", "version"]
+        )
         quantiles = GaugeMetricFamily(
             "risk_engine_model_raw_score", "Raw detector score quantiles (drift)", labels=["model", "quantile"]
         )
         for info in self.engine.models_info():
             seen.add_metric([info["name"], info["version"]], info["events_seen"])
+            if info["kind"] == "supervised":
+                labels.add_metric([info["name"], info["version"]], info["labels_seen"])
             for q, value in info["score_quantiles"].items():
                 quantiles.add_metric([info["name"], q], value)
         yield seen
+        yield labels
         yield quantiles
         writer = self.engine.writer
         commits = CounterMetricFamily("risk_engine_group_commits", "Group commits made by the writer")
