@@ -26,7 +26,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import orjson
 from rbloom import Bloom
-from sqlalchemy import ColumnElement, case, func, select, update
+from sqlalchemy import ColumnElement, String, case, cast, func, select, update
 from sqlalchemy import Engine as SqlEngine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
@@ -118,6 +118,10 @@ def _in_label_order(method: Callable[Concatenate[RiskEngine, P], R]) -> Callable
             return method(engine, *args, **kwargs)
 
     return locked
+
+
+def _rule_fired(reason: Mapping[str, Any], code: str) -> bool:
+    return bool(reason["code"] == code and reason["source"] == "rule")
 
 
 @dataclass(frozen=True)
@@ -1675,10 +1679,12 @@ class RiskEngine:
         unlabelled: bool = False,
         limit: int = 50,
         before_id: int | None = None,
+        rule: str | None = None,
     ) -> list[dict[str, Any]]:
         """Stored events of ``subject``, newest first: what a review queue lists (``decision="review"``,
-        ``unlabelled``: not yet resolved by a label). ``decision`` is in the subject's words (a review's
-        ``hold``); each item carries ``id`` for the next page's ``before_id``. No PII is read."""
+        ``unlabelled``: not yet resolved by a label; ``rule``: a rule with this reason code fired). ``decision``
+        is in the subject's words (a review's ``hold``); each item carries ``id`` for the next page's
+        ``before_id``. No PII is read."""
         kind = SUBJECT_KINDS[subject]
         stmt = (
             select(m.Event.id, m.Event.event_id, m.Event.occurred_at, m.Event.response)
@@ -1686,6 +1692,8 @@ class RiskEngine:
             .order_by(m.Event.id.desc())
             .limit(limit)
         )
+        if rule is not None:  # the stored answer's text holds the code; the reasons are checked below
+            stmt = stmt.where(cast(m.Event.response, String).contains(f'"code":"{rule}"', autoescape=True))
         if decision is not None:
             names = kind.decision_names or {d.value: d.value for d in Decision}
             internal = [d for d, name in names.items() if name == decision]
@@ -1701,7 +1709,17 @@ class RiskEngine:
             stmt = stmt.where(~labelled.exists())
         try:
             with self._session() as s:
-                rows = s.execute(stmt).all()
+                rows = list(s.execute(stmt).all())
+                if rule is not None:
+                    # a model's reason with that code matches the text too: keep the events where a rule fired,
+                    # reading on until the page is full or the events run out
+                    kept: list[Any] = []
+                    while True:
+                        kept += [r for r in rows if any(_rule_fired(x, rule) for x in r.response["reasons"])]
+                        if len(kept) >= limit or len(rows) < limit:
+                            break
+                        rows = list(s.execute(stmt.where(m.Event.id < rows[-1].id)).all())
+                    rows = kept[:limit]
         except OperationalError as exc:
             raise DatabaseUnavailable(type(exc).__name__) from exc
         return [

@@ -54,3 +54,24 @@ def test_a_review_queue_speaks_the_subjects_words(api: Api) -> None:
     refused = api.client.get("/v1/reviews", params={"decision": "block"}, headers=api.headers("analyst"))
     assert refused.status_code == 422 and "publish" in refused.text
     assert listing(api, "/v1/accounts") == []
+
+
+def test_a_queue_lists_the_events_where_one_rule_fired(api: Api) -> None:
+    mismatched = []
+    for i in range(7):
+        billing = "US" if i % 3 == 0 else "CN"  # p0, p3, p6 fire GEO_BILLING_MISMATCH
+        api.score(payment(payment_id=f"p{i}", occurred_at=f"2026-11-22T10:0{i}:00Z", billing_country=billing))
+        if billing == "US":
+            mismatched.append(f"p{i}")
+    first = listing(api, rule="GEO_BILLING_MISMATCH", limit=2)
+    assert [e["payment_id"] for e in first] == ["p6", "p3"]  # newest first
+    assert all("GEO_BILLING_MISMATCH" in e["reasons"] for e in first)
+    rest = listing(api, rule="GEO_BILLING_MISMATCH", limit=2, before_id=first[-1]["id"])
+    assert [e["payment_id"] for e in rest] == ["p0"]
+    api.engine.record_labels([("p6", "chargeback", None)], source="test")
+    assert [e["payment_id"] for e in listing(api, rule="GEO_BILLING_MISMATCH", unlabelled="true")] == ["p3", "p0"]
+    # every answer holds MODEL_PAYMENT_ANOMALY, a model's code: no rule fired with it, so nothing is listed
+    assert listing(api, rule="MODEL_PAYMENT_ANOMALY", limit=2) == []
+    assert listing(api, rule="NO_SUCH_RULE") == []
+    bad = api.client.get("/v1/payments?rule=geo%25", headers=api.headers("analyst"))
+    assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "rule"

@@ -57,6 +57,7 @@ class EventListing:
     unlabelled: bool
     limit: int
     before_id: int | None
+    rule: str | None = None
 
 
 def event_listing(
@@ -66,9 +67,17 @@ def event_listing(
     unlabelled: Annotated[bool, Query(description="Only events no label has resolved yet")] = False,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     before_id: Annotated[int | None, Query(ge=1, le=2**63 - 1, description="The last id of the page before")] = None,
+    rule: Annotated[
+        str | None,
+        Query(
+            pattern=r"^[A-Z][A-Z0-9_]*$",
+            max_length=64,
+            description="Only events where a rule with this reason code fired",
+        ),
+    ] = None,
 ) -> EventListing:
     """The query of a listing of stored events."""
-    return EventListing(decision, unlabelled, limit, before_id)
+    return EventListing(decision, unlabelled, limit, before_id, rule)
 
 
 Listing = Annotated[EventListing, Depends(event_listing)]
