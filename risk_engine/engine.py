@@ -1667,6 +1667,7 @@ class RiskEngine:
             "occurred_at": row.occurred_at.isoformat(),
             "decision": row.response,
             "pii_masked": masked,
+            "pii_erased": row.pii_key_id == erasure.ERASED,
             "aggregates": row.aggregates,
             "features": row.features,
             "labels": [self._label_view(label) for label in labels],

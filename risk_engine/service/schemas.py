@@ -142,6 +142,7 @@ class PaymentOut(BaseModel):
     occurred_at: datetime
     decision: ScoreOut
     pii_masked: dict[str, str]
+    pii_erased: bool = Field(description="The person's PII was erased on request (POST /v1/pii/erase)")
     aggregates: dict[str, Any]
     features: dict[str, Any]
     labels: list[LabelOut] = Field(description="Outcomes received for this payment, oldest first")

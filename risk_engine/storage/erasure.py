@@ -15,6 +15,8 @@ from sqlalchemy.orm import Session
 from risk_engine.storage import models as m
 from risk_engine.storage.audit import audit
 
+ERASED = "erased"  # an erased event's key id: it had PII, which was erased on request (no data key has this id)
+
 
 def _record_field(db: Engine, field: str) -> ColumnElement[Any]:
     """A record field as text, in SQL. SQLite holds records as JSON bytes: read as text first, since SQLite
@@ -37,7 +39,7 @@ def erase(db: Engine, fields: Mapping[str, Sequence[str]], token: str, actor: st
                 s.scalars(select(m.Event.id).where(m.Event.subject == subject, matches, m.Event.pii_blob.is_not(None)))
             )
             if ids:
-                s.execute(update(m.Event).where(m.Event.id.in_(ids)).values(pii_blob=None, pii_key_id=None))
+                s.execute(update(m.Event).where(m.Event.id.in_(ids)).values(pii_blob=None, pii_key_id=ERASED))
             erased[subject] = len(ids)
         audit(s, actor, "pii.erase", target, None, {"events": erased})
         s.commit()

@@ -37,5 +37,5 @@ def erase(body: ErasureIn, engine: EngineDep, who: Admin) -> JsonResponse:
     """Erase the sealed PII of every stored event that carries this person's id or PII value; audited as
     ``pii.erase`` with the counts (never the value). Records keep their blind indexes (keyed pseudonyms the
     velocity windows, backtests and lists need), so decisions and backtests are unchanged; the event's
-    ``pii_masked`` is empty from then on. Erasing again erases nothing more."""
+    ``pii_masked`` is empty from then on and ``pii_erased`` true. Erasing again erases nothing more."""
     return JsonResponse(engine.erase_pii(body.kind, body.value, f"key:{who.key_id}"))
