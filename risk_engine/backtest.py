@@ -181,6 +181,11 @@ def run_backtest(
     )
 
 
+def label_name(fraud: bool | None) -> str | None:
+    """An event's label as reports show it: fraud, legitimate, or None before any label came."""
+    return None if fraud is None else "fraud" if fraud else "legitimate"
+
+
 def _example(
     event: StoredEvent,
     policies: tuple[CompiledPolicy, CompiledPolicy],
@@ -190,7 +195,7 @@ def _example(
     (_, draft_score, draft_hits), (_, published_score, published_hits) = outcomes
     return {
         "event_id": event.event_id,
-        "label": None if event.fraud is None else "fraud" if event.fraud else "legitimate",
+        "label": label_name(event.fraud),
         "published_score": published_score,
         "draft_score": draft_score,
         "published_rules": [policies[1].rules[i].name for i in published_hits],

@@ -69,6 +69,7 @@ from risk_engine.storage import erasure, idempotency, list_entries
 from risk_engine.storage import models as m
 from risk_engine.storage.audit import audit
 from risk_engine.storage.db import DatabaseUnavailable, make_engine, migrate, retry_on_race
+from risk_engine.storage.labels import fraud_by_event
 from risk_engine.storage.writer import (
     DuplicateRow,
     GroupCommitWriter,
@@ -1087,11 +1088,7 @@ class RiskEngine:
         per-column result processing cost as much as the replay itself.
         """
         with self._session() as s:
-            fraud: dict[str, bool] = {}
-            for event_id, is_fraud in s.execute(
-                select(m.Label.event_id, m.Label.is_fraud).where(m.Label.subject == subject)
-            ):
-                fraud[event_id] = fraud.get(event_id, False) or is_fraud
+            fraud = fraud_by_event(s, subject)
         sqlite = self.db.dialect.name == "sqlite"
         marker = "?" if self.db.dialect.paramstyle == "qmark" else "%s"
         since = datetime.fromtimestamp(max(since_ts - warmup_s, 0.0), UTC)  # stored times start in 1970

@@ -19,13 +19,21 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from risk_engine.backtest import EXAMPLES_PER_TRANSITION, BacktestReport, alert_quality, replay_one, run_backtest
+from risk_engine.backtest import (
+    EXAMPLES_PER_TRANSITION,
+    BacktestReport,
+    alert_quality,
+    label_name,
+    replay_one,
+    run_backtest,
+)
 from risk_engine.dsl import CompiledPolicy, DslError, DslErrors, compile_policy
 from risk_engine.engine import Conflict, NotFound, RiskEngine, now_utc
 from risk_engine.features.velocity import GRACE_S
 from risk_engine.jobs import Job
 from risk_engine.storage import models as m
 from risk_engine.storage.db import retry_on_race
+from risk_engine.storage.labels import fraud_by_event
 
 
 @dataclass
@@ -264,11 +272,7 @@ class PolicyWorkflow:
                 .where(m.Event.subject == subject, m.Event.shadow.is_not(None))
                 .order_by(m.Event.ingest_seq)
             ).all()
-            fraud_by_id: dict[str, bool] = {}
-            for event_id, is_fraud in s.execute(
-                select(m.Label.event_id, m.Label.is_fraud).where(m.Label.subject == subject)
-            ):
-                fraud_by_id[event_id] = fraud_by_id.get(event_id, False) or is_fraud
+            fraud_by_id = fraud_by_event(s, subject)
         transitions: Counter[str] = Counter()
         hits: Counter[str] = Counter()
         examples: dict[str, deque[dict[str, Any]]] = {}
@@ -293,7 +297,7 @@ class PolicyWorkflow:
                 kept.append(
                     {
                         "event_id": event_id,
-                        "label": None if outcome is None else "fraud" if outcome else "legitimate",
+                        "label": label_name(outcome),
                         "live_score": live_score,
                         "shadow_score": shadow.get("score"),
                         "shadow_rules": shadow.get("rules", []),
@@ -333,11 +337,7 @@ class PolicyWorkflow:
         if latest is not None:
             since = datetime.fromtimestamp(latest - window_days * 86400, UTC)
             with self._session() as s:
-                fraud: dict[str, bool] = {}
-                for event_id, is_fraud in s.execute(
-                    select(m.Label.event_id, m.Label.is_fraud).where(m.Label.subject == subject)
-                ):
-                    fraud[event_id] = fraud.get(event_id, False) or is_fraud
+                fraud = fraud_by_event(s, subject)
                 rows = s.execute(
                     select(m.Event.event_id, m.Event.occurred_at, m.Event.response).where(
                         m.Event.subject == subject, m.Event.occurred_at >= since
@@ -416,7 +416,7 @@ class PolicyWorkflow:
         return {
             "subject": subject,
             "event_id": event_id,
-            "label": None if event.fraud is None else "fraud" if event.fraud else "legitimate",
+            "label": label_name(event.fraud),
             "version": label,
             **replayed,
             "live": {
