@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from functools import partial, wraps
+from functools import cached_property, partial, wraps
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -136,6 +136,7 @@ class LabelRequest:
     source: str | None
     subject: str = "payment"
 
+    @cached_property
     def digest(self) -> str:
         """The request's hash, to tell a replay from another label under the same ``label_id``."""
         body: dict[str, Any] = {
@@ -160,7 +161,7 @@ class LabelRequest:
             occurred_at=self.occurred_at or now,
             received_at=now,
             source=self.source,
-            request_hash=self.digest(),
+            request_hash=self.digest,
         )
 
 
@@ -1746,18 +1747,18 @@ class RiskEngine:
     ) -> tuple[dict[str, Any], bool]:
         """Store an outcome for an event (a payment unless ``subject`` says otherwise), idempotently on
         ``label_id``. Returns (label, created)."""
-        digest = LabelRequest(label_id, payment_id, label, occurred_at, source, subject).digest()
+        request = LabelRequest(label_id, payment_id, label, occurred_at, source, subject)
         try:
             with self._session() as s:
                 existing = s.scalars(select(m.Label).where(m.Label.label_id == label_id)).first()
                 if existing is not None:
-                    if existing.request_hash != digest:
+                    if existing.request_hash != request.digest:
                         raise Conflict(f"label_id {label_id} was already used for a different label")
                     return self._label_view(existing), False
                 exists = s.scalar(select(m.Event.id).where(m.Event.subject == subject, m.Event.event_id == payment_id))
                 if exists is None:
                     raise NotFound(f"no {subject} {payment_id}")
-                row = LabelRequest(label_id, payment_id, label, occurred_at, source, subject).row(now_utc())
+                row = request.row(now_utc())
                 s.add(row)
                 try:
                     s.commit()
@@ -1779,7 +1780,7 @@ class RiskEngine:
         names each by its place in the batch."""
 
         def write() -> tuple[list[dict[str, Any]], list[m.Label]]:
-            digests = [r.digest() for r in requests]
+            digests = [r.digest for r in requests]
             errors: list[dict[str, Any]] = []
             first: dict[str, int] = {}  # label id -> its first place in the batch
             for i, (r, digest) in enumerate(zip(requests, digests, strict=True)):
