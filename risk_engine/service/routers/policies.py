@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -112,12 +111,12 @@ class EvaluationOut(BaseModel):
 @router.get(
     "/v1/policies/{subject}/versions/{version}/evaluate/{event_id}", response_model=EvaluationOut, responses=ERRORS
 )
-async def evaluate_version(
+def evaluate_version(
     subject: str, version: VersionPath, event_id: IdPath, engine: EngineDep, _: Analyst
 ) -> JsonResponse:
     """What this version would have decided on one stored event, with the windows that event saw, beside the
     live decision: to see why a draft would catch (or let through) a payment that is known to be fraud."""
-    return JsonResponse(await asyncio.to_thread(PolicyWorkflow(engine).evaluate_version, subject, version, event_id))
+    return JsonResponse(PolicyWorkflow(engine).evaluate_version(subject, version, event_id))
 
 
 @router.get("/v1/policies/{subject}/diff", response_class=PlainTextResponse, responses=ERRORS)
@@ -172,7 +171,7 @@ def stop_shadow(subject: str, engine: EngineDep, who: Analyst) -> JsonResponse:
 @router.post(
     "/v1/policies/{subject}/drafts/{version}/backtest", response_model=JobOut, status_code=202, responses=ERRORS
 )
-async def start_backtest(
+def start_backtest(
     subject: str, version: VersionPath, body: BacktestIn, request: Request, engine: EngineDep, who: Analyst
 ) -> JsonResponse:
     """Replay stored events through this version and the published one, in the background; poll the job."""
@@ -180,8 +179,7 @@ async def start_backtest(
     workflow.version(subject, version)  # 404 now rather than a failed job later
     since_s = parse_duration(body.since)
     jobs: Jobs = request.app.state.jobs
-    job = await asyncio.to_thread(
-        jobs.start,
+    job = jobs.start(
         "backtest",
         lambda j: workflow.backtest_version(subject, version, since_s, j),
         f"{subject}:v{version} since {body.since}",
@@ -191,28 +189,28 @@ async def start_backtest(
 
 
 @router.get("/v1/jobs", response_model=list[JobOut], responses=ERRORS)
-async def list_jobs(request: Request, _: Analyst) -> JsonResponse:
+def list_jobs(request: Request, _: Analyst) -> JsonResponse:
     """The recent background jobs of every worker (the last 100), newest first, without their reports: a
     job's report is at ``GET /v1/jobs/{id}``."""
     jobs: Jobs = request.app.state.jobs
-    return JsonResponse(await asyncio.to_thread(jobs.recent))
+    return JsonResponse(jobs.recent())
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobOut, responses=ERRORS)
-async def get_job(job_id: JobIdPath, request: Request, _: Analyst) -> JsonResponse:
+def get_job(job_id: JobIdPath, request: Request, _: Analyst) -> JsonResponse:
     """A background job's state, progress (events processed) and, once done, its report."""
     jobs: Jobs = request.app.state.jobs
-    job = await asyncio.to_thread(jobs.get, job_id)
+    job = jobs.get(job_id)
     if job is None:
         raise NotFound(f"no job {job_id}")
     return JsonResponse(job)
 
 
 @router.delete("/v1/jobs/{job_id}", response_model=JobOut, status_code=202, responses=ERRORS)
-async def cancel_job(job_id: JobIdPath, request: Request, _: Analyst) -> JsonResponse:
+def cancel_job(job_id: JobIdPath, request: Request, _: Analyst) -> JsonResponse:
     """Ask a running job to stop, whichever worker runs it; it ends in the cancelled state."""
     jobs: Jobs = request.app.state.jobs
-    job = await asyncio.to_thread(jobs.cancel, job_id)
+    job = jobs.cancel(job_id)
     if job is None:
         raise NotFound(f"no job {job_id}")
     return JsonResponse(job, status_code=202)
