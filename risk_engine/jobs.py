@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
 
 from risk_engine.storage import jobs as stored
 from risk_engine.storage import models as m
@@ -117,7 +118,8 @@ class Jobs:
                 state = "cancelled"
         except Exception as exc:  # the job's failure is reported through the API, not raised
             state = "failed"
-            error = f"{type(exc).__name__}: {exc}"
+            # a driver's error text may quote the statement's parameters: only its class is kept, as for writes
+            error = type(exc).__name__ if isinstance(exc, DBAPIError) else f"{type(exc).__name__}: {exc}"
         finally:
             finished.set()
             with self._lock:

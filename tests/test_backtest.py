@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from risk_engine import backtest
@@ -313,3 +314,23 @@ def test_rules_evaluate_command_tries_a_file_on_one_stored_event(tmp_path: Path)
     assert f"{draft.name}: block" in stricter.stdout
     missing = run_cli("rules", "evaluate", str(draft), "nope", home=tmp_path / "var")
     assert missing.returncode == 1 and "no payment nope" in missing.stderr
+
+
+def test_a_failed_job_keeps_no_driver_text(tmp_path: Path, database_url: str) -> None:
+    db = make_engine(database_url)
+    migrate(db)
+
+    def failing(job: Job) -> dict[str, Any]:  # a driver error quotes the statement's parameters
+        raise OperationalError("SELECT ... WHERE email = ?", ("li.wei@example.com",), Exception("disk I/O error"))
+
+    def broken(job: Job) -> dict[str, Any]:
+        raise ValueError("no detector fits")
+
+    try:
+        jobs = Jobs(db)
+        driver = jobs.wait(jobs.start("backtest", failing)["id"], 10)
+        other = jobs.wait(jobs.start("backtest", broken)["id"], 10)
+        assert driver is not None and (driver["state"], driver["error"]) == ("failed", "OperationalError")
+        assert other is not None and other["error"] == "ValueError: no detector fits"
+    finally:
+        db.dispose()
