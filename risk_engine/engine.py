@@ -1847,13 +1847,21 @@ class RiskEngine:
             if not supervised:
                 continue
             after = min(d.last_label_id for d in supervised)
+            gaps: set[int] = set()
+            for det in supervised:
+                det.expire_label_gaps()
+                gaps.update(det.label_gaps)
+            wanted = m.Label.id > after
+            if gaps:  # labels that committed after a higher id had been learned (PostgreSQL, several workers)
+                wanted = wanted | m.Label.id.in_(sorted(gaps))
             with self._session() as s:
                 rows = s.execute(
                     select(m.Label.id, m.Label.event_id, m.Label.is_fraud)
-                    .where(m.Label.subject == subject, m.Label.id > after)
+                    .where(m.Label.subject == subject, wanted)
                     .order_by(m.Label.id)
                     .limit(limit)
                 ).all()
+            rows = [r for r in rows if any(d.wants_label(r[0]) for d in supervised)]
             self._learn_from_labels(subject, [(i, e, f) for i, e, f in rows])
             learned += len(rows)
         return learned
@@ -1876,7 +1884,7 @@ class RiskEngine:
             for label_id, event_id, fraud in sorted(labels):
                 stored = vectors.get(event_id) or {}
                 for det in supervised:
-                    if label_id > det.last_label_id:
+                    if det.wants_label(label_id):
                         det.learn_label(stored.get(det.name, {}), fraud, label_id, defer_refit=True)
         for det in supervised:  # a batch refit (tens of ms to a second) must not hold up scoring
             if isinstance(det, StreamingDetector):
@@ -1887,7 +1895,10 @@ class RiskEngine:
         stmt = (
             select(m.Label.id, m.Label.is_fraud, m.Event.features)
             .join(m.Event, (m.Event.subject == m.Label.subject) & (m.Event.event_id == m.Label.event_id))
-            .where(m.Label.subject == subject, m.Label.id > det.last_label_id)
+            .where(
+                m.Label.subject == subject,
+                (m.Label.id > det.last_label_id) | m.Label.id.in_(sorted(det.label_gaps)),
+            )
             .order_by(m.Label.id)
         )
         with self._session() as s:

@@ -175,6 +175,17 @@ def test_a_supervised_detector_learns_only_from_labels(tmp_path: Path) -> None:
         parse_spec_file(p)
 
 
+def test_a_snapshot_keeps_the_label_ids_still_missing(tmp_path: Path) -> None:
+    det = detector(tmp_path, SUPERVISED)
+    for label_id in (1, 2, 5, 4):  # 3 and 5's predecessor 4 were missing when 5 was learned; then 4 came
+        det.learn_label({"amount": 100.0, "items": 1.0}, False, label_id)
+    assert det.last_label_id == 5 and set(det.label_gaps) == {3}
+    assert det.wants_label(3) and not det.wants_label(4) and det.wants_label(6)
+    restored = detector(tmp_path, SUPERVISED)
+    assert restored.restore(det.state())
+    assert set(restored.label_gaps) == {3} and restored.last_label_id == 5  # a restart still looks for 3
+
+
 def test_explanations_name_the_feature_that_was_made_extreme(tmp_path: Path) -> None:
     spec = SPEC.replace('items = "item_count"', 'items = "item_count"\nage = "days(buyer.account_age)"')
     det = detector(tmp_path, spec)

@@ -178,3 +178,38 @@ def test_every_worker_learns_the_labels_another_received(tmp_path: Path, databas
     finally:
         client_b.__exit__(None, None, None)
         client_a.__exit__(None, None, None)
+
+
+def test_a_label_that_commits_after_a_higher_id_is_still_learned(tmp_path: Path, database_url: str) -> None:
+    """On PostgreSQL, label ids come from a sequence: a label inserted first can commit after one inserted later
+    by another worker. A worker that has learned the higher id must still learn the lower one when it appears
+    (rows with chosen ids stand in for the two commits, so the same test runs on SQLite)."""
+    from risk_engine.engine import LabelRequest, now_utc
+
+    settings = make_settings(tmp_path / "var", database_url, policy_poll_s=3600)  # polled by hand below
+    client, api = open_api(settings)
+
+    def labels_seen() -> int:
+        return next(d.labels_seen for d in api.engine.subjects["payment"].detectors if d.name == "payment_fraud")
+
+    def commit_label(row_id: int, label_id: str, payment_id: str, label: str) -> None:
+        row = LabelRequest(label_id, payment_id, label, None, "test", "payment").row(now_utc())
+        row.id = row_id
+        with api.engine._session() as s:
+            s.add(row)
+            s.commit()
+
+    try:
+        api.score(payment(payment_id="p1", occurred_at="2026-11-22T10:00:00Z"))
+        api.score(payment(payment_id="p2", occurred_at="2026-11-22T10:01:00Z"))
+        commit_label(9_002, "later", "p2", "legitimate")  # inserted second, committed first
+        assert api.engine.refresh_labels() == 1 and labels_seen() == 1
+        commit_label(9_001, "earlier", "p1", "chargeback")  # its transaction commits now
+        assert api.engine.refresh_labels() == 1 and labels_seen() == 2
+        assert api.engine.refresh_labels() == 0 and labels_seen() == 2  # learned once
+        fraud = next(d for d in api.engine.subjects["payment"].detectors if d.name == "payment_fraud")
+        assert fraud.frauds_seen == 1 and 9_001 not in fraud.label_gaps and 9_000 in fraud.label_gaps
+        fraud.expire_label_gaps(time.time() + 121)  # ids never used (a rolled-back insert) are given up on
+        assert not fraud.label_gaps
+    finally:
+        client.__exit__(None, None, None)

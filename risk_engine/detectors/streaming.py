@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping
 from contextlib import AbstractContextManager
@@ -163,7 +164,7 @@ class StreamingDetector(DetectorBase):
                 estimator.learn_one(z, fraud)
         self.labels_seen += 1
         self.frauds_seen += fraud
-        self.last_label_id = label_id
+        self.note_label_learned(label_id)
 
     def complete_refit(self, lock: AbstractContextManager[Any]) -> None:
         """Compute a pending batch refit without holding ``lock`` (scoring goes on meanwhile), then install it
@@ -198,6 +199,7 @@ class StreamingDetector(DetectorBase):
             "labels_seen": self.labels_seen,
             "frauds_seen": self.frauds_seen,
             "last_label_id": self.last_label_id,
+            "label_gaps": sorted(self.label_gaps),
         }
 
     def restore(self, state: Mapping[str, Any]) -> bool:
@@ -215,6 +217,8 @@ class StreamingDetector(DetectorBase):
         # snapshots from before the count: assume both outcomes once there were two labels
         self.frauds_seen = int(state.get("frauds_seen", 1 if self.labels_seen >= 2 else 0))
         self.last_label_id = int(state.get("last_label_id", 0))
+        now = time.time()  # gaps get a fresh wait after a restart
+        self.label_gaps = {int(i): now for i in state.get("label_gaps", ())}
         return True
 
 
