@@ -81,6 +81,7 @@ from risk_engine.storage.writer import (
 )
 from risk_engine.subjects import SUBJECT_KINDS, SubjectKind
 from risk_engine.vault import PiiKind, Vault, WrappedDataKey, load_or_create_key, mask
+from risk_engine.watermark import IdWatermark
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -497,6 +498,9 @@ class RiskEngine:
         # per subject, how many stored events the in-memory state has taken in (scored here or replayed at
         # start): what a state snapshot is checked against before it is trusted
         self._accounted: dict[str, int] = {}
+        # this process's mark on the events it stores, and how far it has followed those other workers stored
+        self.origin = secrets.token_hex(8)
+        self._events_read = IdWatermark()
 
     # -- start and stop ------------------------------------------------------------------------------------
     @classmethod
@@ -645,6 +649,7 @@ class RiskEngine:
             added = None
             if missing:
                 self.writer.barrier().wait(30)
+                self.refresh_events()  # other workers' events so far, so the rebuild and the follow agree
                 added = self._rebuilt_velocity(subject, missing)
             sources = [rt.velocity] + ([added] if added is not None else [])
             rt.velocity = VelocityState.assembled(needed, sources, self.settings.velocity_max_events_per_key)
@@ -720,6 +725,7 @@ class RiskEngine:
                     self.refresh_fits()
                     self.refresh_lists()
                     self.refresh_labels()
+                    self.refresh_events()
                     if time.monotonic() - purged_at > IDEMPOTENCY_PURGE_S:
                         idempotency.purge(self.db, now_utc())  # keys past their 24 h
                         purged_at = time.monotonic()
@@ -802,6 +808,9 @@ class RiskEngine:
         self._load_known_ids()
         with self._session() as s:
             self._seq = s.scalar(select(func.max(m.Event.ingest_seq))) or 0
+            # other workers' events are followed from here (read before the rebuild: one that commits during it
+            # may be counted twice, never missed)
+            self._events_read = IdWatermark(s.scalar(select(func.max(m.Event.id))) or 0)
             counts = s.execute(select(m.Event.subject, func.count()).group_by(m.Event.subject))
             self._accounted = {subject: count for subject, count in counts}
         snapshot = self._read_state_snapshot()
@@ -900,6 +909,53 @@ class RiskEngine:
             return None
         return StateSnapshot(seq, state["velocity"], state["marketplace"])
 
+    def refresh_events(self, limit: int = 5_000) -> int:
+        """Take the events other workers stored since the last poll into this worker's velocity windows and
+        cross-subject state (orders, seller devices, texts, credit tallies, merchant flags), so a burst spread
+        over several workers behind a load balancer is counted by each of them within a poll. Detectors keep
+        learning from this worker's own events only. Returns how many were taken in."""
+        marker = "?" if self.db.dialect.paramstyle == "qmark" else "%s"
+        read = self._events_read
+        read.expire()
+        wanted = f"id > {marker}"
+        params: list[Any] = [self.origin, self.origin, read.last]
+        if read.gaps:
+            gaps = sorted(read.gaps)
+            wanted = f"({wanted} OR id IN ({', '.join(marker for _ in gaps)}))"
+            params.extend(gaps)
+        # this worker's own rows only move the watermark: their JSON is not sent
+        sql = (
+            "SELECT id, subject, event_id, occurred_at, decision, score,"
+            f" CASE WHEN origin = {marker} THEN NULL ELSE record END,"
+            f" CASE WHEN origin = {marker} OR subject NOT IN ('merchant', 'merchant_day') THEN NULL"
+            f" ELSE response END FROM events WHERE {wanted} ORDER BY id LIMIT {int(limit)}"
+        )
+        with self.db.connect() as conn:
+            rows = conn.exec_driver_sql(sql, tuple(params)).all()
+        sqlite = self.db.dialect.name == "sqlite"
+        taken = 0
+        with self._lock:
+            for row_id, subject, event_id, occurred, decision, score, record, response in rows:
+                if not read.wants(row_id):
+                    continue
+                read.note(row_id)
+                rt = self.subjects.get(subject)
+                if record is None or rt is None:  # stored here, or a subject this worker does not score
+                    continue
+                if isinstance(record, bytes | str):
+                    record = orjson.loads(record)
+                if sqlite:
+                    occurred = datetime.fromisoformat(occurred).replace(tzinfo=UTC)
+                ts = occurred.timestamp()
+                rt.velocity.add(record, ts, -row_id)  # a negative sequence never matches one of this worker's
+                if not self._marketplace_stale:
+                    answer = orjson.loads(response) if isinstance(response, bytes | str) else (response or {})
+                    codes = (r["code"] for r in answer.get("reasons", ()) if r.get("source") == "rule")
+                    self.marketplace.observe(subject, record, ts, decision, score, codes)
+                self._mark_known(subject, event_id)
+                taken += 1
+        return taken
+
     def _rebuilt_marketplace(
         self, state: MarketplaceState | None = None, after_seq: int | None = None
     ) -> MarketplaceState:
@@ -942,6 +998,7 @@ class RiskEngine:
         if not self.writer.barrier().wait(5):
             raise DatabaseUnavailable("writes still pending after a failed write")
         try:
+            self.refresh_events()  # moves the follow to now: the rebuild takes in what it has not
             self.marketplace = self._rebuilt_marketplace()
         except OperationalError as exc:
             raise DatabaseUnavailable(type(exc).__name__) from exc
@@ -1499,6 +1556,7 @@ class RiskEngine:
             "request_hash": request_hash,
             "elapsed_ms": elapsed_ms,
             "created_at": now_utc(),
+            "origin": self.origin,
         }
         committed.add_done_callback(lambda f: self._after_write(f, rt, key, record, ts, seq))
         self.writer.submit(self._event_insert, row, committed)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -213,3 +214,39 @@ def test_a_label_that_commits_after_a_higher_id_is_still_learned(tmp_path: Path,
         assert not fraud.label_gaps
     finally:
         client.__exit__(None, None, None)
+
+
+def test_each_worker_counts_the_events_other_workers_scored(tmp_path: Path, database_url: str) -> None:
+    """Behind a load balancer one buyer's burst lands on several workers: each worker's poll takes the events
+    the others stored into its velocity windows and order memory, so the burst is counted whole, and once."""
+    from tests.test_reviews import review
+
+    settings = make_settings(tmp_path / "var", database_url, policy_poll_s=3600)  # polled by hand below
+    client_a, a = open_api(settings)
+    client_b, b = open_api(settings)
+
+    def burst(api: Api, i: int) -> dict[str, Any]:
+        minute = f"2026-11-22T10:0{i}:00Z"
+        return api.score(payment(payment_id=f"burst_{i}", occurred_at=minute, **{"buyer.id": "b_burst"}))
+
+    def fired(answer: dict[str, Any]) -> set[str]:
+        return {r["code"] for r in answer["reasons"] if r["source"] == "rule"}
+
+    try:
+        for i in range(2):
+            burst(a, i)
+        for i in range(2, 4):
+            burst(b, i)
+        assert "BUYER_VELOCITY" not in fired(burst(a, 4))  # a has seen 2 of the 4 before it, unfollowed
+        assert a.engine.refresh_events() == 2 and b.engine.refresh_events() == 3
+        assert a.engine.refresh_events() == 0 and b.engine.refresh_events() == 0  # each event taken in once
+        assert "BUYER_VELOCITY" in fired(burst(b, 5))  # 5 before it, 2 of them b's own
+        # a paid order stored by one worker is known to a review another worker scores
+        paid = {"buyer.id": "buyer_7", "occurred_at": "2026-11-20T10:00:00Z"}
+        a.score(payment(payment_id="pay_o7", order_id="o_7", seller_id="s_42", **paid))
+        assert b.engine.refresh_events() == 1
+        answer = b.client.post("/v1/reviews/score", json=review(7), headers=b.headers())
+        assert answer.status_code == 200 and "NO_PAID_ORDER" not in fired(answer.json())
+    finally:
+        client_b.__exit__(None, None, None)
+        client_a.__exit__(None, None, None)

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping
 from contextlib import AbstractContextManager
@@ -21,6 +20,7 @@ from risk_engine.detectors.calibration import PlattScaling, RunningQuantile
 from risk_engine.detectors.estimators import GaussianZScore, RefittedLogisticRegression, TextNaiveBayes
 from risk_engine.detectors.spec import DetectorSpec
 from risk_engine.dsl import CompiledFeatures
+from risk_engine.watermark import IdWatermark
 
 NO_OPINION = 0.5  # the probability a classifier that knows one outcome only gives
 
@@ -164,7 +164,7 @@ class StreamingDetector(DetectorBase):
                 estimator.learn_one(z, fraud)
         self.labels_seen += 1
         self.frauds_seen += fraud
-        self.note_label_learned(label_id)
+        self.labels_read.note(label_id)
 
     def complete_refit(self, lock: AbstractContextManager[Any]) -> None:
         """Compute a pending batch refit without holding ``lock`` (scoring goes on meanwhile), then install it
@@ -216,9 +216,8 @@ class StreamingDetector(DetectorBase):
         self.labels_seen = int(state.get("labels_seen", 0))
         # snapshots from before the count: assume both outcomes once there were two labels
         self.frauds_seen = int(state.get("frauds_seen", 1 if self.labels_seen >= 2 else 0))
-        self.last_label_id = int(state.get("last_label_id", 0))
-        now = time.time()  # gaps get a fresh wait after a restart
-        self.label_gaps = {int(i): now for i in state.get("label_gaps", ())}
+        # gaps get a fresh wait after a restart
+        self.labels_read = IdWatermark(int(state.get("last_label_id", 0)), state.get("label_gaps", ()))
         return True
 
 

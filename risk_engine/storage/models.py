@@ -93,6 +93,7 @@ class Event(Base):
     request_hash: Mapped[str] = mapped_column(String(64))
     elapsed_ms: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime]
+    origin: Mapped[str | None] = mapped_column(String(32))  # the worker process that stored it (0011)
 
 
 class Label(Base):
