@@ -458,6 +458,7 @@ class Principal:
 class _Counters:
     decisions: dict[str, int] = field(default_factory=dict)
     rule_hits: dict[str, int] = field(default_factory=dict)
+    followed: dict[str, int] = field(default_factory=dict)  # events other workers stored, taken in by subject
 
 
 class RiskEngine:
@@ -953,6 +954,7 @@ class RiskEngine:
                     codes = (r["code"] for r in answer.get("reasons", ()) if r.get("source") == "rule")
                     self.marketplace.observe(subject, record, ts, decision, score, codes)
                 self._mark_known(subject, event_id)
+                self.counters.followed[subject] = self.counters.followed.get(subject, 0) + 1
                 taken += 1
         return taken
 

@@ -240,6 +240,8 @@ def test_each_worker_counts_the_events_other_workers_scored(tmp_path: Path, data
         assert "BUYER_VELOCITY" not in fired(burst(a, 4))  # a has seen 2 of the 4 before it, unfollowed
         assert a.engine.refresh_events() == 2 and b.engine.refresh_events() == 3
         assert a.engine.refresh_events() == 0 and b.engine.refresh_events() == 0  # each event taken in once
+        scraped = b.client.get("/metrics").text
+        assert 'risk_engine_events_followed_total{subject="payment"} 3.0' in scraped
         assert "BUYER_VELOCITY" in fired(burst(b, 5))  # 5 before it, 2 of them b's own
         # a paid order stored by one worker is known to a review another worker scores
         paid = {"buyer.id": "buyer_7", "occurred_at": "2026-11-20T10:00:00Z"}

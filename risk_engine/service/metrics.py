@@ -34,6 +34,14 @@ class EngineCollector(Collector):
         for rule, n in sorted(self.engine.counters.rule_hits.items()):
             hits.add_metric([rule], n)
         yield hits
+        followed = CounterMetricFamily(
+            "risk_engine_events_followed",
+            "Events other workers stored, taken into this worker's velocity and cross-subject state",
+            labels=["subject"],
+        )
+        for subject, n in sorted(self.engine.counters.followed.items()):
+            followed.add_metric([subject], n)
+        yield followed
         seen = GaugeMetricFamily(
             "risk_engine_model_events_seen", "Events a detector learned from", labels=["model", "version"]
         )
