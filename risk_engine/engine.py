@@ -100,6 +100,8 @@ IDEMPOTENCY_PURGE_S = 3600.0  # how often a worker deletes expired idempotency k
 KEY_CACHE_S = 5.0  # how long a process trusts what it read of a key: a revocation elsewhere takes this long
 
 
+FOLLOW_CHUNK = 200  # other workers' events taken in per hold of the state lock
+
 PERSON_ID = "buyer_id"  # erasure by a person's id rather than by one of their PII values
 
 
@@ -917,11 +919,12 @@ class RiskEngine:
         learning from this worker's own events only. Returns how many were taken in."""
         marker = "?" if self.db.dialect.paramstyle == "qmark" else "%s"
         read = self._events_read
-        read.expire()
+        with self._lock:  # the watermark changes under the lock only
+            read.expire()
+            after, gaps = read.last, sorted(read.gaps)
         wanted = f"id > {marker}"
-        params: list[Any] = [self.origin, self.origin, read.last]
-        if read.gaps:
-            gaps = sorted(read.gaps)
+        params: list[Any] = [self.origin, self.origin, after]
+        if gaps:
             wanted = f"({wanted} OR id IN ({', '.join(marker for _ in gaps)}))"
             params.extend(gaps)
         # this worker's own rows only move the watermark: their JSON is not sent
@@ -934,28 +937,35 @@ class RiskEngine:
         with self.db.connect() as conn:
             rows = conn.exec_driver_sql(sql, tuple(params)).all()
         sqlite = self.db.dialect.name == "sqlite"
-        taken = 0
-        with self._lock:
-            for row_id, subject, event_id, occurred, decision, score, record, response in rows:
-                if not read.wants(row_id):
-                    continue
-                read.note(row_id)
-                rt = self.subjects.get(subject)
-                if record is None or rt is None:  # stored here, or a subject this worker does not score
-                    continue
+        decoded: list[tuple[int, str, str, float, str, int, dict[str, Any] | None, list[str]]] = []
+        for row_id, subject, event_id, occurred, decision, score, record, response in rows:  # outside the lock
+            ts = 0.0
+            codes: list[str] = []
+            if record is not None:
                 if isinstance(record, bytes | str):
                     record = orjson.loads(record)
-                if sqlite:
-                    occurred = datetime.fromisoformat(occurred).replace(tzinfo=UTC)
-                ts = occurred.timestamp()
-                rt.velocity.add(record, ts, -row_id)  # a negative sequence never matches one of this worker's
-                if not self._marketplace_stale:
-                    answer = orjson.loads(response) if isinstance(response, bytes | str) else (response or {})
-                    codes = (r["code"] for r in answer.get("reasons", ()) if r.get("source") == "rule")
-                    self.marketplace.observe(subject, record, ts, decision, score, codes)
-                self._mark_known(subject, event_id)
-                self.counters.followed[subject] = self.counters.followed.get(subject, 0) + 1
-                taken += 1
+                ts = (datetime.fromisoformat(occurred).replace(tzinfo=UTC) if sqlite else occurred).timestamp()
+                answer = orjson.loads(response) if isinstance(response, bytes | str) else (response or {})
+                codes = [r["code"] for r in answer.get("reasons", ()) if r.get("source") == "rule"]
+            decoded.append((row_id, subject, event_id, ts, decision, score, record, codes))
+        taken = 0
+        for start in range(0, len(decoded), FOLLOW_CHUNK):  # scoring waits for one chunk at most
+            with self._lock:
+                for row_id, subject, event_id, ts, decision, score, record, codes in decoded[
+                    start : start + FOLLOW_CHUNK
+                ]:
+                    if not read.wants(row_id):  # taken in meanwhile (a rebuild catching up)
+                        continue
+                    read.note(row_id)
+                    rt = self.subjects.get(subject)
+                    if record is None or rt is None:  # stored here, or a subject this worker does not score
+                        continue
+                    rt.velocity.add(record, ts, -row_id)  # a negative sequence never matches one of this worker's
+                    if not self._marketplace_stale:
+                        self.marketplace.observe(subject, record, ts, decision, score, codes)
+                    self._mark_known(subject, event_id)
+                    self.counters.followed[subject] = self.counters.followed.get(subject, 0) + 1
+                    taken += 1
         return taken
 
     def _rebuilt_marketplace(
