@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     writer_batch_max: int = Field(default=1000, description="Largest group commit.")
     db_busy_timeout_s: float = Field(default=5.0, description="How long SQLite waits on a lock before failing.")
     policy_poll_s: float = Field(default=1.0, description="How often a worker looks for newly published policies.")
+    follow_poll_s: float = Field(
+        default=0.25,
+        ge=0,
+        description="How often a worker takes the events other workers stored into its velocity windows and "
+        "cross-subject state (0: never; nor when policy_poll_s is 0, as for one-off commands).",
+    )
     scoring_fast_path: bool = Field(
         default=True,
         description="Answer well-formed scoring requests before FastAPI's routing (service/fastpath.py).",

@@ -489,6 +489,7 @@ class RiskEngine:
         self._key_cache: dict[str, tuple[float, Principal | None]] = {}
         self.environments: dict[str, Environment] = {}
         self._poller: threading.Thread | None = None
+        self._follower: threading.Thread | None = None
         self._snapshot_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="risk-engine-snapshot")
         self._stopping = threading.Event()
         self._event_insert = RawInsert(m.Event.__table__, db)  # type: ignore[arg-type]
@@ -528,13 +529,16 @@ class RiskEngine:
             tune_garbage_collector()
         if settings.policy_poll_s > 0:
             engine._start_policy_poller()
+            if settings.follow_poll_s > 0:
+                engine._start_follower()
         return engine
 
     def close(self) -> None:
         """Flush writes, snapshot detectors, velocity and cross-subject state."""
         self._stopping.set()
-        if self._poller is not None:
-            self._poller.join(5)
+        for thread in (self._poller, self._follower):
+            if thread is not None:
+                thread.join(5)
         self.writer.close()
         with self._lock:
             self.snapshot_detectors()
@@ -728,7 +732,6 @@ class RiskEngine:
                     self.refresh_fits()
                     self.refresh_lists()
                     self.refresh_labels()
-                    self.refresh_events()
                     if time.monotonic() - purged_at > IDEMPOTENCY_PURGE_S:
                         idempotency.purge(self.db, now_utc())  # keys past their 24 h
                         purged_at = time.monotonic()
@@ -737,6 +740,20 @@ class RiskEngine:
 
         self._poller = threading.Thread(target=poll, name="risk-engine-policy-poller", daemon=True)
         self._poller.start()
+
+    def _start_follower(self) -> None:
+        """Take in other workers' events every ``follow_poll_s``: more often than the policy poll, because a
+        burst spread over workers is counted whole only once its events are followed."""
+
+        def follow() -> None:
+            while not self._stopping.wait(self.settings.follow_poll_s):
+                try:
+                    self.refresh_events()
+                except Exception as exc:  # the next poll retries
+                    log.warning("following other workers' events failed: %s", type(exc).__name__)
+
+        self._follower = threading.Thread(target=follow, name="risk-engine-follower", daemon=True)
+        self._follower.start()
 
     def _load_lists(self) -> None:
         self.lists = ListMatcher(self.list_decls)

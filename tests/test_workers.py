@@ -84,6 +84,22 @@ def test_a_publish_reaches_a_second_worker_process(tmp_path: Path, database_url:
             assert wait_until(second_serves_v2, timeout=30), "the second worker never picked up payment:v2"
             scored = httpx.post(f"{urls[1]}/v1/payments/score", json=payment(payment_id="w2"), headers=auth, timeout=10)
             assert scored.status_code == 200 and scored.json()["policy_version"] == "payment:v2"
+
+            # one buyer's burst over both processes: each one's follower takes in the other's payments
+            def pay(url: str, i: int) -> set[str]:
+                body = payment(payment_id=f"wb{i}", occurred_at=f"2026-11-22T10:0{i}:00Z", **{"buyer.id": "b_wb"})
+                answer = httpx.post(f"{url}/v1/payments/score", json=body, headers=auth, timeout=10).json()
+                return {r["code"] for r in answer["reasons"] if r["source"] == "rule"}
+
+            for i in range(4):
+                pay(urls[i % 2], i)
+
+            def first_followed_two() -> bool:
+                scraped = httpx.get(f"{urls[0]}/metrics", timeout=2).text
+                return 'risk_engine_events_followed_total{subject="payment"} 3.0' in scraped  # w2, wb1, wb3
+
+            assert wait_until(first_followed_two, timeout=30), "the first worker never took in the second's events"
+            assert "BUYER_VELOCITY" in pay(urls[0], 4)
         finally:
             second.terminate()
             second.wait(20)
@@ -221,7 +237,7 @@ def test_each_worker_counts_the_events_other_workers_scored(tmp_path: Path, data
     the others stored into its velocity windows and order memory, so the burst is counted whole, and once."""
     from tests.test_reviews import review
 
-    settings = make_settings(tmp_path / "var", database_url, policy_poll_s=3600)  # polled by hand below
+    settings = make_settings(tmp_path / "var", database_url, policy_poll_s=3600, follow_poll_s=0)  # by hand
     client_a, a = open_api(settings)
     client_b, b = open_api(settings)
 
