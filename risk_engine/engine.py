@@ -480,8 +480,8 @@ class RiskEngine:
         self._lists_edits = 0  # this process's own list edits, so a reload read before one does not undo it
         self.counters = _Counters()
         self._lock = threading.RLock()
-        # labels are stored and learned one request at a time, so the detectors learn them in id order (a
-        # label learned after a later one would be skipped: see _learn_from_labels)
+        # labels are stored and learned one request at a time, so the detectors learn them in id order (one
+        # learned after a later one would be a gap to look for again: see risk_engine.watermark)
         self._labels_lock = threading.RLock()
         self._recent: OrderedDict[str, Pending] = OrderedDict()
         self._seq = 0
@@ -1853,10 +1853,10 @@ class RiskEngine:
                     s.rollback()
                     return self.record_label(label_id, payment_id, label, occurred_at, source, subject)
                 view = self._label_view(row)
-                learned = [(row.id, row.event_id, row.is_fraud)]
+                learned = [(row.id, row.subject, row.event_id, row.is_fraud)]
         except OperationalError as exc:
             raise DatabaseUnavailable(type(exc).__name__) from exc
-        self._learn_from_labels(subject, learned)
+        self._learn_from_labels(learned)
         return view, True
 
     @_in_label_order
@@ -1917,65 +1917,82 @@ class RiskEngine:
             views, new_rows = retry_on_race(write)  # a label id another request stored meanwhile: read again
         except OperationalError as exc:
             raise DatabaseUnavailable(type(exc).__name__) from exc
-        for subject in dict.fromkeys(row.subject for row in new_rows):
-            self._learn_from_labels(
-                subject, [(row.id, row.event_id, row.is_fraud) for row in new_rows if row.subject == subject]
-            )
+        self._learn_from_labels([(row.id, row.subject, row.event_id, row.is_fraud) for row in new_rows])
         return views, len(new_rows)
 
     @_in_label_order
     def refresh_labels(self, limit: int = 10_000) -> int:
         """Teach this worker's supervised detectors the labels other workers stored since the last ones they
-        learned (at most ``limit`` a call, in id order): each worker's models learn every label, not only
-        those sent to it. Returns how many were learned."""
-        learned = 0
-        for subject, rt in self.subjects.items():
-            supervised = [d for d in rt.detectors if d.supervised]
-            if not supervised:
-                continue
-            after = min(d.last_label_id for d in supervised)
-            gaps: set[int] = set()
-            for det in supervised:
-                det.expire_label_gaps()
-                gaps.update(det.label_gaps)
-            wanted = m.Label.id > after
-            if gaps:  # labels that committed after a higher id had been learned (PostgreSQL, several workers)
-                wanted = wanted | m.Label.id.in_(sorted(gaps))
-            with self._session() as s:
-                rows = s.execute(
-                    select(m.Label.id, m.Label.event_id, m.Label.is_fraud)
-                    .where(m.Label.subject == subject, wanted)
-                    .order_by(m.Label.id)
-                    .limit(limit)
-                ).all()
-            rows = [r for r in rows if any(d.wants_label(r[0]) for d in supervised)]
-            self._learn_from_labels(subject, [(i, e, f) for i, e, f in rows])
-            learned += len(rows)
-        return learned
-
-    def _learn_from_labels(self, subject: str, labels: list[tuple[int, str, bool]]) -> None:
-        """Teach the subject's supervised detectors new labels ``(label id, event id, fraud)``, in label order,
-        with the feature vectors their events were scored with."""
-        supervised = [d for d in self.subjects[subject].detectors if d.supervised]
-        if not supervised or not labels:
-            return
+        read (at most ``limit`` a call, in id order): each worker's models learn every label, not only those
+        sent to it. Label ids are shared by every subject, so the labels are read once for all of them, and
+        every detector notes each id it reads, learning only its own subject's: its gaps are then ids really
+        missing (a late commit), not another subject's labels. Returns how many were learned."""
+        readers = [d for rt in self.subjects.values() for d in rt.detectors if d.supervised]
+        if not readers:
+            return 0
+        after = min(d.last_label_id for d in readers)
+        gaps: set[int] = set()
+        for det in readers:
+            det.expire_label_gaps()
+            gaps.update(det.label_gaps)
+        wanted = m.Label.id > after
+        if gaps:  # labels that committed after a higher id had been read (PostgreSQL, several workers)
+            wanted = wanted | m.Label.id.in_(sorted(gaps))
         with self._session() as s:
-            vectors: dict[str, dict[str, Any]] = dict(
-                s.execute(
+            rows = s.execute(
+                select(m.Label.id, m.Label.subject, m.Label.event_id, m.Label.is_fraud)
+                .where(wanted)
+                .order_by(m.Label.id)
+                .limit(limit)
+            ).all()
+        return self._learn_from_labels([(i, sub, e, f) for i, sub, e, f in rows])
+
+    def _learn_from_labels(self, labels: list[tuple[int, str, str, bool]]) -> int:
+        """Take labels ``(label id, subject, event id, fraud)`` in label order: each supervised detector that
+        has not read one learns it, with the features its event was scored with, if it is of its subject, and
+        only notes its id otherwise. Returns how many labels some detector learned."""
+        learners = {subject: [d for d in rt.detectors if d.supervised] for subject, rt in self.subjects.items()}
+        readers = [d for ds in learners.values() for d in ds]
+        if not readers or not labels:
+            return 0
+        new = [
+            (label_id, subject, event_id, fraud)
+            for label_id, subject, event_id, fraud in sorted(labels)
+            if any(d.wants_label(label_id) for d in readers)
+        ]
+        wanted: dict[str, list[str]] = {}
+        for label_id, subject, event_id, _ in new:
+            if any(d.wants_label(label_id) for d in learners.get(subject, ())):
+                wanted.setdefault(subject, []).append(event_id)
+        vectors: dict[tuple[str, str], dict[str, Any]] = {}
+        with self._session() as s:
+            for subject, event_ids in wanted.items():
+                for event_id, features in s.execute(
                     select(m.Event.event_id, m.Event.features).where(
-                        m.Event.subject == subject, m.Event.event_id.in_([e for _, e, _ in labels])
+                        m.Event.subject == subject, m.Event.event_id.in_(event_ids)
                     )
-                ).all()
-            )
+                ):
+                    vectors[subject, event_id] = features or {}
+        learned = 0
         with self._lock:
-            for label_id, event_id, fraud in sorted(labels):
-                stored = vectors.get(event_id) or {}
-                for det in supervised:
-                    if det.wants_label(label_id):
+            for label_id, subject, event_id, fraud in new:
+                own = learners.get(subject, [])
+                stored = vectors.get((subject, event_id), {})
+                taught = False
+                for det in readers:
+                    if not det.wants_label(label_id):
+                        continue
+                    if det in own:
                         det.learn_label(stored.get(det.name, {}), fraud, label_id, defer_refit=True)
-        for det in supervised:  # a batch refit (tens of ms to a second) must not hold up scoring
-            if isinstance(det, StreamingDetector):
-                det.complete_refit(self._lock)
+                        taught = True
+                    else:
+                        det.skip_label(label_id)
+                learned += taught
+        for subject in wanted:  # a batch refit (tens of ms to a second) must not hold up scoring
+            for det in learners[subject]:
+                if isinstance(det, StreamingDetector):
+                    det.complete_refit(self._lock)
+        return learned
 
     def _replay_labels(self, subject: str, det: Detector) -> None:
         """Labels received after a supervised detector's snapshot, learned again in order."""
@@ -1989,10 +2006,14 @@ class RiskEngine:
             .order_by(m.Label.id)
         )
         with self._session() as s:
+            top = s.scalar(select(func.max(m.Label.id))) or 0  # read first: a label stored after is read later
             for label_id, fraud, features in s.execute(stmt):
                 # a refit that falls due is only noted: the last one noted is computed once, at the end, and is
                 # the fit the live run ended with (a restart replaying many labels fits once, not at each)
                 det.learn_label((features or {}).get(det.name, {}), fraud, label_id, defer_refit=True)
+        # the other subjects' labels up to here are not this detector's: the label poll need not read them
+        # again (ids below that commit late are gaps, and are read: see risk_engine.watermark)
+        det.skip_label(top)
         if isinstance(det, StreamingDetector):
             det.complete_refit(self._lock)
 
@@ -2027,10 +2048,10 @@ class RiskEngine:
                 new = [row for key, row in rows.items() if key not in known]
                 s.add_all(new)
                 s.commit()
-                learned = [(row.id, row.event_id, row.is_fraud) for row in new]
+                learned = [(row.id, row.subject, row.event_id, row.is_fraud) for row in new]
         except OperationalError as exc:
             raise DatabaseUnavailable(type(exc).__name__) from exc
-        self._learn_from_labels(subject, learned)
+        self._learn_from_labels(learned)
         return len(rows) - len(known)
 
     @staticmethod

@@ -569,16 +569,17 @@ def test_labels_sent_at_once_are_all_learned_in_their_order(api: Api, monkeypatc
     first_paused, second_learned = threading.Event(), threading.Event()
     learned: list[int] = []
 
-    def slow_first(subject: str, labels: list[tuple[int, str, bool]]) -> None:
+    def slow_first(labels: list[tuple[int, str, str, bool]]) -> int:
         if not learned:  # the first request has committed its label and pauses before teaching it
             learned.append(labels[0][0])
             first_paused.set()
             second_learned.wait(2)  # the second request, if it can run meanwhile, commits and teaches its own
         else:
             learned.append(labels[0][0])
-        learn(subject, labels)
+        taught = learn(labels)
         if len(learned) == 2:
             second_learned.set()
+        return taught
 
     monkeypatch.setattr(api.engine, "_learn_from_labels", slow_first)
     h = api.headers()
@@ -596,5 +597,5 @@ def test_labels_sent_at_once_are_all_learned_in_their_order(api: Api, monkeypatc
     for t in send:
         t.join(30)
     # one at a time: each label is learned right after it is stored, so none is learned after a later one
-    # (which the model would skip, as it learns labels in id order)
+    # (the model reads labels in id order: one learned after a later one is first taken for a missing id)
     assert learned == sorted(learned) and fraud_model.labels_seen == 2

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy import func, select
 
+from risk_engine.storage import models as m
 from tests.conftest import REPO, Api, make_settings, open_api, payment, run_cli
 
 
@@ -230,6 +232,55 @@ def test_a_label_that_commits_after_a_higher_id_is_still_learned(tmp_path: Path,
         assert not fraud.label_gaps
     finally:
         client.__exit__(None, None, None)
+
+
+def test_labels_are_read_once_for_every_subject(tmp_path: Path, database_url: str) -> None:
+    """Label ids are shared by every subject. A payment detector that reads a review's label notes its id, so it
+    does not keep it as a gap to ask for again at each poll; a worker started later knows where the labels end
+    even for a subject that has none."""
+    from tests.test_reviews import review
+
+    settings = make_settings(tmp_path / "var", database_url, policy_poll_s=3600)  # polled by hand below
+    client_a, a = open_api(settings)
+    client_b, b = open_api(settings)
+    opened = [client_a, client_b]
+
+    def detector(api: Api, subject: str, name: str) -> Any:
+        return next(d for d in api.engine.subjects[subject].detectors if d.name == name)
+
+    def readers(api: Api) -> list[Any]:
+        return [d for rt in api.engine.subjects.values() for d in rt.detectors if d.supervised]
+
+    def label(api: Api, label_id: str, event_id: str, outcome: str, subject: str = "payment") -> None:
+        body = {"label_id": label_id, "subject": subject, "payment_id": event_id, "label": outcome}
+        assert api.client.post("/v1/labels", json=body, headers=api.headers()).status_code == 201
+
+    try:
+        a.score(payment(payment_id="p1", occurred_at="2026-11-22T10:00:00Z"))
+        a.score(payment(payment_id="p2", occurred_at="2026-11-22T10:01:00Z"))
+        assert a.client.post("/v1/reviews/score", json=review(1), headers=a.headers()).status_code == 200
+        label(a, "l1", "p1", "chargeback")
+        label(a, "l2", "r_1", "fake", subject="review")
+        label(a, "l3", "p2", "legitimate")
+        with a.engine._session() as s:
+            top = s.scalar(select(func.max(m.Label.id)))
+        assert a.engine.refresh_labels() == 0  # a learned all three as they came
+        for api in (a, b):
+            if api is b:
+                assert b.engine.refresh_labels() == 3
+            assert detector(api, "payment", "payment_fraud").labels_seen == 2
+            assert detector(api, "review", "review_text").labels_seen == 1
+            assert all(d.last_label_id == top and not d.label_gaps for d in readers(api)), api
+        client_c, c = open_api(settings)  # a third worker starts: it replays each subject's labels
+        opened.append(client_c)
+        assert c.engine.refresh_labels() == 0  # and reads the others' ids once, learning nothing twice
+        assert detector(c, "payment", "payment_fraud").labels_seen == 2
+        assert detector(c, "review", "review_text").labels_seen == 1
+        assert detector(c, "account", "account_fraud").labels_seen == 0
+        assert all(d.last_label_id == top and not d.label_gaps for d in readers(c))
+    finally:
+        for client in reversed(opened):
+            client.__exit__(None, None, None)
 
 
 def test_each_worker_counts_the_events_other_workers_scored(tmp_path: Path, database_url: str) -> None:

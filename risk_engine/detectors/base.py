@@ -36,6 +36,10 @@ class DetectorBase:
         """True if the label with this id has not been learned: above the last one, or a gap below it."""
         return self.labels_read.wants(label_id)
 
+    def skip_label(self, label_id: int) -> None:
+        """Note a label read but not for this detector (another subject's): it is not asked for again."""
+        self.labels_read.note(label_id)
+
     def expire_label_gaps(self, now: float | None = None) -> None:
         """Stop looking for missing label ids noticed long ago (see ``risk_engine.watermark``)."""
         self.labels_read.expire(now)
