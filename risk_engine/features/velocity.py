@@ -11,6 +11,7 @@ traffic inside the longest window.
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -107,14 +108,25 @@ class SlidingWindow:
         if cut:
             del self.entries[:cut]
             self.cursor -= cut
-            self._recompute()
-
-    def _recompute(self) -> None:
-        """Rebuild the running value from the live entries (sheds floating-point drift)."""
 
     def expired(self, now: float) -> bool:
         """True when every entry is beyond the window and its grace period."""
         return self.max_ts < now - self.window - GRACE_S
+
+
+def _add_exactly(partials: list[float], x: float) -> None:
+    """Add ``x`` to the exact sum held by ``partials`` (non-overlapping floats, smallest first), in place."""
+    i = 0
+    for y in partials:
+        if abs(x) < abs(y):
+            x, y = y, x
+        high = x + y
+        low = y - (high - x)
+        if low:
+            partials[i] = low
+            i += 1
+        x = high
+    partials[i:] = [x] if x else []
 
 
 def _ts(entry: tuple[float, int, Any]) -> float:
@@ -165,30 +177,46 @@ class CountWindow(SlidingWindow):
 
 
 class SumWindow(SlidingWindow):
-    """The sum (and count) of numeric values."""
+    """The sum (and count) of numeric values, exact and so independent of the order the entries came and went:
+    integers are summed as integers, floats as a list of non-overlapping partials holding their exact sum
+    (Shewchuk's algorithm, as in ``math.fsum``), rounded once when read. A worker that took another worker's
+    events in late, a rebuild from storage and a restored snapshot then give one sum to the last bit."""
 
-    __slots__ = ("total",)
+    __slots__ = ("odd", "partials", "whole")
 
     def __init__(self, window: float) -> None:
         super().__init__(window)
-        self.total: float = 0
+        self.whole = 0
+        self.partials: list[float] = []
+        self.odd = 0.0  # infinities and NaNs, which have no exact sum: added as floats are
 
     def _include(self, value: Any) -> None:
-        self.total += value
+        if isinstance(value, int):
+            self.whole += value
+        elif math.isfinite(value):
+            _add_exactly(self.partials, float(value))
+        else:
+            self.odd += value
 
     def _exclude(self, value: Any) -> None:
-        self.total -= value
+        if isinstance(value, int):
+            self.whole -= value
+        elif math.isfinite(value):
+            _add_exactly(self.partials, -float(value))
+        else:
+            self.odd -= value
 
     def _current(self) -> float:
-        return self.total
+        if not self.partials and not self.odd:
+            return self.whole
+        return math.fsum([*self.partials, self.whole]) + self.odd
 
     @staticmethod
     def _over(chunk: list[tuple[float, int, Any]]) -> float:
-        return float(sum(v for _, _, v in chunk))
-
-    def _recompute(self) -> None:
-        if isinstance(self.total, float):
-            self.total = sum(v for _, _, v in self.entries[self.cursor :])
+        window = SumWindow(0.0)
+        for _, _, value in chunk:
+            window._include(value)
+        return float(window._current())
 
     def count(self, ts: float) -> int:
         """Entries in the window ending at ``ts`` (call after :meth:`query`)."""
