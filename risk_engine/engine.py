@@ -26,7 +26,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import orjson
 from rbloom import Bloom
-from sqlalchemy import ColumnElement, String, case, cast, func, select, update
+from sqlalchemy import ColumnElement, String, case, cast, func, select, true, update
 from sqlalchemy import Engine as SqlEngine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
@@ -81,7 +81,7 @@ from risk_engine.storage.writer import (
 )
 from risk_engine.subjects import SUBJECT_KINDS, SubjectKind
 from risk_engine.vault import PiiKind, Vault, WrappedDataKey, load_or_create_key, mask
-from risk_engine.watermark import IdWatermark
+from risk_engine.watermark import MAX_GAPS, IdWatermark
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -93,7 +93,8 @@ BASE_SCHEMAS: dict[str, SubjectSchema] = {name: kind.schema for name, kind in SU
 Detector = StreamingDetector | PopulationDetector
 LABELS = {label: fraud for kind in SUBJECT_KINDS.values() for label, fraud in kind.labels.items()}
 RECENT_CACHE = 50_000
-STATE_SNAPSHOT_FORMAT = 2  # 2: orders carry their shipping address (a format-1 snapshot is rebuilt)
+# 2: orders carry their shipping address; 3: the state is of the events it has read by id, from every worker
+STATE_SNAPSHOT_FORMAT = 3
 ORDERS_KEPT_S = 180 * 86_400.0  # payments whose orders a restart reloads for the review link
 BLOOM_MIN_CAPACITY = 1_000_000
 IDEMPOTENCY_PURGE_S = 3600.0  # how often a worker deletes expired idempotency keys
@@ -101,6 +102,7 @@ KEY_CACHE_S = 5.0  # how long a process trusts what it read of a key: a revocati
 
 
 FOLLOW_CHUNK = 200  # other workers' events taken in per hold of the state lock
+FOLLOW_LIMIT = 5_000  # rows read per follow
 
 PERSON_ID = "buyer_id"  # erasure by a person's id rather than by one of their PII values
 
@@ -371,9 +373,11 @@ class ActivePolicy:
 
 @dataclass
 class StateSnapshot:
-    """Velocity and cross-subject state saved at a clean stop, as of ingest sequence ``seq``."""
+    """Velocity and cross-subject state saved at a clean stop: of the stored events ``read`` covers (by id,
+    every worker's), ``events`` of them."""
 
-    seq: int
+    read: IdWatermark
+    events: int
     velocity: dict[str, VelocityState]
     marketplace: MarketplaceState | None
 
@@ -499,9 +503,6 @@ class RiskEngine:
         self._fit_ids: dict[str, int] = {}  # the stored fit each population detector scores with
         self._known_ids: Bloom = Bloom(BLOOM_MIN_CAPACITY, 0.001)
         self._known_count = 0
-        # per subject, how many stored events the in-memory state has taken in (scored here or replayed at
-        # start): what a state snapshot is checked against before it is trusted
-        self._accounted: dict[str, int] = {}
         # this process's mark on the events it stores, and how far it has followed those other workers stored
         self.origin = secrets.token_hex(8)
         self._events_read = IdWatermark()
@@ -656,8 +657,8 @@ class RiskEngine:
             added = None
             if missing:
                 self.writer.barrier().wait(30)
-                self.refresh_events()  # other workers' events so far, so the rebuild and the follow agree
-                added = self._rebuilt_velocity(subject, missing)
+                self.refresh_events()  # other workers' events so far: the rebuild reads up to there, the follow on
+                added = self._rebuilt_velocity(subject, missing, self._events_read)
             sources = [rt.velocity] + ([added] if added is not None else [])
             rt.velocity = VelocityState.assembled(needed, sources, self.settings.velocity_max_events_per_key)
 
@@ -691,12 +692,15 @@ class RiskEngine:
         log.info("now scoring %s with %s", subject, active.label)
         return active
 
-    def _rebuilt_velocity(self, subject: str, specs: tuple[Any, ...]) -> VelocityState:
+    def _rebuilt_velocity(self, subject: str, specs: tuple[Any, ...], seen: IdWatermark) -> VelocityState:
+        """Windows of ``specs`` from the stored events this worker has taken in as of ``seen``."""
         velocity = VelocityState(specs, self.settings.velocity_max_events_per_key)
         latest = self._latest_occurred(subject)
         if latest is not None and specs:
             since = latest - velocity.longest_window - GRACE_S
-            velocity.replay((record, ts, seq) for record, ts, seq, _ in self._stored_rows(subject, since_ts=since))
+            velocity.replay(
+                (record, ts, seq) for record, ts, seq, _ in self._stored_rows(subject, since_ts=since, seen=seen)
+            )
         return velocity
 
     def refresh_policies(self) -> list[str]:
@@ -824,18 +828,24 @@ class RiskEngine:
 
     def _rebuild_state(self) -> None:
         """Velocity and cross-subject state from the state snapshot of the last clean stop plus the events
-        stored after it, or from the stored events; detectors from their snapshots plus the events after them."""
+        stored after it, or from the stored events; detectors from their snapshots plus the events after them.
+
+        The state is of the stored events up to the newest id now, less the ids below it not yet committed
+        (another worker's transaction): those, and every event stored from now on, are the follower's. So an
+        event committed during the rebuild is counted once, by the follower, and one read from the snapshot
+        is not read again."""
         self._load_known_ids()
         with self._session() as s:
             self._seq = s.scalar(select(func.max(m.Event.ingest_seq))) or 0
-            # other workers' events are followed from here (read before the rebuild: one that commits during it
-            # may be counted twice, never missed)
-            self._events_read = IdWatermark(s.scalar(select(func.max(m.Event.id))) or 0)
-            counts = s.execute(select(m.Event.subject, func.count()).group_by(m.Event.subject))
-            self._accounted = {subject: count for subject, count in counts}
+            top = s.scalar(select(func.max(m.Event.id))) or 0
+            present = set(s.scalars(select(m.Event.id).where(m.Event.id > top - MAX_GAPS)))
+        start = IdWatermark(top, (i for i in range(max(1, top - MAX_GAPS + 1), top) if i not in present))
         snapshot = self._read_state_snapshot()
         if snapshot is not None:
-            log.info("velocity and cross-subject state from the state snapshot at sequence %d", snapshot.seq)
+            log.info(
+                "velocity and cross-subject state from the state snapshot of %d events, and the events after it",
+                snapshot.events,
+            )
         for subject, rt in self.subjects.items():
             velocity = snapshot.velocity.get(subject) if snapshot is not None else None
             if (
@@ -845,40 +855,85 @@ class RiskEngine:
                 and velocity.cap == self.settings.velocity_max_events_per_key
             ):
                 velocity.replay(
-                    (record, ts, seq) for record, ts, seq, _ in self._stored_rows(subject, after_seq=snapshot.seq)
+                    (record, ts, seq)
+                    for record, ts, seq, _ in self._stored_rows(subject, seen=start, unread=snapshot.read)
                 )
                 rt.velocity = velocity
             else:
-                rt.velocity = self._rebuilt_velocity(subject, rt.velocity.specs)
+                rt.velocity = self._rebuilt_velocity(subject, rt.velocity.specs, start)
             for det in rt.detectors:
                 self._restore_detector(subject, det)
         if snapshot is not None and snapshot.marketplace is not None:
-            self.marketplace = self._rebuilt_marketplace(snapshot.marketplace, after_seq=snapshot.seq)
+            self.marketplace = self._rebuilt_marketplace(start, snapshot.marketplace, unread=snapshot.read)
         else:
-            self.marketplace = self._rebuilt_marketplace()
+            self.marketplace = self._rebuilt_marketplace(start)
+        self._events_read = start
 
     @property
     def state_snapshot_path(self) -> Path:
         """Where the velocity and cross-subject state are saved at a clean stop."""
         return self.settings.snapshot_dir / "state.snapshot"
 
+    def _covered(self, read: IdWatermark) -> ColumnElement[bool]:
+        """The stored events ``read`` covers: ids up to its last, less its gaps."""
+        covered = m.Event.id <= read.last
+        return covered & m.Event.id.not_in(sorted(read.gaps)) if read.gaps else covered
+
+    def _seen(self, read: IdWatermark) -> ColumnElement[bool]:
+        """The stored events this worker's state holds when it has followed to ``read``: those it covers, and
+        this worker's own (the follower only notes them: they were taken in when scored)."""
+        return self._covered(read) | (m.Event.origin == self.origin)
+
+    def _seen_sql(self, read: IdWatermark, marker: str) -> tuple[str, list[Any]]:
+        """:meth:`_seen` as SQL text with its parameters, for statements sent through the driver."""
+        sql = f"id <= {marker}"
+        params: list[Any] = [read.last]
+        if read.gaps:
+            sql += f" AND id NOT IN ({', '.join(marker for _ in read.gaps)})"
+            params.extend(sorted(read.gaps))
+        return f"(({sql}) OR origin = {marker})", [*params, self.origin]
+
+    @staticmethod
+    def _unread_sql(read: IdWatermark, marker: str) -> tuple[str, list[Any]]:
+        """The stored events ``read`` does not cover, as SQL text with its parameters."""
+        sql = f"id > {marker}"
+        if read.gaps:
+            sql += f" OR id IN ({', '.join(marker for _ in read.gaps)})"
+        return f"({sql})", [read.last, *sorted(read.gaps)]
+
+    def _stored_counts(self, read: IdWatermark) -> dict[str, int]:
+        """How many stored events of each subject ``read`` covers."""
+        with self._session() as s:
+            counts = s.execute(
+                select(m.Event.subject, func.count()).where(self._covered(read)).group_by(m.Event.subject)
+            )
+            return {subject: count for subject, count in counts}
+
+    def _newest_read(self, read: IdWatermark) -> tuple[int, str, str] | None:
+        """``(id, subject, event id)`` of the event at ``read``'s last id, which ties a snapshot to its database."""
+        with self._session() as s:
+            row = s.execute(
+                select(m.Event.id, m.Event.subject, m.Event.event_id).where(m.Event.id == read.last)
+            ).first()
+        return (int(row[0]), str(row[1]), str(row[2])) if row is not None else None
+
     def _write_state_snapshot(self) -> None:
         """Save velocity and cross-subject state, signed, at a clean stop (writer closed, lock held).
 
-        Every write has committed or failed (and been taken back out of the state), so the state holds exactly
-        the stored events it has accounted for; the header says how many per subject, and the newest stored
-        event, so a start can check the snapshot belongs to this database before trusting it.
-        """
-        with self._session() as s:
-            newest = s.execute(
-                select(m.Event.ingest_seq, m.Event.subject, m.Event.event_id).order_by(m.Event.ingest_seq.desc())
-            ).first()
+        Every write has committed or failed (and been taken back out of the state). The other workers' events
+        are followed up to now first, so the state holds exactly the stored events the follow watermark covers:
+        the header keeps that watermark, how many events of each subject it covers and the event at its last
+        id, so a start can check that the snapshot belongs to this database and still fits it, and read only
+        the events it does not cover."""
+        while self._follow()[0] == FOLLOW_LIMIT:  # until a read comes back short: caught up
+            pass
+        read = self._events_read
         header = {
             "format": STATE_SNAPSHOT_FORMAT,
             "version": __version__,
-            "seq": self._seq,
-            "accounted": dict(self._accounted),
-            "newest": tuple(newest) if newest is not None else None,
+            "read": {"last": read.last, "gaps": sorted(read.gaps)},
+            "counts": self._stored_counts(read),
+            "newest": self._newest_read(read),
         }
         state = {
             "velocity": {subject: rt.velocity for subject, rt in self.subjects.items()},
@@ -902,24 +957,11 @@ class RiskEngine:
         if header.get("format") != STATE_SNAPSHOT_FORMAT or header.get("version") != __version__:
             log.info("state snapshot from another release; rebuilding velocity and cross-subject state")
             return None
-        seq = int(header["seq"])
-        accounted: dict[str, int] = header["accounted"]
-        with self._session() as s:
-            counts = s.execute(
-                select(m.Event.subject, func.count()).where(m.Event.ingest_seq <= seq).group_by(m.Event.subject)
-            )
-            stored = {subject: count for subject, count in counts}
-            newest = header["newest"]
-            newest_found = newest is None or (
-                s.scalar(
-                    select(func.count()).where(
-                        m.Event.ingest_seq == newest[0], m.Event.subject == newest[1], m.Event.event_id == newest[2]
-                    )
-                )
-                == 1
-            )
-        if stored != {k: v for k, v in accounted.items() if v} or not newest_found:
-            # another worker stored events this state never saw, or it is another database's snapshot
+        read = IdWatermark(int(header["read"]["last"]), header["read"]["gaps"])
+        counts: dict[str, int] = header["counts"]
+        newest = header["newest"]
+        if self._stored_counts(read) != counts or (newest is not None and self._newest_read(read) != tuple(newest)):
+            # events it holds were deleted since, or it is another database's snapshot
             log.info("state snapshot does not match the stored events; rebuilding velocity and cross-subject state")
             return None
         try:
@@ -927,13 +969,17 @@ class RiskEngine:
         except Exception as exc:
             log.warning("state snapshot %s unreadable (%s); rebuilding", path, type(exc).__name__)
             return None
-        return StateSnapshot(seq, state["velocity"], state["marketplace"])
+        return StateSnapshot(read, sum(counts.values()), state["velocity"], state["marketplace"])
 
-    def refresh_events(self, limit: int = 5_000) -> int:
+    def refresh_events(self, limit: int = FOLLOW_LIMIT) -> int:
         """Take the events other workers stored since the last poll into this worker's velocity windows and
         cross-subject state (orders, seller devices, texts, credit tallies, merchant flags), so a burst spread
         over several workers behind a load balancer is counted by each of them within a poll. Detectors keep
         learning from this worker's own events only. Returns how many were taken in."""
+        return self._follow(limit)[1]
+
+    def _follow(self, limit: int = FOLLOW_LIMIT) -> tuple[int, int]:
+        """:meth:`refresh_events`, returning how many rows it read (its own among them) and took in."""
         marker = "?" if self.db.dialect.paramstyle == "qmark" else "%s"
         read = self._events_read
         with self._lock:  # the watermark changes under the lock only
@@ -983,21 +1029,27 @@ class RiskEngine:
                     self._mark_known(subject, event_id)
                     self.counters.followed[subject] = self.counters.followed.get(subject, 0) + 1
                     taken += 1
-        return taken
+        return len(rows), taken
 
     def _rebuilt_marketplace(
-        self, state: MarketplaceState | None = None, after_seq: int | None = None
+        self,
+        seen: IdWatermark | None = None,
+        state: MarketplaceState | None = None,
+        unread: IdWatermark | None = None,
     ) -> MarketplaceState:
         """Sellers' credit facts and merchant flags from every stored review and merchant event, and the orders
         of the payments of the last 180 days (a review is about a recent order); or, given the ``state`` of a
-        snapshot, that state with the events stored after ``after_seq``."""
+        snapshot, that state with the events its watermark ``unread`` does not cover. With ``seen``, of the
+        events this worker has taken in as of that watermark only (see :meth:`_seen`)."""
         if state is None:
             state = MarketplaceState()
             latest = self._latest_occurred("payment")
             recent_payments = datetime.fromtimestamp((latest or 0.0) - ORDERS_KEPT_S, UTC)
             which: ColumnElement[bool] = (m.Event.subject != "payment") | (m.Event.occurred_at >= recent_payments)
         else:
-            which = m.Event.ingest_seq > (after_seq or 0)
+            which = ~self._covered(unread) if unread is not None else true()
+        if seen is not None:
+            which = which & self._seen(seen)
         stmt = (
             select(
                 m.Event.subject,
@@ -1027,8 +1079,8 @@ class RiskEngine:
         if not self.writer.barrier().wait(5):
             raise DatabaseUnavailable("writes still pending after a failed write")
         try:
-            self.refresh_events()  # moves the follow to now: the rebuild takes in what it has not
-            self.marketplace = self._rebuilt_marketplace()
+            self.refresh_events()  # moves the follow to now: the rebuild reads up to there, the follow on
+            self.marketplace = self._rebuilt_marketplace(self._events_read)
         except OperationalError as exc:
             raise DatabaseUnavailable(type(exc).__name__) from exc
         self._marketplace_stale = False
@@ -1131,9 +1183,16 @@ class RiskEngine:
         return latest.replace(tzinfo=UTC).timestamp() if latest.tzinfo is None else latest.timestamp()
 
     def _stored_rows(
-        self, subject: str, since_ts: float | None = None, after_seq: int | None = None, features: bool = False
+        self,
+        subject: str,
+        since_ts: float | None = None,
+        after_seq: int | None = None,
+        features: bool = False,
+        seen: IdWatermark | None = None,
+        unread: IdWatermark | None = None,
     ) -> Iterator[tuple[dict[str, Any], float, int, dict[str, Any]]]:
-        """``(record, occurred_at timestamp, ingest_seq, features)`` of stored events, in scoring order.
+        """``(record, occurred_at timestamp, ingest_seq, features)`` of stored events, in scoring order: those
+        this worker has taken in as of ``seen`` (see :meth:`_seen`), and not covered by ``unread``, if given.
 
         What start-up replays (velocity, detectors after their snapshots), read through the driver with only
         the columns it needs: loading whole ``Event`` rows decoded seven JSON columns per event, and that cost
@@ -1149,6 +1208,13 @@ class RiskEngine:
         if after_seq is not None:
             sql += f" AND ingest_seq > {marker}"
             params.append(after_seq)
+        for which, more in (
+            self._seen_sql(seen, marker) if seen is not None else ("", []),
+            self._unread_sql(unread, marker) if unread is not None else ("", []),
+        ):
+            if which:
+                sql += f" AND {which}"
+                params.extend(more)
         sql += " ORDER BY ingest_seq"
         sqlite = self.db.dialect.name == "sqlite"
         with self.db.connect() as conn:
@@ -1531,7 +1597,6 @@ class RiskEngine:
                 return ScoreOutcome(pending.body, pending.committed, replayed=True)
             self._seq += 1
             seq = self._seq
-            self._accounted[subject] = self._accounted.get(subject, 0) + 1
             if self._marketplace_stale:
                 self._refresh_marketplace()
             self.marketplace.enrich(subject, record, ts)  # seller credit, flag, order link: stored with the record
@@ -1718,7 +1783,6 @@ class RiskEngine:
         with self._lock:
             rt.velocity.retract(record, ts, seq)
             subject = key.split("\x1f", 1)[0]
-            self._accounted[subject] -= 1
             self._recent.pop(key, None)
             if subject in MarketplaceState.SUBJECTS:
                 self._marketplace_stale = True  # it learned from an event that was not stored: rebuild it

@@ -234,6 +234,45 @@ def test_a_label_that_commits_after_a_higher_id_is_still_learned(tmp_path: Path,
         client.__exit__(None, None, None)
 
 
+def test_an_event_another_worker_stores_while_one_starts_is_counted_once(
+    tmp_path: Path, database_url: str, monkeypatch: Any
+) -> None:
+    """A worker's start rebuilds its state from the events stored up to then; one another worker commits
+    during the rebuild is left to the follower, so it is counted once, not by the rebuild and the follow."""
+    from risk_engine.engine import RiskEngine
+
+    settings = make_settings(tmp_path / "var", database_url, policy_poll_s=3600, follow_poll_s=0)  # by hand
+    client_a, a = open_api(settings)
+    opened = [client_a]
+
+    def burst(api: Api, i: int) -> dict[str, Any]:
+        minute = f"2026-11-22T10:0{i}:00Z"
+        return api.score(payment(payment_id=f"start_{i}", occurred_at=minute, **{"buyer.id": "b_start"}))
+
+    def buyer_count(api: Api, payment_id: str) -> Any:
+        return api.engine.get_payment(payment_id)["aggregates"]["count(by buyer.id within 10m)"]
+
+    try:
+        for i in range(2):
+            burst(a, i)
+        rebuild = RiskEngine._read_state_snapshot
+
+        def while_starting(engine: RiskEngine) -> Any:
+            burst(a, 2)  # a commits one more while b reads the stored events
+            return rebuild(engine)
+
+        monkeypatch.setattr(RiskEngine, "_read_state_snapshot", while_starting)
+        client_b, b = open_api(settings)
+        opened.append(client_b)
+        monkeypatch.undo()
+        assert b.engine.refresh_events() == 1 and b.engine.refresh_events() == 0
+        burst(b, 3)
+        assert buyer_count(b, "start_3") == 3  # the three before it, each once
+    finally:
+        for client in reversed(opened):
+            client.__exit__(None, None, None)
+
+
 def test_labels_are_read_once_for_every_subject(tmp_path: Path, database_url: str) -> None:
     """Label ids are shared by every subject. A payment detector that reads a review's label notes its id, so it
     does not keep it as a gap to ask for again at each poll; a worker started later knows where the labels end
