@@ -48,6 +48,8 @@ def install_error_handlers(app: FastAPI) -> None:
                 loc = ("body",)
             elif e.get("type") == "extra_forbidden":
                 reason = "unknown field (never send CVV or a full card number)"
+            elif "attribute" in e.get("ctx", {}):  # one check of the whole mapping: the key is in the context
+                loc = (*loc, e["ctx"]["attribute"])
             errors.append({"field": _field(loc), "reason": reason, "type": e.get("type")})
         return JsonResponse(error_body("invalid_request", "the request failed validation", errors), 422)
 
