@@ -126,7 +126,13 @@ def _add_exactly(partials: list[float], x: float) -> None:
             partials[i] = low
             i += 1
         x = high
-    partials[i:] = [x] if x else []
+    if not x:
+        del partials[i:]
+    elif i < len(partials):
+        partials[i] = x
+        del partials[i + 1 :]
+    else:
+        partials.append(x)
 
 
 def _ts(entry: tuple[float, int, Any]) -> float:
@@ -207,9 +213,11 @@ class SumWindow(SlidingWindow):
             self.odd -= value
 
     def _current(self) -> float:
-        if not self.partials and not self.odd:
+        partials = self.partials
+        if not partials and not self.odd:
             return self.whole
-        return math.fsum([*self.partials, self.whole]) + self.odd
+        total = math.fsum([*partials, self.whole]) if self.whole else math.fsum(partials)
+        return total + self.odd if self.odd else total
 
     @staticmethod
     def _over(chunk: list[tuple[float, int, Any]]) -> float:
