@@ -79,7 +79,7 @@ from risk_engine.storage.writer import (
     done_ticket,
     sqlite_time,
 )
-from risk_engine.subjects import SUBJECT_KINDS, SubjectKind
+from risk_engine.subjects import PERSON_ID_KINDS, SUBJECT_KINDS, SubjectKind
 from risk_engine.vault import PiiKind, Vault, WrappedDataKey, load_or_create_key, mask
 from risk_engine.watermark import MAX_GAPS, IdWatermark
 
@@ -103,8 +103,6 @@ KEY_CACHE_S = 5.0  # how long a process trusts what it read of a key: a revocati
 
 FOLLOW_CHUNK = 200  # other workers' events taken in per hold of the state lock
 FOLLOW_LIMIT = 5_000  # rows read per follow
-
-PERSON_ID = "buyer_id"  # erasure by a person's id rather than by one of their PII values
 
 
 class InvalidInput(Exception):
@@ -2133,10 +2131,11 @@ class RiskEngine:
     # -- erasure ------------------------------------------------------------------------------------------------
     def erase_pii(self, kind: str, value: str, actor: str) -> dict[str, Any]:
         """Erase a person's PII from every stored event that carries ``value``: a person id (``buyer_id``: a
-        payment's buyer, a review's reviewer, an account) or a PII value of ``kind`` (compared by its blind
-        index). Records keep their blind indexes; the sealed PII goes (see ``storage.erasure``)."""
-        if kind == PERSON_ID:
-            fields = {"payment": ["buyer.id"], "review": ["reviewer.id"], "account": ["account.id"]}
+        payment's buyer, a review's reviewer, an account; ``seller_id``: a merchant event's seller; see each
+        subject's ``person_ids``) or a PII value of ``kind`` (compared by its blind index). Records keep their
+        blind indexes; the sealed PII goes (see ``storage.erasure``)."""
+        if kind in PERSON_ID_KINDS:
+            fields = {name: list(k.person_ids[kind]) for name, k in SUBJECT_KINDS.items() if kind in k.person_ids}
             token = value.strip()
         else:
             pii = PiiKind(kind)

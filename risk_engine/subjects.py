@@ -52,6 +52,9 @@ class SubjectKind:
     # fields the subject's answer adds, from the 0-100 score
     answer_fields: Callable[[int], dict[str, Any]] = lambda score: {}
     labels: Mapping[str, bool] = field(default_factory=lambda: OUTCOMES)  # what POST /v1/labels takes for it
+    # the record fields naming the person the event's PII is of, by the kind of id an erasure names them by
+    # (buyer_id: buyers, reviewers and account holders share one namespace; seller_id: the sellers')
+    person_ids: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def event_id(self, event: BaseModel) -> str:
         """The event's idempotency key."""
@@ -69,8 +72,17 @@ SUBJECT_KINDS: dict[str, SubjectKind] = {
         PII_FIELD_KINDS,
         beyond_record=lambda p: p.buyer.created_at,  # the record has the account's age, not its creation
         labels=PAYMENT_OUTCOMES,
+        person_ids={"buyer_id": ("buyer.id",)},  # the PII is the buyer's, never the seller's
     ),
-    "account": SubjectKind("account", "account_id", AccountIn, ACCOUNT_SCHEMA, flatten_account, {}),
+    "account": SubjectKind(
+        "account",
+        "account_id",
+        AccountIn,
+        ACCOUNT_SCHEMA,
+        flatten_account,
+        {},
+        person_ids={"buyer_id": ("account.id",)},
+    ),
     "review": SubjectKind(
         "review",
         "review_id",
@@ -82,6 +94,7 @@ SUBJECT_KINDS: dict[str, SubjectKind] = {
         beyond_record=lambda r: r.reviewer.created_at,
         answer_fields=lambda score: {"authenticity": 100 - score},
         labels=REVIEW_OUTCOMES,
+        person_ids={"buyer_id": ("reviewer.id",)},
     ),
     "merchant": SubjectKind(
         "merchant",
@@ -91,8 +104,12 @@ SUBJECT_KINDS: dict[str, SubjectKind] = {
         flatten_merchant_event,
         {"device.ip": PiiKind.IP},
         MERCHANT_FLAGS,
+        person_ids={"seller_id": ("seller_id",)},  # a seller's login IPs
     ),
     "merchant_day": SubjectKind(
         "merchant_day", "event_id", MerchantDayIn, MERCHANT_DAY_SCHEMA, flatten_merchant_day, {}, MERCHANT_FLAGS
     ),
 }
+
+# the kinds of person id an erasure can name, and the subjects whose events carry each
+PERSON_ID_KINDS: tuple[str, ...] = tuple(dict.fromkeys(k for kind in SUBJECT_KINDS.values() for k in kind.person_ids))

@@ -67,3 +67,30 @@ def test_erasure_by_ip_and_by_person_reaches_reviews_too(api: Api) -> None:
     by_person = erase(api, "buyer_id", reviewer)  # the reviewer b_7 is the buyer b_7 of p1
     assert by_person.json()["by_subject"]["review"] == 1 and blobs(api)[BASE_REVIEW["review_id"]] is None
     assert blobs(api)["p2"] is not None
+
+
+def test_a_sellers_erasure_reaches_its_merchant_events_and_not_its_buyers_payments(api: Api) -> None:
+    """Sellers are people too: erasing a seller by id takes the sealed PII (login IPs) of its merchant events,
+    while the payments it was paid, whose PII is the buyers', keep theirs."""
+    api.score(payment(payment_id="p1", seller_id="s_9"))
+    login = {"event_id": "m1", "occurred_at": "2026-11-22T09:00:00Z", "type": "login", "ip": "203.0.113.50"}
+    other = {**login, "event_id": "m2"}
+    for seller, body in (("s_9", login), ("s_10", other)):
+        scored = api.client.post(f"/v1/merchants/{seller}/events", json=body, headers=api.headers())
+        assert scored.status_code == 200, scored.text
+    assert all(blobs(api).values())
+    done = erase(api, "seller_id", "s_9")
+    assert done.status_code == 200, done.text
+    assert done.json()["by_subject"] == {"merchant": 1}
+    assert [k for k, blob in blobs(api).items() if blob is None] == ["m1"]
+    assert erase(api, "buyer_id", "s_10").json()["events"] == 0  # another namespace: no seller is a buyer id
+
+
+def test_every_kind_of_person_id_a_subject_declares_can_be_asked_for() -> None:
+    from typing import get_args
+
+    from risk_engine.service.routers.pii import ErasureIn
+    from risk_engine.subjects import PERSON_ID_KINDS
+
+    assert set(PERSON_ID_KINDS) == {"buyer_id", "seller_id"}
+    assert set(PERSON_ID_KINDS) <= set(get_args(ErasureIn.model_fields["kind"].annotation))

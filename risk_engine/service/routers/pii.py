@@ -19,9 +19,10 @@ class ErasureIn(BaseModel):
     """Whose PII to erase: a person's id, or one of their PII values (compared by its blind index)."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["buyer_id", "email", "phone", "name", "address", "ip", "card", "id_number"] = Field(
-        description="buyer_id: a payment's buyer, a review's reviewer or an account, by id; otherwise the kind of "
-        "PII value (address: line1 line2 city postal_code country, as the payment sent them)"
+    kind: Literal["buyer_id", "seller_id", "email", "phone", "name", "address", "ip", "card", "id_number"] = Field(
+        description="buyer_id: a payment's buyer, a review's reviewer or an account, by id; seller_id: a merchant "
+        "event's seller (its login IPs), by id; otherwise the kind of PII value (address: line1 line2 city "
+        "postal_code country, as the payment sent them)"
     )
     value: Text = Field(min_length=1, max_length=512)
 
