@@ -4,6 +4,7 @@ writer recovers once the database takes writes again."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta, timezone
@@ -147,3 +148,60 @@ def test_times_are_stored_in_the_format_sqlalchemy_reads_back(tmp_path: Path, wh
     finally:
         writer.close()
         engine.dispose()
+
+
+def test_sqlite_checkpoints_run_beside_the_commits_not_inside_them(tmp_path: Path) -> None:
+    """The writer's commits do not copy the log back (its connection checkpoints nothing by itself); the
+    checkpointer thread does, so the rows reach the database file; the writer's connection goes back to the
+    pool checkpointing as SQLite does by default."""
+    path = tmp_path / "w.db"
+    engine = make_engine(f"sqlite:///{path}")
+    metadata.create_all(engine)
+    writer = GroupCommitWriter(engine, linger_s=0.05)
+    writer.start()
+    try:
+        insert = RawInsert(items, engine)
+        writer.submit(insert, {"name": "first", "value": 0}).result(10)
+        own = writer._connection().dbapi_connection
+        assert own.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+        before = path.stat().st_size
+        tickets = [writer.submit(insert, {"name": f"{'x' * 30}{i}", "value": i}) for i in range(20_000)]
+        for ticket in tickets:
+            ticket.result(30)
+        checkpointer = writer._checkpointer
+        assert checkpointer is not None
+        turns = checkpointer.checkpoints
+        deadline = time.monotonic() + 30
+        while checkpointer.checkpoints < turns + 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert path.stat().st_size > before + 500_000  # copied back from the log by the checkpointer
+    finally:
+        writer.close()
+    assert own.execute("PRAGMA wal_autocheckpoint").fetchone() == (1_000,)  # back in the pool as the others are
+    metadata.drop_all(engine)
+    engine.dispose()
+
+
+def test_a_log_past_its_limit_is_checkpointed_by_the_writer_between_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer busy without pause leaves the checkpointer no moment when the whole log is copied back, so the
+    log would never start over: past the limit the writer checkpoints itself after a batch."""
+    path = tmp_path / "w.db"
+    with _writer(f"sqlite:///{path}") as (_, insert, writer):
+        checkpointer = writer._checkpointer
+        assert checkpointer is not None
+        checkpointer.stop()  # by hand below
+        monkeypatch.setattr("risk_engine.storage.writer.WAL_FRAMES_LIMIT", 10**9)
+        tickets = [writer.submit(insert, {"name": f"{'x' * 30}{i}", "value": i}) for i in range(5_000)]
+        for ticket in tickets:
+            ticket.result(30)
+        in_log_only = path.stat().st_size
+        checkpointer.log_pages = 1
+        writer.submit(insert, {"name": "under", "value": 0}).result(10)
+        writer.barrier().result(10)  # a batch of its own: after the one before it has checkpointed, or not
+        assert path.stat().st_size == in_log_only  # under the limit: the writer leaves the log alone
+        monkeypatch.setattr("risk_engine.storage.writer.WAL_FRAMES_LIMIT", 0)
+        writer.submit(insert, {"name": "past", "value": 0}).result(10)
+        writer.barrier().result(10)
+        assert path.stat().st_size > in_log_only + 100_000  # past it: the writer copied the log back

@@ -25,7 +25,11 @@ from typing import Any
 import orjson
 from sqlalchemy import JSON, Engine, Table, TypeDecorator
 
+from risk_engine.storage.checkpoint import WAL_FRAMES_LIMIT, WalCheckpointer, checkpoint
+
 log = logging.getLogger(__name__)
+
+SQLITE_AUTOCHECKPOINT_PAGES = 1_000  # SQLite's default, for connections other than the writer's
 
 
 class DuplicateRow(Exception):
@@ -228,12 +232,16 @@ class GroupCommitWriter:
         self.batches = 0
         self.rows = 0
         self.on_batch: Callable[[int], None] | None = None
+        # SQLite: the log is copied back beside the commits, not inside one (see storage.checkpoint)
+        self._checkpointer = WalCheckpointer(engine) if engine.dialect.name == "sqlite" else None
 
     def start(self) -> None:
         """Start the writer thread (idempotent)."""
         if not self._started:
             self._started = True
             self._thread.start()
+            if self._checkpointer is not None:
+                self._checkpointer.start()
 
     def submit(self, insert: RawInsert, row: dict[str, Any], ticket: Ticket | None = None) -> Ticket:
         """Queue one insert; the ticket completes after its batch commits."""
@@ -255,9 +263,13 @@ class GroupCommitWriter:
             self._queue.put(_STOP)
             self._thread.join(timeout)
             self._started = False
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         if self._conn is not None and not self._thread.is_alive():
             conn, self._conn = self._conn, None
             try:
+                if self._checkpointer is not None:  # back to the pool as other connections are
+                    self._pragma(conn, f"PRAGMA wal_autocheckpoint={SQLITE_AUTOCHECKPOINT_PAGES}")
                 conn.close()
             except Exception:
                 log.debug("closing the writer's connection failed", exc_info=True)
@@ -292,8 +304,28 @@ class GroupCommitWriter:
 
     def _connection(self) -> Any:
         if self._conn is None:
-            self._conn = self.engine.raw_connection()
+            conn = self.engine.raw_connection()
+            if self._checkpointer is not None:
+                self._pragma(conn, "PRAGMA wal_autocheckpoint=0")
+            self._conn = conn
         return self._conn
+
+    @staticmethod
+    def _pragma(conn: Any, sql: str) -> None:
+        cursor = conn.cursor()
+        try:
+            cursor.execute(sql)
+        finally:
+            cursor.close()
+
+    def _checkpoint_if_long(self, conn: Any) -> None:
+        """Between batches: if the log has grown past ``WAL_FRAMES_LIMIT`` pages (the checkpointer's copies never
+        found it all copied back when a write began), checkpoint here, so the next write starts it over."""
+        if self._checkpointer is not None and self._checkpointer.log_pages > WAL_FRAMES_LIMIT:
+            try:
+                self._checkpointer.log_pages, _ = checkpoint(conn)
+            except self._dbapi_errors as exc:
+                log.debug("WAL checkpoint failed: %s", type(exc).__name__)
 
     def _drop_connection(self) -> None:
         """Forget a connection that failed: the next batch opens a fresh one (the database may be back)."""
@@ -336,6 +368,7 @@ class GroupCommitWriter:
             job.future.set_result(None)
         if self.on_batch is not None:
             self.on_batch(len(batch))
+        self._checkpoint_if_long(conn)
 
     def _write_one_by_one(self, batch: Sequence[_Job]) -> None:
         """Each row in its own transaction, so only the rows at fault fail."""
