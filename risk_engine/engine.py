@@ -982,12 +982,8 @@ class RiskEngine:
         read = self._events_read
         with self._lock:  # the watermark changes under the lock only
             read.expire()
-            after, gaps = read.last, sorted(read.gaps)
-        wanted = f"id > {marker}"
-        params: list[Any] = [self.origin, self.origin, after]
-        if gaps:
-            wanted = f"({wanted} OR id IN ({', '.join(marker for _ in gaps)}))"
-            params.extend(gaps)
+            wanted, unread = self._unread_sql(read, marker)
+        params: list[Any] = [self.origin, self.origin, *unread]
         # this worker's own rows only move the watermark: their JSON is not sent
         sql = (
             "SELECT id, subject, event_id, occurred_at, decision, score,"
