@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import Column, Engine, Integer, MetaData, String, Table, UniqueConstraint, func, select
 
+from risk_engine.storage.checkpoint import checkpoint
 from risk_engine.storage.db import make_engine
 from risk_engine.storage.writer import DuplicateRow, GroupCommitWriter, RawInsert, WriteFailed, sqlite_time
 
@@ -205,3 +206,40 @@ def test_a_log_past_its_limit_is_checkpointed_by_the_writer_between_batches(
         writer.submit(insert, {"name": "past", "value": 0}).result(10)
         writer.barrier().result(10)
         assert path.stat().st_size > in_log_only + 100_000  # past it: the writer copied the log back
+
+
+def test_a_checkpoint_a_reader_holds_back_is_not_retried_after_every_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long read (a backtest streaming rows) keeps the log from being copied back whole: the writer then
+    tries once, and leaves the next try to the checkpointer's next look at the log, not to every batch."""
+    import risk_engine.storage.writer as writer_module
+
+    path = tmp_path / "w.db"
+    tries: list[tuple[int, int]] = []
+
+    def counted(conn: object) -> tuple[int, int]:
+        tries.append(checkpoint(conn))
+        return tries[-1]
+
+    with _writer(f"sqlite:///{path}") as (_, insert, writer):
+        checkpointer = writer._checkpointer
+        assert checkpointer is not None
+        checkpointer.stop()  # by hand below
+        writer.submit(insert, {"name": "before", "value": 0}).result(10)
+        reader = sqlite3.connect(path)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM writer_items").fetchone()  # holds the log as it is now
+        try:
+            for i in range(50):
+                writer.submit(insert, {"name": f"{'x' * 30}{i}", "value": i}).result(10)
+            monkeypatch.setattr(writer_module, "WAL_FRAMES_LIMIT", 0)
+            monkeypatch.setattr(writer_module, "checkpoint", counted)
+            checkpointer.log_pages = 1
+            for name in ("a", "b", "c"):
+                writer.submit(insert, {"name": name, "value": 0}).result(10)
+                writer.barrier().result(10)
+            assert len(tries) == 1 and tries[0][1] < tries[0][0]  # stopped short by the reader, tried once
+        finally:
+            reader.rollback()
+            reader.close()

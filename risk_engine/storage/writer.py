@@ -323,9 +323,13 @@ class GroupCommitWriter:
         found it all copied back when a write began), checkpoint here, so the next write starts it over."""
         if self._checkpointer is not None and self._checkpointer.log_pages > WAL_FRAMES_LIMIT:
             try:
-                self._checkpointer.log_pages, _ = checkpoint(conn)
+                log_pages, copied = checkpoint(conn)
             except self._dbapi_errors as exc:
                 log.debug("WAL checkpoint failed: %s", type(exc).__name__)
+                return
+            # a reader holding older pages stopped it short: trying again after every batch would copy nothing
+            # more, so the next try waits for the checkpointer's next turn to measure the log again
+            self._checkpointer.log_pages = log_pages if copied == log_pages else 0
 
     def _drop_connection(self) -> None:
         """Forget a connection that failed: the next batch opens a fresh one (the database may be back)."""
