@@ -151,7 +151,7 @@ def run_backtest(
                 progress(n)
             if cancelled is not None and n % 256 == 0 and cancelled.is_set():
                 raise Cancelled()
-        velocity.add(event.record, event.ts, event.seq)
+        velocity.add(event.record, event.ts)
     if progress is not None:
         progress(n)  # a finished job's progress is its whole count, not the last thousand it reported
     transitions: Counter[str] = Counter()
@@ -222,7 +222,7 @@ def replay_one(
         for earlier in history:
             if earlier.seq >= event.seq:
                 break
-            velocity.add(earlier.record, earlier.ts, earlier.seq)
+            velocity.add(earlier.record, earlier.ts)
         aggregates.update(velocity.query(event.record, event.ts))
     hits = policy.evaluate(event.record, aggregates, lists, event.model_scores)
     decision, score = decision_for(policy, hits, event.model_points)

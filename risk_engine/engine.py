@@ -93,8 +93,9 @@ BASE_SCHEMAS: dict[str, SubjectSchema] = {name: kind.schema for name, kind in SU
 Detector = StreamingDetector | PopulationDetector
 LABELS = {label: fraud for kind in SUBJECT_KINDS.values() for label, fraud in kind.labels.items()}
 RECENT_CACHE = 50_000
-# 2: orders carry their shipping address; 3: the state is of the events it has read by id, from every worker
-STATE_SNAPSHOT_FORMAT = 3
+# 2: orders carry their shipping address; 3: the state is of the events it has read by id, from every worker;
+# 4: velocity windows keep their times in arrays
+STATE_SNAPSHOT_FORMAT = 4
 ORDERS_KEPT_S = 180 * 86_400.0  # payments whose orders a restart reloads for the review link
 BLOOM_MIN_CAPACITY = 1_000_000
 IDEMPOTENCY_PURGE_S = 3600.0  # how often a worker deletes expired idempotency keys
@@ -696,9 +697,7 @@ class RiskEngine:
         latest = self._latest_occurred(subject)
         if latest is not None and specs:
             since = latest - velocity.longest_window - GRACE_S
-            velocity.replay(
-                (record, ts, seq) for record, ts, seq, _ in self._stored_rows(subject, since_ts=since, seen=seen)
-            )
+            velocity.replay((record, ts) for record, ts, _, _ in self._stored_rows(subject, since_ts=since, seen=seen))
         return velocity
 
     def refresh_policies(self) -> list[str]:
@@ -853,8 +852,7 @@ class RiskEngine:
                 and velocity.cap == self.settings.velocity_max_events_per_key
             ):
                 velocity.replay(
-                    (record, ts, seq)
-                    for record, ts, seq, _ in self._stored_rows(subject, seen=start, unread=snapshot.read)
+                    (record, ts) for record, ts, _, _ in self._stored_rows(subject, seen=start, unread=snapshot.read)
                 )
                 rt.velocity = velocity
             else:
@@ -1017,7 +1015,7 @@ class RiskEngine:
                     rt = self.subjects.get(subject)
                     if record is None or rt is None:  # stored here, or a subject this worker does not score
                         continue
-                    rt.velocity.add(record, ts, -row_id)  # a negative sequence never matches one of this worker's
+                    rt.velocity.add(record, ts)
                     if not self._marketplace_stale:
                         self.marketplace.observe(subject, record, ts, decision, score, codes)
                     self._mark_known(subject, event_id)
@@ -1329,7 +1327,7 @@ class RiskEngine:
             x = det.features.compute(record, aggs, self.lists.sets, {})
             raw, _ = det.score_one(x)
             det.learn_one(x, raw, seq, record.get("sample_weight", 1.0))
-            velocity.add(record, ts, seq)
+            velocity.add(record, ts)
         if det.supervised:
             self._replay_labels(subject, det)
 
@@ -1646,7 +1644,7 @@ class RiskEngine:
             "created_at": now_utc(),
             "origin": self.origin,
         }
-        committed.add_done_callback(lambda f: self._after_write(f, rt, key, record, ts, seq))
+        committed.add_done_callback(lambda f: self._after_write(f, rt, key, record, ts))
         self.writer.submit(self._event_insert, row, committed)
         if moved is not None:  # the seller's score or tier changed: its history row (derived; see credit.py)
             seller_id, credit = moved
@@ -1713,7 +1711,7 @@ class RiskEngine:
                 "score": score,
                 "rules": [shadow.compiled.rules[i].name for i in shadow_hits],
             }
-        rt.velocity.add(record, ts, seq)
+        rt.velocity.add(record, ts)
         weight = record.get("sample_weight", 1.0)  # what a sampled stream's event stands for
         for det, raw in zip(rt.detectors, raws, strict=True):
             det.learn_one(vectors[det.name], raw, seq, weight)
@@ -1768,14 +1766,12 @@ class RiskEngine:
         for rule in verdict.fired:
             c.rule_hits[rule.name] = c.rule_hits.get(rule.name, 0) + 1
 
-    def _after_write(
-        self, write: Ticket, rt: SubjectRuntime, key: str, record: dict[str, Any], ts: float, seq: int
-    ) -> None:
+    def _after_write(self, write: Ticket, rt: SubjectRuntime, key: str, record: dict[str, Any], ts: float) -> None:
         """Runs in the writer thread: a failed write takes the event back out of the velocity windows."""
         if write.exception() is None:
             return
         with self._lock:
-            rt.velocity.retract(record, ts, seq)
+            rt.velocity.retract(record, ts)
             subject = key.split("\x1f", 1)[0]
             self._recent.pop(key, None)
             if subject in MarketplaceState.SUBJECTS:

@@ -1,7 +1,7 @@
 """Velocity: exact sliding-window aggregates (count, sum, avg, distinct) keyed by any field.
 
-Each (aggregate, key value) pair keeps its entries sorted by time in a list, with running totals over the
-live part ``entries[cursor:]``. Scoring queries at the event's own time before the event is added, so an
+Each (aggregate, key value) pair keeps its entries sorted by time in typed arrays, with running totals over
+the live part (from a cursor on). Scoring queries at the event's own time before the event is added, so an
 event never counts itself. In time order a query only moves the cursor forward (O(1) amortised); a late
 event (older than what the key has already seen) is answered exactly by a binary search and a scan of its
 window. Entries older than the window plus a grace period are dropped, keys that go quiet are swept, and
@@ -12,6 +12,7 @@ traffic inside the longest window.
 from __future__ import annotations
 
 import math
+from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -23,91 +24,125 @@ SWEEP_EVERY = 20_000
 
 
 class SlidingWindow:
-    """Entries of one key for one aggregate, sorted by time, with a running value over ``entries[cursor:]``.
+    """Entries of one key for one aggregate, sorted by time, with a running value over the live part (from
+    ``cursor`` on).
 
-    Subclasses keep only what their function needs: a count, a sum, or the multiset of distinct values.
+    Times are kept in a typed array, 8 bytes an entry and no object per entry: a ``(time, seq, value)`` tuple
+    per entry cost 124 bytes with its float and int, and gave the garbage collector a dozen new containers per
+    payment. Subclasses keep only what their function needs beside them: nothing for a count, the values for a
+    sum or a set of distinct values. An aggregate is a function of the (time, value) pairs alone, so entries
+    with the same pair are interchangeable and need no identity of their own.
     """
 
-    __slots__ = ("cursor", "entries", "max_ts", "window")
+    __slots__ = ("cursor", "max_ts", "times", "window")
 
     def __init__(self, window: float) -> None:
         self.window = window
-        self.entries: list[tuple[float, int, Any]] = []  # (ts, seq, value), sorted by (ts, seq)
+        self.times = array("d")  # sorted
         self.cursor = 0
         self.max_ts = float("-inf")
 
+    # the value hooks: a count keeps no values, so these do nothing in it
+    def _append_value(self, value: Any) -> None:
+        pass
+
+    def _insert_value(self, pos: int, value: Any) -> None:
+        pass
+
+    def _pop_value(self, pos: int) -> Any:
+        return None
+
+    def _find(self, lo: int, hi: int, value: Any) -> int:
+        """The position in ``[lo, hi)`` of an entry holding ``value``, or -1."""
+        return lo if lo < hi else -1
+
+    def _delete_values(self, n: int) -> None:
+        pass
+
     def _include(self, value: Any) -> None:
-        raise NotImplementedError
+        pass
+
+    def _exclude_at(self, pos: int) -> None:
+        pass
 
     def _exclude(self, value: Any) -> None:
-        raise NotImplementedError
+        pass
 
     def _current(self) -> float:
         raise NotImplementedError
 
-    @staticmethod
-    def _over(chunk: list[tuple[float, int, Any]]) -> float:
+    def _between(self, lo: int, hi: int) -> float:
         raise NotImplementedError
 
     def query(self, ts: float) -> float:
         """The aggregate over entries with time in (ts - window, ts]."""
         if ts >= self.max_ts:
             horizon = ts - self.window
-            entries = self.entries
+            times = self.times
             cursor = self.cursor
-            while cursor < len(entries) and entries[cursor][0] <= horizon:
-                self._exclude(entries[cursor][2])
+            end = len(times)
+            while cursor < end and times[cursor] <= horizon:
+                self._exclude_at(cursor)
                 cursor += 1
             self.cursor = cursor
             return self._current()
-        lo = bisect_right(self.entries, ts - self.window, key=_ts)
-        hi = bisect_right(self.entries, ts, key=_ts)
-        return self._over(self.entries[lo:hi])
+        return self._between(bisect_right(self.times, ts - self.window), bisect_right(self.times, ts))
 
-    def add(self, ts: float, seq: int, value: Any, cap: int) -> None:
+    def add(self, ts: float, value: Any, cap: int) -> None:
         """Add an entry; in time order this is an append."""
-        entries = self.entries
+        times = self.times
         if ts >= self.max_ts:
-            entries.append((ts, seq, value))
+            times.append(ts)
+            self._append_value(value)
             self.max_ts = ts
             self._include(value)
         else:
-            pos = bisect_right(entries, (ts, seq), key=_ts_seq)
-            entries.insert(pos, (ts, seq, value))
+            pos = bisect_right(times, ts)
+            times.insert(pos, ts)
+            self._insert_value(pos, value)
             if pos < self.cursor:
                 self.cursor += 1  # already behind the live part
             else:
                 self._include(value)  # a later query evicts it if it is already too old
-        if len(entries) > cap:
-            self._drop_oldest(len(entries) - cap)
-        elif self.cursor > 256 and self.cursor * 2 > len(entries):
+        if len(times) > cap:
+            self._drop_oldest(len(times) - cap)
+        elif self.cursor > 256 and self.cursor * 2 > len(times):
             self._compact()
 
-    def retract(self, ts: float, seq: int) -> bool:
-        """Remove an entry added by mistake (its write failed). True if it was found."""
-        pos = bisect_left(self.entries, (ts, seq), key=_ts_seq)
-        if pos >= len(self.entries) or self.entries[pos][:2] != (ts, seq):
+    def retract(self, ts: float, value: Any) -> bool:
+        """Remove an entry added by mistake (its write failed). True if one with this time and value was found."""
+        times = self.times
+        lo = bisect_left(times, ts)
+        pos = self._find(lo, bisect_right(times, ts, lo), value)
+        if pos < 0:
             return False
-        _, _, value = self.entries.pop(pos)
+        del times[pos]
+        value = self._pop_value(pos)
         if pos < self.cursor:
             self.cursor -= 1
         else:
             self._exclude(value)
-        self.max_ts = self.entries[-1][0] if self.entries else float("-inf")
+        self.max_ts = times[-1] if times else float("-inf")
         return True
 
     def _drop_oldest(self, n: int) -> None:
-        for _, _, value in self.entries[self.cursor : n]:
-            self._exclude(value)
-        del self.entries[:n]
+        for pos in range(self.cursor, n):
+            self._exclude_at(pos)
+        self._delete(n)
         self.cursor = max(self.cursor - n, 0)
 
     def _compact(self) -> None:
-        horizon = self.max_ts - self.window - GRACE_S
-        cut = bisect_right(self.entries, horizon, key=_ts, hi=self.cursor)
+        cut = bisect_right(self.times, self.max_ts - self.window - GRACE_S, 0, self.cursor)
         if cut:
-            del self.entries[:cut]
+            self._delete(cut)
             self.cursor -= cut
+
+    def _delete(self, n: int) -> None:
+        del self.times[:n]
+        self._delete_values(n)
+
+    def __len__(self) -> int:
+        return len(self.times)
 
     def expired(self, now: float) -> bool:
         """True when every entry is beyond the window and its grace period."""
@@ -135,14 +170,6 @@ def _add_exactly(partials: list[float], x: float) -> None:
         partials.append(x)
 
 
-def _ts(entry: tuple[float, int, Any]) -> float:
-    return entry[0]
-
-
-def _ts_seq(entry: tuple[float, int, Any]) -> tuple[float, int]:
-    return entry[0], entry[1]
-
-
 class CountWindow(SlidingWindow):
     """How many entries. The most common aggregate, so its hot paths skip the running-value hooks."""
 
@@ -151,38 +178,61 @@ class CountWindow(SlidingWindow):
     def query(self, ts: float) -> float:
         if ts >= self.max_ts:
             horizon = ts - self.window
-            entries = self.entries
+            times = self.times
             cursor = self.cursor
-            end = len(entries)
-            while cursor < end and entries[cursor][0] <= horizon:
+            end = len(times)
+            while cursor < end and times[cursor] <= horizon:
                 cursor += 1
             self.cursor = cursor
             return end - cursor
         return super().query(ts)
 
-    def add(self, ts: float, seq: int, value: Any, cap: int) -> None:
-        entries = self.entries
-        if ts >= self.max_ts and len(entries) < cap and self.cursor <= 256:
-            entries.append((ts, seq, value))
+    def add(self, ts: float, value: Any, cap: int) -> None:
+        times = self.times
+        if ts >= self.max_ts and len(times) < cap and self.cursor <= 256:
+            times.append(ts)
             self.max_ts = ts
             return
-        super().add(ts, seq, value, cap)
-
-    def _include(self, value: Any) -> None:
-        pass
-
-    def _exclude(self, value: Any) -> None:
-        pass
+        super().add(ts, value, cap)
 
     def _current(self) -> float:
-        return len(self.entries) - self.cursor
+        return len(self.times) - self.cursor
 
-    @staticmethod
-    def _over(chunk: list[tuple[float, int, Any]]) -> float:
-        return len(chunk)
+    def _between(self, lo: int, hi: int) -> float:
+        return hi - lo
 
 
-class SumWindow(SlidingWindow):
+class ValuedWindow(SlidingWindow):
+    """A window whose function reads the entries' values: kept in a list beside the times."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, window: float) -> None:
+        super().__init__(window)
+        self.values: list[Any] = []
+
+    def _append_value(self, value: Any) -> None:
+        self.values.append(value)
+
+    def _insert_value(self, pos: int, value: Any) -> None:
+        self.values.insert(pos, value)
+
+    def _pop_value(self, pos: int) -> Any:
+        return self.values.pop(pos)
+
+    def _delete_values(self, n: int) -> None:
+        del self.values[:n]
+
+    def _find(self, lo: int, hi: int, value: Any) -> int:
+        values = self.values
+        # the same object first: a NaN is not equal to itself
+        return next((i for i in range(lo, hi) if values[i] is value or values[i] == value), -1)
+
+    def _exclude_at(self, pos: int) -> None:
+        self._exclude(self.values[pos])
+
+
+class SumWindow(ValuedWindow):
     """The sum (and count) of numeric values, exact and so independent of the order the entries came and went:
     integers are summed as integers, floats as a list of non-overlapping partials holding their exact sum
     (Shewchuk's algorithm, as in ``math.fsum``), rounded once when read. A worker that took another worker's
@@ -219,22 +269,20 @@ class SumWindow(SlidingWindow):
         total = math.fsum([*partials, self.whole]) if self.whole else math.fsum(partials)
         return total + self.odd if self.odd else total
 
-    @staticmethod
-    def _over(chunk: list[tuple[float, int, Any]]) -> float:
+    def _between(self, lo: int, hi: int) -> float:
         window = SumWindow(0.0)
-        for _, _, value in chunk:
+        for value in self.values[lo:hi]:
             window._include(value)
         return float(window._current())
 
     def count(self, ts: float) -> int:
         """Entries in the window ending at ``ts`` (call after :meth:`query`)."""
         if ts >= self.max_ts:
-            return len(self.entries) - self.cursor
-        lo = bisect_right(self.entries, ts - self.window, key=_ts)
-        return bisect_right(self.entries, ts, key=_ts) - lo
+            return len(self.times) - self.cursor
+        return bisect_right(self.times, ts) - bisect_right(self.times, ts - self.window)
 
 
-class DistinctWindow(SlidingWindow):
+class DistinctWindow(ValuedWindow):
     """How many different values."""
 
     __slots__ = ("seen",)
@@ -256,9 +304,8 @@ class DistinctWindow(SlidingWindow):
     def _current(self) -> float:
         return len(self.seen)
 
-    @staticmethod
-    def _over(chunk: list[tuple[float, int, Any]]) -> float:
-        return len({v for _, _, v in chunk})
+    def _between(self, lo: int, hi: int) -> float:
+        return len(set(self.values[lo:hi]))
 
 
 _WINDOWS: dict[str, type[SlidingWindow]] = {
@@ -323,7 +370,7 @@ class VelocityState:
                 out[spec_id] = window.query(ts)
         return out
 
-    def add(self, record: Mapping[str, Any], ts: float, seq: int) -> None:
+    def add(self, record: Mapping[str, Any], ts: float) -> None:
         """Count a record in every aggregate whose key it has."""
         cap = self.cap
         for spec_id, func, key_field, value_field, windows in self._plan:
@@ -336,7 +383,7 @@ class VelocityState:
             window = windows.get(key)
             if window is None:
                 window = windows[key] = _WINDOWS[func](self._window_s[spec_id])
-            window.add(ts, seq, value, cap)
+            window.add(ts, value, cap)
         if ts > self._latest:
             self._latest = ts
         self._adds += 1
@@ -347,13 +394,13 @@ class VelocityState:
             self._sweep_turn += 1
             self._sweep_windows(self._windows[spec_id], self._latest)
 
-    def retract(self, record: Mapping[str, Any], ts: float, seq: int) -> None:
+    def retract(self, record: Mapping[str, Any], ts: float) -> None:
         """Undo :meth:`add` for a record whose write failed."""
-        for _, _, key_field, _, windows in self._plan:
+        for _, _, key_field, value_field, windows in self._plan:
             key = record.get(key_field)
             window = windows.get(key) if key is not None else None
             if window is not None:
-                window.retract(ts, seq)
+                window.retract(ts, record.get(value_field) if value_field else None)
 
     def sweep(self, now: float) -> int:
         """Forget keys whose entries have all expired. Returns how many were dropped."""
@@ -370,10 +417,10 @@ class VelocityState:
         """How many (aggregate, key) windows are held."""
         return sum(len(w) for w in self._windows.values())
 
-    def replay(self, rows: Iterable[tuple[Mapping[str, Any], float, int]]) -> int:
-        """Rebuild from stored (record, ts, seq) rows. Returns the number replayed."""
+    def replay(self, rows: Iterable[tuple[Mapping[str, Any], float]]) -> int:
+        """Rebuild from stored (record, ts) rows. Returns the number replayed."""
         n = 0
-        for record, ts, seq in rows:
-            self.add(record, ts, seq)
+        for record, ts in rows:
+            self.add(record, ts)
             n += 1
         return n
