@@ -488,6 +488,7 @@ class RiskEngine:
         self._labels_lock = threading.RLock()
         self._recent: OrderedDict[str, Pending] = OrderedDict()
         self._seq = 0
+        self._start_seq = 0
         self._since_snapshot = 0
         self._key_cache: dict[str, tuple[float, Principal | None]] = {}
         self.environments: dict[str, Environment] = {}
@@ -834,6 +835,7 @@ class RiskEngine:
         self._load_known_ids()
         with self._session() as s:
             self._seq = s.scalar(select(func.max(m.Event.ingest_seq))) or 0
+            self._start_seq = self._seq  # this worker numbers its own events from here on
             top = s.scalar(select(func.max(m.Event.id))) or 0
             present = set(s.scalars(select(m.Event.id).where(m.Event.id > top - MAX_GAPS)))
         start = IdWatermark(top, (i for i in range(max(1, top - MAX_GAPS + 1), top) if i not in present))
@@ -1182,9 +1184,11 @@ class RiskEngine:
         features: bool = False,
         seen: IdWatermark | None = None,
         unread: IdWatermark | None = None,
+        origin: str | None = None,
     ) -> Iterator[tuple[dict[str, Any], float, int, dict[str, Any]]]:
         """``(record, occurred_at timestamp, ingest_seq, features)`` of stored events, in scoring order: those
-        this worker has taken in as of ``seen`` (see :meth:`_seen`), and not covered by ``unread``, if given.
+        this worker has taken in as of ``seen`` (see :meth:`_seen`), and not covered by ``unread``, if given;
+        with ``origin``, only those the worker of that origin scored.
 
         What start-up replays (velocity, detectors after their snapshots), read through the driver with only
         the columns it needs: loading whole ``Event`` rows decoded seven JSON columns per event, and that cost
@@ -1200,6 +1204,9 @@ class RiskEngine:
         if after_seq is not None:
             sql += f" AND ingest_seq > {marker}"
             params.append(after_seq)
+        if origin is not None:
+            sql += f" AND origin = {marker}"
+            params.append(origin)
         for which, more in (
             self._seen_sql(seen, marker) if seen is not None else ("", []),
             self._unread_sql(unread, marker) if unread is not None else ("", []),
@@ -1311,7 +1318,10 @@ class RiskEngine:
             except SnapshotError as exc:
                 log.error("REFUSED detector snapshot: %s; rebuilding %s from stored events", exc, det.name)
         if restored:
-            for record, _, seq, features in self._stored_rows(subject, after_seq=det.last_seq, features=True):
+            # what the worker that wrote the snapshot learned after it: its own events with a later sequence
+            # (other workers number theirs from their own starts, and this detector never learned theirs)
+            rows = self._stored_rows(subject, after_seq=det.last_seq, origin=det.last_origin, features=True)
+            for record, _, seq, features in rows:
                 det.select(record.get(det.spec.per))
                 x = features.get(det.name, {})
                 raw, _ = det.score_one(x)
@@ -1460,11 +1470,12 @@ class RiskEngine:
         The state is pickled here, under the lock, so it is consistent; with ``background`` the signing,
         writing and fsync happen on a thread, off the request path.
         """
-        encoded = [
-            (self.snapshot_path(det), encode_state(det.state()))
-            for rt in self.subjects.values()
-            for det in rt.detectors
-        ]
+        encoded = []
+        for rt in self.subjects.values():
+            for det in rt.detectors:
+                if det.last_seq > self._start_seq:  # it learned this worker's events since its start
+                    det.last_origin = self.origin
+                encoded.append((self.snapshot_path(det), encode_state(det.state())))
         self._since_snapshot = 0
 
         def write() -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
 import time
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -358,3 +360,66 @@ def test_each_worker_counts_the_events_other_workers_scored(tmp_path: Path, data
     finally:
         client_b.__exit__(None, None, None)
         client_a.__exit__(None, None, None)
+
+
+def plain(obj: Any) -> Any:
+    """An object's state as plain values, to compare two models by what they hold (their pickles may differ
+    in how equal strings are shared)."""
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [plain(v) for v in obj]
+    if isinstance(obj, array):
+        return obj.tolist()
+    if isinstance(obj, random.Random):
+        return obj.getstate()
+    if hasattr(obj, "__dict__"):
+        return type(obj).__name__, plain(vars(obj))
+    slots = [name for cls in type(obj).__mro__ for name in getattr(cls, "__slots__", ())]
+    if slots:
+        return type(obj).__name__, {name: plain(getattr(obj, name, None)) for name in slots}
+    return obj
+
+
+def test_a_detector_restored_from_its_snapshot_learns_only_what_its_worker_learned_after_it(
+    tmp_path: Path, database_url: str, monkeypatch: Any
+) -> None:
+    """Each worker's streaming detectors learn the events that worker scores, and each numbers its events from
+    its own start, so two workers' sequences overlap. A worker that dies after its last snapshot is restored
+    exactly: the snapshot plus the events that worker scored after it, not another worker's that happen to
+    carry a higher sequence."""
+    from risk_engine.detectors import StreamingDetector
+
+    settings = make_settings(tmp_path / "var", database_url, policy_poll_s=3600, follow_poll_s=0)
+    client_a, a = open_api(settings)
+    client_b, b = open_api(settings)  # both start on an empty database: both number from 1
+    opened = [client_b]
+
+    def score(api: Api, i: int) -> None:
+        amount = {"value": 1_000 + 137 * i, "currency": "CNY"}
+        api.score(payment(payment_id=f"snap_{i}", occurred_at=f"2026-11-22T10:{i:02d}:00Z", amount=amount))
+
+    def detectors(api: Api) -> list[StreamingDetector]:
+        return [d for d in api.engine.subjects["payment"].detectors if isinstance(d, StreamingDetector)]
+
+    try:
+        for i in range(3):
+            score(a, i)
+            score(b, 20 + i)
+        with a.engine._lock:
+            a.engine.snapshot_detectors()
+        for i in range(3, 6):
+            score(a, i)
+            score(b, 20 + i)
+        want = {d.name: (d.events_seen, d.last_seq, plain(d.model)) for d in detectors(a)}
+        assert want and all(seen == 6 for seen, _, _ in want.values())
+        monkeypatch.setattr(a.engine, "snapshot_detectors", lambda background=False: None)  # a dies
+        client_a.__exit__(None, None, None)
+        client_c, c = open_api(settings)  # a's replacement, while b runs on
+        opened.append(client_c)
+        got = {d.name: (d.events_seen, d.last_seq, plain(d.model)) for d in detectors(c)}
+        assert {n: v[:2] for n, v in got.items()} == {n: v[:2] for n, v in want.items()}
+        assert got == want
+    finally:
+        for client in reversed(opened):
+            client.__exit__(None, None, None)

@@ -18,6 +18,9 @@ class DetectorBase:
         self.supervised = spec.kind == "supervised"  # learns from labels
         self.events_seen = 0
         self.last_seq = -1  # ingest sequence of the last event learned
+        # the worker that scored it (None: events of every worker, as a rebuild from storage learns them). A
+        # worker numbers its own events only, so a snapshot's sequence means something with its origin alone.
+        self.last_origin: str | None = None
         self.labels_seen = 0
         self.labels_read = IdWatermark()  # label ids learned (several workers: some may commit late)
         self.frauds_seen = 0  # labels that said fraud, of ``labels_seen``

@@ -196,6 +196,7 @@ class StreamingDetector(DetectorBase):
             "platt": self.platt,
             "events_seen": self.events_seen,
             "last_seq": self.last_seq,
+            "last_origin": self.last_origin,
             "labels_seen": self.labels_seen,
             "frauds_seen": self.frauds_seen,
             "last_label_id": self.last_label_id,
@@ -213,6 +214,7 @@ class StreamingDetector(DetectorBase):
         self.platt = state.get("platt", self.platt)
         self.events_seen = int(state["events_seen"])
         self.last_seq = int(state["last_seq"])
+        self.last_origin = state.get("last_origin")
         self.labels_seen = int(state.get("labels_seen", 0))
         # snapshots from before the count: assume both outcomes once there were two labels
         self.frauds_seen = int(state.get("frauds_seen", 1 if self.labels_seen >= 2 else 0))
