@@ -190,6 +190,17 @@ def test_memory_is_bounded_per_key_and_quiet_keys_are_swept() -> None:
     assert state.key_count() == 0
 
 
+def test_a_capped_distinct_count_forgets_the_oldest_values_first() -> None:
+    spec = AggSpec("distinct", "buyer", "card", 3600.0)
+    state = VelocityState([spec], max_events_per_key=3)
+    for i, buyer in enumerate(["b1", "b2", "b1", "b3"]):
+        state.add({"card": "c", "buyer": buyer}, float(i))
+    assert state.query({"card": "c"}, 10.0)[spec.id] == 3  # b2, b1, b3 kept: the first b1 went
+    state.add({"card": "c", "buyer": "b3"}, 11.0)
+    assert state.query({"card": "c"}, 12.0)[spec.id] == 2  # b1, b3, b3
+    assert state.query({"card": "c"}, 3610.0)[spec.id] == 1  # only the last b3 within the hour
+
+
 def test_quiet_keys_are_swept_one_aggregate_at_a_time() -> None:
     specs = [AggSpec("count", None, field, 60.0) for field in ("card", "device", "ip")]
     state = VelocityState(specs)

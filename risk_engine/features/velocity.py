@@ -21,6 +21,8 @@ from risk_engine.dsl import AggSpec
 
 GRACE_S = 3600.0  # how late an event may arrive and still be counted exactly
 SWEEP_EVERY = 20_000
+_NEVER = -math.inf  # float("-inf") parses a string at every call
+_NO_TIMES = array("d")
 
 
 class SlidingWindow:
@@ -38,9 +40,9 @@ class SlidingWindow:
 
     def __init__(self, window: float) -> None:
         self.window = window
-        self.times = array("d")  # sorted
+        self.times = _NO_TIMES.__copy__()  # sorted; a copy costs half of array("d")
         self.cursor = 0
-        self.max_ts = float("-inf")
+        self.max_ts = _NEVER
 
     # the value hooks: a count keeps no values, so these do nothing in it
     def _append_value(self, value: Any) -> None:
@@ -77,16 +79,19 @@ class SlidingWindow:
     def query(self, ts: float) -> float:
         """The aggregate over entries with time in (ts - window, ts]."""
         if ts >= self.max_ts:
-            horizon = ts - self.window
-            times = self.times
-            cursor = self.cursor
-            end = len(times)
-            while cursor < end and times[cursor] <= horizon:
-                self._exclude_at(cursor)
-                cursor += 1
-            self.cursor = cursor
+            self._evict(ts - self.window)
             return self._current()
         return self._between(bisect_right(self.times, ts - self.window), bisect_right(self.times, ts))
+
+    def _evict(self, horizon: float) -> None:
+        """Move the cursor past the entries at or before ``horizon``, taking them out of the running value."""
+        times = self.times
+        cursor = self.cursor
+        end = len(times)
+        while cursor < end and times[cursor] <= horizon:
+            self._exclude_at(cursor)
+            cursor += 1
+        self.cursor = cursor
 
     def add(self, ts: float, value: Any, cap: int) -> None:
         """Add an entry; in time order this is an append."""
@@ -122,7 +127,7 @@ class SlidingWindow:
             self.cursor -= 1
         else:
             self._exclude(value)
-        self.max_ts = times[-1] if times else float("-inf")
+        self.max_ts = times[-1] if times else _NEVER
         return True
 
     def _drop_oldest(self, n: int) -> None:
@@ -283,13 +288,41 @@ class SumWindow(ValuedWindow):
 
 
 class DistinctWindow(ValuedWindow):
-    """How many different values."""
+    """How many different values. Half the default payment policy's aggregates, so its in-order add and
+    eviction are written out rather than going through the value hooks."""
 
     __slots__ = ("seen",)
 
     def __init__(self, window: float) -> None:
         super().__init__(window)
         self.seen: dict[Any, int] = {}
+
+    def _evict(self, horizon: float) -> None:
+        times = self.times
+        cursor = self.cursor
+        if cursor == len(times) or times[cursor] > horizon:
+            return
+        seen, values, end = self.seen, self.values, len(times)
+        while cursor < end and times[cursor] <= horizon:
+            value = values[cursor]
+            left = seen[value] - 1
+            if left:
+                seen[value] = left
+            else:
+                del seen[value]
+            cursor += 1
+        self.cursor = cursor
+
+    def add(self, ts: float, value: Any, cap: int) -> None:
+        times = self.times
+        if ts >= self.max_ts and len(times) < cap and self.cursor <= 256:
+            times.append(ts)
+            self.values.append(value)
+            self.max_ts = ts
+            seen = self.seen
+            seen[value] = seen.get(value, 0) + 1
+            return
+        super().add(ts, value, cap)
 
     def _include(self, value: Any) -> None:
         self.seen[value] = self.seen.get(value, 0) + 1
@@ -330,7 +363,7 @@ class VelocityState:
         # (id, function, key field, value field, windows by key), resolved once
         self._plan = [(s.id, s.func, s.key, s.value, self._windows[s.id]) for s in self.specs]
         self._adds = 0
-        self._latest = float("-inf")
+        self._latest = _NEVER
         self._sweep_every = max(1, SWEEP_EVERY // max(1, len(self.specs)))
         self._sweep_turn = 0
 
@@ -346,7 +379,7 @@ class VelocityState:
             state._windows[spec.id] = source._windows[spec.id]
         state._plan = [(s.id, s.func, s.key, s.value, state._windows[s.id]) for s in state.specs]
         state._adds = max((s._adds for s in sources), default=0)
-        state._latest = max((s._latest for s in sources), default=float("-inf"))
+        state._latest = max((s._latest for s in sources), default=_NEVER)
         return state
 
     @property
