@@ -67,6 +67,7 @@ from risk_engine.pipeline import ModelScore, Verdict, decide, decision_for
 from risk_engine.schema import FieldType, SubjectSchema, load_attribute_declarations
 from risk_engine.storage import erasure, idempotency, list_entries
 from risk_engine.storage import models as m
+from risk_engine.storage.announce import ANNOUNCE_SQL, EVENTS_CHANNEL, EventListener, announces
 from risk_engine.storage.audit import audit
 from risk_engine.storage.db import DatabaseUnavailable, make_engine, migrate, retry_on_race
 from risk_engine.storage.labels import fraud_by_event
@@ -93,6 +94,7 @@ BASE_SCHEMAS: dict[str, SubjectSchema] = {name: kind.schema for name, kind in SU
 Detector = StreamingDetector | PopulationDetector
 LABELS = {label: fraud for kind in SUBJECT_KINDS.values() for label, fraud in kind.labels.items()}
 RECENT_CACHE = 50_000
+LISTEN_SLICE_S = 0.5  # how long a follower waits for an announcement before it looks whether to stop
 # 2: orders carry their shipping address; 3: the state is of the events it has read by id, from every worker;
 # 4: velocity windows keep their times in arrays
 STATE_SNAPSHOT_FORMAT = 4
@@ -506,6 +508,10 @@ class RiskEngine:
         # this process's mark on the events it stores, and how far it has followed those other workers stored
         self.origin = secrets.token_hex(8)
         self._events_read = IdWatermark()
+        self._listener: EventListener | None = None
+        if announces(db):  # other workers' followers wake when a batch of events commits
+            self.writer.announce = (ANNOUNCE_SQL, (EVENTS_CHANNEL, self.origin))
+            self.writer.announce_tables = frozenset({m.Event.__tablename__})
 
     # -- start and stop ------------------------------------------------------------------------------------
     @classmethod
@@ -745,14 +751,33 @@ class RiskEngine:
 
     def _start_follower(self) -> None:
         """Take in other workers' events every ``follow_poll_s``: more often than the policy poll, because a
-        burst spread over workers is counted whole only once its events are followed."""
+        burst spread over workers is counted whole only once its events are followed. On PostgreSQL, also as
+        soon as another worker announces a commit (``storage.announce``)."""
+
+        listener = self._listener = EventListener(self.db, self.origin) if announces(self.db) else None
+        poll_s = self.settings.follow_poll_s
 
         def follow() -> None:
-            while not self._stopping.wait(self.settings.follow_poll_s):
-                try:
-                    self.refresh_events()
-                except Exception as exc:  # the next poll retries
-                    log.warning("following other workers' events failed: %s", type(exc).__name__)
+            due = time.monotonic() + poll_s
+            try:
+                while not self._stopping.is_set():
+                    if listener is not None:
+                        # in slices, so a stop is noticed within one
+                        told = listener.wait(min(LISTEN_SLICE_S, max(0.0, due - time.monotonic())))
+                        if self._stopping.is_set():
+                            return
+                        if not told and time.monotonic() < due:
+                            continue
+                    elif self._stopping.wait(poll_s):
+                        return
+                    due = time.monotonic() + poll_s
+                    try:
+                        self.refresh_events()
+                    except Exception as exc:  # the next poll retries
+                        log.warning("following other workers' events failed: %s", type(exc).__name__)
+            finally:
+                if listener is not None:
+                    listener.close()
 
         self._follower = threading.Thread(target=follow, name="risk-engine-follower", daemon=True)
         self._follower.start()

@@ -232,6 +232,9 @@ class GroupCommitWriter:
         self.batches = 0
         self.rows = 0
         self.on_batch: Callable[[int], None] | None = None
+        # a statement run inside every batch that writes one of ``announce_tables`` (see storage.announce)
+        self.announce: tuple[str, tuple[Any, ...]] | None = None
+        self.announce_tables: frozenset[str] = frozenset()
         # SQLite: the log is copied back beside the commits, not inside one (see storage.checkpoint)
         self._checkpointer = WalCheckpointer(engine) if engine.dialect.name == "sqlite" else None
 
@@ -401,9 +404,9 @@ class GroupCommitWriter:
             else:
                 job.future.set_result(None)
 
-    @staticmethod
-    def _insert_all(conn: Any, batch: Sequence[_Job]) -> None:
-        """One multi-row INSERT per table (and per few thousand rows): one round trip to the driver."""
+    def _insert_all(self, conn: Any, batch: Sequence[_Job]) -> None:
+        """One multi-row INSERT per table (and per few thousand rows): one round trip to the driver; then the
+        announcement, if the batch writes a table that has one."""
         by_insert: dict[int, tuple[RawInsert, list[tuple[Any, ...]]]] = {}
         for job in batch:
             if job.insert is not None:
@@ -416,5 +419,7 @@ class GroupCommitWriter:
                     chunk = rows[start : start + step]
                     sql = insert.head + ", ".join(insert.group for _ in chunk)
                     cursor.execute(sql, tuple(v for row in chunk for v in row))
+            if self.announce is not None and any(i.table.name in self.announce_tables for i, _ in by_insert.values()):
+                cursor.execute(*self.announce)
         finally:
             cursor.close()
