@@ -67,7 +67,7 @@ from risk_engine.pipeline import ModelScore, Verdict, decide, decision_for
 from risk_engine.schema import FieldType, SubjectSchema, load_attribute_declarations
 from risk_engine.storage import erasure, idempotency, list_entries
 from risk_engine.storage import models as m
-from risk_engine.storage.announce import ANNOUNCE_SQL, EVENTS_CHANNEL, EventListener, announces
+from risk_engine.storage.announce import ANNOUNCE_SQL, EVENTS_CHANNEL, EventListener, announces, wait_to_follow
 from risk_engine.storage.audit import audit
 from risk_engine.storage.db import DatabaseUnavailable, make_engine, migrate, retry_on_race
 from risk_engine.storage.labels import fraud_by_event
@@ -94,7 +94,6 @@ BASE_SCHEMAS: dict[str, SubjectSchema] = {name: kind.schema for name, kind in SU
 Detector = StreamingDetector | PopulationDetector
 LABELS = {label: fraud for kind in SUBJECT_KINDS.values() for label, fraud in kind.labels.items()}
 RECENT_CACHE = 50_000
-LISTEN_SLICE_S = 0.5  # how long a follower waits for an announcement before it looks whether to stop
 # 2: orders carry their shipping address; 3: the state is of the events it has read by id, from every worker;
 # 4: velocity windows keep their times in arrays
 STATE_SNAPSHOT_FORMAT = 4
@@ -758,23 +757,14 @@ class RiskEngine:
         poll_s = self.settings.follow_poll_s
 
         def follow() -> None:
-            due = time.monotonic() + poll_s
+            followed_at = time.monotonic()
             try:
-                while not self._stopping.is_set():
-                    if listener is not None:
-                        # in slices, so a stop is noticed within one
-                        told = listener.wait(min(LISTEN_SLICE_S, max(0.0, due - time.monotonic())))
-                        if self._stopping.is_set():
-                            return
-                        if not told and time.monotonic() < due:
-                            continue
-                    elif self._stopping.wait(poll_s):
-                        return
-                    due = time.monotonic() + poll_s
+                while wait_to_follow(listener, self._stopping, poll_s, followed_at):
                     try:
                         self.refresh_events()
                     except Exception as exc:  # the next poll retries
                         log.warning("following other workers' events failed: %s", type(exc).__name__)
+                    followed_at = time.monotonic()
             finally:
                 if listener is not None:
                     listener.close()

@@ -10,6 +10,7 @@ connection, a batch written row by row after a refused row). SQLite has no such 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -20,6 +21,8 @@ log = logging.getLogger(__name__)
 EVENTS_CHANNEL = "risk_engine_events"
 ANNOUNCE_SQL = "SELECT pg_notify(%s, %s)"
 RECONNECT_AFTER_S = 5.0
+MIN_FOLLOW_GAP_S = 0.02  # between two follows an announcement starts
+LISTEN_SLICE_S = 0.5  # how long a follower waits for an announcement before it looks whether to stop
 
 
 def announces(engine: Engine) -> bool:
@@ -101,3 +104,24 @@ class EventListener:
                 conn.close()
             except Exception:
                 log.debug("closing the listening connection failed", exc_info=True)
+
+
+def wait_to_follow(
+    listener: EventListener | None, stopping: threading.Event, poll_s: float, followed_at: float
+) -> bool:
+    """Block until a follower's next follow is due: ``poll_s`` after the last one ended (``followed_at``, monotonic),
+    or sooner when another worker announces a commit, but no sooner than ``MIN_FOLLOW_GAP_S`` after the last
+    one (under load every batch of every worker announces itself, and one follow takes them all in, where a
+    follow per announcement would query the database hundreds of times a second). False once ``stopping``
+    is set, which is noticed within ``LISTEN_SLICE_S``."""
+    if listener is None:
+        return not stopping.wait(max(0.0, followed_at + poll_s - time.monotonic()))
+    due = followed_at + poll_s
+    while not stopping.is_set():
+        left = due - time.monotonic()
+        if left <= 0:
+            return True
+        if listener.wait(min(LISTEN_SLICE_S, left)):
+            rest = followed_at + MIN_FOLLOW_GAP_S - time.monotonic()
+            return not (rest > 0 and stopping.wait(rest))
+    return False
