@@ -26,10 +26,8 @@ def test_a_listener_wakes_on_another_workers_announcement_and_not_on_its_own(pg_
         announce("worker_a")
         assert listener.wait(0.3) is False  # its own commit
         announce("worker_b")
-        announce("worker_b")
         assert listener.wait(30) is True  # at once, long before the 30 s
         assert listener.woken == 1
-        assert listener.wait(0.3) is False  # the second announcement was drained with the first
         with engine.begin() as conn:  # announced in a transaction rolled back: never delivered
             conn.execute(text("SELECT pg_notify(:channel, 'worker_c')"), {"channel": channel})
             conn.rollback()
