@@ -160,7 +160,7 @@ def test_retracting_failed_writes_leaves_the_aggregates_of_the_rest(
 
 def test_a_windowed_count_holds_an_entry_in_a_few_bytes() -> None:
     """Memory grows with the traffic inside the longest window, so an entry must be small: a 90-day count
-    over a busy key keeps every payment of those 90 days (a tuple per entry cost about 124 bytes)."""
+    over a busy key keeps every payment of those 90 days (a tuple per entry cost about 128 bytes)."""
     spec = AggSpec("count", None, "buyer", 90 * 86400.0)
     state = VelocityState([spec])
     record = {"buyer": "b1"}

@@ -30,7 +30,7 @@ class SlidingWindow:
     ``cursor`` on).
 
     Times are kept in a typed array, 8 bytes an entry and no object per entry: a ``(time, seq, value)`` tuple
-    per entry cost 124 bytes with its float and int, and gave the garbage collector a dozen new containers per
+    per entry cost 128 bytes with its float and int, and gave the garbage collector a dozen new containers per
     payment. Subclasses keep only what their function needs beside them: nothing for a count, the values for a
     sum or a set of distinct values. An aggregate is a function of the (time, value) pairs alone, so entries
     with the same pair are interchangeable and need no identity of their own.
@@ -145,9 +145,6 @@ class SlidingWindow:
     def _delete(self, n: int) -> None:
         del self.times[:n]
         self._delete_values(n)
-
-    def __len__(self) -> int:
-        return len(self.times)
 
     def expired(self, now: float) -> bool:
         """True when every entry is beyond the window and its grace period."""
