@@ -1,10 +1,11 @@
-"""Benchmark how soon one worker counts the payments another worker scored, on PostgreSQL.
+"""Benchmark how soon one worker counts the payments another worker scored, on PostgreSQL and on SQLite.
 
 Two engines (workers) share a fresh schema of the PostgreSQL at ``RISK_ENGINE_BENCH_POSTGRES_URL`` (default:
-127.0.0.1:5432, database ``test``). Worker A scores the real ULB payments one at a time, at uneven intervals;
-after each answer (committed), the time until worker B's follower has taken that payment into its velocity
-windows is measured. Run twice: with the announcements (``NOTIFY`` after each batch, B's follower listening)
-and with polling alone (every 0.25 s, as on SQLite).
+127.0.0.1:5432, database ``test``), then a fresh SQLite file. Worker A scores the real ULB payments one at a
+time, at uneven intervals; after each answer (committed), the time until worker B's follower has taken that
+payment into its velocity windows is measured (the first payment, which B takes in at its poll and which
+starts B's SQLite watch, is not counted). Run with B hearing of commits (PostgreSQL: ``NOTIFY`` after each
+batch, B listening; SQLite: B watching ``data_version``) and with B's poll alone (every 0.25 s).
 
 Prints the figures, then one JSON object on the last line.  Usage: python bench/follow.py [--payments N]
 """
@@ -35,13 +36,14 @@ from risk_engine.payments import PaymentIn  # noqa: E402
 DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
-def lags_ms(url: str, payments: list[dict[str, Any]], announce: bool) -> list[float]:
-    """Scores ``payments`` on worker A; returns, for each, how long worker B took to take it in."""
+def lags_ms(url: str, payments: list[dict[str, Any]], heard: bool) -> list[float]:
+    """Scores ``payments`` on worker A; returns, for each but the first, how long worker B took to take it in."""
     import risk_engine.engine as engine_module
 
-    real = engine_module.announces
-    if not announce:
-        engine_module.announces = lambda db: False  # neither announce nor listen: the poll alone
+    real = engine_module.announces, engine_module.commit_watch
+    if not heard:  # neither announce nor listen nor watch: the poll alone
+        engine_module.announces = lambda db: False
+        engine_module.commit_watch = lambda db, origin, stopping: None
     home = Path(tempfile.mkdtemp(prefix="bench-follow-"))
     settings = Settings(
         home=home, database_url=url, rules_dir=ROOT / "rules", models_dir=ROOT / "models", policy_poll_s=3600
@@ -50,7 +52,7 @@ def lags_ms(url: str, payments: list[dict[str, Any]], announce: bool) -> list[fl
         a = RiskEngine.open(settings)
         b = RiskEngine.open(settings)
     finally:
-        engine_module.announces = real
+        engine_module.announces, engine_module.commit_watch = real
     time.sleep(1.0)  # b's follower is listening
     out = []
     try:
@@ -59,7 +61,8 @@ def lags_ms(url: str, payments: list[dict[str, Any]], announce: bool) -> list[fl
             started = time.perf_counter()
             while b.counters.followed.get("payment", 0) < i + 1:
                 time.sleep(0.0002)
-            out.append((time.perf_counter() - started) * 1e3)
+            if i > 0:
+                out.append((time.perf_counter() - started) * 1e3)
             time.sleep(0.02 + (i % 7) * 0.013)  # uneven, so the poll's phase varies
     finally:
         b.close()
@@ -88,25 +91,28 @@ def main() -> None:
     base = os.environ.get("RISK_ENGINE_BENCH_POSTGRES_URL", DEFAULT_URL)
     admin = create_engine(base)
     results: dict[str, Any] = {"payments": args.payments}
-    payments = [e.body for e in ulb_payments(DATA / "ulb_stream.csv", prefix="f")][: args.payments]
-    for announce in (True, False):
+    payments = [e.body for e in ulb_payments(DATA / "ulb_stream.csv", prefix="f")][: args.payments + 1]
+    for database, heard in (("postgresql", True), ("postgresql", False), ("sqlite", True), ("sqlite", False)):
         schema = "bench_" + uuid.uuid4().hex[:10]
-        try:
-            with admin.begin() as conn:
-                conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-        except OperationalError as exc:
-            sys.exit(f"needs a PostgreSQL at {base}: {type(exc).__name__}")
-        try:
-            url = f"{base}{'&' if '?' in base else '?'}options={quote(f'-csearch_path={schema}')}"
-            figures = summary(lags_ms(url, payments, announce))
-        finally:
-            with admin.begin() as conn:
-                conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        mode = "announced" if announce else "polled"
-        results[mode] = figures
+        if database == "sqlite":
+            figures = summary(lags_ms(f"sqlite:///{tempfile.mkdtemp(prefix='bench-follow-')}/risk.db", payments, heard))
+        else:
+            try:
+                with admin.begin() as conn:
+                    conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+            except OperationalError as exc:
+                sys.exit(f"needs a PostgreSQL at {base}: {type(exc).__name__}")
+            try:
+                url = f"{base}{'&' if '?' in base else '?'}options={quote(f'-csearch_path={schema}')}"
+                figures = summary(lags_ms(url, payments, heard))
+            finally:
+                with admin.begin() as conn:
+                    conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        mode = ("announced" if database == "postgresql" else "watched") if heard else "polled"
+        results.setdefault(database, {})[mode] = figures
         print(
-            f"{mode:>9}: another worker counts a payment {figures['median_ms']:.1f} ms after its answer "
-            f"(median; p90 {figures['p90_ms']:.1f} ms, max {figures['max_ms']:.1f} ms)"
+            f"{database:>10} {mode:>9}: another worker counts a payment {figures['median_ms']:.1f} ms after its "
+            f"answer (median; p90 {figures['p90_ms']:.1f} ms, max {figures['max_ms']:.1f} ms)"
         )
     admin.dispose()
     print(json.dumps(results))

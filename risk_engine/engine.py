@@ -67,7 +67,14 @@ from risk_engine.pipeline import ModelScore, Verdict, decide, decision_for
 from risk_engine.schema import FieldType, SubjectSchema, load_attribute_declarations
 from risk_engine.storage import erasure, idempotency, list_entries
 from risk_engine.storage import models as m
-from risk_engine.storage.announce import ANNOUNCE_SQL, EVENTS_CHANNEL, EventListener, announces, wait_to_follow
+from risk_engine.storage.announce import (
+    ANNOUNCE_SQL,
+    EVENTS_CHANNEL,
+    CommitWatch,
+    announces,
+    commit_watch,
+    wait_to_follow,
+)
 from risk_engine.storage.audit import audit
 from risk_engine.storage.db import DatabaseUnavailable, make_engine, migrate, retry_on_race
 from risk_engine.storage.labels import fraud_by_event
@@ -507,7 +514,7 @@ class RiskEngine:
         # this process's mark on the events it stores, and how far it has followed those other workers stored
         self.origin = secrets.token_hex(8)
         self._events_read = IdWatermark()
-        self._listener: EventListener | None = None
+        self._listener: CommitWatch | None = None
         if announces(db):  # other workers' followers wake when a batch of events commits
             self.writer.announce = (ANNOUNCE_SQL, (EVENTS_CHANNEL, self.origin))
             self.writer.announce_tables = frozenset({m.Event.__tablename__})
@@ -751,9 +758,10 @@ class RiskEngine:
     def _start_follower(self) -> None:
         """Take in other workers' events every ``follow_poll_s``: more often than the policy poll, because a
         burst spread over workers is counted whole only once its events are followed. On PostgreSQL, also as
-        soon as another worker announces a commit (``storage.announce``)."""
+        soon as another worker announces a commit; on an SQLite file, within ``WATCH_INTERVAL_S`` of it once
+        other workers' events are seen (``storage.announce``)."""
 
-        listener = self._listener = EventListener(self.db, self.origin) if announces(self.db) else None
+        listener = self._listener = commit_watch(self.db, self.origin, self._stopping)
         poll_s = self.settings.follow_poll_s
 
         def follow() -> None:
@@ -1038,6 +1046,8 @@ class RiskEngine:
                     self._mark_known(subject, event_id)
                     self.counters.followed[subject] = self.counters.followed.get(subject, 0) + 1
                     taken += 1
+        if self._listener is not None:
+            self._listener.followed(taken)
         return len(rows), taken
 
     def _rebuilt_marketplace(

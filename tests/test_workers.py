@@ -425,28 +425,29 @@ def test_a_detector_restored_from_its_snapshot_learns_only_what_its_worker_learn
             client.__exit__(None, None, None)
 
 
-def test_on_postgresql_a_worker_takes_another_workers_events_in_when_they_commit(
-    tmp_path: Path, pg_schema_url: str
-) -> None:
-    """Workers announce their commits (NOTIFY, PostgreSQL's; SQLite workers poll): another worker's follower
-    wakes then, not at its next poll, so a burst spread over workers is counted whole within milliseconds.
-    The poll here is a minute away."""
-    settings = make_settings(tmp_path / "var", pg_schema_url, policy_poll_s=3600, follow_poll_s=60)
+def test_a_worker_takes_another_workers_events_in_when_they_commit(tmp_path: Path, database_url: str) -> None:
+    """Another worker's follower hears of a commit (PostgreSQL: NOTIFY; an SQLite file: data_version, read
+    every 10 ms once another worker's events were taken in) and follows then, not at its next poll, so a burst
+    spread over workers is counted whole within milliseconds. The poll here is a minute away."""
+    settings = make_settings(tmp_path / "var", database_url, policy_poll_s=3600, follow_poll_s=60)
     client_a, a = open_api(settings)
     client_b, b = open_api(settings)
     try:
         listener = b.engine._listener
         assert listener is not None
-        assert wait_until(lambda: listener._conn is not None, timeout=10)  # b is listening
+        a.score(payment(payment_id="told_0", occurred_at="2026-11-22T09:59:00Z", **{"buyer.id": "b_told"}))
+        b.engine.refresh_events()  # by hand, as its poll would (on PostgreSQL b may have heard of it already)
+        assert wait_until(lambda: b.engine.counters.followed.get("payment") == 1, timeout=10)  # SQLite: b watches
+        assert wait_until(lambda: listener._conn is not None, timeout=10)  # b is listening or watching
         a.score(payment(payment_id="told_1", occurred_at="2026-11-22T10:00:00Z", **{"buyer.id": "b_told"}))
-        assert wait_until(lambda: b.engine.counters.followed.get("payment") == 1, timeout=20)
+        assert wait_until(lambda: b.engine.counters.followed.get("payment") == 2, timeout=20)
         assert listener.woken >= 1
         answer = b.score(payment(payment_id="told_2", occurred_at="2026-11-22T10:01:00Z", **{"buyer.id": "b_told"}))
         assert answer["payment_id"] == "told_2"
         stored = b.engine.get_payment("told_2")["aggregates"]["count(by buyer.id within 10m)"]
-        assert stored == 1  # a's payment, taken in before b scored its own
+        assert stored == 2  # a's payments, taken in before b scored its own
         b.score(payment(payment_id="told_3", occurred_at="2026-11-22T10:02:00Z", **{"buyer.id": "b_told"}))
-        assert b.engine.counters.followed.get("payment") == 1  # b's own commits do not wake b
+        assert b.engine.counters.followed.get("payment") == 2  # b's own commits do not wake b
     finally:
         client_b.__exit__(None, None, None)
         client_a.__exit__(None, None, None)
