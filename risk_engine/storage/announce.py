@@ -23,6 +23,8 @@ from typing import Any, Protocol
 
 from sqlalchemy import Engine
 
+from risk_engine.storage.db import sqlite_file
+
 log = logging.getLogger(__name__)
 
 EVENTS_CHANNEL = "risk_engine_events"
@@ -232,8 +234,8 @@ def commit_watch(engine: Engine, origin: str, stopping: threading.Event) -> Comm
     watcher on an SQLite file; None (the poll alone) elsewhere, as for an in-memory SQLite database."""
     if announces(engine):
         return EventListener(engine, origin)
-    database = engine.url.database
-    if engine.dialect.name == "sqlite" and database and database != ":memory:" and not database.startswith("file:"):
+    database = sqlite_file(engine)
+    if database is not None and not database.startswith("file:"):  # a URI: not a path sqlite3 would open
         return SqliteCommitWatcher(database, origin, stopping)
     return None
 

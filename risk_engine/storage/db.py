@@ -75,13 +75,21 @@ def alembic_config(engine: Engine) -> Config:
 MIGRATION_LOCK = int.from_bytes(b"riskeng1", "big")
 
 
+def sqlite_file(engine: Engine) -> str | None:
+    """The database file of an SQLite engine; None for another database, or for SQLite in memory."""
+    database = engine.url.database
+    if engine.dialect.name == "sqlite" and database and database != ":memory:":
+        return database
+    return None
+
+
 def migrate(engine: Engine) -> None:
     """Bring the schema to the newest migration. Processes starting together take turns, the first migrating
     and the rest finding the schema done (concurrent upgrades collided creating the same tables): on
     PostgreSQL under an advisory lock; on SQLite, whose driver runs DDL outside any transaction, under a lock
     on the file ``<database>.migrate-lock`` beside it."""
-    database = engine.url.database
-    if engine.dialect.name == "sqlite" and database and database != ":memory:":
+    database = sqlite_file(engine)
+    if database is not None:
         with open(f"{database}.migrate-lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
             _upgrade(engine)
