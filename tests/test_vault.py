@@ -100,3 +100,26 @@ def test_blind_index_is_hmac_sha256_of_the_normalized_value(key: bytes, kind: Pi
     vault = Vault(b"m" * 32, key)
     mac = hmac.new(key, _DOMAIN[kind] + _normalize(kind, value).encode(), hashlib.sha256).digest()
     assert vault.blind_index(kind, value) == _PREFIX[kind] + base64.urlsafe_b64encode(mac[:18]).decode()
+
+
+def test_remembered_blind_indexes_are_the_hmac_keep_no_value_and_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A value seen before gets its token from the memo: the same HMAC as computed afresh, kept apart per kind,
+    under a digest rather than the value; a full memo starts over instead of growing."""
+    monkeypatch.setattr("risk_engine.vault.BLIND_INDEX_MEMO", 3)
+    vault = Vault(KEY_A, KEY_B)
+
+    def fresh(kind: PiiKind, value: str) -> str:
+        mac = hmac.new(KEY_B, _DOMAIN[kind] + _normalize(kind, value).encode(), hashlib.sha256).digest()
+        return _PREFIX[kind] + base64.urlsafe_b64encode(mac[:18]).decode()
+
+    values = [(PiiKind.EMAIL, "li.wei@example.com"), (PiiKind.NAME, "li.wei@example.com"), (PiiKind.IP, "10.0.0.1")]
+    for _ in range(3):
+        for kind, value in values:
+            assert vault.blind_index(kind, value) == fresh(kind, value)
+    assert vault.blind_index(PiiKind.EMAIL, " Li.Wei@Example.com") == fresh(PiiKind.EMAIL, "li.wei@example.com")
+    assert len(vault._bi_memo) <= 3
+    held = b"".join(vault._bi_memo) + "".join(vault._bi_memo.values()).encode()
+    assert b"li.wei" not in held and b"10.0.0.1" not in held
+    assert Vault(KEY_A, b"z" * 32).blind_index(PiiKind.EMAIL, "li.wei@example.com") != fresh(
+        PiiKind.EMAIL, "li.wei@example.com"
+    )
