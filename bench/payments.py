@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -55,11 +56,25 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
 
 
+def thread_cpu_s() -> dict[str, float]:
+    """CPU seconds used so far by each live thread of this process, by thread name (Linux; empty elsewhere)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    out: dict[str, float] = {}
+    for thread in threading.enumerate():
+        try:
+            fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        out[thread.name] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return out
+
+
 def in_process(payload: list[dict[str, Any]], window: int = 256) -> tuple[dict[str, float], Settings]:
     """Score every payment through the engine, durable writes included."""
     home = Path(tempfile.mkdtemp(prefix="bench-"))
     settings = Settings(home=home, rules_dir=ROOT / "rules", models_dir=ROOT / "models")
     engine = RiskEngine.open(settings)
+    cpu_before = thread_cpu_s()
     decide_s: list[float] = []
     commit_s: list[float] = []
     pending: deque[tuple[float, Ticket]] = deque()
@@ -78,9 +93,18 @@ def in_process(payload: list[dict[str, Any]], window: int = 256) -> tuple[dict[s
         future.result()
         commit_s.append(time.perf_counter() - t)
     elapsed = time.perf_counter() - started
+    cpu_after = thread_cpu_s()
     batches = engine.writer.batches
     engine.close()
+    cpu_us = {
+        name: (cpu_after[name] - cpu_before.get(name, 0.0)) / len(payload) * 1e6 for name in cpu_after
+    }
+    request_path_us = cpu_us.pop("MainThread", 0.0)
+    writer_us = cpu_us.pop("risk-engine-writer", 0.0)
     return {
+        "cpu_request_path_us": request_path_us,
+        "cpu_writer_us": writer_us,
+        "cpu_other_threads_us": sum(cpu_us.values()),
         "payments": len(payload),
         "payments_per_s": len(payload) / elapsed,
         "decide_p50_us": pct(decide_s, 0.5) * 1e6,
@@ -232,12 +256,21 @@ def main() -> None:
         f"  {full['payments_per_s']:8.0f} payments/s   decide p50 {full['decide_p50_us']:6.0f} us"
         f"   p99 {full['decide_p99_us']:6.0f} us   mean commit batch {full['mean_batch']:.0f}"
     )
+    print(
+        f"  CPU per payment: request path {full['cpu_request_path_us']:.0f} us, writer thread"
+        f" {full['cpu_writer_us']:.0f} us, other threads {full['cpu_other_threads_us']:.0f} us"
+    )
     print(f"  detector cost (features + score + learn): {detector_us:.1f} us per event")
     results["in_process"] = {
         "payments_per_s": round(full["payments_per_s"]),
         "decide_p50_us": round(full["decide_p50_us"], 1),
         "decide_p99_us": round(full["decide_p99_us"], 1),
         "detector_us_per_event": round(detector_us, 1),
+        "cpu_us_per_payment": {
+            "request_path": round(full["cpu_request_path_us"], 1),
+            "writer": round(full["cpu_writer_us"], 1),
+            "other_threads": round(full["cpu_other_threads_us"], 1),
+        },
     }
 
     if not args.skip_http:
