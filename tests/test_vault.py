@@ -118,6 +118,12 @@ def test_remembered_blind_indexes_are_the_hmac_keep_no_value_and_stay_bounded(mo
             assert vault.blind_index(kind, value) == fresh(kind, value)
     assert vault.blind_index(PiiKind.EMAIL, " Li.Wei@Example.com") == fresh(PiiKind.EMAIL, "li.wei@example.com")
     assert len(vault._bi_memo) <= 3
+    computed: list[str] = []
+    normalize = _normalize
+    monkeypatch.setattr("risk_engine.vault._normalize", lambda k, v: computed.append(v) or normalize(k, v))
+    vault.blind_index(PiiKind.PHONE, "+8613800138000")
+    vault.blind_index(PiiKind.PHONE, "+8613800138000")
+    assert computed == ["+8613800138000"]  # the second came from the memo, without an HMAC
     held = b"".join(vault._bi_memo) + "".join(vault._bi_memo.values()).encode()
     assert b"li.wei" not in held and b"10.0.0.1" not in held
     assert Vault(KEY_A, b"z" * 32).blind_index(PiiKind.EMAIL, "li.wei@example.com") != fresh(
