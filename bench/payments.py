@@ -97,9 +97,7 @@ def in_process(payload: list[dict[str, Any]], window: int = 256) -> tuple[dict[s
     cpu_after = thread_cpu_s()
     batches = engine.writer.batches
     engine.close()
-    cpu_us = {
-        name: (cpu_after[name] - cpu_before.get(name, 0.0)) / len(payload) * 1e6 for name in cpu_after
-    }
+    cpu_us = {name: (cpu_after[name] - cpu_before.get(name, 0.0)) / len(payload) * 1e6 for name in cpu_after}
     request_path_us = cpu_us.pop("MainThread", 0.0)
     writer_us = cpu_us.pop("risk-engine-writer", 0.0)
     return {
