@@ -40,6 +40,7 @@ from risk_engine.detectors.combine import CombineSpec, DetectorOutput, combine
 from risk_engine.detectors.population import PopulationDetector, fit_population
 from risk_engine.detectors.snapshot import encode_state, open_signed, open_state, sign_encoded, write_encoded
 from risk_engine.detectors.spec import ModelsConfig, SpecError, compile_spec_features, load_models
+from risk_engine.detectors.vectors import VectorPacker, stored_vector, stored_vectors
 from risk_engine.dsl import (
     CompiledPolicy,
     Decision,
@@ -400,6 +401,10 @@ class SubjectRuntime:
     velocity: VelocityState
     combine: CombineSpec
     shadow: ActivePolicy | None = None
+    packer: VectorPacker = field(init=False)  # the detectors' vectors as the ``features`` column stores them
+
+    def __post_init__(self) -> None:
+        self.packer = VectorPacker(self.detectors)
 
 
 @dataclass(slots=True)
@@ -1348,7 +1353,7 @@ class RiskEngine:
             rows = self._stored_rows(subject, after_seq=det.last_seq, origin=det.last_origin, features=True)
             for record, _, seq, features in rows:
                 det.select(record.get(det.spec.per))
-                x = features.get(det.name, {})
+                x = stored_vector(features, det.name, record, det.features.names) or {}
                 raw, _ = det.score_one(x)
                 det.learn_one(x, raw, seq, record.get("sample_weight", 1.0))
             if det.supervised:
@@ -1443,7 +1448,7 @@ class RiskEngine:
         lists = self.lists.sets
         with self._session() as s:
             for record, features, aggs in s.execute(stmt):
-                x = (features or {}).get(name)
+                x = stored_vector(features, name, record, det.features.names)
                 if x is None:  # stored before this detector existed: its features from the stored record
                     try:
                         x = det.features.compute(record, aggs or {}, lists, {})
@@ -1660,7 +1665,7 @@ class RiskEngine:
             "occurred_at": occurred_at,
             "ingest_seq": seq,
             "record": record,
-            "features": vectors,
+            "features": rt.packer.pack(vectors),
             "aggregates": aggs,
             "pii_key_id": key_id,
             "pii_blob": blob,
@@ -1814,6 +1819,10 @@ class RiskEngine:
                 self._marketplace_stale = True  # it learned from an event that was not stored: rebuild it
 
     # -- reading back -----------------------------------------------------------------------------------------
+    def _detectors_of(self, subject: str) -> Sequence[Detector]:
+        rt = self.subjects.get(subject)
+        return rt.detectors if rt is not None else ()
+
     def get_payment(self, payment_id: str) -> dict[str, Any]:
         """The stored decision and the payment's PII, masked."""
         return self.get_event("payment", payment_id)
@@ -1844,7 +1853,9 @@ class RiskEngine:
             "pii_masked": masked,
             "pii_erased": row.pii_key_id == erasure.ERASED,
             "aggregates": row.aggregates,
-            "features": row.features,
+            "features": stored_vectors(
+                row.features, row.record, {d.name: d.features.names for d in self._detectors_of(subject)}
+            ),
             "labels": [self._label_view(label) for label in labels],
         }
 
@@ -2054,26 +2065,27 @@ class RiskEngine:
         for label_id, subject, event_id, _ in new:
             if any(d.wants_label(label_id) for d in learners.get(subject, ())):
                 wanted.setdefault(subject, []).append(event_id)
-        vectors: dict[tuple[str, str], dict[str, Any]] = {}
+        rows: dict[tuple[str, str], tuple[dict[str, Any] | None, dict[str, Any]]] = {}
         with self._session() as s:
             for subject, event_ids in wanted.items():
-                for event_id, features in s.execute(
-                    select(m.Event.event_id, m.Event.features).where(
+                for event_id, features, record in s.execute(
+                    select(m.Event.event_id, m.Event.features, m.Event.record).where(
                         m.Event.subject == subject, m.Event.event_id.in_(event_ids)
                     )
                 ):
-                    vectors[subject, event_id] = features or {}
+                    rows[subject, event_id] = (features, record)
         learned = 0
         with self._lock:
             for label_id, subject, event_id, fraud in new:
                 own = learners.get(subject, [])
-                stored = vectors.get((subject, event_id), {})
+                features, record = rows.get((subject, event_id), (None, {}))
                 taught = False
                 for det in readers:
                     if not det.wants_label(label_id):
                         continue
                     if det in own:
-                        det.learn_label(stored.get(det.name, {}), fraud, label_id, defer_refit=True)
+                        x = stored_vector(features, det.name, record, det.features.names) or {}
+                        det.learn_label(x, fraud, label_id, defer_refit=True)
                         taught = True
                     else:
                         det.skip_label(label_id)
@@ -2087,7 +2099,7 @@ class RiskEngine:
     def _replay_labels(self, subject: str, det: Detector) -> None:
         """Labels received after a supervised detector's snapshot, learned again in order."""
         stmt = (
-            select(m.Label.id, m.Label.is_fraud, m.Event.features)
+            select(m.Label.id, m.Label.is_fraud, m.Event.features, m.Event.record)
             .join(m.Event, (m.Event.subject == m.Label.subject) & (m.Event.event_id == m.Label.event_id))
             .where(
                 m.Label.subject == subject,
@@ -2097,10 +2109,11 @@ class RiskEngine:
         )
         with self._session() as s:
             top = s.scalar(select(func.max(m.Label.id))) or 0  # read first: a label stored after is read later
-            for label_id, fraud, features in s.execute(stmt):
+            for label_id, fraud, features, record in s.execute(stmt):
                 # a refit that falls due is only noted: the last one noted is computed once, at the end, and is
                 # the fit the live run ended with (a restart replaying many labels fits once, not at each)
-                det.learn_label((features or {}).get(det.name, {}), fraud, label_id, defer_refit=True)
+                x = stored_vector(features, det.name, record, det.features.names) or {}
+                det.learn_label(x, fraud, label_id, defer_refit=True)
         # the other subjects' labels up to here are not this detector's: the label poll need not read them
         # again (ids below that commit late are gaps, and are read: see risk_engine.watermark)
         det.skip_label(top)

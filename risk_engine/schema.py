@@ -15,6 +15,8 @@ from pathlib import Path
 
 from risk_engine.vault import PiiKind
 
+ATTRIBUTES_PREFIX = "attributes."  # a caller-declared attribute ``V1`` is the record's field ``attributes.V1``
+
 
 class FieldType(StrEnum):
     """Types of the rules language."""
@@ -59,7 +61,7 @@ class SubjectSchema:
     @cached_property
     def attribute_types(self) -> dict[str, FieldType]:
         """Declared attributes, by bare name."""
-        prefix = "attributes."
+        prefix = ATTRIBUTES_PREFIX
         return {p[len(prefix) :]: f.type for p, f in self.fields.items() if p.startswith(prefix)}
 
 

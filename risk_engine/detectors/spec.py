@@ -236,6 +236,8 @@ def _parse_file(path: Path, check_params: bool = True) -> tuple[list[DetectorSpe
     }
     for name, body in detectors.items():
         where = str(path)
+        if name.startswith("@"):  # "@attributes" is a key of every stored event's vectors (detectors.vectors)
+            raise SpecError(f"{where}: detector '{name}': a detector's name cannot start with '@'")
         unknown = set(body) - known
         if "floor" in unknown:
             subject = body.get("subject", "SUBJECT")

@@ -24,7 +24,7 @@ from typing import Any
 from risk_engine.dsl import ast
 from risk_engine.dsl.errors import DslError, DslErrors, did_you_mean
 from risk_engine.dsl.parser import parse_expression, parse_policy
-from risk_engine.schema import FieldType, SubjectSchema
+from risk_engine.schema import ATTRIBUTES_PREFIX, FieldType, SubjectSchema
 
 MAX_WINDOW_S = 90 * 86400.0
 MIN_WINDOW_S = 1.0
@@ -115,6 +115,10 @@ class CompiledFeatures:
     lists: frozenset[str]
     python_source: str
     compute: FeatureFn
+    # numeric features that are an attribute of the same name, unchanged (``V1 = "attributes.V1"``): their values
+    # are the record's, so a stored vector need not repeat them (``detectors.vectors``); the others, in order
+    attribute_names: tuple[str, ...] = ()
+    kept_names: tuple[str, ...] = ()
 
 
 def _ne(a: Any, b: Any) -> bool:
@@ -648,6 +652,7 @@ def compile_features(
     walk = _Walk(env)
     body = []
     errors: list[DslError] = []
+    attribute_names: list[str] = []
     for name, text in exprs.items():
         try:
             node = parse_expression(text, f"{source}:{name}")
@@ -669,6 +674,8 @@ def compile_features(
             if t not in (NUMBER, BOOL, DURATION, ERROR):
                 walk.error(node.pos, "type.feature", f"feature '{name}' must be numeric, got {_describe(t)}")
             convert = "float"
+            if isinstance(node, ast.Path) and node.name == f"{ATTRIBUTES_PREFIX}{name}" and t in (NUMBER, BOOL):
+                attribute_names.append(name)
         if convert == "float" and _may_be_non_finite(node):
             # an infinite or NaN value (x / 1e-320, a long product) would stay in a detector's running statistics
             # for good: it is left out, as a failed expression's is (v - v is 0 only for a finite v)
@@ -693,6 +700,8 @@ def compile_features(
         lists=frozenset(walk.lists),
         python_source=python,
         compute=compute,
+        attribute_names=tuple(attribute_names),
+        kept_names=tuple(n for n in exprs if n not in attribute_names),
     )
 
 
