@@ -112,9 +112,13 @@ def _utc(value: datetime) -> datetime:
 def sqlite_time(value: datetime) -> str:
     """A time as SQLite stores it: UTC text in the format SQLAlchemy's SQLite ``DateTime`` reads back (and
     compares correctly with, as text)."""
-    # the text SQLAlchemy's SQLite DATETIME writes (years zero-padded to four digits, as strftime's %Y is not),
-    # from isoformat in a third of strftime's time
-    return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+    # the text SQLAlchemy's SQLite DATETIME writes (years zero-padded to four digits, as strftime's %Y is not), cut
+    # from orjson's RFC 3339 text ('"2026-11-22T10:15:00.123000+00:00"', microseconds left out when zero): half the
+    # time of isoformat, which formats each field with C's sprintf
+    text = orjson.dumps(value.astimezone(UTC)).decode()
+    if len(text) == 34:
+        return text[1:11] + " " + text[12:27]
+    return text[1:11] + " " + text[12:20] + ".000000"
 
 
 _TICKETS_LOCK = threading.Lock()
