@@ -519,6 +519,7 @@ class RiskEngine:
         # this process's mark on the events it stores, and how far it has followed those other workers stored
         self.origin = secrets.token_hex(8)
         self._events_read = IdWatermark()
+        self._event_insert.report_ids(self._own_events_committed)
         self._listener: CommitWatch | None = None
         if announces(db):  # other workers' followers wake when a batch of events commits
             self.writer.announce = (ANNOUNCE_SQL, (EVENTS_CHANNEL, self.origin))
@@ -996,6 +997,18 @@ class RiskEngine:
             log.warning("state snapshot %s unreadable (%s); rebuilding", path, type(exc).__name__)
             return None
         return StateSnapshot(read, sum(counts.values()), state["velocity"], state["marketplace"])
+
+    def _own_events_committed(self, ids: list[int]) -> None:
+        """Runs in the writer thread once a batch of this worker's events committed (ids ascending). Those that
+        continue the follow watermark, with no other worker's event before them, are noted read: the follower
+        need not read them back (a lone worker's follower then reads nothing). From the first that does not,
+        the follower reads them as before, so another worker's event in between is never skipped."""
+        with self._lock:
+            read = self._events_read
+            for row_id in ids:
+                if row_id != read.last + 1 or read.gaps:
+                    break
+                read.note(row_id)
 
     def refresh_events(self, limit: int = FOLLOW_LIMIT) -> int:
         """Take the events other workers stored since the last poll into this worker's velocity windows and

@@ -362,6 +362,34 @@ def test_each_worker_counts_the_events_other_workers_scored(tmp_path: Path, data
         client_a.__exit__(None, None, None)
 
 
+def test_a_lone_workers_follower_reads_none_of_its_own_events_back(tmp_path: Path, database_url: str) -> None:
+    """A commit of a worker's own events moves its follow watermark when nothing another worker stored lies
+    before them, so a lone worker's follower reads no rows; an event of another worker in between is still read,
+    and its own events after it with it."""
+    settings = make_settings(tmp_path / "var", database_url, policy_poll_s=3600, follow_poll_s=0)  # by hand
+    client_a, a = open_api(settings)
+    try:
+        for i in range(5):
+            a.score(payment(payment_id=f"lone_{i}"))
+        with a.engine.db.connect() as conn:
+            newest = conn.execute(select(func.max(m.Event.id))).scalar_one()
+        assert a.engine._events_read.last == newest
+        assert a.engine._follow() == (0, 0)  # rows read, rows taken in
+        client_b, b = open_api(settings)
+        try:
+            b.score(payment(payment_id="other", **{"buyer.id": "b_other"}))
+            a.score(payment(payment_id="lone_5"))  # after b's: a cannot know it is a's next
+            assert a.engine._follow() == (2, 1)  # b's event taken in; a's own read, not taken in again
+            assert a.engine.subjects["payment"].velocity.query({"buyer.id": "b_other"}, time.time())
+            a.score(payment(payment_id="lone_6"))
+            assert a.engine._follow() == (0, 0)
+            assert b.engine.refresh_events() == 2  # lone_5 and lone_6 (lone_0-4 were stored before b began)
+        finally:
+            client_b.__exit__(None, None, None)
+    finally:
+        client_a.__exit__(None, None, None)
+
+
 def plain(obj: Any) -> Any:
     """An object's state as plain values, to compare two models by what they hold (their pickles may differ
     in how equal strings are shared)."""

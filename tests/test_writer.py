@@ -65,6 +65,24 @@ def test_a_duplicate_fails_alone_and_its_batch_neighbours_commit(database_url: s
             assert conn.execute(select(items.c.value).where(items.c.name == "a")).scalar_one() == 1  # not replaced
 
 
+def test_the_ids_of_committed_rows_are_reported_and_only_theirs(database_url: str) -> None:
+    with _writer(database_url) as (engine, insert, writer):
+        reported: list[list[int]] = []
+        insert.report_ids(reported.append)
+        tickets = [writer.submit(insert, {"name": f"n{i}", "value": i}) for i in range(40)]  # batched
+        for ticket in tickets:
+            ticket.result(10)
+        # a batch with a duplicate is written row by row: the refused row's id is not reported
+        tickets = [writer.submit(insert, {"name": n, "value": 0}) for n in ["x", "n3", "y"]]
+        assert [type(t.exception(10)) for t in tickets] == [type(None), DuplicateRow, type(None)]
+        with engine.connect() as conn:
+            stored = dict(conn.execute(select(items.c.name, items.c.id)).all())
+        ids = [i for batch in reported for i in batch]
+        assert ids == sorted(ids) and all(batch == sorted(batch) for batch in reported)
+        assert ids == sorted(stored.values())  # each committed row once, none other
+        assert stored["y"] in reported[-1] and stored["x"] in ids
+
+
 def test_a_row_the_database_cannot_store_fails_alone(database_url: str) -> None:
     # 2**70 does not fit an INTEGER: sqlite3 refuses to bind it, PostgreSQL answers "integer out of range"
     with _writer(database_url) as (engine, insert, writer):

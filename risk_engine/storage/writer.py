@@ -59,6 +59,13 @@ class RawInsert:
         self.head = f"INSERT INTO {table.name} ({names}) VALUES "
         self.group = "(" + ", ".join(marker for _ in self.columns) + ")"
         self.sql = self.head + self.group
+        # told the ids of the rows each commit stored, in order, once committed (see ``report_ids``)
+        self.on_committed: Callable[[list[int]], None] | None = None
+        # how the ids are learned: SQLite numbers the rows of one INSERT one after another (it has one writer at
+        # a time), so the statement's last row id tells them all; PostgreSQL's sequence need not, so it returns them
+        self._sqlite_ids = engine.dialect.name == "sqlite"
+        key = next((c.name for c in table.columns if c.primary_key and c.autoincrement is not False), None)
+        self._returning = "" if self._sqlite_ids or key is None else f" RETURNING {key}"
         # rows per statement: stay under SQLite's 32,766 and PostgreSQL's 65,535 bound parameters
         self.rows_per_statement = max(1, 32_000 // len(self.columns))
         sqlite = engine.dialect.name == "sqlite"
@@ -72,6 +79,26 @@ class RawInsert:
                 self._convert.append(bytearray)
             else:
                 self._convert.append(None)
+
+    def report_ids(self, on_committed: Callable[[list[int]], None]) -> None:
+        """Have the writer tell ``on_committed`` (in its thread) the ids of the rows each commit stored."""
+        self.on_committed = on_committed
+
+    def execute(self, cursor: Any, rows: Sequence[tuple[Any, ...]], ids: list[int] | None) -> None:
+        """Insert ``rows`` in one statement; with ``ids``, append the ids they were given."""
+        if ids is None:
+            if len(rows) == 1:
+                cursor.execute(self.sql, rows[0])
+            else:
+                cursor.execute(self.head + ", ".join(self.group for _ in rows), tuple(v for r in rows for v in r))
+            return
+        sql = self.head + ", ".join(self.group for _ in rows) + self._returning
+        cursor.execute(sql, tuple(v for r in rows for v in r))
+        if self._sqlite_ids:
+            last = cursor.lastrowid
+            ids.extend(range(last - len(rows) + 1, last + 1))
+        else:
+            ids.extend(sorted(int(r[0]) for r in cursor.fetchall()))
 
     def params(self, row: dict[str, Any]) -> tuple[Any, ...]:
         """Driver parameters for ``row`` (keyed by column name)."""
@@ -357,7 +384,7 @@ class GroupCommitWriter:
         try:
             conn = self._connection()
             try:
-                self._insert_all(conn, batch)
+                stored = self._insert_all(conn, batch)
                 conn.commit()
             except BaseException:
                 conn.rollback()
@@ -375,6 +402,7 @@ class GroupCommitWriter:
             return
         self.batches += 1
         self.rows += len(batch)
+        self._report(stored)
         for job in batch:
             job.future.set_result(None)
         if self.on_batch is not None:
@@ -391,7 +419,8 @@ class GroupCommitWriter:
                 conn = self._connection()
                 try:
                     cursor = conn.cursor()
-                    cursor.execute(job.insert.sql, job.params)
+                    ids: list[int] | None = [] if job.insert.on_committed is not None else None
+                    job.insert.execute(cursor, [job.params], ids)
                     cursor.close()
                     conn.commit()
                 except BaseException:
@@ -406,24 +435,39 @@ class GroupCommitWriter:
                 refused = WriteFailed(type(exc).__name__) if isinstance(exc, self._dbapi_errors) else exc
                 job.future.set_exception(refused)
             else:
+                if ids is not None:
+                    self._report([(job.insert, ids)])
                 job.future.set_result(None)
 
-    def _insert_all(self, conn: Any, batch: Sequence[_Job]) -> None:
+    @staticmethod
+    def _report(stored: Sequence[tuple[RawInsert, list[int]]]) -> None:
+        for insert, ids in stored:
+            if insert.on_committed is not None and ids:
+                try:
+                    insert.on_committed(ids)
+                except Exception:  # a listener's failure is not the write's: the rows are committed
+                    log.exception("reporting the ids stored in %s failed", insert.table.name)
+
+    def _insert_all(self, conn: Any, batch: Sequence[_Job]) -> list[tuple[RawInsert, list[int]]]:
         """One multi-row INSERT per table (and per few thousand rows): one round trip to the driver; then the
-        announcement, if the batch writes a table that has one."""
+        announcement, if the batch writes a table that has one. Returns the ids stored, for the inserts that
+        report them."""
         by_insert: dict[int, tuple[RawInsert, list[tuple[Any, ...]]]] = {}
         for job in batch:
             if job.insert is not None:
                 by_insert.setdefault(id(job.insert), (job.insert, []))[1].append(job.params)
+        stored: list[tuple[RawInsert, list[int]]] = []
         cursor = conn.cursor()
         try:
             for insert, rows in by_insert.values():
+                ids: list[int] | None = [] if insert.on_committed is not None else None
                 step = insert.rows_per_statement
                 for start in range(0, len(rows), step):
-                    chunk = rows[start : start + step]
-                    sql = insert.head + ", ".join(insert.group for _ in chunk)
-                    cursor.execute(sql, tuple(v for row in chunk for v in row))
+                    insert.execute(cursor, rows[start : start + step], ids)
+                if ids is not None:
+                    stored.append((insert, ids))
             if self.announce is not None and any(i.table.name in self.announce_tables for i, _ in by_insert.values()):
                 cursor.execute(*self.announce)
         finally:
             cursor.close()
+        return stored
