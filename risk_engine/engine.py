@@ -15,7 +15,7 @@ import logging
 import secrets
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -113,6 +113,7 @@ KEY_CACHE_S = 5.0  # how long a process trusts what it read of a key: a revocati
 
 FOLLOW_CHUNK = 200  # other workers' events taken in per hold of the state lock
 FOLLOW_LIMIT = 5_000  # rows read per follow
+OWN_IDS_KEPT = 100_000  # ids of this worker's committed events awaiting the follower (see _note_own_events)
 
 
 class InvalidInput(Exception):
@@ -519,7 +520,11 @@ class RiskEngine:
         # this process's mark on the events it stores, and how far it has followed those other workers stored
         self.origin = secrets.token_hex(8)
         self._events_read = IdWatermark()
-        self._event_insert.report_ids(self._own_events_committed)
+        # ids of this worker's events as they commit, for the follower to note read (``_note_own_events``):
+        # appended by the writer thread without the state lock, which a caller may hold while it waits for the
+        # writer (a barrier); bounded, as nothing drains it while no one follows
+        self._own_committed: deque[int] = deque(maxlen=OWN_IDS_KEPT)
+        self._event_insert.report_ids(self._own_committed.extend)
         self._listener: CommitWatch | None = None
         if announces(db):  # other workers' followers wake when a batch of events commits
             self.writer.announce = (ANNOUNCE_SQL, (EVENTS_CHANNEL, self.origin))
@@ -998,17 +1003,19 @@ class RiskEngine:
             return None
         return StateSnapshot(read, sum(counts.values()), state["velocity"], state["marketplace"])
 
-    def _own_events_committed(self, ids: list[int]) -> None:
-        """Runs in the writer thread once a batch of this worker's events committed (ids ascending). Those that
-        continue the follow watermark, with no other worker's event before them, are noted read: the follower
-        need not read them back (a lone worker's follower then reads nothing). From the first that does not,
-        the follower reads them as before, so another worker's event in between is never skipped."""
-        with self._lock:
-            read = self._events_read
-            for row_id in ids:
-                if row_id != read.last + 1 or read.gaps:
-                    break
-                read.note(row_id)
+    def _note_own_events(self, read: IdWatermark) -> None:
+        """Note read this worker's events committed since the last call (lock held), as far as they continue
+        the watermark with no other worker's event before them: the follower need not read them back (a lone
+        worker's follower reads nothing). From the first that does not, the follower reads them as before, so
+        another worker's event in between is never skipped."""
+        own = self._own_committed
+        committed = [own.popleft() for _ in range(len(own))]  # the writer may append meanwhile: those wait
+        for row_id in committed:
+            if row_id <= read.last and row_id not in read.gaps:
+                continue  # already read
+            if row_id != read.last + 1 or read.gaps:
+                return
+            read.note(row_id)
 
     def refresh_events(self, limit: int = FOLLOW_LIMIT) -> int:
         """Take the events other workers stored since the last poll into this worker's velocity windows and
@@ -1022,6 +1029,7 @@ class RiskEngine:
         marker = "?" if self.db.dialect.paramstyle == "qmark" else "%s"
         read = self._events_read
         with self._lock:  # the watermark changes under the lock only
+            self._note_own_events(read)
             read.expire()
             wanted, unread = self._unread_sql(read, marker)
         params: list[Any] = [self.origin, self.origin, *unread]

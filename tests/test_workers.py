@@ -373,8 +373,8 @@ def test_a_lone_workers_follower_reads_none_of_its_own_events_back(tmp_path: Pat
             a.score(payment(payment_id=f"lone_{i}"))
         with a.engine.db.connect() as conn:
             newest = conn.execute(select(func.max(m.Event.id))).scalar_one()
-        assert a.engine._events_read.last == newest
         assert a.engine._follow() == (0, 0)  # rows read, rows taken in
+        assert a.engine._events_read.last == newest
         client_b, b = open_api(settings)
         try:
             b.score(payment(payment_id="other", **{"buyer.id": "b_other"}))
@@ -388,6 +388,26 @@ def test_a_lone_workers_follower_reads_none_of_its_own_events_back(tmp_path: Pat
             client_b.__exit__(None, None, None)
     finally:
         client_a.__exit__(None, None, None)
+
+
+def test_the_writer_commits_while_a_caller_holding_the_state_lock_waits_for_it(
+    tmp_path: Path, database_url: str
+) -> None:
+    """A policy swap that needs new aggregates and a rebuild of the cross-subject state wait for the writer with
+    the state lock held: nothing the writer does after a commit may need that lock."""
+    from risk_engine.payments import PaymentIn
+
+    settings = make_settings(tmp_path / "var", database_url, policy_poll_s=3600, follow_poll_s=0)
+    client, api = open_api(settings)
+    try:
+        engine = api.engine
+        outcomes = [engine.score_payment(PaymentIn.model_validate(payment(payment_id=f"held_{i}"))) for i in range(50)]
+        with engine._lock:
+            assert engine.writer.barrier().wait(20)
+        assert all(o.committed.done() and o.committed.exception() is None for o in outcomes)
+        assert engine._follow() == (0, 0)  # and they were still noted read
+    finally:
+        client.__exit__(None, None, None)
 
 
 def plain(obj: Any) -> Any:
