@@ -104,7 +104,8 @@ LABELS = {label: fraud for kind in SUBJECT_KINDS.values() for label, fraud in ki
 RECENT_CACHE = 50_000
 # 2: orders carry their shipping address; 3: the state is of the events it has read by id, from every worker;
 # 4: velocity windows keep their times in arrays
-STATE_SNAPSHOT_FORMAT = 4
+STATE_SNAPSHOT_FORMAT = 5  # 5: orders as tuples (marketplace._Order)
+COMMITTED = done_ticket()  # the ticket of every remembered answer whose write is done (never changes again)
 ORDERS_KEPT_S = 180 * 86_400.0  # payments whose orders a restart reloads for the review link
 BLOOM_MIN_CAPACITY = 1_000_000
 IDEMPOTENCY_PURGE_S = 3600.0  # how often a worker deletes expired idempotency keys
@@ -420,14 +421,12 @@ class Evaluation:
     shadow: dict[str, Any] | None
 
 
-@dataclass(slots=True)
-class Pending:
-    """A decision made in this process, committed or not yet. The answer is kept as JSON bytes: the cache
-    holds tens of thousands of them, and bytes cost the garbage collector nothing to track."""
-
-    request_hash: str
-    body: bytes
-    committed: Ticket
+# A decision made in this process: (its request's hash, its answer as JSON bytes). The cache holds tens of
+# thousands of them, so they are plain tuples of a str and bytes, which the garbage collector stops tracking at
+# their first collection (a tuple subclass it tracks for good; an object each, with its write's ticket, made
+# collections pauses of tens of milliseconds). The ticket of an answer not yet committed is kept apart
+# (``RiskEngine._in_flight``).
+Pending = tuple[str, bytes]
 
 
 @dataclass
@@ -501,6 +500,9 @@ class RiskEngine:
         # learned after a later one would be a gap to look for again: see risk_engine.watermark)
         self._labels_lock = threading.RLock()
         self._recent: OrderedDict[str, Pending] = OrderedDict()
+        # the tickets of the answers in ``_recent`` not yet committed; each leaves once done (a dict's pop needs
+        # no lock, so the writer thread takes it out without the state lock)
+        self._in_flight: dict[str, Ticket] = {}
         self._seq = 0
         self._start_seq = 0
         self._since_snapshot = 0
@@ -1594,9 +1596,9 @@ class RiskEngine:
         with self._lock:
             pending = self._recent.get(key)
         if pending is not None:
-            if pending.request_hash != request_hash:
+            if pending[0] != request_hash:
                 raise Conflict(f"{kind.id_field} {event_id} was already scored with a different request")
-            return ScoreOutcome(pending.body, pending.committed, replayed=True)
+            return ScoreOutcome(pending[1], self._ticket_of(key), replayed=True)
         if key not in self._known_ids:
             return None
         stored = self._lookup_stored(kind.name, event_id)
@@ -1646,9 +1648,9 @@ class RiskEngine:
         with self._lock:
             pending = self._recent.get(key)
             if pending is not None:  # a concurrent twin got here first
-                if pending.request_hash != request_hash:
+                if pending[0] != request_hash:
                     raise Conflict(f"{kind.id_field} {event_id} was already scored with a different request")
-                return ScoreOutcome(pending.body, pending.committed, replayed=True)
+                return ScoreOutcome(pending[1], self._ticket_of(key), replayed=True)
             self._seq += 1
             seq = self._seq
             if self._marketplace_stale:
@@ -1665,7 +1667,8 @@ class RiskEngine:
             response = self._response(kind, event_id, verdict, rt, scores, ev.model_score, elapsed_ms)
             committed = Ticket()  # completed by the writer once the row is committed
             body = orjson.dumps(response)
-            self._remember(key, Pending(request_hash, body, committed))
+            self._in_flight[key] = committed
+            self._remember(key, (request_hash, body))
             moved = self.marketplace.observe(
                 subject,
                 record,
@@ -1816,6 +1819,11 @@ class RiskEngine:
             **kind.answer_fields(verdict.score),
         }
 
+    def _ticket_of(self, key: str) -> Ticket:
+        """The ticket of a remembered answer: its write's while in flight, else one already committed (a failed
+        write takes the answer out of ``_recent`` before its ticket leaves ``_in_flight``)."""
+        return self._in_flight.get(key) or COMMITTED
+
     def _remember(self, event_id: str, pending: Pending) -> None:
         self._recent[event_id] = pending
         self._recent.move_to_end(event_id)
@@ -1831,11 +1839,13 @@ class RiskEngine:
     def _after_write(self, write: Ticket, rt: SubjectRuntime, key: str, record: dict[str, Any], ts: float) -> None:
         """Runs in the writer thread: a failed write takes the event back out of the velocity windows."""
         if write.exception() is None:
+            self._in_flight.pop(key, None)
             return
         with self._lock:
             rt.velocity.retract(record, ts)
             subject = key.split("\x1f", 1)[0]
             self._recent.pop(key, None)
+            self._in_flight.pop(key, None)  # after: a replay meanwhile gets the failed ticket, never COMMITTED
             if subject in MarketplaceState.SUBJECTS:
                 self._marketplace_stale = True  # it learned from an event that was not stored: rebuild it
 

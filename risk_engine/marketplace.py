@@ -13,7 +13,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from xxhash import xxh3_64_intdigest
@@ -104,8 +104,11 @@ class _RecentTexts:
         self.count += 1
 
 
-@dataclass
-class _Order:
+class _Order(NamedTuple):
+    """A paid order, as the review link reads it. Kept as a plain tuple (``orders``), which the garbage
+    collector stops tracking at its first collection (a tuple subclass it tracks for good): ``MAX_ORDERS``
+    tracked objects lengthened every collection by tens of milliseconds. A change replaces it."""
+
     buyer_id: str | None
     seller_id: str | None
     paid_at: float
@@ -130,7 +133,7 @@ class MarketplaceState:
     SUBJECTS = ("payment", "review", "merchant", "merchant_day")
 
     facts: dict[str, SellerFacts] = field(default_factory=dict)
-    orders: OrderedDict[str, _Order] = field(default_factory=OrderedDict)
+    orders: OrderedDict[str, tuple[Any, ...]] = field(default_factory=OrderedDict)  # plain tuples of _Order's fields
     seller_devices: dict[str, set[str]] = field(default_factory=dict)  # devices and IP indexes of its logins
     texts: dict[str, _RecentTexts] = field(default_factory=dict)  # seller -> recent review SimHashes
     scores: dict[str, CreditScore] = field(default_factory=dict)
@@ -150,6 +153,10 @@ class MarketplaceState:
         worst = max((f.decision for f in flags if f.at >= since), key=SEVERITY.__getitem__, default="allow")
         return MERCHANT_FLAGS[worst]
 
+    def _order(self, order_id: str) -> _Order | None:
+        raw = self.orders.get(order_id)
+        return _Order._make(raw) if raw is not None else None
+
     def enrich(self, subject: str, record: dict[str, Any], at: float) -> None:
         """Add ``seller.credit``, ``seller.tier`` and ``seller.flag`` as they stand before this event; to a
         review, what is known of its order, of the reviewer's devices and of texts like it."""
@@ -166,7 +173,7 @@ class MarketplaceState:
             record["seller.flag"] = self.flag(seller_id)
 
     def _enrich_review(self, seller_id: str, record: dict[str, Any], at: float) -> None:
-        order = self.orders.get(str(record.get("order_id")))
+        order = self._order(str(record.get("order_id")))
         paid = order is not None and order.buyer_id == record.get("reviewer.id") and order.seller_id == seller_id
         record["order.paid"] = paid
         if order is not None and paid:
@@ -199,24 +206,26 @@ class MarketplaceState:
                 return
             amount = record.get("amount.major")
             address = record.get("shipping.address")
-            self.orders[order_id] = _Order(
-                record.get("buyer.id"),
-                record.get("seller_id"),
-                at,
-                float(amount) if amount is not None else None,
-                shipping_address=address if isinstance(address, str) else None,
+            self.orders[order_id] = tuple(
+                _Order(
+                    record.get("buyer.id"),
+                    record.get("seller_id"),
+                    at,
+                    float(amount) if amount is not None else None,
+                    shipping_address=address if isinstance(address, str) else None,
+                )
             )
             self.orders.move_to_end(order_id)
             while len(self.orders) > MAX_ORDERS:
                 self.orders.popitem(last=False)
             return
-        order = self.orders.get(order_id)
+        order = self._order(order_id)
         if order is None or order.seller_id != record.get("seller_id"):  # another seller's order is not its to ship
             return
         if record.get("type") == "order_shipped":
-            order.shipped_at = at
+            self.orders[order_id] = tuple(order._replace(shipped_at=at))  # in place in the order: same key
         elif record.get("type") == "order_delivered":
-            order.delivered_at = at
+            self.orders[order_id] = tuple(order._replace(delivered_at=at))
 
     def observe(
         self,

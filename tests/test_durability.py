@@ -125,6 +125,42 @@ def test_database_outage_on_sqlite_is_503_and_nothing_is_half_written(tmp_path: 
         client.__exit__(None, None, None)
 
 
+def test_a_replay_waits_on_its_payments_write_and_a_committed_answer_keeps_nothing_tracked(tmp_path: Path) -> None:
+    """A replay of a payment whose write is in flight shares that write's outcome (here a failure, never a
+    made-up success); once committed, the remembered answer and the order keep no ticket and nothing the garbage
+    collector must walk (tens of thousands of them made its pauses tens of milliseconds)."""
+    import gc
+
+    from risk_engine.payments import PaymentIn
+
+    db_path = tmp_path / "risk.db"
+    settings = make_settings(tmp_path / "var", f"sqlite:///{db_path}", db_busy_timeout_s=0.5, follow_poll_s=0)
+    client, api = open_api(settings)
+    engine = api.engine
+    try:
+        locker = sqlite3.connect(db_path, timeout=0.1)
+        locker.execute("BEGIN EXCLUSIVE")  # the write waits, then fails
+        body = PaymentIn.model_validate(payment(payment_id="held", order_id="o_held"))
+        first = engine.score_payment(body)
+        twin = engine.score_payment(body)
+        assert twin.replayed and twin.committed is first.committed  # the same write, still in flight
+        assert first.committed.exception(10) is not None
+        with pytest.raises(Exception):  # noqa: B017 - the write's own error, as the first caller gets it
+            twin.raise_if_not_stored()
+        locker.rollback()
+        locker.close()
+        again = engine.score_payment(body)  # the failed answer was forgotten: scored anew, and stored
+        assert not again.replayed and again.committed.exception(10) is None
+        replay = engine.score_payment(body)
+        assert replay.replayed and replay.committed.done() and replay.committed.exception() is None
+        assert engine._in_flight == {}
+        gc.collect()
+        assert not gc.is_tracked(engine._recent["payment\x1fheld"])
+        assert not gc.is_tracked(engine.marketplace.orders["o_held"])
+    finally:
+        client.__exit__(None, None, None)
+
+
 def test_every_write_refused_by_the_database_is_a_503_and_leaves_nothing(tmp_path: Path) -> None:
     db_path = tmp_path / "risk.db"
     client, api = open_api(make_settings(tmp_path / "var", f"sqlite:///{db_path}", db_busy_timeout_s=0.2))
