@@ -335,10 +335,16 @@ def revoke_api_key(db: SqlEngine, key_id: str, actor: str, keep_an_admin: bool =
 def tune_garbage_collector() -> None:
     """Keep the cyclic GC off the request path: freeze what start-up built (policies, detectors, velocity
     rebuilt from storage) and collect the young generation less often. The scoring path creates few
-    reference cycles, and without this full collections cost about 100 us per payment on average."""
+    reference cycles, and without this full collections cost about 100 us per payment on average.
+
+    A young collection walks what survived since the last (about 2.5 objects a payment, velocity windows
+    mostly), so its pause grows with the threshold: at 50,000, 14-33 ms every 15,000-20,000 payments, and each
+    one of 18 ms or more put an HTTP run's p99 at 1,000 requests/s over 25 ms; at 10,000, 2-7 ms every 3,000-
+    4,000 payments, for the same total (about 1 us a payment), and a middle collection of about 45 ms every
+    100,000 payments instead of a longer one less often (session 16, ARCHITECTURE.md)."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+    gc.set_threshold(10_000, 20, 100)
 
 
 def now_utc() -> datetime:
