@@ -339,7 +339,7 @@ def tune_garbage_collector() -> None:
 
     A young collection walks what survived since the last (about 2.5 objects a payment, velocity windows
     mostly), so its pause grows with the threshold: at 50,000, 14-33 ms every 15,000-20,000 payments, and each
-    one of 18 ms or more put an HTTP run's p99 at 1,000 requests/s over 25 ms; at 10,000, 2-7 ms every 3,000-
+    one of 18 ms or more put an HTTP run's p99 at 1,000 requests/s over 25 ms; at 10,000, 2-11 ms every 3,000-
     4,000 payments, for the same total (about 1 us a payment), and a middle collection of about 45 ms every
     100,000 payments instead of a longer one less often (session 16, ARCHITECTURE.md)."""
     gc.collect()
