@@ -86,14 +86,10 @@ class RawInsert:
 
     def execute(self, cursor: Any, rows: Sequence[tuple[Any, ...]], ids: list[int] | None) -> None:
         """Insert ``rows`` in one statement; with ``ids``, append the ids they were given."""
-        if ids is None:
-            if len(rows) == 1:
-                cursor.execute(self.sql, rows[0])
-            else:
-                cursor.execute(self.head + ", ".join(self.group for _ in rows), tuple(v for r in rows for v in r))
-            return
-        sql = self.head + ", ".join(self.group for _ in rows) + self._returning
+        sql = self.head + ", ".join(self.group for _ in rows) + (self._returning if ids is not None else "")
         cursor.execute(sql, tuple(v for r in rows for v in r))
+        if ids is None:
+            return
         if self._sqlite_ids:
             last = cursor.lastrowid
             ids.extend(range(last - len(rows) + 1, last + 1))
