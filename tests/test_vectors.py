@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from risk_engine.detectors import StreamingDetector
 from risk_engine.detectors.spec import SpecError, parse_spec_file
-from risk_engine.detectors.vectors import ELIDED, packed_vectors, stored_vector, stored_vectors
+from risk_engine.detectors.vectors import ELIDED, VectorPacker, stored_vector, stored_vectors
 from risk_engine.dsl import compile_features
 from risk_engine.engine import SUBJECT_KINDS, load_environments
 from risk_engine.payments import PaymentIn
@@ -83,7 +83,7 @@ def test_a_stored_vector_reads_back_exactly_as_the_detector_computed_it(
     record = record_of(payment(attributes=attributes))
     vectors = {d.name: d.features.compute(record, {}, {}, {}) for d in (mixed, twin, derived)}
     # stored and read back as the database does: JSON both ways
-    column = orjson.loads(orjson.dumps(packed_vectors(vectors, [mixed, twin, derived])))
+    column = orjson.loads(orjson.dumps(VectorPacker([mixed, twin, derived]).pack(vectors)))
     stored_record = orjson.loads(orjson.dumps(record))
     kept = column["mixed"]
     assert not set(kept) & {"V1", "V2", "risk_signal", "promo_code_used"}  # the record holds them

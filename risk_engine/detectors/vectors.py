@@ -51,11 +51,6 @@ class VectorPacker:
         return out
 
 
-def packed_vectors(vectors: Mapping[str, dict[str, Any]], detectors: Iterable[DetectorBase]) -> dict[str, Any]:
-    """The ``features`` column for an event (see :class:`VectorPacker`, which keeps its plan)."""
-    return VectorPacker(detectors).pack(vectors)
-
-
 def stored_vector(
     features: Mapping[str, Any] | None, name: str, record: Mapping[str, Any], order: Sequence[str] = ()
 ) -> dict[str, Any] | None:
