@@ -533,6 +533,9 @@ class RiskEngine:
         # writer (a barrier); bounded, as nothing drains it while no one follows
         self._own_committed: deque[int] = deque(maxlen=OWN_IDS_KEPT)
         self._event_insert.report_ids(self._own_committed.extend)
+        # events whose write failed, to take back out of velocity: queued by the writer thread, which must not wait
+        # for the state lock either, and applied by the next holder of the lock before velocity is read
+        self._retractions: deque[tuple[SubjectRuntime, dict[str, Any], float]] = deque()
         self._listener: CommitWatch | None = None
         if announces(db):  # other workers' followers wake when a batch of events commits
             self.writer.announce = (ANNOUNCE_SQL, (EVENTS_CHANNEL, self.origin))
@@ -682,6 +685,7 @@ class RiskEngine:
         needed = aggregate_union(*(p.aggregates for p in policies), *(d.features.aggregates for d in rt.detectors))
         kept = {a.id for a in rt.velocity.specs}
         if {a.id for a in needed} != kept:
+            self._apply_retractions()  # the windows kept go into the new state as they are
             # only the aggregates the state does not keep are replayed from storage (scoring waits meanwhile);
             # the others keep their windows as they are
             missing = tuple(a for a in needed if a.id not in kept)
@@ -960,13 +964,15 @@ class RiskEngine:
     def _write_state_snapshot(self) -> None:
         """Save velocity and cross-subject state, signed, at a clean stop (writer closed, lock held).
 
-        Every write has committed or failed (and been taken back out of the state). The other workers' events
+        Every write has committed or failed (failed ones are taken back out of velocity here; the cross-subject
+        state that saw one is not saved). The other workers' events
         are followed up to now first, so the state holds exactly the stored events the follow watermark covers:
         the header keeps that watermark, how many events of each subject it covers and the event at its last
         id, so a start can check that the snapshot belongs to this database and still fits it, and read only
         the events it does not cover."""
         while self._follow()[0] == FOLLOW_LIMIT:  # until a read comes back short: caught up
             pass
+        self._apply_retractions()
         read = self._events_read
         header = {
             "format": STATE_SNAPSHOT_FORMAT,
@@ -1129,14 +1135,19 @@ class RiskEngine:
     def _refresh_marketplace(self) -> None:
         """Rebuild the cross-subject state from storage after a failed write (lock held). Until it can be
         rebuilt, events that read it are refused (503) rather than scored on state that saw a lost event."""
-        if not self.writer.barrier().wait(5):
-            raise DatabaseUnavailable("writes still pending after a failed write")
+        # cleared first: a write that fails from here on (its callback takes no lock) marks it stale again
+        self._marketplace_stale = False
         try:
+            if not self.writer.barrier().wait(5):
+                raise DatabaseUnavailable("writes still pending after a failed write")
             self.refresh_events()  # moves the follow to now: the rebuild reads up to there, the follow on
             self.marketplace = self._rebuilt_marketplace(self._events_read)
         except OperationalError as exc:
+            self._marketplace_stale = True
             raise DatabaseUnavailable(type(exc).__name__) from exc
-        self._marketplace_stale = False
+        except BaseException:
+            self._marketplace_stale = True
+            raise
 
     def seller_credit(self, seller_id: str, history: int = 100) -> dict[str, Any]:
         """A seller's credit score, each component's contribution and the score's history (newest first)."""
@@ -1659,6 +1670,8 @@ class RiskEngine:
                 return ScoreOutcome(pending[1], self._ticket_of(key), replayed=True)
             self._seq += 1
             seq = self._seq
+            if self._retractions:
+                self._apply_retractions()
             if self._marketplace_stale:
                 self._refresh_marketplace()
             self.marketplace.enrich(subject, record, ts)  # seller credit, flag, order link: stored with the record
@@ -1688,35 +1701,41 @@ class RiskEngine:
             self._since_snapshot += 1
             if self._since_snapshot >= self.settings.snapshot_every:
                 self.snapshot_detectors(background=True)
-        key_id, blob = self.vault.seal(pii, f"{subject}:{event_id}") if pii else (None, None)
-        row = {
-            "subject": subject,
-            "event_id": event_id,
-            "occurred_at": occurred_at,
-            "ingest_seq": seq,
-            "record": record,
-            "features": rt.packer.pack(vectors),
-            "aggregates": aggs,
-            "pii_key_id": key_id,
-            "pii_blob": blob,
-            "decision": verdict.decision.value,
-            "score": verdict.score,
-            "policy_version": rt.policy.label,
-            "model_versions": response["model_versions"],
-            "model_scores": {
-                "scores": {m.name: m.score for m in scores},
-                "points": sum(m.contribution for m in scores),
-                "model_score": ev.model_score,
-            },
-            "shadow": ev.shadow,
-            "response": body,
-            "request_hash": request_hash,
-            "elapsed_ms": elapsed_ms,
-            "created_at": now_utc(),
-            "origin": self.origin,
-        }
         committed.add_done_callback(lambda f: self._after_write(f, rt, key, record, ts))
-        self.writer.submit(self._event_insert, row, committed)
+        try:
+            key_id, blob = self.vault.seal(pii, f"{subject}:{event_id}") if pii else (None, None)
+            row = {
+                "subject": subject,
+                "event_id": event_id,
+                "occurred_at": occurred_at,
+                "ingest_seq": seq,
+                "record": record,
+                "features": rt.packer.pack(vectors),
+                "aggregates": aggs,
+                "pii_key_id": key_id,
+                "pii_blob": blob,
+                "decision": verdict.decision.value,
+                "score": verdict.score,
+                "policy_version": rt.policy.label,
+                "model_versions": response["model_versions"],
+                "model_scores": {
+                    "scores": {m.name: m.score for m in scores},
+                    "points": sum(m.contribution for m in scores),
+                    "model_score": ev.model_score,
+                },
+                "shadow": ev.shadow,
+                "response": body,
+                "request_hash": request_hash,
+                "elapsed_ms": elapsed_ms,
+                "created_at": now_utc(),
+                "origin": self.origin,
+            }
+            self.writer.submit(self._event_insert, row, committed)
+        except BaseException as exc:
+            # the answer is remembered with this ticket: failing it takes the event back out and lets a
+            # replay fail as this call does, instead of waiting for a write that will never come
+            committed.set_exception(exc)
+            raise
         if moved is not None:  # the seller's score or tier changed: its history row (derived; see credit.py)
             seller_id, credit = moved
             self.writer.submit(
@@ -1843,17 +1862,27 @@ class RiskEngine:
             c.rule_hits[rule.name] = c.rule_hits.get(rule.name, 0) + 1
 
     def _after_write(self, write: Ticket, rt: SubjectRuntime, key: str, record: dict[str, Any], ts: float) -> None:
-        """Runs in the writer thread: a failed write takes the event back out of the velocity windows."""
+        """Runs in the writer thread (or in the caller's, when the write could not be queued): a failed write's
+        event is taken back out of velocity and its answer forgotten, so a retry is scored anew.
+
+        Takes no lock: a caller may hold the state lock while it waits for the writer (a policy swap's or a
+        rebuild's barrier), so waiting for that lock here would stall both. Each step is one operation on a
+        built-in container; the retraction is queued before the answer leaves the cache, so a retry that finds
+        the answer gone also finds the retraction, and applies it before it is scored."""
         if write.exception() is None:
             self._in_flight.pop(key, None)
             return
-        with self._lock:
+        self._retractions.append((rt, record, ts))
+        if key.split("\x1f", 1)[0] in MarketplaceState.SUBJECTS:
+            self._marketplace_stale = True  # it learned from an event that was not stored: rebuild it
+        self._recent.pop(key, None)
+        self._in_flight.pop(key, None)  # after: a replay meanwhile gets the failed ticket, never COMMITTED
+
+    def _apply_retractions(self) -> None:
+        """Take the events of failed writes back out of velocity (lock held)."""
+        while self._retractions:
+            rt, record, ts = self._retractions.popleft()
             rt.velocity.retract(record, ts)
-            subject = key.split("\x1f", 1)[0]
-            self._recent.pop(key, None)
-            self._in_flight.pop(key, None)  # after: a replay meanwhile gets the failed ticket, never COMMITTED
-            if subject in MarketplaceState.SUBJECTS:
-                self._marketplace_stale = True  # it learned from an event that was not stored: rebuild it
 
     # -- reading back -----------------------------------------------------------------------------------------
     def _detectors_of(self, subject: str) -> Sequence[Detector]:

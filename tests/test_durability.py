@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import sqlite3
+from collections import deque
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -157,6 +158,67 @@ def test_a_replay_waits_on_its_payments_write_and_a_committed_answer_keeps_nothi
         gc.collect()
         assert not gc.is_tracked(engine._recent["payment\x1fheld"])
         assert not gc.is_tracked(engine.marketplace.orders["o_held"])
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_a_failed_write_never_waits_for_the_state_lock_and_its_event_is_taken_back_out(tmp_path: Path) -> None:
+    """A policy swap or a rebuild of the cross-subject state waits for the writer with the state lock held. A write
+    that fails meanwhile must not need that lock to be undone (the barrier would wait for good); its event still
+    leaves velocity before the next payment is scored, and a retry is scored anew."""
+    from risk_engine.payments import PaymentIn
+
+    db_path = tmp_path / "risk.db"
+    settings = make_settings(tmp_path / "var", f"sqlite:///{db_path}", db_busy_timeout_s=0.3, follow_poll_s=0)
+    client, api = open_api(settings)
+    engine = api.engine
+    try:
+        api.score(payment(payment_id="first", occurred_at="2026-11-22T10:00:00Z"))
+        locker = sqlite3.connect(db_path, timeout=0.1)
+        locker.execute("BEGIN EXCLUSIVE")
+        lost = PaymentIn.model_validate(payment(payment_id="lost", occurred_at="2026-11-22T10:01:00Z"))
+        outcome = engine.score_payment(lost)
+        with engine._lock:
+            assert engine.writer.barrier().wait(10)  # the failed batch's callbacks ran without the lock
+            assert outcome.committed.exception() is not None
+        locker.rollback()
+        locker.close()
+        api.score(payment(payment_id="next", occurred_at="2026-11-22T10:02:00Z"))
+        stored = api.client.get("/v1/payments/next", headers=api.headers()).json()
+        assert stored["aggregates"][CARD_AGG] == 1  # "first" only: the lost one was taken back out
+        retry = engine.score_payment(lost)
+        assert not retry.replayed and retry.committed.exception(10) is None
+        assert engine._retractions == deque() and engine._in_flight == {}
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_a_payment_whose_write_could_not_be_queued_fails_its_replays_too_and_counts_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answer is remembered before the row is sealed and queued. If that fails, the remembered answer's
+    ticket fails with it, as a failed write's does: the answer is forgotten, so a replay is scored anew instead of
+    waiting for a write that never comes, and the event leaves velocity."""
+    from risk_engine.payments import PaymentIn
+
+    client, api = open_api(make_settings(tmp_path / "var", f"sqlite:///{tmp_path / 'risk.db'}", follow_poll_s=0))
+    engine = api.engine
+    try:
+        api.score(payment(payment_id="first", occurred_at="2026-11-22T10:00:00Z"))
+        body = PaymentIn.model_validate(payment(payment_id="unsealed", occurred_at="2026-11-22T10:01:00Z"))
+        seal = engine.vault.seal
+
+        def broken_seal(fields: Any, associated: str) -> Any:
+            raise OSError("no entropy")
+
+        monkeypatch.setattr(engine.vault, "seal", broken_seal)
+        with pytest.raises(OSError):
+            engine.score_payment(body)
+        monkeypatch.setattr(engine.vault, "seal", seal)
+        again = engine.score_payment(body)  # forgotten with its failure: scored anew, and stored
+        assert not again.replayed and again.committed.exception(10) is None
+        stored = api.client.get("/v1/payments/unsealed", headers=api.headers()).json()
+        assert stored["aggregates"][CARD_AGG] == 1  # "first" only: the failed attempt was taken back out
     finally:
         client.__exit__(None, None, None)
 
