@@ -83,6 +83,31 @@ def test_the_ids_of_committed_rows_are_reported_and_only_theirs(database_url: st
         assert stored["y"] in reported[-1] and stored["x"] in ids
 
 
+def test_rows_written_one_by_one_are_announced_once_committed(pg_schema_url: str) -> None:
+    """A batch with a refused row is written row by row; the rows that commit are still announced, so other
+    workers' followers take them in at once rather than at their next poll."""
+    import uuid
+
+    from risk_engine.storage.announce import ANNOUNCE_SQL, EventListener
+
+    channel = "t_" + uuid.uuid4().hex[:12]
+    with _writer(pg_schema_url) as (engine, insert, writer):
+        writer.announce = (ANNOUNCE_SQL, (channel, "worker_a"))
+        writer.announce_tables = frozenset({items.name})
+        writer.submit(insert, {"name": "a", "value": 1}).result(10)
+        listener = EventListener(engine, "worker_b", channel=channel)
+        try:
+            assert listener.wait(0.01) is False  # connects and listens
+            tickets = [writer.submit(insert, {"name": n, "value": 0}) for n in ["b", "a", "c"]]  # one batch
+            assert [type(t.exception(10)) for t in tickets] == [type(None), DuplicateRow, type(None)]
+            assert listener.wait(5) is True
+            refused = writer.submit(insert, {"name": "a", "value": 2})  # alone, refused: nothing to announce
+            assert type(refused.exception(10)) is DuplicateRow
+            assert listener.wait(0.3) is False
+        finally:
+            listener.close()
+
+
 def test_a_row_the_database_cannot_store_fails_alone(database_url: str) -> None:
     # 2**70 does not fit an INTEGER: sqlite3 refuses to bind it, PostgreSQL answers "integer out of range"
     with _writer(database_url) as (engine, insert, writer):

@@ -3,8 +3,8 @@ commit instead of at its next poll (which stays as the fallback).
 
 PostgreSQL: workers announce their commits (``NOTIFY``). The group-commit writer adds ``pg_notify(channel,
 origin)`` to every batch that stores events; PostgreSQL delivers it when the batch commits, and never for a
-batch rolled back. Each worker's follower ``LISTEN``s on a connection of its own and wakes on an announcement
-from another worker (not on a batch written row by row after a refused row: the poll takes those in).
+batch rolled back (a batch written row by row after a refused row is announced once, after its rows). Each
+worker's follower ``LISTEN``s on a connection of its own and wakes on an announcement from another worker.
 
 SQLite (a file): nothing is announced; a follower watches, while there are other workers. ``PRAGMA
 data_version`` changes when another connection commits, and reading it touches no table, so the follower

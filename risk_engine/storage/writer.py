@@ -406,7 +406,9 @@ class GroupCommitWriter:
         self._checkpoint_if_long(conn)
 
     def _write_one_by_one(self, batch: Sequence[_Job]) -> None:
-        """Each row in its own transaction, so only the rows at fault fail."""
+        """Each row in its own transaction, so only the rows at fault fail; then one announcement, if a row of a
+        table that has one was committed."""
+        announce = False
         for job in batch:
             if job.insert is None:
                 job.future.set_result(None)
@@ -433,7 +435,27 @@ class GroupCommitWriter:
             else:
                 if ids is not None:
                     self._report([(job.insert, ids)])
+                announce = announce or job.insert.table.name in self.announce_tables
                 job.future.set_result(None)
+        if announce:
+            self._announce_alone()
+
+    def _announce_alone(self) -> None:
+        """Announce rows already committed, in a transaction of its own; if that fails, the other workers' polls
+        find the rows a little later."""
+        if self.announce is None:
+            return
+        try:
+            conn = self._connection()
+            cursor = conn.cursor()
+            try:
+                cursor.execute(*self.announce)
+            finally:
+                cursor.close()
+            conn.commit()
+        except Exception as exc:
+            log.debug("announcing rows written one by one failed: %s", type(exc).__name__)
+            self._drop_connection()
 
     @staticmethod
     def _report(stored: Sequence[tuple[RawInsert, list[int]]]) -> None:
