@@ -506,8 +506,8 @@ class RiskEngine:
         # learned after a later one would be a gap to look for again: see risk_engine.watermark)
         self._labels_lock = threading.RLock()
         self._recent: OrderedDict[str, Pending] = OrderedDict()
-        # the tickets of the answers in ``_recent`` not yet committed; each leaves once done (a dict's pop needs
-        # no lock, so the writer thread takes it out without the state lock)
+        # the tickets of the answers in ``_recent`` not yet committed: a committed one leaves in the writer thread
+        # (a dict's pop needs no lock), a failed one when its failure is applied (``_apply_retractions``)
         self._in_flight: dict[str, Ticket] = {}
         self._seq = 0
         self._start_seq = 0
@@ -535,7 +535,7 @@ class RiskEngine:
         self._event_insert.report_ids(self._own_committed.extend)
         # events whose write failed, to take back out of velocity: queued by the writer thread, which must not wait
         # for the state lock either, and applied by the next holder of the lock before velocity is read
-        self._retractions: deque[tuple[SubjectRuntime, dict[str, Any], float]] = deque()
+        self._retractions: deque[tuple[SubjectRuntime, dict[str, Any], float, str, Ticket]] = deque()
         self._listener: CommitWatch | None = None
         if announces(db):  # other workers' followers wake when a batch of events commits
             self.writer.announce = (ANNOUNCE_SQL, (EVENTS_CHANNEL, self.origin))
@@ -1866,23 +1866,27 @@ class RiskEngine:
         event is taken back out of velocity and its answer forgotten, so a retry is scored anew.
 
         Takes no lock: a caller may hold the state lock while it waits for the writer (a policy swap's or a
-        rebuild's barrier), so waiting for that lock here would stall both. Each step is one operation on a
-        built-in container; the retraction is queued before the answer leaves the cache, so a retry that finds
-        the answer gone also finds the retraction, and applies it before it is scored."""
+        rebuild's barrier), so waiting for that lock here would stall both. The failure is queued, then the
+        answer leaves the cache (one operation on a built-in container each): a retry that finds the answer
+        gone finds the failure queued too, and the next holder of the lock applies it before scoring, taking the
+        failed ticket out of ``_in_flight`` there; until then a replay that still finds the answer gets that
+        ticket, never a made-up success."""
         if write.exception() is None:
             self._in_flight.pop(key, None)
             return
-        self._retractions.append((rt, record, ts))
+        self._retractions.append((rt, record, ts, key, write))
         if key.split("\x1f", 1)[0] in MarketplaceState.SUBJECTS:
             self._marketplace_stale = True  # it learned from an event that was not stored: rebuild it
         self._recent.pop(key, None)
-        self._in_flight.pop(key, None)  # after: a replay meanwhile gets the failed ticket, never COMMITTED
 
     def _apply_retractions(self) -> None:
-        """Take the events of failed writes back out of velocity (lock held)."""
+        """Take the events of failed writes back out of velocity, and their tickets out of ``_in_flight`` unless a
+        retry's has taken their place (lock held)."""
         while self._retractions:
-            rt, record, ts = self._retractions.popleft()
+            rt, record, ts, key, write = self._retractions.popleft()
             rt.velocity.retract(record, ts)
+            if self._in_flight.get(key) is write:
+                del self._in_flight[key]
 
     # -- reading back -----------------------------------------------------------------------------------------
     def _detectors_of(self, subject: str) -> Sequence[Detector]:
