@@ -43,7 +43,7 @@ def lags_ms(url: str, payments: list[dict[str, Any]], heard: bool) -> list[float
     real = engine_module.announces, engine_module.commit_watch
     if not heard:  # neither announce nor listen nor watch: the poll alone
         engine_module.announces = lambda db: False
-        engine_module.commit_watch = lambda db, origin, stopping: None
+        engine_module.commit_watch = lambda db, origin, stopping, channel: None
     home = Path(tempfile.mkdtemp(prefix="bench-follow-"))
     settings = Settings(
         home=home, database_url=url, rules_dir=ROOT / "rules", models_dir=ROOT / "models", policy_poll_s=3600

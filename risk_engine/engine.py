@@ -74,6 +74,7 @@ from risk_engine.storage.announce import (
     CommitWatch,
     announces,
     commit_watch,
+    events_channel,
     wait_to_follow,
 )
 from risk_engine.storage.audit import audit
@@ -537,9 +538,13 @@ class RiskEngine:
         # for the state lock either, and applied by the next holder of the lock before velocity is read
         self._retractions: deque[tuple[SubjectRuntime, dict[str, Any], float, str, Ticket]] = deque()
         self._listener: CommitWatch | None = None
-        if announces(db):  # other workers' followers wake when a batch of events commits
-            self.writer.announce = (ANNOUNCE_SQL, (EVENTS_CHANNEL, self.origin))
-            self.writer.announce_tables = frozenset({m.Event.__tablename__})
+        self._events_channel = EVENTS_CHANNEL
+
+    def _announce_on(self, channel: str) -> None:
+        """Announce each batch of events on ``channel``, and listen there for other workers' (PostgreSQL)."""
+        self._events_channel = channel
+        self.writer.announce = (ANNOUNCE_SQL, (channel, self.origin))
+        self.writer.announce_tables = frozenset({m.Event.__tablename__})
 
     # -- start and stop ------------------------------------------------------------------------------------
     @classmethod
@@ -549,11 +554,14 @@ class RiskEngine:
         db = make_engine(settings.resolved_database_url, settings.db_busy_timeout_s)
         try:
             migrate(db)
+            channel = events_channel(db) if announces(db) else None
         except OperationalError as exc:
             raise DatabaseUnavailable(f"cannot reach the database: {type(exc).__name__}") from exc
         vault = Vault.from_settings(settings)
         signing = load_or_create_key(settings.signing_key, settings.home / "signing.key", "signing_key")
         engine = cls(settings, db, vault, signing)
+        if channel is not None:  # other workers' followers wake when a batch of events commits
+            engine._announce_on(channel)
         engine._load_data_keys()
         engine._load_subjects()
         engine._load_lists()
@@ -784,7 +792,7 @@ class RiskEngine:
         soon as another worker announces a commit; on an SQLite file, within ``WATCH_INTERVAL_S`` of it once
         other workers' events are seen (``storage.announce``)."""
 
-        listener = self._listener = commit_watch(self.db, self.origin, self._stopping)
+        listener = self._listener = commit_watch(self.db, self.origin, self._stopping, self._events_channel)
         poll_s = self.settings.follow_poll_s
 
         def follow() -> None:

@@ -1,10 +1,11 @@
 """How a worker's follower hears that another worker committed events, so it takes them in as soon as they
 commit instead of at its next poll (which stays as the fallback).
 
-PostgreSQL: workers announce their commits (``NOTIFY``). The group-commit writer adds ``pg_notify(channel,
-origin)`` to every batch that stores events; PostgreSQL delivers it when the batch commits, and never for a
-batch rolled back (a batch written row by row after a refused row is announced once, after its rows). Each
-worker's follower ``LISTEN``s on a connection of its own and wakes on an announcement from another worker.
+PostgreSQL: workers announce their commits (``NOTIFY``) on a channel of their schema's. The group-commit
+writer adds ``pg_notify(channel, origin)`` to every batch that stores events; PostgreSQL delivers it when the
+batch commits, and never for a batch rolled back (a batch written row by row after a refused row is announced
+once, after its rows). Each worker's follower ``LISTEN``s on a connection of its own and wakes on an
+announcement from another worker.
 
 SQLite (a file): nothing is announced; a follower watches, while there are other workers. ``PRAGMA
 data_version`` changes when another connection commits, and reading it touches no table, so the follower
@@ -14,6 +15,7 @@ worker's commit from this worker's own.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import sqlite3
@@ -229,11 +231,24 @@ class SqliteCommitWatcher:
             conn.close()
 
 
-def commit_watch(engine: Engine, origin: str, stopping: threading.Event) -> CommitWatch | None:
-    """What tells this database's follower of other workers' commits: a listener on PostgreSQL (psycopg), a
-    watcher on an SQLite file; None (the poll alone) elsewhere, as for an in-memory SQLite database."""
+def events_channel(engine: Engine) -> str:
+    """The channel a deployment's workers announce on: one per schema (a channel is shared by a whole PostgreSQL
+    database), so deployments in schemas of their own do not wake each other's followers. Reads the schema."""
+    with engine.connect() as conn:
+        schema = conn.exec_driver_sql("SELECT current_schema()").scalar()
+    if not schema:  # no schema of the search path exists yet: nothing can be stored to announce
+        return EVENTS_CHANNEL
+    return f"{EVENTS_CHANNEL}_{hashlib.sha256(str(schema).encode()).hexdigest()[:16]}"
+
+
+def commit_watch(
+    engine: Engine, origin: str, stopping: threading.Event, channel: str = EVENTS_CHANNEL
+) -> CommitWatch | None:
+    """What tells this database's follower of other workers' commits: a listener on PostgreSQL (psycopg) on
+    ``channel``, a watcher on an SQLite file; None (the poll alone) elsewhere, as for an in-memory SQLite
+    database."""
     if announces(engine):
-        return EventListener(engine, origin)
+        return EventListener(engine, origin, channel)
     database = sqlite_file(engine)
     if database is not None and not database.startswith("file:"):  # a URI: not a path sqlite3 would open
         return SqliteCommitWatcher(database, origin, stopping)
