@@ -159,43 +159,30 @@ def test_each_database_gets_its_own_kind_of_watch(tmp_path: Path) -> None:
 def test_deployments_in_schemas_of_their_own_do_not_wake_each_other(pg_schema_url: str, tmp_path: Path) -> None:
     """A channel is shared by a whole PostgreSQL database: each schema's workers announce and listen on a
     channel of their own, so a busy deployment beside another does not wake its followers for nothing."""
-    from urllib.parse import quote
-
     from risk_engine.engine import RiskEngine
-    from tests.conftest import make_settings, postgres_url_or_skip
+    from tests.conftest import fresh_schema, make_settings
 
-    base = postgres_url_or_skip()
-    other_schema = "t_" + uuid.uuid4().hex[:12]
-    admin = create_engine(base)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{other_schema}"'))
-    sep = "&" if "?" in base else "?"
-    ours, theirs = (
-        create_engine(pg_schema_url),
-        create_engine(f"{base}{sep}options={quote(f'-csearch_path={other_schema}')}"),
-    )
-    listener = None
-    try:
-        channel = events_channel(ours)
-        assert channel == events_channel(ours) != events_channel(theirs)  # the same on every connection
-        listener = EventListener(ours, "worker_a", channel=channel)
-        assert listener.wait(0.01) is False  # connects and listens
-        with theirs.begin() as conn:
-            conn.execute(text("SELECT pg_notify(:channel, 'worker_b')"), {"channel": events_channel(theirs)})
-        assert listener.wait(0.3) is False
-        with ours.begin() as conn:
-            conn.execute(text("SELECT pg_notify(:channel, 'worker_b')"), {"channel": channel})
-        assert listener.wait(30) is True
-        engine = RiskEngine.open(make_settings(tmp_path / "var", pg_schema_url, policy_poll_s=0))
+    with fresh_schema() as other_url:
+        ours, theirs = create_engine(pg_schema_url), create_engine(other_url)
+        listener = None
         try:
-            assert engine.writer.announce is not None and engine.writer.announce[1][0] == channel
+            channel = events_channel(ours)
+            assert channel == events_channel(ours) != events_channel(theirs)  # the same on every connection
+            listener = EventListener(ours, "worker_a", channel=channel)
+            assert listener.wait(0.01) is False  # connects and listens
+            with theirs.begin() as conn:
+                conn.execute(text("SELECT pg_notify(:channel, 'worker_b')"), {"channel": events_channel(theirs)})
+            assert listener.wait(0.3) is False
+            with ours.begin() as conn:
+                conn.execute(text("SELECT pg_notify(:channel, 'worker_b')"), {"channel": channel})
+            assert listener.wait(30) is True
+            engine = RiskEngine.open(make_settings(tmp_path / "var", pg_schema_url, policy_poll_s=0))
+            try:
+                assert engine.writer.announce is not None and engine.writer.announce[1][0] == channel
+            finally:
+                engine.close()
         finally:
-            engine.close()
-    finally:
-        if listener is not None:
-            listener.close()
-        ours.dispose()
-        theirs.dispose()
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{other_schema}" CASCADE'))
-        admin.dispose()
+            if listener is not None:
+                listener.close()
+            ours.dispose()
+            theirs.dispose()
