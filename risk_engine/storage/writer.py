@@ -58,7 +58,6 @@ class RawInsert:
         names = ", ".join(c.name for c in self.columns)
         self.head = f"INSERT INTO {table.name} ({names}) VALUES "
         self.group = "(" + ", ".join(marker for _ in self.columns) + ")"
-        self.sql = self.head + self.group
         # told the ids of the rows each commit stored, in order, once committed (see ``report_ids``)
         self.on_committed: Callable[[list[int]], None] | None = None
         # how the ids are learned: SQLite numbers the rows of one INSERT one after another (it has one writer at
