@@ -1150,11 +1150,10 @@ class RiskEngine:
                 raise DatabaseUnavailable("writes still pending after a failed write")
             self.refresh_events()  # moves the follow to now: the rebuild reads up to there, the follow on
             self.marketplace = self._rebuilt_marketplace(self._events_read)
-        except OperationalError as exc:
+        except BaseException as exc:
             self._marketplace_stale = True
-            raise DatabaseUnavailable(type(exc).__name__) from exc
-        except BaseException:
-            self._marketplace_stale = True
+            if isinstance(exc, OperationalError):
+                raise DatabaseUnavailable(type(exc).__name__) from exc
             raise
 
     def seller_credit(self, seller_id: str, history: int = 100) -> dict[str, Any]:
