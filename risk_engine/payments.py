@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import ValuesView
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal, cast
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from risk_engine.features.lists import canonical_ip, ip_prefix
@@ -25,9 +25,38 @@ AttributeValue = float | int | str | bool
 ATTRIBUTE_NUMBER_LIMIT = 1e15  # an attribute number's largest magnitude: amounts' bound, JSON-safe as an integer
 EARLIEST_INSTANT = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST_INSTANT = datetime(2200, 1, 1, tzinfo=UTC)
+
+
+def _looks_like_a_number(value: Any) -> bool:
+    if isinstance(value, int | float):  # bool too: pydantic refuses it anyway
+        return True
+    return isinstance(value, str) and value.strip().lstrip("+-").replace(".", "", 1).isdigit()
+
+
+def _time_as_text(value: Any) -> Any:
+    """Refuse a number (or a string of digits) where a time is due. pydantic would take it as a Unix time and
+    guess from its size whether it counts seconds or milliseconds: a caller's 0 for "unknown" would become
+    1970-01-01, a buyer account 56 years old, which the trusted-buyer rules reward."""
+    if _looks_like_a_number(value):
+        raise PydanticCustomError(
+            "time_as_text",
+            "must be an RFC 3339 date-time with its UTC offset, e.g. 2026-11-22T10:15:00Z, not a number (Unix time)",
+        )
+    return value
+
+
+def _date_as_text(value: Any) -> Any:
+    """As ``_time_as_text``, for a day: pydantic would take 0 as 1970-01-01."""
+    if _looks_like_a_number(value):
+        raise PydanticCustomError("date_as_text", "must be a date as text, e.g. 2026-11-22, not a number")
+    return value
+
+
 # a time with its UTC offset, within what storage and ``datetime.timestamp`` take once turned into UTC
-# (9999-12-31T23:59:59-05:00 is past the year 9999 in UTC)
-Instant = Annotated[AwareDatetime, Field(ge=EARLIEST_INSTANT, lt=LATEST_INSTANT)]
+# (9999-12-31T23:59:59-05:00 is past the year 9999 in UTC); as text, never a number
+Instant = Annotated[AwareDatetime, Field(ge=EARLIEST_INSTANT, lt=LATEST_INSTANT), BeforeValidator(_time_as_text)]
+# a UTC day within the same bounds, as text
+Day = Annotated[date, Field(ge=EARLIEST_INSTANT.date(), lt=LATEST_INSTANT.date()), BeforeValidator(_date_as_text)]
 
 
 def looks_like_card_number(text: str) -> bool:

@@ -255,6 +255,10 @@ BAD_INPUTS: list[tuple[str, Any, str]] = [
         "occurred_at",
     ),
     ("unknown top-level field", payment(cardholder="x"), "cardholder"),
+    # pydantic alone would read these as Unix times, guessing seconds or milliseconds: 0 would be 1970-01-01
+    ("time as a number", payment(occurred_at=1732270500), "occurred_at"),
+    ("time as digits", payment(occurred_at="1732270500000"), "occurred_at"),
+    ("account created at 0", payment(**{"buyer.created_at": 0}), "buyer.created_at"),
 ]
 
 
@@ -291,6 +295,14 @@ T = "2026-11-22T10:15:00Z"
         ("POST", "/v1/policies/payment/rollback", {"to_version": 10**30}, "to_version"),
         ("GET", f"/v1/audit?before_id={2**63}", None, "before_id"),
         ("POST", "/v1/merchants/rollup", {"day": "9999-12-31"}, "day"),  # no day follows it
+        ("POST", "/v1/merchants/rollup", {"day": 0}, "day"),  # a number, which pydantic would take as 1970-01-01
+        ("POST", "/v1/accounts/score", {"account_id": "a1", "occurred_at": T, "created_at": 0}, "created_at"),
+        (
+            "POST",
+            "/v1/labels",
+            {"label_id": "l", "payment_id": "p", "label": "legitimate", "occurred_at": 1},
+            "occurred_at",
+        ),
         ("GET", "/v1/jobs/backtest_%00", None, "job_id"),
         ("DELETE", "/v1/jobs/backtest_%00", None, "job_id"),
         ("GET", "/v1/policies/payment/versions/1/evaluate/pay%00x", None, "event_id"),

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from risk_engine.payments import EARLIEST_INSTANT, ID_PATTERN, LATEST_INSTANT, Instant, Text
+from risk_engine.payments import ID_PATTERN, Day, Instant, Text
 from risk_engine.subjects import SUBJECT_KINDS
 
 # path parameters: an id as the scoring contracts take it; a policy version (a 32-bit column); a stored row's id
@@ -90,12 +90,7 @@ class MerchantRiskOut(BaseModel):
 
 class RollupIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    day: date | None = Field(
-        default=None,
-        ge=EARLIEST_INSTANT.date(),
-        lt=LATEST_INSTANT.date(),
-        description="UTC day; default: the day before the latest event",
-    )
+    day: Day | None = Field(default=None, description="UTC day; default: the day before the latest event")
 
 
 class RolledUpOut(BaseModel):
