@@ -7,6 +7,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -17,7 +18,7 @@ from risk_engine.jobs import Jobs
 from risk_engine.service.commits import CommitWaiter
 from risk_engine.service.errors import install_error_handlers
 from risk_engine.service.fastpath import ScoringFastPath
-from risk_engine.service.idempotency import IdempotencyKeys
+from risk_engine.service.idempotency import IdempotencyKeys, takes_a_key
 from risk_engine.service.metrics import Metrics, RequestGuard
 from risk_engine.service.responses import JsonResponse
 from risk_engine.service.routers import (
@@ -33,6 +34,7 @@ from risk_engine.service.routers import (
     policies,
     reviews,
 )
+from risk_engine.service.schemas import IDEMPOTENCY_CONFLICT, as_json_errors
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,30 @@ def bootstrap_admin_key(engine: RiskEngine) -> None:
     with os.fdopen(fd, "w") as handle:
         handle.write(key + "\n")
     log.warning("no API keys existed: an admin key was written to %s (mode 0600)", path)
+
+
+def document_idempotency_conflicts(app: FastAPI) -> None:
+    """Add the ``Idempotency-Key`` 409 to the documented answers of every operation that takes the header, in
+    the generated document (the rule is the middleware's, not each route's)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        for path, operations in schema["paths"].items():
+            for method, operation in operations.items():
+                if not takes_a_key(method.upper(), path):
+                    continue
+                own = operation["responses"].get("409")
+                description = (
+                    IDEMPOTENCY_CONFLICT if own is None else f"{own['description']}; or {IDEMPOTENCY_CONFLICT}"
+                )
+                answer = as_json_errors({409: {"description": description[0].upper() + description[1:]}})[409]
+                operation["responses"]["409"] = answer
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app(settings: Settings | None = None, engine: RiskEngine | None = None) -> FastAPI:
@@ -92,6 +118,7 @@ def create_app(settings: Settings | None = None, engine: RiskEngine | None = Non
         app.include_router(module.router)
     app.include_router(merchants.merchants)
     app.include_router(merchants.sellers)
+    document_idempotency_conflicts(app)
     if settings.scoring_fast_path:
         app.add_middleware(ScoringFastPath, fastapi_app=app)
     app.add_middleware(IdempotencyKeys, fastapi_app=app)  # outside the fast path, which it never sees

@@ -34,6 +34,11 @@ STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 MAX_KEY_LENGTH = 255
 
 
+def takes_a_key(method: str, path: str) -> bool:
+    """Whether a request to ``path`` (a route's template or a request's path) is looked at here."""
+    return method in STATE_CHANGING and path not in SCORING_PATHS and path not in NEVER_KEPT
+
+
 class IdempotencyKeys:
     """Claims, replays and refuses requests that carry an ``Idempotency-Key`` (see the module)."""
 
@@ -43,12 +48,7 @@ class IdempotencyKeys:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # the scoring hot path passes on the first test, before any header is read
-        if (
-            scope["type"] != "http"
-            or scope["path"] in SCORING_PATHS
-            or scope["method"] not in STATE_CHANGING
-            or scope["path"] in NEVER_KEPT
-        ):
+        if scope["type"] != "http" or scope["path"] in SCORING_PATHS or not takes_a_key(scope["method"], scope["path"]):
             await self.app(scope, receive, send)
             return
         key, token = _headers(scope)

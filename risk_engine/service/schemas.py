@@ -275,6 +275,28 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorOut, "description": "Invalid input: each error names the field and the reason"},
     503: {"model": ErrorOut, "description": "Storage unavailable: nothing was decided or stored"},
 }
+IDEMPOTENCY_CONFLICT = "the Idempotency-Key was used with another request, or its first request is still being answered"
+
+
+def errors(*, not_found: str | None = None, conflict: str | None = None) -> dict[int | str, dict[str, Any]]:
+    """The error answers of a route: ``ERRORS``, with a 404 and a 409 described when the route can answer them
+    (``create_app`` adds the ``Idempotency-Key`` 409 to every route that takes one)."""
+    out = dict(ERRORS)
+    if not_found is not None:
+        out[404] = {"model": ErrorOut, "description": not_found}
+    if conflict is not None:
+        out[409] = {"model": ErrorOut, "description": conflict}
+    return out
+
+
+def as_json_errors(responses: dict[int | str, dict[str, Any]]) -> dict[int | str, dict[str, Any]]:
+    """``responses`` for a route whose own answer is not JSON: its errors still are (FastAPI would document
+    them in the route's media type)."""
+    schema = {"$ref": "#/components/schemas/ErrorOut"}
+    return {
+        code: {"description": r["description"], "content": {"application/json": {"schema": schema}}}
+        for code, r in responses.items()
+    }
 
 
 class ApiKeyIn(BaseModel):

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 
 from risk_engine.service.deps import Admin, EngineDep
 from risk_engine.service.responses import JsonResponse
-from risk_engine.service.schemas import ERRORS, ApiKeyCreatedOut, ApiKeyIn, ApiKeyOut, IdPath
+from risk_engine.service.schemas import ERRORS, ApiKeyCreatedOut, ApiKeyIn, ApiKeyOut, IdPath, errors
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
 
@@ -23,7 +23,12 @@ def list_keys(
     return JsonResponse(engine.api_keys(include_revoked=not active))
 
 
-@router.post("", response_model=ApiKeyCreatedOut, status_code=201, responses=ERRORS)
+@router.post(
+    "",
+    response_model=ApiKeyCreatedOut,
+    status_code=201,
+    responses=errors(conflict="The request_id was already used to create a different key"),
+)
 def create_key(body: ApiKeyIn, engine: EngineDep, who: Admin) -> JsonResponse:
     """Create a key (audited). A replayed ``request_id`` answers 409 naming the key it created: its secret
     is not shown again, so if the first answer was lost, revoke that key and create another."""
@@ -31,7 +36,11 @@ def create_key(body: ApiKeyIn, engine: EngineDep, who: Admin) -> JsonResponse:
     return JsonResponse({**view, "key": key}, status_code=201)
 
 
-@router.post("/{key_id}/revoke", response_model=ApiKeyOut, responses=ERRORS)
+@router.post(
+    "/{key_id}/revoke",
+    response_model=ApiKeyOut,
+    responses=errors(not_found="No key with that id", conflict="It is the last live admin key"),
+)
 def revoke_key(key_id: IdPath, engine: EngineDep, who: Admin) -> JsonResponse:
     """Revoke a key (audited; idempotent: a revoked key answers as it is). This process refuses it at once,
     other workers within 5 s. The last live admin key cannot be revoked here (409): create another first."""

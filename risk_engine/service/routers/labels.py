@@ -7,12 +7,22 @@ from fastapi import APIRouter
 from risk_engine.engine import LabelRequest
 from risk_engine.service.deps import EngineDep, Scorer
 from risk_engine.service.responses import JsonResponse
-from risk_engine.service.schemas import ERRORS, LabelBatchIn, LabelBatchOut, LabelIn, LabelOut
+from risk_engine.service.schemas import ERRORS, LabelBatchIn, LabelBatchOut, LabelIn, LabelOut, errors
 
 router = APIRouter(prefix="/v1/labels", tags=["labels"])
 
 
-@router.post("", response_model=LabelOut, status_code=201, responses={**ERRORS, 200: {"model": LabelOut}})
+@router.post(
+    "",
+    response_model=LabelOut,
+    status_code=201,
+    responses={
+        **errors(
+            not_found="No stored event with that id", conflict="The label_id was already used for a different label"
+        ),
+        200: {"model": LabelOut},
+    },
+)
 def record_label(label: LabelIn, engine: EngineDep, _: Scorer) -> JsonResponse:
     """Record an outcome. Idempotent on ``label_id``: a replay answers 200 with the stored label."""
     view, created = engine.record_label(

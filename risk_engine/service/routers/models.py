@@ -8,7 +8,7 @@ from fastapi import APIRouter
 
 from risk_engine.service.deps import Analyst, EngineDep, Scorer
 from risk_engine.service.responses import JsonResponse
-from risk_engine.service.schemas import ERRORS, ModelFitIn, ModelFitOut, ModelOut
+from risk_engine.service.schemas import ERRORS, ModelFitIn, ModelFitOut, ModelOut, errors
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -19,7 +19,7 @@ def list_models(engine: EngineDep, _: Scorer) -> JsonResponse:
     return JsonResponse(engine.models_info())
 
 
-@router.post("/{name}/fit", response_model=ModelFitOut, responses=ERRORS)
+@router.post("/{name}/fit", response_model=ModelFitOut, responses=errors(not_found="No detector by that name"))
 async def fit_model(name: str, body: ModelFitIn, engine: EngineDep, who: Analyst) -> JsonResponse:
     """Fit a population detector on its subject's recent stored events (audited); every worker picks it up."""
     summary = await asyncio.to_thread(engine.fit_detector, name, f"key:{who.key_id}", body.events)

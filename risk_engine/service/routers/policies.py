@@ -15,7 +15,16 @@ from risk_engine.payments import Text
 from risk_engine.policies import PolicyWorkflow
 from risk_engine.service.deps import Analyst, EngineDep
 from risk_engine.service.responses import JsonResponse
-from risk_engine.service.schemas import ERRORS, MAX_ROW_ID, MAX_VERSION, IdPath, JobIdPath, VersionPath
+from risk_engine.service.schemas import (
+    ERRORS,
+    MAX_ROW_ID,
+    MAX_VERSION,
+    IdPath,
+    JobIdPath,
+    VersionPath,
+    as_json_errors,
+    errors,
+)
 
 router = APIRouter(tags=["policies"])
 
@@ -66,13 +75,21 @@ class PolicyVersionOut(BaseModel):
     text: str | None = None
 
 
-@router.get("/v1/policies/{subject}", response_model=list[PolicyVersionOut], responses=ERRORS)
+NO_SUBJECT = "No such subject"
+NO_VERSION = "No such subject, or no such version of its policy"
+NO_SHADOW = "No such subject, or none of its policies is in shadow"
+NO_JOB = "No job with that id"
+
+
+@router.get("/v1/policies/{subject}", response_model=list[PolicyVersionOut], responses=errors(not_found=NO_SUBJECT))
 def list_versions(subject: str, engine: EngineDep, _: Analyst) -> JsonResponse:
     """Every version of the subject's policy, newest first, with its status."""
     return JsonResponse(PolicyWorkflow(engine).versions(subject))
 
 
-@router.get("/v1/policies/{subject}/versions/{version}", response_model=PolicyVersionOut, responses=ERRORS)
+@router.get(
+    "/v1/policies/{subject}/versions/{version}", response_model=PolicyVersionOut, responses=errors(not_found=NO_VERSION)
+)
 def get_version(subject: str, version: VersionPath, engine: EngineDep, _: Analyst) -> JsonResponse:
     """One version with its text."""
     return JsonResponse(PolicyWorkflow(engine).version(subject, version))
@@ -109,7 +126,9 @@ class EvaluationOut(BaseModel):
 
 
 @router.get(
-    "/v1/policies/{subject}/versions/{version}/evaluate/{event_id}", response_model=EvaluationOut, responses=ERRORS
+    "/v1/policies/{subject}/versions/{version}/evaluate/{event_id}",
+    response_model=EvaluationOut,
+    responses=errors(not_found="No such subject, version of its policy, or stored event of that subject"),
 )
 def evaluate_version(
     subject: str, version: VersionPath, event_id: IdPath, engine: EngineDep, _: Analyst
@@ -119,7 +138,11 @@ def evaluate_version(
     return JsonResponse(PolicyWorkflow(engine).evaluate_version(subject, version, event_id))
 
 
-@router.get("/v1/policies/{subject}/diff", response_class=PlainTextResponse, responses=ERRORS)
+@router.get(
+    "/v1/policies/{subject}/diff",
+    response_class=PlainTextResponse,
+    responses=as_json_errors(errors(not_found=NO_VERSION)),
+)
 def diff_versions(
     subject: str,
     engine: EngineDep,
@@ -131,45 +154,65 @@ def diff_versions(
     return PlainTextResponse(PolicyWorkflow(engine).diff(subject, old, new))
 
 
-@router.post("/v1/policies/{subject}/drafts", response_model=PolicyVersionOut, status_code=201, responses=ERRORS)
+@router.post(
+    "/v1/policies/{subject}/drafts",
+    response_model=PolicyVersionOut,
+    status_code=201,
+    responses=errors(not_found=NO_SUBJECT),
+)
 def create_draft(subject: str, draft: DraftIn, engine: EngineDep, who: Analyst) -> JsonResponse:
     """Check and store a draft: a 422 lists every error with line:column. The same text again answers 200."""
     view, created = PolicyWorkflow(engine).create_draft(subject, draft.text, f"key:{who.key_id}")
     return JsonResponse(view, status_code=201 if created else 200)
 
 
-@router.post("/v1/policies/{subject}/versions/{version}/publish", response_model=PolicyVersionOut, responses=ERRORS)
+@router.post(
+    "/v1/policies/{subject}/versions/{version}/publish",
+    response_model=PolicyVersionOut,
+    responses=errors(not_found=NO_VERSION),
+)
 def publish(subject: str, version: VersionPath, engine: EngineDep, who: Analyst) -> JsonResponse:
     """Make a version live in every worker (checked again first). Publishing the live version is a no-op."""
     return JsonResponse(PolicyWorkflow(engine).publish(subject, version, f"key:{who.key_id}"))
 
 
-@router.post("/v1/policies/{subject}/rollback", response_model=PolicyVersionOut, responses=ERRORS)
+@router.post(
+    "/v1/policies/{subject}/rollback",
+    response_model=PolicyVersionOut,
+    responses=errors(not_found=NO_VERSION, conflict="That version was never live: publish it instead"),
+)
 def rollback(subject: str, body: RollbackIn, engine: EngineDep, who: Analyst) -> JsonResponse:
     """Make an earlier version live again."""
     return JsonResponse(PolicyWorkflow(engine).rollback(subject, body.to_version, f"key:{who.key_id}"))
 
 
-@router.post("/v1/policies/{subject}/versions/{version}/shadow", response_model=PolicyVersionOut, responses=ERRORS)
+@router.post(
+    "/v1/policies/{subject}/versions/{version}/shadow",
+    response_model=PolicyVersionOut,
+    responses=errors(not_found=NO_VERSION, conflict="That version is the published one: shadow a draft"),
+)
 def start_shadow(subject: str, version: VersionPath, engine: EngineDep, who: Analyst) -> JsonResponse:
     """Score live events with this version too, recording (never acting on) its decisions."""
     return JsonResponse(PolicyWorkflow(engine).start_shadow(subject, version, f"key:{who.key_id}"))
 
 
-@router.get("/v1/policies/{subject}/shadow", responses=ERRORS)
+@router.get("/v1/policies/{subject}/shadow", responses=errors(not_found=NO_SHADOW))
 def shadow_report(subject: str, engine: EngineDep, _: Analyst) -> JsonResponse:
     """The shadow version's disagreement with live decisions so far, and its rule hits."""
     return JsonResponse(PolicyWorkflow(engine).shadow_report(subject))
 
 
-@router.delete("/v1/policies/{subject}/shadow", response_model=PolicyVersionOut, responses=ERRORS)
+@router.delete("/v1/policies/{subject}/shadow", response_model=PolicyVersionOut, responses=errors(not_found=NO_SHADOW))
 def stop_shadow(subject: str, engine: EngineDep, who: Analyst) -> JsonResponse:
     """Stop the shadow; its version becomes a draft again."""
     return JsonResponse(PolicyWorkflow(engine).stop_shadow(subject, f"key:{who.key_id}"))
 
 
 @router.post(
-    "/v1/policies/{subject}/drafts/{version}/backtest", response_model=JobOut, status_code=202, responses=ERRORS
+    "/v1/policies/{subject}/drafts/{version}/backtest",
+    response_model=JobOut,
+    status_code=202,
+    responses=errors(not_found=NO_VERSION),
 )
 def start_backtest(
     subject: str, version: VersionPath, body: BacktestIn, request: Request, engine: EngineDep, who: Analyst
@@ -196,7 +239,7 @@ def list_jobs(request: Request, _: Analyst) -> JsonResponse:
     return JsonResponse(jobs.recent())
 
 
-@router.get("/v1/jobs/{job_id}", response_model=JobOut, responses=ERRORS)
+@router.get("/v1/jobs/{job_id}", response_model=JobOut, responses=errors(not_found=NO_JOB))
 def get_job(job_id: JobIdPath, request: Request, _: Analyst) -> JsonResponse:
     """A background job's state, progress (events processed) and, once done, its report."""
     jobs: Jobs = request.app.state.jobs
@@ -206,7 +249,7 @@ def get_job(job_id: JobIdPath, request: Request, _: Analyst) -> JsonResponse:
     return JsonResponse(job)
 
 
-@router.delete("/v1/jobs/{job_id}", response_model=JobOut, status_code=202, responses=ERRORS)
+@router.delete("/v1/jobs/{job_id}", response_model=JobOut, status_code=202, responses=errors(not_found=NO_JOB))
 def cancel_job(job_id: JobIdPath, request: Request, _: Analyst) -> JsonResponse:
     """Ask a running job to stop, whichever worker runs it; it ends in the cancelled state."""
     jobs: Jobs = request.app.state.jobs
@@ -216,7 +259,7 @@ def cancel_job(job_id: JobIdPath, request: Request, _: Analyst) -> JsonResponse:
     return JsonResponse(job, status_code=202)
 
 
-@router.get("/v1/policies/{subject}/rules/stats", responses=ERRORS)
+@router.get("/v1/policies/{subject}/rules/stats", responses=errors(not_found=NO_SUBJECT))
 def rule_statistics(
     subject: str, engine: EngineDep, _: Analyst, days: Annotated[int, Query(ge=1, le=90)] = 30
 ) -> JsonResponse:

@@ -9,12 +9,13 @@ from fastapi import APIRouter, Request, Response
 from risk_engine.reviews import ReviewIn
 from risk_engine.service.deps import Analyst, EngineDep, Listing, Scorer
 from risk_engine.service.responses import JsonResponse, answer
-from risk_engine.service.schemas import ERRORS, IdPath, ReviewScoreOut
+from risk_engine.service.schemas import ERRORS, IdPath, ReviewScoreOut, errors
 
 router = APIRouter(prefix="/v1/reviews", tags=["reviews"])
+ALREADY_SCORED = "The review_id was already scored with a different request"
 
 
-@router.post("/score", response_model=ReviewScoreOut, responses={**ERRORS, 409: ERRORS[422]})
+@router.post("/score", response_model=ReviewScoreOut, responses=errors(conflict=ALREADY_SCORED))
 async def score_review(review: ReviewIn, engine: EngineDep, _: Scorer, request: Request) -> Response:
     """Score a review: ``publish``, ``hold`` or ``reject``, a 0-100 risk score, its authenticity (100 minus
     it) and reasons. Idempotent on ``review_id``."""
@@ -28,7 +29,7 @@ def list_reviews(listing: Listing, engine: EngineDep, _: Analyst) -> JsonRespons
     return JsonResponse(engine.list_events("review", **asdict(listing)))
 
 
-@router.get("/{review_id}", responses=ERRORS)
+@router.get("/{review_id}", responses=errors(not_found="No review with that id"))
 def get_review(review_id: IdPath, engine: EngineDep, _: Scorer) -> JsonResponse:
     """A stored review scoring: decision, aggregates and features, the reviewer's IP masked."""
     return JsonResponse(engine.get_event("review", review_id))
