@@ -397,6 +397,18 @@ def test_an_ip_entry_matches_the_address_however_either_side_writes_it(api: Api)
     assert not_an_ip.status_code == 422 and not_an_ip.json()["errors"][0]["field"] == "value"
 
 
+def test_an_ipv4_client_matches_in_its_dual_stack_form_too(api: Api) -> None:
+    # a server listening on IPv6 reports an IPv4 client as ::ffff:a.b.c.d: the same client, the same /24
+    h = api.headers("analyst")
+    for entry in ("203.0.113.9", "::ffff:198.51.100.9"):
+        assert api.client.post("/v1/lists/blocked_ips/entries", json={"value": entry}, headers=h).status_code == 201
+    mapped = api.score(payment(payment_id="m1", **{"device.ip": "::ffff:203.0.113.9"}))
+    plain = api.score(payment(payment_id="m2", **{"device.ip": "198.51.100.9"}))
+    assert "BLOCKED_IP" in [r["code"] for r in mapped["reasons"]]
+    assert "BLOCKED_IP" in [r["code"] for r in plain["reasons"]]
+    assert api.engine.get_payment("m1")["pii_masked"]["device.ip"] == "203.0.*.*"  # stored as the IPv4 address
+
+
 def test_lists_can_be_read_and_edited_and_every_edit_is_audited(api: Api) -> None:
     h = api.headers("analyst")
     added = api.client.post("/v1/lists/blocked_emails/entries", json={"value": "Bad.Actor@Example.com"}, headers=h)

@@ -223,6 +223,8 @@ def test_quiet_keys_are_swept_one_aggregate_at_a_time() -> None:
 
 def _reference_prefix(ip: str) -> str:
     address = ipaddress.ip_address(ip)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # a dual-stack socket's form of an IPv4 client: that client's network
     return str(ipaddress.ip_network(f"{address}/{PREFIX_LEN[address.version]}", strict=False))
 
 
@@ -230,6 +232,7 @@ def _reference_prefix(ip: str) -> str:
     st.one_of(
         st.ip_addresses(v=4).map(str),
         st.ip_addresses(v=6).map(str),
+        st.ip_addresses(v=4).map(lambda v4: f"::ffff:{v4}"),
         st.lists(st.sampled_from([0, 0, 1, 0xDB8, 0xFFFF]), min_size=8, max_size=8).map(
             lambda g: str(ipaddress.IPv6Address(int("".join(f"{x:04x}" for x in g), 16)))
         ),

@@ -22,28 +22,38 @@ MIN_PREFIX = {4: 12, 6: 32}  # broadest range accepted: a /12 expands to 4,096 n
 PREFIX_LEN = {4: 24, 6: 48}  # the network a payment's IP is reduced to (device.ip_prefix)
 
 
+_V4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:0:0/96, IPv4 addresses as a dual-stack socket reports them
+
+
 def canonical_ip(text: str) -> str:
     """An IPv4 or IPv6 address in its one canonical text (``2001:0DB8::0001`` is ``2001:db8::1``), so blind
     indexes, velocity keys and list entries of one address agree however it was written; ValueError if it is
-    not one."""
+    not one. An IPv4-mapped address (``::ffff:203.0.113.7``, what a server listening on IPv6 reports for an
+    IPv4 client) is that IPv4 address: a list entry for either form matches both."""
     family = socket.AF_INET6 if ":" in text else socket.AF_INET
     try:
-        return socket.inet_ntop(family, socket.inet_pton(family, text))  # canonical form, fast
+        packed = socket.inet_pton(family, text)
     except (OSError, ValueError):
         raise ValueError("not an IPv4 or IPv6 address") from None
+    if family == socket.AF_INET6 and packed[:12] == _V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, packed[12:])
+    return socket.inet_ntop(family, packed)  # canonical form, fast
 
 
 def ip_prefix(ip: str) -> str:
     """The /24 (IPv4) or /48 (IPv6) network of an address: what rules may see of an IP in clear.
 
     Through the C socket functions (a tenth of the ``ipaddress`` module's cost on the payment path), with the
-    text ``ipaddress`` gives (a test checks it); IPv6 addresses in ``::/48``, where IPv4-mapped ones live, and
-    anything ``inet_pton`` refuses go through ``ipaddress``.
+    text ``ipaddress`` gives (a test checks it); an IPv4-mapped address has its IPv4 address's /24 (as in
+    ``canonical_ip``), and other IPv6 addresses in ``::/48`` and anything ``inet_pton`` refuses go through
+    ``ipaddress``.
     """
     try:
         if ":" not in ip:
             return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, ip)[:3] + b"\0") + "/24"
         packed = socket.inet_pton(socket.AF_INET6, ip)
+        if packed[:12] == _V4_MAPPED:
+            return socket.inet_ntop(socket.AF_INET, packed[12:15] + b"\0") + "/24"
         if packed[:6] != bytes(6):
             return socket.inet_ntop(socket.AF_INET6, packed[:6] + bytes(10)) + "/48"
     except OSError:
