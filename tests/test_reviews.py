@@ -187,6 +187,31 @@ def test_text_naive_bayes_gives_rivers_probabilities() -> None:
         ours.learn_one(x, y)
 
 
+def test_text_naive_bayes_scores_after_labels_on_texts_without_words() -> None:
+    from risk_engine.detectors.estimators import TextNaiveBayes
+
+    model = TextNaiveBayes()
+    model.learn_one({"text": ""}, True)  # a class, and no n-gram yet
+    for text in ("", "great seller", "!!!"):
+        proba = model.predict_proba_one({"text": text})
+        assert proba == {True: pytest.approx(1.0)}
+        assert model.gram_effects({"text": text}) == []
+    model.learn_one({"text": "!!!"}, False)  # a second class, still no n-gram
+    proba = model.predict_proba_one({"text": "great seller"})
+    assert proba[True] == pytest.approx(0.5) and proba[False] == pytest.approx(0.5)
+    model.learn_one({"text": "great seller"}, False)
+    assert model.predict_proba_one({"text": "great seller"})[False] > 0.5
+
+
+def test_a_label_on_an_empty_review_leaves_reviews_scorable(api: Api) -> None:
+    # found by fuzzing: the text model's first label on a review without text made every later review a 500
+    post(api, review(600, text=""))
+    label = {"label_id": "empty_1", "subject": "review", "payment_id": "r_600", "label": "fake"}
+    assert api.client.post("/v1/labels", json=label, headers=api.headers()).status_code == 201
+    answer = post(api, review(601))
+    assert answer["decision"] in ("publish", "hold", "reject"), answer
+
+
 def test_a_fake_review_names_the_ngrams_that_gave_it_away(api: Api) -> None:
     for i in range(40):
         fake = i % 2 == 1

@@ -178,6 +178,11 @@ class TextNaiveBayes(base.Classifier):
         self.class_totals[c] += sum(grams.values())
         self.__dict__.pop("_scan_cache", None)
 
+    def _vocabulary(self) -> int:
+        # at least 1: labels that came only on texts without an n-gram (an empty review) leave a class's total
+        # and the vocabulary at 0, and the smoothed denominator log(total + alpha * vocabulary) at log(0)
+        return max(len(self.counts), 1)
+
     def _scan(self, x: dict[Hashable, Any]) -> tuple[list[float], list[tuple[str, int, list[float] | None]]]:
         """Joint log likelihood per class, and each n-gram's row (cached for the explanation)."""
         grams = self._grams(x)
@@ -185,7 +190,7 @@ class TextNaiveBayes(base.Classifier):
         if cached is not None and cached[0] is grams:
             return cached[1], cached[2]
         total = sum(self.class_counts.values())
-        alpha, vocabulary, log_alpha = self.alpha, len(self.counts), math.log(self.alpha)
+        alpha, vocabulary, log_alpha = self.alpha, self._vocabulary(), math.log(self.alpha)
         n_tokens = sum(grams.values())
         ll = [
             math.log(self.class_counts[c] / total) - n_tokens * math.log(self.class_totals[i] + alpha * vocabulary)
@@ -227,7 +232,7 @@ class TextNaiveBayes(base.Classifier):
             return []
         _, rows = self._scan(x)
         p = self.classes.index(positive)
-        vocabulary = len(self.counts)
+        vocabulary = self._vocabulary()
         dens = [math.log(t + self.alpha * vocabulary) for t in self.class_totals]
         others = [i for i in range(len(self.classes)) if i != p]
         unseen = min(dens[i] for i in others) - dens[p]  # an n-gram never seen: log(alpha) on both sides
