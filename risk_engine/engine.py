@@ -484,6 +484,7 @@ class _Counters:
     decisions: dict[str, int] = field(default_factory=dict)
     rule_hits: dict[str, int] = field(default_factory=dict)
     followed: dict[str, int] = field(default_factory=dict)  # events other workers stored, taken in by subject
+    detector_failures: dict[tuple[str, str], int] = field(default_factory=dict)  # (detector, phase): raised
 
 
 class RiskEngine:
@@ -1401,8 +1402,11 @@ class RiskEngine:
             for record, _, seq, features in rows:
                 det.select(record.get(det.spec.per))
                 x = stored_vector(features, det.name, record, det.features.names) or {}
-                raw, _ = det.score_one(x)
-                det.learn_one(x, raw, seq, record.get("sample_weight", 1.0))
+                try:
+                    raw, _ = det.score_one(x)
+                    det.learn_one(x, raw, seq, record.get("sample_weight", 1.0))
+                except Exception as exc:
+                    self._detector_failed(det, "rebuild", exc)
             if det.supervised:
                 self._replay_labels(subject, det)
             return
@@ -1411,9 +1415,12 @@ class RiskEngine:
         for record, ts, seq, _ in self._stored_rows(subject):
             aggs = velocity.query(record, ts)
             det.select(record.get(det.spec.per))
-            x = det.features.compute(record, aggs, self.lists.sets, {})
-            raw, _ = det.score_one(x)
-            det.learn_one(x, raw, seq, record.get("sample_weight", 1.0))
+            try:
+                x = det.features.compute(record, aggs, self.lists.sets, {})
+                raw, _ = det.score_one(x)
+                det.learn_one(x, raw, seq, record.get("sample_weight", 1.0))
+            except Exception as exc:  # one event a detector cannot take must not keep the service from starting
+                self._detector_failed(det, "rebuild", exc)
             velocity.add(record, ts)
         if det.supervised:
             self._replay_labels(subject, det)
@@ -1766,11 +1773,22 @@ class RiskEngine:
         vectors: dict[str, dict[str, float]] = {}
         raws: list[float] = []
         outputs: list[DetectorOutput] = []
+        failed: set[str] | None = None
         for det in rt.detectors:
             if det.spec.per:
                 det.select(record.get(det.spec.per))
-            x = det.features.compute(record, aggs, lists, {})
-            raw, calibrated = det.score_one(x)
+            try:
+                x = det.features.compute(record, aggs, lists, {})
+                raw, calibrated = det.score_one(x)
+            except Exception as exc:
+                # a detector that raises adds nothing to this event and does not learn it: the rules still
+                # decide, where a 500 would stop every payment until the detector is mended
+                self._detector_failed(det, "score", exc)
+                failed = (failed or set()) | {det.name}
+                vectors[det.name] = {}
+                raws.append(0.0)
+                outputs.append(DetectorOutput(det.spec.weight, 0.0, True, not det.supervised, False))
+                continue
             vectors[det.name] = x
             raws.append(raw)
             outputs.append(
@@ -1792,6 +1810,7 @@ class RiskEngine:
                     explanation=f"driven by {', '.join(n for n, _ in top)}" if top else None,
                     warming_up=out.warming_up,
                     top_features=top,
+                    failed=failed is not None and det.name in failed,
                 )
             )
         model_values = {s.name: s.score for s in scores}
@@ -1811,7 +1830,12 @@ class RiskEngine:
         rt.velocity.add(record, ts)
         weight = record.get("sample_weight", 1.0)  # what a sampled stream's event stands for
         for det, raw in zip(rt.detectors, raws, strict=True):
-            det.learn_one(vectors[det.name], raw, seq, weight)
+            if failed is not None and det.name in failed:
+                continue
+            try:
+                det.learn_one(vectors[det.name], raw, seq, weight)
+            except Exception as exc:  # the decision stands; the detector has missed one event
+                self._detector_failed(det, "learn", exc)
         return Evaluation(verdict, aggs, vectors, scores, combined, shadow_record)
 
     def _response(
@@ -2162,8 +2186,7 @@ class RiskEngine:
                         continue
                     if det in own:
                         x = stored_vector(features, det.name, record, det.features.names) or {}
-                        det.learn_label(x, fraud, label_id, defer_refit=True)
-                        taught = True
+                        taught = self._teach_label(det, x, fraud, label_id) or taught
                     else:
                         det.skip_label(label_id)
                 learned += taught
@@ -2172,6 +2195,31 @@ class RiskEngine:
                 if isinstance(det, StreamingDetector):
                     det.complete_refit(self._lock)
         return learned
+
+    def _teach_label(self, det: Detector, x: dict[str, float], fraud: bool, label_id: int) -> bool:
+        """``det.learn_label``; False, with the label noted as read (not asked for again), if the detector raised."""
+        try:
+            det.learn_label(x, fraud, label_id, defer_refit=True)
+        except Exception as exc:
+            self._detector_failed(det, "learn_label", exc)
+            det.skip_label(label_id)
+            return False
+        return True
+
+    def _detector_failed(self, det: Detector, phase: str, exc: Exception) -> None:
+        """Count a detector's exception (``risk_engine_model_failures``) and log it by type only, as its text
+        may quote the event's values: on the first failure of each detector and phase, then every 1,000th."""
+        key = (det.name, phase)
+        n = self.counters.detector_failures.get(key, 0) + 1
+        self.counters.detector_failures[key] = n
+        if n == 1 or n % 1000 == 0:
+            log.error(
+                "detector %s raised %s in %s (%d times so far); it adds nothing to those events",
+                det.name,
+                type(exc).__name__,
+                phase,
+                n,
+            )
 
     def _replay_labels(self, subject: str, det: Detector) -> None:
         """Labels received after a supervised detector's snapshot, learned again in order."""
@@ -2190,7 +2238,7 @@ class RiskEngine:
                 # a refit that falls due is only noted: the last one noted is computed once, at the end, and is
                 # the fit the live run ended with (a restart replaying many labels fits once, not at each)
                 x = stored_vector(features, det.name, record, det.features.names) or {}
-                det.learn_label(x, fraud, label_id, defer_refit=True)
+                self._teach_label(det, x, fraud, label_id)
         # the other subjects' labels up to here are not this detector's: the label poll need not read them
         # again (ids below that commit late are gaps, and are read: see risk_engine.watermark)
         det.skip_label(top)

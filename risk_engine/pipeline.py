@@ -44,6 +44,7 @@ class ModelScore:
     explanation: str | None = None
     warming_up: bool = False
     top_features: tuple[tuple[str, float], ...] = ()  # (feature, effect), largest first
+    failed: bool = False  # the detector raised on this event: it adds nothing (counted and logged by the engine)
 
 
 @dataclass(slots=True)  # not frozen: built for every event, and frozen ones cost five times as much to build
@@ -92,11 +93,12 @@ def decision_for(policy: CompiledPolicy, hits: Sequence[int], model_points: floa
 
 
 @cache
-def _model_texts(name: str) -> tuple[str, str]:
-    """A detector's reason code and its warming-up text (built once per detector name)."""
+def _model_texts(name: str) -> tuple[str, str, str]:
+    """A detector's reason code, its warming-up text and its failed text (built once per detector name)."""
     return (
         f"MODEL_{name.upper()}",
         f"{name} is warming up (too few events or labels, or not fitted yet); it adds nothing yet",
+        f"{name} could not score this event; it adds nothing to it",
     )
 
 
@@ -107,8 +109,8 @@ def decide(policy: CompiledPolicy, hits: Sequence[int], models: Sequence[ModelSc
     reasons = [Reason(r.code, r.text, "rule", r.score_delta, r.decision) for r in fired]
     reasons.sort(key=lambda r: (r.decision is None, -abs(r.score_delta)))
     for m in models:
-        code, warming_text = _model_texts(m.name)
-        text = warming_text if m.warming_up else f"{m.name} score {m.score:.3f}"
+        code, warming_text, failed_text = _model_texts(m.name)
+        text = failed_text if m.failed else warming_text if m.warming_up else f"{m.name} score {m.score:.3f}"
         if m.explanation:
             text += f": {m.explanation}"
         reasons.append(Reason(code, text, "model", round(m.contribution, 2)))

@@ -206,6 +206,42 @@ def test_metrics_count_decisions_and_rule_hits(api: Api) -> None:
     assert "payment_anomaly" not in by_model
 
 
+def test_a_detector_that_raises_adds_nothing_and_the_rules_still_decide(
+    api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    detector = next(d for d in api.engine.subjects["payment"].detectors if d.name == "payment_anomaly")
+
+    def raising(*_: Any, **__: Any) -> Any:
+        raise ValueError("the value 4111 of a field")  # an exception's text may quote the event: never logged
+
+    added = api.client.post(
+        "/v1/lists/blocked_devices/entries", json={"value": "dev_1"}, headers=api.headers("analyst")
+    )
+    assert added.status_code == 201
+    learned = detector.events_seen
+    monkeypatch.setattr(detector, "score_one", raising)
+    answer = api.score(payment())
+    assert answer["decision"] == "block"  # the rules still decide
+    reason = next(r for r in answer["reasons"] if r["code"] == "MODEL_PAYMENT_ANOMALY")
+    assert "could not score" in reason["text"] and reason["score_delta"] == 0
+    assert detector.events_seen == learned  # an event it could not score, it does not learn either
+    assert api.client.get("/v1/payments/pay_0001", headers=api.headers()).status_code == 200
+    monkeypatch.undo()
+    monkeypatch.setattr(detector, "learn_one", raising)
+    assert api.score(payment(payment_id="pay_0002"))["decision"] == "block"
+    supervised = next(d for d in api.engine.subjects["payment"].detectors if d.name == "payment_fraud")
+    monkeypatch.setattr(supervised, "learn_label", raising)
+    label = {"label_id": "l1", "payment_id": "pay_0001", "label": "chargeback"}
+    assert api.client.post("/v1/labels", json=label, headers=api.headers()).status_code == 201
+    assert supervised.labels_seen == 0 and not supervised.wants_label(1)  # read, not asked for again
+    metrics = api.client.get("/metrics").text
+    assert 'risk_engine_model_failures_total{model="payment_anomaly",phase="score"} 1.0' in metrics
+    assert 'risk_engine_model_failures_total{model="payment_anomaly",phase="learn"} 1.0' in metrics
+    assert 'risk_engine_model_failures_total{model="payment_fraud",phase="learn_label"} 1.0' in metrics
+    logged = [r.getMessage() for r in caplog.records if " raised " in r.getMessage()]
+    assert len(logged) == 3 and all("ValueError" in m and "4111" not in m for m in logged)
+
+
 def test_models_endpoint_lists_the_detectors(api: Api) -> None:
     api.score(payment())
     api.client.post(

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 from sqlalchemy import create_engine, func, select, text
 
+from risk_engine.payments import PaymentIn
 from risk_engine.storage import models as m
 from tests.conftest import REPO, make_settings, open_api, payment
 from tests.helpers import TcpProxy
@@ -625,3 +626,36 @@ def test_migration_rewrites_times_stored_as_local_isoformat_text(tmp_path: Path)
         "d": "2026-11-22 11:00:00.000000",
     }
     assert created == set(stored.values())
+
+
+def test_a_detector_that_raises_on_a_stored_event_does_not_keep_the_service_from_starting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from risk_engine.detectors.streaming import StreamingDetector
+    from risk_engine.engine import RiskEngine
+
+    settings = make_settings(tmp_path / "var", f"sqlite:///{tmp_path / 'risk.db'}")
+    engine = RiskEngine.open(settings)
+    try:
+        for body in traffic(5):
+            engine.score_payment(PaymentIn.model_validate(body)).committed.result(10)
+    finally:
+        engine.close()
+    shutil.rmtree(settings.snapshot_dir)  # no snapshot: every detector is rebuilt from the stored events
+    learn = StreamingDetector.learn_one
+
+    def learn_but_the_third(self: StreamingDetector, x: Any, raw: float, seq: int, weight: float = 1.0) -> None:
+        if self.name == "payment_anomaly" and seq == 3:
+            raise ZeroDivisionError
+        learn(self, x, raw, seq, weight)
+
+    monkeypatch.setattr(StreamingDetector, "learn_one", learn_but_the_third)
+    engine = RiskEngine.open(settings)
+    try:
+        anomaly = next(d for d in engine.subjects["payment"].detectors if d.name == "payment_anomaly")
+        assert anomaly.events_seen == 4  # the other four events were learned
+        assert engine.counters.detector_failures == {("payment_anomaly", "rebuild"): 1}
+        later = traffic(1, start=5)[0]
+        assert engine.score_payment(PaymentIn.model_validate(later)).committed.result(10) is None
+    finally:
+        engine.close()

@@ -42,6 +42,14 @@ class EngineCollector(Collector):
         for subject, n in sorted(self.engine.counters.followed.items()):
             followed.add_metric([subject], n)
         yield followed
+        failures = CounterMetricFamily(
+            "risk_engine_model_failures",
+            "Times a detector raised, by phase (score, learn, learn_label, rebuild): it added nothing to the event",
+            labels=["model", "phase"],
+        )
+        for (model, phase), n in sorted(self.engine.counters.detector_failures.items()):
+            failures.add_metric([model, phase], n)
+        yield failures
         seen = GaugeMetricFamily(
             "risk_engine_model_events_seen", "Events a detector learned from", labels=["model", "version"]
         )
