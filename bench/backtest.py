@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import reference_us  # noqa: E402
+from bench.machine import describe_interpreter, interpreter, reference_us  # noqa: E402
 from bench.payments import DATA, _pin, bodies  # noqa: E402
 from risk_engine.config import Settings  # noqa: E402
 from risk_engine.engine import RiskEngine  # noqa: E402
@@ -68,8 +68,12 @@ def main() -> None:
             f"live mismatches {r['live_mismatches']}"
         )
     reference = round(reference_us(), 1)
-    print(f"machine reference (bench/machine.py): {reference} us")
-    print(json.dumps({"events": len(payload), "backtest": runs, "machine_reference_us": reference}))
+    print(f"machine reference (bench/machine.py): {reference} us; {describe_interpreter()}")
+    print(
+        json.dumps(
+            {"events": len(payload), "backtest": runs, "machine_reference_us": reference, "python": interpreter()}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import build_request, fixed_rate, max_throughput  # noqa: E402
-from bench.machine import reference_us  # noqa: E402
+from bench.machine import describe_interpreter, interpreter, reference_us  # noqa: E402
 from risk_engine.config import Settings  # noqa: E402
 from risk_engine.datasets import ulb_payments  # noqa: E402
 from risk_engine.engine import RiskEngine  # noqa: E402
@@ -295,7 +295,8 @@ def main() -> None:
         }
     _pin(0)
     results["machine_reference_us"] = round(reference_us(), 1)
-    print(f"machine reference (bench/machine.py): {results['machine_reference_us']} us")
+    results["python"] = interpreter()
+    print(f"machine reference (bench/machine.py): {results['machine_reference_us']} us; {describe_interpreter()}")
     print(json.dumps(results))
 
 

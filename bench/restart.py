@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import reference_us  # noqa: E402
+from bench.machine import describe_interpreter, interpreter, reference_us  # noqa: E402
 from bench.payments import DATA, bodies  # noqa: E402
 from risk_engine.config import Settings  # noqa: E402
 from risk_engine.engine import RiskEngine  # noqa: E402
@@ -80,7 +80,7 @@ def main() -> None:
     print(f"  restart rebuilding from the stored events           {rebuilding_s:6.2f} s")
     print(f"  shadow a version with one new aggregate (stall)     {shadow_s:6.2f} s")
     reference = reference_us()
-    print(f"machine reference (bench/machine.py): {reference:.1f} us")
+    print(f"machine reference (bench/machine.py): {reference:.1f} us; {describe_interpreter()}")
     figures = {
         "stored_payments": len(payload),
         "stop_s": round(stop_s, 3),
@@ -89,6 +89,7 @@ def main() -> None:
         "restart_rebuilding_s": round(rebuilding_s, 3),
         "shadow_new_aggregate_s": round(shadow_s, 3),
         "machine_reference_us": round(reference, 1),
+        "python": interpreter(),
     }
     print(json.dumps(figures))
 

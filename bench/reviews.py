@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import reference_us  # noqa: E402
+from bench.machine import describe_interpreter, interpreter, reference_us  # noqa: E402
 from risk_engine.config import Settings  # noqa: E402
 from risk_engine.datasets import opspam_reviews  # noqa: E402
 from risk_engine.engine import RiskEngine  # noqa: E402
@@ -103,7 +103,7 @@ def main() -> None:
             f"   p99 {f['decide_p99_us']:>8} us"
         )
     reference = reference_us()
-    print(f"machine reference (bench/machine.py): {reference:.1f} us")
+    print(f"machine reference (bench/machine.py): {reference:.1f} us; {describe_interpreter()}")
     print(
         json.dumps(
             {
@@ -112,6 +112,7 @@ def main() -> None:
                 "scoring": scoring,
                 "labelled": learning,
                 "machine_reference_us": round(reference, 1),
+                "python": interpreter(),
             }
         )
     )
