@@ -382,12 +382,13 @@ def lists_show(list_name: str) -> None:
 def evaluate(
     subject: Annotated[str, typer.Argument(help="payments (reviews and accounts arrive with their subjects).")],
     data: Annotated[Path, typer.Option("--data", help="Labelled CSV (the layouts of ../shared/data).")],
-    label_delay: Annotated[int, typer.Option(help="Reveal each label this many events later.")] = 0,
-    limit: Annotated[int | None, typer.Option(help="Only the first N events.")] = None,
+    label_delay: Annotated[int, typer.Option(min=0, help="Reveal each label this many events later.")] = 0,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N events.")] = None,
     report: Annotated[Path | None, typer.Option(help="Write PNG plots and figures.json here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="End with the figures as one JSON object.")] = False,
 ) -> None:
     """Stream a labelled CSV through a fresh engine (score, then learn) and print prequential figures."""
+    from risk_engine.datasets import DatasetError
     from risk_engine.evaluation import SUBJECTS, evaluate, write_report
 
     if subject not in SUBJECTS:
@@ -398,7 +399,11 @@ def evaluate(
         raise typer.Exit(2)
     _logging(logging.WARNING)
     settings = Settings(home=Path(tempfile.mkdtemp(prefix="risk-engine-eval-")))
-    result, arrays = evaluate(subject, data, label_delay, settings, limit)
+    try:
+        result, arrays = evaluate(subject, data, label_delay, settings, limit)
+    except DatasetError as exc:
+        typer.echo(f"cannot evaluate: {exc}", err=True)
+        raise typer.Exit(2) from None
     r = result.risk_score
     typer.echo(
         f"{result.subject}: {result.events} events, {result.positives} positives, label delay "

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from risk_engine.config import Settings
-from risk_engine.datasets import LabelledEvent, ethereum_accounts, opspam_reviews, ulb_payments
-from risk_engine.engine import RiskEngine
+from risk_engine.datasets import DatasetError, LabelledEvent, ethereum_accounts, opspam_reviews, ulb_payments
+from risk_engine.engine import InvalidInput, RiskEngine
 from risk_engine.storage.writer import Ticket
 from risk_engine.subjects import SUBJECT_KINDS
 
@@ -122,7 +123,8 @@ def evaluate(
     limit: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[EvalResult, dict[str, np.ndarray]]:
-    """Stream ``data`` through a fresh engine (its own data directory unless ``settings`` says otherwise)."""
+    """Stream ``data`` through a fresh engine (its own data directory unless ``settings`` says otherwise). A
+    DatasetError names the first line that cannot be read or scored."""
     subject = SUBJECTS.get(subject, subject)
     settings = settings or Settings(home=Path(tempfile.mkdtemp(prefix="risk-engine-eval-")))
     engine = RiskEngine.open(settings)
@@ -148,7 +150,14 @@ def evaluate(
         for i, event in enumerate(_events(subject, data)):
             if limit is not None and i >= limit:
                 break
-            outcome = engine.score_event(subject, kind.model.model_validate(event.body))
+            try:
+                outcome = engine.score_event(subject, kind.model.model_validate(event.body))
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(part) for part in first["loc"])
+                raise DatasetError(f"{data}:{event.line}: the row makes {where} invalid: {first['msg']}") from None
+            except InvalidInput as exc:
+                raise DatasetError(f"{data}:{event.line}: the row makes {exc}") from None
             labels.append(event.label)
             weights.append(event.weight)
             risk.append(float(outcome.response["score"]))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from risk_engine.datasets import DatasetError
 from risk_engine.evaluation import evaluate, recall_at_alert_rate
 from tests.conftest import make_settings, run_cli, shared_data
 
@@ -99,3 +100,38 @@ def test_real_ulb_stream_through_the_engine(tmp_path: Path) -> None:
     assert result.events == 1500
     assert result.positives >= 1
     assert 0.0 <= result.models["payment_anomaly"].roc_auc <= 1.0
+
+
+def _ulb_row_with(path: Path, **cells: str) -> None:
+    """One ULB-layout row, with ``cells`` replacing its values."""
+    write_ulb_like(path, 1, set())
+    header, row = path.read_text().splitlines()
+    values = dict(zip(header.split(","), row.split(","), strict=True)) | cells
+    path.write_text(header + "\n" + ",".join(values.values()) + "\n")
+
+
+def test_eval_names_the_line_and_reason_of_a_file_it_cannot_take(tmp_path: Path) -> None:
+    cases: dict[str, tuple[bytes | None, dict[str, str], str]] = {
+        "wrong layout": (b"a,b\n1,2\n", {}, "no column Time, Amount (its header has a, b)"),
+        "not text": (b"\xc3\x28 binary", {}, "not UTF-8 text (byte 0xc3 at 0)"),
+        "a label that is no number": (None, {"Class": "yes"}, ":2: column Class: 'yes' is not a number"),
+        "an amount that is not finite": (None, {"Amount": "nan"}, ":2: column Amount: 'nan' is not a finite number"),
+        "an empty time": (None, {"Time": ""}, ":2: column Time is empty"),
+        "a negative amount": (None, {"Amount": "-5"}, ":2: the row makes amount.value invalid"),
+    }
+    for name, (raw, cells, expected) in cases.items():
+        data = tmp_path / f"{name}.csv"
+        if raw is not None:
+            data.write_bytes(raw)
+        else:
+            _ulb_row_with(data, **cells)
+        try:
+            evaluate("payments", data, 0, make_settings(tmp_path / name, f"sqlite:///{tmp_path / name}.db"))
+        except DatasetError as exc:
+            assert expected in str(exc) and str(data) in str(exc), (name, str(exc))
+        else:
+            raise AssertionError(f"{name}: evaluated")
+    result = run_cli("eval", "payments", "--data", str(tmp_path / "wrong layout.csv"), home=tmp_path / "var")
+    assert result.returncode == 2 and "cannot evaluate:" in result.stderr and "Traceback" not in result.stderr
+    negative = run_cli("eval", "payments", "--data", str(data), "--label-delay", "-1", home=tmp_path / "var")
+    assert negative.returncode == 2 and "--label-delay" in negative.stderr
