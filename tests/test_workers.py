@@ -499,3 +499,78 @@ def test_a_worker_takes_another_workers_events_in_when_they_commit(tmp_path: Pat
     finally:
         client_b.__exit__(None, None, None)
         client_a.__exit__(None, None, None)
+
+
+def test_a_worker_killed_under_load_loses_no_answered_payment(tmp_path: Path, database_url: str) -> None:
+    # SIGKILL while six clients score: every payment answered 200 was committed first, so the restarted worker
+    # has it, replays the same answer, and rebuilds the velocity windows (no snapshot: no clean stop) exactly
+    import signal
+    import threading
+
+    home = tmp_path / "var"
+    home.mkdir()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    worker = start_worker(home, database_url, port)
+    answered: dict[int, dict[str, Any]] = {}
+    lock, stop = threading.Lock(), threading.Event()
+    clients: list[threading.Thread] = []
+
+    def body(i: int) -> dict[str, Any]:
+        at = f"2026-11-22T10:{i // 60:02d}:{i % 60:02d}Z"
+        return payment(payment_id=f"k{i}", occurred_at=at, **{"buyer.id": "b_kill", "amount.value": 1000 + i})
+
+    def client(seed: int, auth: dict[str, str]) -> None:
+        rng = random.Random(seed)
+        with httpx.Client(timeout=5) as c:
+            while not stop.is_set():
+                i = rng.randrange(3000)
+                try:
+                    r = c.post(f"{url}/v1/payments/score", json=body(i), headers=auth)
+                except httpx.HTTPError:
+                    continue  # the kill cuts requests off
+                if r.status_code == 200:
+                    with lock:
+                        answered.setdefault(i, r.json())
+
+    try:
+        assert wait_until(lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200)
+        auth = {"Authorization": f"Bearer {(home / 'admin.key').read_text().strip()}"}
+        clients += [threading.Thread(target=client, args=(s, auth)) for s in range(6)]
+        for t in clients:
+            t.start()
+        assert wait_until(lambda: len(answered) >= 300), "the worker answered too little before the kill"
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(20)
+    finally:
+        stop.set()
+        worker.kill()
+        worker.wait(20)
+    for t in clients:
+        t.join(10)
+    worker = start_worker(home, database_url, port)
+    try:
+        assert wait_until(lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200)
+        with httpx.Client(timeout=30, headers=auth) as c:
+            for i in answered:  # stored before the kill, not scored again below
+                assert c.get(f"{url}/v1/payments/k{i}").status_code == 200, f"k{i} was answered, then lost"
+            for i, first in answered.items():
+                again = c.post(f"{url}/v1/payments/score", json=body(i))
+                assert again.status_code == 200, (i, again.text)
+                assert {**again.json(), "elapsed_ms": 0} == {**first, "elapsed_ms": 0}, i
+            final = payment(payment_id="k_final", occurred_at="2026-11-22T12:00:00Z", **{"buyer.id": "b_kill"})
+            assert c.post(f"{url}/v1/payments/score", json=final).status_code == 200
+            seen = c.get(f"{url}/v1/payments/k_final").json()["aggregates"]["count(by buyer.id within 90d)"]
+    finally:
+        worker.terminate()
+        worker.wait(20)
+    from risk_engine.storage.db import make_engine
+
+    db = make_engine(database_url)
+    with db.connect() as conn:
+        stored = conn.scalar(
+            select(func.count()).select_from(m.Event).where(m.Event.subject == "payment", m.Event.event_id != "k_final")
+        )
+    db.dispose()
+    assert stored is not None and stored >= len(answered)  # committed and cut off before its answer: stored too
+    assert seen == stored  # the windows after the restart count every stored payment of the buyer once
