@@ -2302,7 +2302,7 @@ class RiskEngine:
         blind indexes; the sealed PII goes (see ``storage.erasure``)."""
         if kind in PERSON_ID_KINDS:
             fields = {name: list(k.person_ids[kind]) for name, k in SUBJECT_KINDS.items() if kind in k.person_ids}
-            token = value.strip()
+            tokens = [value.strip()]
         else:
             pii = PiiKind(kind)
             fields = {
@@ -2314,9 +2314,13 @@ class RiskEngine:
                 normalized = canonical_ip(value.strip()) if pii is PiiKind.IP else value
             except ValueError as exc:
                 raise InvalidInput([{"field": "value", "reason": str(exc)}]) from None
-            token = self.vault.blind_index(pii, normalized)
+            tokens = [self.vault.blind_index(pii, normalized)]
+            if pii is PiiKind.IP and ":" not in normalized:
+                # events stored before IPv4-mapped addresses were unwrapped (canonical_ip) hold this address's
+                # blind index in its ::ffff: form: an erasure must find them too
+                tokens.append(self.vault.blind_index(pii, f"::ffff:{normalized}"))
         try:
-            erased = erasure.erase(self.db, fields, token, actor, f"pii:{kind}")
+            erased = erasure.erase(self.db, fields, tokens, actor, f"pii:{kind}")
         except OperationalError as exc:
             raise DatabaseUnavailable(type(exc).__name__) from exc
         return {"kind": kind, "events": sum(erased.values()), "by_subject": erased}

@@ -94,3 +94,21 @@ def test_every_kind_of_person_id_a_subject_declares_can_be_asked_for() -> None:
 
     assert set(PERSON_ID_KINDS) == {"buyer_id", "seller_id"}
     assert set(PERSON_ID_KINDS) <= set(get_args(ErasureIn.model_fields["kind"].annotation))
+
+
+def test_erasure_by_an_ipv4_address_finds_events_stored_with_its_mapped_form(api: Api) -> None:
+    # events stored before ::ffff:a.b.c.d was unwrapped to a.b.c.d hold the blind index of the mapped form
+    from sqlalchemy.orm import Session
+
+    from risk_engine.vault import PiiKind
+
+    api.score(payment(payment_id="p1", **{"device.ip": "203.0.113.9"}))
+    api.score(payment(payment_id="p2", occurred_at="2026-11-22T10:20:00Z", **{"device.ip": "203.0.113.10"}))
+    legacy = api.engine.vault.blind_index(PiiKind.IP, "::ffff:203.0.113.9")
+    with Session(api.engine.db) as s:
+        row = s.scalars(select(m.Event).where(m.Event.event_id == "p1")).one()
+        assert row.record["device.ip"] != legacy
+        row.record = {**row.record, "device.ip": legacy}  # as an earlier version stored it
+        s.commit()
+    done = erase(api, "ip", "203.0.113.9")
+    assert done.json()["events"] == 1 and blobs(api)["p1"] is None and blobs(api)["p2"] is not None

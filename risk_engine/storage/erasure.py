@@ -28,13 +28,15 @@ def _record_field(db: Engine, field: str) -> ColumnElement[Any]:
     return as_text
 
 
-def erase(db: Engine, fields: Mapping[str, Sequence[str]], token: str, actor: str, target: str) -> dict[str, int]:
+def erase(
+    db: Engine, fields: Mapping[str, Sequence[str]], tokens: Sequence[str], actor: str, target: str
+) -> dict[str, int]:
     """Drop the PII bundle of every event of a subject (``fields``: subject -> record fields) whose record holds
-    ``token`` in one of the fields, audited (counts only); the count erased per subject."""
+    one of ``tokens`` in one of the fields, audited (counts only); the count erased per subject."""
     erased: dict[str, int] = {}
     with Session(db) as s:
         for subject, names in fields.items():
-            matches = or_(*(_record_field(db, f) == token for f in names))
+            matches = or_(*(_record_field(db, f) == token for f in names for token in tokens))
             ids = list(
                 s.scalars(select(m.Event.id).where(m.Event.subject == subject, matches, m.Event.pii_blob.is_not(None)))
             )
