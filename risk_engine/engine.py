@@ -1799,7 +1799,12 @@ class RiskEngine:
         for det, out, share in zip(rt.detectors, outputs, points, strict=True):
             # explained only when the detector leans towards fraud and adds a point or more: when an analyst needs
             # to know why (payment and review models add points from 0, and most events need no explaining)
-            top = tuple(det.explain(vectors[det.name])) if share >= 1.0 and out.score > 0.5 else ()
+            top: tuple[tuple[str, float], ...] = ()
+            if share >= 1.0 and out.score > 0.5:
+                try:
+                    top = tuple(det.explain(vectors[det.name]))
+                except Exception as exc:  # the score stands, unexplained
+                    self._detector_failed(det, "explain", exc)
             scores.append(
                 ModelScore(
                     det.name,

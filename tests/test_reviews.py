@@ -212,7 +212,7 @@ def test_a_label_on_an_empty_review_leaves_reviews_scorable(api: Api) -> None:
     assert answer["decision"] in ("publish", "hold", "reject"), answer
 
 
-def test_a_fake_review_names_the_ngrams_that_gave_it_away(api: Api) -> None:
+def _teach_fake_and_genuine(api: Api) -> None:
     for i in range(40):
         fake = i % 2 == 1
         text = "Best luxury experience ever, my husband loved it" if fake else "Room was fine, breakfast was cold"
@@ -224,10 +224,29 @@ def test_a_fake_review_names_the_ngrams_that_gave_it_away(api: Api) -> None:
             "label": "fake" if fake else "genuine",
         }
         assert api.client.post("/v1/labels", json=label, headers=api.headers()).status_code == 201
+
+
+def test_a_fake_review_names_the_ngrams_that_gave_it_away(api: Api) -> None:
+    _teach_fake_and_genuine(api)
     answer = post(api, review(500, text="A luxury stay, my husband agrees", reviewer={"id": "nb_x"}))
     text_model = next(m for m in answer["models"] if m["name"] == "review_text")
     assert text_model["points"] > 0
     assert {f["feature"] for f in text_model["top_features"]} & {"luxury", "my husband", "husband"}
+
+
+def test_a_score_the_detector_cannot_explain_stands_unexplained(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    _teach_fake_and_genuine(api)
+    detector = next(d for d in api.engine.subjects["review"].detectors if d.name == "review_text")
+
+    def raising(*_: Any, **__: Any) -> Any:
+        raise KeyError("a gram")
+
+    monkeypatch.setattr(detector, "explain", raising)
+    answer = post(api, review(500, text="A luxury stay, my husband agrees", reviewer={"id": "nb_x"}))
+    text_model = next(m for m in answer["models"] if m["name"] == "review_text")
+    assert text_model["points"] > 0 and text_model["top_features"] == []
+    metrics = api.client.get("/metrics").text
+    assert 'risk_engine_model_failures_total{model="review_text",phase="explain"} 1.0' in metrics
 
 
 def test_a_review_without_its_paid_order_is_held_and_the_order_link_is_exact(api: Api) -> None:

@@ -44,7 +44,7 @@ class EngineCollector(Collector):
         yield followed
         failures = CounterMetricFamily(
             "risk_engine_model_failures",
-            "Times a detector raised, by phase (score, learn, learn_label, rebuild): it added nothing to the event",
+            "Times a detector raised, by phase (score, explain, learn, learn_label, rebuild)",
             labels=["model", "phase"],
         )
         for (model, phase), n in sorted(self.engine.counters.detector_failures.items()):
