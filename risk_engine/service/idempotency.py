@@ -36,7 +36,7 @@ MAX_KEY_LENGTH = 255
 
 def takes_a_key(method: str, path: str) -> bool:
     """Whether a request to ``path`` (a route's template or a request's path) is looked at here."""
-    return method in STATE_CHANGING and path not in SCORING_PATHS and path not in NEVER_KEPT
+    return path not in SCORING_PATHS and method in STATE_CHANGING and path not in NEVER_KEPT
 
 
 class IdempotencyKeys:
@@ -47,8 +47,8 @@ class IdempotencyKeys:
         self.fastapi_app = fastapi_app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # the scoring hot path passes on the first test, before any header is read
-        if scope["type"] != "http" or scope["path"] in SCORING_PATHS or not takes_a_key(scope["method"], scope["path"]):
+        # the scoring hot path passes at takes_a_key's first test, before any header is read
+        if scope["type"] != "http" or not takes_a_key(scope["method"], scope["path"]):
             await self.app(scope, receive, send)
             return
         key, token = _headers(scope)
