@@ -27,7 +27,7 @@ def reference_us() -> float:
 
 def interpreter() -> dict[str, str]:
     """The Python that runs this: version, executable, and where its core lives (a shared ``libpython``, as
-    pyenv builds by default, or the executable itself, as Debian's and Docker's ``python`` images link it)."""
+    pyenv builds by default, or the executable itself, as Debian links it)."""
     maps = Path("/proc/self/maps")
     shared = None
     if maps.exists():
