@@ -413,6 +413,34 @@ def test_a_post_without_a_body_needs_no_content_type(api: Api) -> None:
     assert published.status_code == 200, published.text
 
 
+def test_an_unknown_query_parameter_is_422_naming_it_and_what_the_endpoint_takes(api: Api) -> None:
+    api.score(payment(payment_id="pay_known"))
+    # a misspelt page size would be ignored, and the caller paging with it would read the first page for ever
+    misspelt = api.client.get("/v1/audit?limit=1&limt=1", headers=api.headers("analyst"))
+    assert misspelt.status_code == 422, misspelt.text
+    assert misspelt.json()["errors"] == [
+        {
+            "field": "limt",
+            "reason": "unknown query parameter; this endpoint takes action, actor, before_id, limit, target",
+            "type": "unknown_query_parameter",
+        }
+    ]
+    assert api.client.get("/v1/audit?limit=1", headers=api.headers("analyst")).status_code == 200
+    # parameters declared by a shared dependency (the listing's) are known too
+    assert api.client.get("/v1/payments?limit=1&unlabelled=true", headers=api.headers("analyst")).status_code == 200
+    # the scoring endpoint takes none: not answered by the fast path, nothing scored or stored
+    scored = api.client.post("/v1/payments/score?dry_run=1", json=payment(payment_id="pay_q"), headers=api.headers())
+    assert scored.status_code == 422, scored.text
+    assert scored.json()["errors"][0]["field"] == "dry_run"
+    assert scored.json()["errors"][0]["reason"] == "unknown query parameter; this endpoint takes none"
+    assert stored_events(api) == 1
+    assert api.client.get("/v1/payments/pay_q", headers=api.headers("analyst")).status_code == 404
+    # the key is checked first: a caller without one learns only that it needs one
+    assert api.client.get("/v1/audit?limt=1").status_code == 401
+    # the probes' endpoints carry no parameters a caller could misspell into a wrong answer: left alone
+    assert api.client.get("/healthz?probe=lb").status_code == 200
+
+
 def test_oversized_body_is_413(api: Api) -> None:
     huge = payment(attributes={f"x{i}": "y" * 200 for i in range(400)})
     response = api.client.post("/v1/payments/score", json=huge, headers=api.headers())

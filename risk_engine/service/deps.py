@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from risk_engine.engine import Principal, RiskEngine
@@ -27,6 +29,7 @@ def require(role: str) -> Callable[..., Coroutine[Any, Any, Principal]]:
     """A dependency that admits keys of ``role`` or a higher one (scorer < analyst < admin)."""
 
     async def check(
+        request: Request,
         engine: EngineDep,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> Principal:
@@ -39,9 +42,43 @@ def require(role: str) -> Callable[..., Coroutine[Any, Any, Principal]]:
             raise HTTPException(401, "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
         if not principal.can(role):
             raise HTTPException(403, f"this endpoint needs the {role} role; the key has {principal.role}")
+        reject_unknown_query_parameters(request)
         return principal
 
     return check
+
+
+def query_parameters(request: Request, route: APIRoute) -> frozenset[str]:
+    """The query parameters a route declares, as its OpenAPI document lists them (dependencies' included)."""
+    declared: dict[tuple[str, str], frozenset[str]] | None = getattr(request.app.state, "query_parameters", None)
+    if declared is None:
+        declared = {
+            (method.upper(), path): frozenset(p["name"] for p in operation.get("parameters", ()) if p["in"] == "query")
+            for path, operations in request.app.openapi()["paths"].items()
+            for method, operation in operations.items()
+        }
+        request.app.state.query_parameters = declared
+    return declared.get((request.method, route.path_format), frozenset())
+
+
+def reject_unknown_query_parameters(request: Request) -> None:
+    """A 422 for a query parameter the route does not declare, as for an unknown field in a body: a misspelt
+    ``?limt=10`` or ``?before=...`` would otherwise be ignored, and a caller paging with it would get the first
+    page for ever. Checked after the key, so a caller without one learns nothing but that it needs one."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute) or not request.scope.get("query_string"):
+        return
+    known = query_parameters(request, route)
+    unknown = [name for name in dict.fromkeys(request.query_params.keys()) if name not in known]
+    if not unknown:
+        return
+    takes = f"this endpoint takes {', '.join(sorted(known))}" if known else "this endpoint takes none"
+    raise RequestValidationError(
+        [
+            {"type": "unknown_query_parameter", "loc": ("query", name), "msg": f"unknown query parameter; {takes}"}
+            for name in unknown
+        ]
+    )
 
 
 Scorer = Annotated[Principal, Depends(require("scorer"))]

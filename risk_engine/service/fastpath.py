@@ -54,7 +54,7 @@ class ScoringFastPath:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         model = self._models.get(scope["path"]) if scope["type"] == "http" else None
-        if model is None or scope["method"] != "POST":
+        if model is None or scope["method"] != "POST" or scope.get("query_string"):  # a query: FastAPI's 422
             await self.app(scope, receive, send)
             return
         body, more = await read_body(receive)
