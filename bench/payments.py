@@ -157,7 +157,7 @@ def _free_port() -> int:
 
 
 def _wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    import httpx
+    import httpx2 as httpx
 
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -12,7 +12,7 @@ from array import array
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2 as httpx
 from sqlalchemy import func, select
 
 from risk_engine.storage import models as m
