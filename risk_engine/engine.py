@@ -606,6 +606,16 @@ class RiskEngine:
             s.add(m.DataKey(key_id=wrapped.key_id, wrapped=wrapped.wrapped, created_at=now_utc(), active=True))
             s.commit()
 
+    def _load_data_key(self, key_id: str) -> None:
+        """Unwrap one stored data key: another worker's, which it made when it started after this one did."""
+        try:
+            with self._session() as s:
+                stored = s.get(m.DataKey, key_id)
+        except OperationalError as exc:
+            raise DatabaseUnavailable(type(exc).__name__) from exc
+        if stored is not None:  # else ``open`` says the key is unknown
+            self.vault.load_data_key(WrappedDataKey(stored.key_id, stored.wrapped))
+
     def _load_subjects(self) -> None:
         envs, models, self.list_decls = load_environments(self.settings)
         self.environments = envs
@@ -1950,6 +1960,8 @@ class RiskEngine:
             raise NotFound(f"no {subject} {event_id}")
         masked: dict[str, str] = {}
         if row.pii_blob is not None and row.pii_key_id is not None:
+            if not self.vault.has_data_key(row.pii_key_id):
+                self._load_data_key(row.pii_key_id)  # another worker's, made after this one started
             pii = self.vault.open(row.pii_key_id, row.pii_blob, f"{subject}:{event_id}")
             masked = {k: mask(kind.pii_kinds.get(k, PiiKind.ADDRESS), v) for k, v in pii.items()}
         return {

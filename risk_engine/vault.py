@@ -168,6 +168,10 @@ class Vault:
             raise VaultKeyError(f"data key {stored.key_id} does not open under this master key") from exc
         self._deks[stored.key_id] = AESGCM(dek)
 
+    def has_data_key(self, key_id: str) -> bool:
+        """Whether the data key ``key_id`` is unwrapped here (a worker's own and those stored before it started)."""
+        return key_id in self._deks
+
     @property
     def active_key_id(self) -> str:
         """Id of the data key new ciphertexts are sealed with."""

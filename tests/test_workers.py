@@ -362,6 +362,25 @@ def test_each_worker_counts_the_events_other_workers_scored(tmp_path: Path, data
         client_a.__exit__(None, None, None)
 
 
+def test_a_worker_shows_the_pii_of_a_payment_a_worker_started_after_it_sealed(
+    tmp_path: Path, database_url: str
+) -> None:
+    """Each worker seals under a data key of its own, made when it starts: one started earlier has not unwrapped
+    it, and must fetch it to show a payment the later one scored (it answered 500 before)."""
+    settings = make_settings(tmp_path / "var", database_url, policy_poll_s=3600, follow_poll_s=0)
+    client_a, a = open_api(settings)
+    client_b, b = open_api(settings)
+    try:
+        b.score(payment(payment_id="pay_from_b"))
+        shown = a.client.get("/v1/payments/pay_from_b", headers=a.headers("analyst"))
+        assert shown.status_code == 200, shown.text
+        assert shown.json()["pii_masked"]["buyer.email"] == "l****@example.com"
+        assert b.client.get("/v1/payments/pay_from_b", headers=b.headers("analyst")).json() == shown.json()
+    finally:
+        client_b.__exit__(None, None, None)
+        client_a.__exit__(None, None, None)
+
+
 def test_a_lone_workers_follower_reads_none_of_its_own_events_back(tmp_path: Path, database_url: str) -> None:
     """A commit of a worker's own events moves its follow watermark when nothing another worker stored lies
     before them, so a lone worker's follower reads no rows; an event of another worker in between is still read,
