@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import sys
 import tempfile
 from collections.abc import Callable
@@ -31,11 +32,13 @@ keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 lists_app = typer.Typer(help="Named lists.", no_args_is_help=True)
 models_app = typer.Typer(help="Detectors.", no_args_is_help=True)
 merchants_app = typer.Typer(help="Merchants: daily roll-ups and their population detectors.", no_args_is_help=True)
+vault_app = typer.Typer(help="The PII vault's keys.", no_args_is_help=True)
 app.add_typer(rules_app, name="rules")
 app.add_typer(keys_app, name="keys")
 app.add_typer(lists_app, name="lists")
 app.add_typer(models_app, name="models")
 app.add_typer(merchants_app, name="merchants")
+app.add_typer(vault_app, name="vault")
 
 
 T = TypeVar("T")
@@ -274,6 +277,61 @@ def keys_revoke(
     typer.echo(
         f"revoked {view['key_id']} ({view['role']}, {view['name']!r}) at {view['revoked_at']}; "
         f"running services refuse it within {KEY_CACHE_S:g} s"
+    )
+
+
+@vault_app.command("rotate-master-key")
+def vault_rotate_master_key() -> None:
+    """Re-wrap every stored data key under a new master key (audited); no PII is re-encrypted. Then restart
+    every worker: one still holding the old key cannot open data keys made after the rotation.
+
+    With RISK_ENGINE_MASTER_KEY set, the new key is RISK_ENGINE_NEW_MASTER_KEY; afterwards make it every
+    worker's RISK_ENGINE_MASTER_KEY. With the key file of the embedded default ($RISK_ENGINE_HOME/master.key),
+    a new key is generated (or RISK_ENGINE_NEW_MASTER_KEY taken), kept in master.key.next until the data keys
+    are re-wrapped, then moved over master.key. Interrupted, it finishes when run again.
+    """
+    from risk_engine.storage.data_keys import rotate_master_key
+    from risk_engine.vault import KEY_BYTES, VaultKeyError, decode_key, write_key_file
+
+    _logging(logging.WARNING)
+    settings = Settings()
+    given_new = decode_key(settings.new_master_key, "new_master_key") if settings.new_master_key else None
+    key_file = settings.home / "master.key"
+    pending_file = settings.home / "master.key.next"
+    if settings.master_key:
+        old = decode_key(settings.master_key, "master_key")
+        if given_new is None:
+            raise VaultKeyError(
+                "set RISK_ENGINE_NEW_MASTER_KEY to the new master key (base64 of 32 bytes, from your secret store)"
+            )
+        new = given_new
+    else:
+        if not key_file.exists():
+            raise VaultKeyError(f"no master key: RISK_ENGINE_MASTER_KEY is unset and {key_file} does not exist")
+        old = decode_key(key_file.read_text(), "master_key")
+        if given_new == old:
+            raise VaultKeyError("the new master key is the current one")
+        # the key of a rotation that was interrupted wins: data keys may be wrapped under it already
+        wanted = given_new if given_new is not None else secrets.token_bytes(KEY_BYTES)
+        new = write_key_file(pending_file, wanted, "new master key")
+        if given_new is not None and new != given_new:
+            raise VaultKeyError(
+                f"an interrupted rotation's key is in {pending_file}: run this again without "
+                "RISK_ENGINE_NEW_MASTER_KEY to finish it first"
+            )
+    db = _migrated_database(settings)
+    try:
+        done = rotate_master_key(db, old, new, actor="cli")
+    finally:
+        db.dispose()
+    if not settings.master_key:
+        os.replace(pending_file, key_file)  # mode 0600, as written
+        where = f"{key_file} holds the new master key"
+    else:
+        where = "now make RISK_ENGINE_NEW_MASTER_KEY every worker's RISK_ENGINE_MASTER_KEY"
+    typer.echo(
+        f"re-wrapped {done.rewrapped} data keys under the new master key ({done.already} were under it already); "
+        f"{where}, and restart every worker"
     )
 
 

@@ -21,6 +21,11 @@ class Settings(BaseSettings):
         default=None, description="Attribute declarations per subject; rules_dir/subjects.toml if unset."
     )
     master_key: str | None = Field(default=None, description="Base64 32-byte key wrapping the data keys.")
+    new_master_key: str | None = Field(
+        default=None,
+        description="Base64 32-byte key: the master key `risk-engine vault rotate-master-key` re-wraps the data keys "
+        "under (needed when master_key is set; else one is generated).",
+    )
     blind_index_key: str | None = Field(default=None, description="Base64 32-byte key for blind indexes.")
     signing_key: str | None = Field(default=None, description="Base64 32-byte key signing model snapshots.")
     max_body_bytes: int = Field(default=64 * 1024, description="Larger request bodies get HTTP 413.")

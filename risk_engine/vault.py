@@ -55,7 +55,8 @@ class VaultKeyError(Exception):
     """A key is missing, malformed or does not open a ciphertext."""
 
 
-def _decode_key(text: str, name: str) -> bytes:
+def decode_key(text: str, name: str) -> bytes:
+    """A key from its base64 text (a key file's or an environment variable's); ``VaultKeyError`` if malformed."""
     try:
         raw = base64.b64decode(text.strip(), validate=True)
     except ValueError as exc:
@@ -68,25 +69,15 @@ def _decode_key(text: str, name: str) -> bytes:
 def load_or_create_key(env_value: str | None, path: Path, name: str) -> bytes:
     """Return a 32-byte key from the environment, or from a 0600 key file created on first use."""
     if env_value:
-        return _decode_key(env_value, name)
+        return decode_key(env_value, name)
     if path.exists():
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o077:
             log.warning("key file %s is readable by others (mode %o); chmod 600 it", path, mode)
-        return _decode_key(path.read_text(), name)
-    path.parent.mkdir(parents=True, exist_ok=True)
+        return decode_key(path.read_text(), name)
     key = secrets.token_bytes(KEY_BYTES)
-    # written whole under a temporary name, then linked into place: a process starting at the same moment either
-    # links first (and this one reads its key) or finds the file complete, never empty or half-written
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(base64.b64encode(key).decode() + "\n")
-        os.link(temporary, path)
-    except FileExistsError:
-        return _decode_key(path.read_text(), name)
-    finally:
-        os.unlink(temporary)
+    if write_key_file(path, key, name) != key:
+        return decode_key(path.read_text(), name)  # another process wrote it first: its key
     log.warning(
         "generated %s in %s (embedded default); in production set RISK_ENGINE_%s from a secret store",
         name,
@@ -96,12 +87,58 @@ def load_or_create_key(env_value: str | None, path: Path, name: str) -> bytes:
     return key
 
 
+def write_key_file(path: Path, key: bytes, name: str) -> bytes:
+    """Write ``key`` to a new 0600 key file at ``path``; if the file exists already, leave it and return its
+    key. Written whole under a temporary name, then linked into place (and synced): a process doing the same
+    at the same moment either links first, and this one returns its key, or finds the file complete, never
+    empty or half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(base64.b64encode(key).decode() + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(temporary, path)
+    except FileExistsError:
+        return decode_key(path.read_text(), name)
+    finally:
+        os.unlink(temporary)
+    return key
+
+
 @dataclass(frozen=True, slots=True)
 class WrappedDataKey:
     """A data key as stored: its id and its bytes sealed under the master key."""
 
     key_id: str
     wrapped: bytes
+
+
+def wrap_data_key(master_key: bytes, key_id: str, dek: bytes) -> WrappedDataKey:
+    """Seal a data key under a master key, bound to its id (a wrapped key cannot be passed off as another)."""
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    return WrappedDataKey(key_id, nonce + AESGCM(master_key).encrypt(nonce, dek, key_id.encode()))
+
+
+def unwrap_data_key(master_key: bytes, stored: WrappedDataKey) -> bytes | None:
+    """The data key ``stored`` seals, or None if it was not wrapped under ``master_key`` (or was altered)."""
+    nonce, body = stored.wrapped[:NONCE_BYTES], stored.wrapped[NONCE_BYTES:]
+    try:
+        return AESGCM(master_key).decrypt(nonce, body, stored.key_id.encode())
+    except Exception:  # cryptography raises InvalidTag
+        return None
+
+
+def rewrap_data_key(old_master_key: bytes, new_master_key: bytes, stored: WrappedDataKey) -> WrappedDataKey | None:
+    """``stored`` wrapped under the new master key instead of the old; None if it is under the new one already.
+    Raises ``VaultKeyError`` if it opens under neither."""
+    if unwrap_data_key(new_master_key, stored) is not None:
+        return None
+    dek = unwrap_data_key(old_master_key, stored)
+    if dek is None:
+        raise VaultKeyError(f"data key {stored.key_id} opens under neither the current nor the new master key")
+    return wrap_data_key(new_master_key, stored.key_id, dek)
 
 
 def _normalize(kind: PiiKind, value: str) -> str:
@@ -119,7 +156,7 @@ class Vault:
     """Seals and opens PII, computes blind indexes. Holds keys in memory only."""
 
     def __init__(self, master_key: bytes, blind_index_key: bytes) -> None:
-        self._kek = AESGCM(master_key)
+        self._master_key = master_key
         # HMAC-SHA256 (RFC 2104) with the key's inner and outer pads hashed once: each blind index then costs
         # two SHA-256 copies, half the time of copying an ``hmac.HMAC`` object; a test checks it against hmac
         key = blind_index_key if len(blind_index_key) <= 64 else hashlib.sha256(blind_index_key).digest()
@@ -152,20 +189,19 @@ class Vault:
         """
         key_id = "dk_" + secrets.token_hex(8)
         dek = secrets.token_bytes(KEY_BYTES)
-        nonce = secrets.token_bytes(NONCE_BYTES)
-        wrapped = nonce + self._kek.encrypt(nonce, dek, key_id.encode())
         self._deks[key_id] = AESGCM(dek)
         self._active_id = key_id
         self._nonce_counter = 0
-        return WrappedDataKey(key_id, wrapped)
+        return wrap_data_key(self._master_key, key_id, dek)
 
     def load_data_key(self, stored: WrappedDataKey) -> None:
         """Unwrap a stored data key so ciphertexts under it can be opened (never to seal: see new_data_key)."""
-        nonce, body = stored.wrapped[:NONCE_BYTES], stored.wrapped[NONCE_BYTES:]
-        try:
-            dek = self._kek.decrypt(nonce, body, stored.key_id.encode())
-        except Exception as exc:  # cryptography raises InvalidTag
-            raise VaultKeyError(f"data key {stored.key_id} does not open under this master key") from exc
+        dek = unwrap_data_key(self._master_key, stored)
+        if dek is None:
+            raise VaultKeyError(
+                f"data key {stored.key_id} does not open under this master key (if it was rotated, give every "
+                "worker the new one; an interrupted `risk-engine vault rotate-master-key` finishes when run again)"
+            )
         self._deks[stored.key_id] = AESGCM(dek)
 
     def has_data_key(self, key_id: str) -> bool:
