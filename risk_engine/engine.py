@@ -445,6 +445,7 @@ class ScoreOutcome:
     replayed: bool = False
     model_scores: tuple[ModelScore, ...] = ()  # raw and calibrated detector outputs (not for replays)
     model_score: float = 0.0  # the detectors combined (not for replays)
+    identity: tuple[str, str, str] | None = None  # (subject, id, request hash) of a fresh scoring, for ``settle``
 
     @property
     def response(self) -> dict[str, Any]:
@@ -1231,7 +1232,7 @@ class RiskEngine:
             outcomes.append((rolled, outcome))
         for rolled, outcome in outcomes:
             outcome.committed.wait(30)
-            outcome.raise_if_not_stored()
+            outcome = self.settle(outcome)
             answer = outcome.response
             results.append(
                 {
@@ -1775,7 +1776,28 @@ class RiskEngine:
                     "created_at": now_utc(),
                 },
             )
-        return ScoreOutcome(body, committed, model_scores=tuple(scores), model_score=ev.model_score)
+        return ScoreOutcome(
+            body,
+            committed,
+            model_scores=tuple(scores),
+            model_score=ev.model_score,
+            identity=(subject, event_id, request_hash),
+        )
+
+    def settle(self, outcome: ScoreOutcome) -> ScoreOutcome:
+        """The answer to give once ``outcome``'s write is done: itself, once stored. If another worker stored the
+        same id first (a retry that reached a worker before its follower took the first one in), that worker's
+        answer, as a replay, or a conflict if it was another request. Else what ``raise_if_not_stored`` raises."""
+        if isinstance(outcome.committed.exception(), DuplicateRow) and outcome.identity is not None:
+            subject, event_id, request_hash = outcome.identity
+            stored = self._lookup_stored(subject, event_id)
+            if stored is not None:
+                if stored[0] != request_hash:
+                    id_field = SUBJECT_KINDS[subject].id_field
+                    raise Conflict(f"{id_field} {event_id} was already scored with a different request")
+                return ScoreOutcome(orjson.dumps(stored[1]), done_ticket(), replayed=True)
+        outcome.raise_if_not_stored()
+        return outcome
 
     def _evaluate(self, rt: SubjectRuntime, record: dict[str, Any], ts: float, seq: int) -> Evaluation:
         aggs = rt.velocity.query(record, ts)

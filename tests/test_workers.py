@@ -381,6 +381,37 @@ def test_a_worker_shows_the_pii_of_a_payment_a_worker_started_after_it_sealed(
         client_a.__exit__(None, None, None)
 
 
+def test_a_retry_reaching_another_worker_before_it_follows_gets_the_stored_answer(
+    tmp_path: Path, database_url: str
+) -> None:
+    """Behind a load balancer a retry may reach a worker that has not yet taken the first request in: its own
+    write collides with the stored row, and it answers with that row's answer, as a replay (it was a 409)."""
+    settings = make_settings(tmp_path / "var", database_url, policy_poll_s=3600, follow_poll_s=0)  # by hand
+    client_a, a = open_api(settings)
+    client_b, b = open_api(settings)
+    try:
+        body = payment(payment_id="pay_retried", **{"buyer.id": "b_retry"})
+        first = a.client.post("/v1/payments/score", json=body, headers=a.headers())
+        assert first.status_code == 200 and "idempotent-replayed" not in first.headers
+        retry = b.client.post("/v1/payments/score", json=body, headers=b.headers())
+        assert retry.status_code == 200, retry.text
+        assert retry.headers["idempotent-replayed"] == "true"
+        assert retry.json() == first.json()
+        other = payment(payment_id="pay_retried", amount={"value": 1, "currency": "CNY"})
+        refused = b.client.post("/v1/payments/score", json=other, headers=b.headers())
+        assert refused.status_code == 409
+        assert refused.json()["message"] == "payment_id pay_retried was already scored with a different request"
+        # b took its own scoring back out: once it follows a's event, the buyer has one payment, not two
+        assert b.engine.refresh_events() == 1
+        nxt = b.score(payment(payment_id="pay_next", occurred_at="2026-11-22T10:16:00Z", **{"buyer.id": "b_retry"}))
+        stored = b.client.get(f"/v1/payments/{nxt['payment_id']}", headers=b.headers("analyst")).json()
+        assert stored["aggregates"]["count(by buyer.id within 90d)"] == 1
+        assert stored["aggregates"]["count(by buyer.id within 10m)"] == 1
+    finally:
+        client_b.__exit__(None, None, None)
+        client_a.__exit__(None, None, None)
+
+
 def test_a_lone_workers_follower_reads_none_of_its_own_events_back(tmp_path: Path, database_url: str) -> None:
     """A commit of a worker's own events moves its follow watermark when nothing another worker stored lies
     before them, so a lone worker's follower reads no rows; an event of another worker in between is still read,

@@ -11,7 +11,7 @@ from fastapi import Request, Response
 from starlette.responses import JSONResponse
 from starlette.types import Send
 
-from risk_engine.engine import ScoreOutcome
+from risk_engine.engine import RiskEngine, ScoreOutcome
 
 
 class JsonResponse(JSONResponse):
@@ -22,10 +22,12 @@ class JsonResponse(JSONResponse):
 
 
 async def answer(outcome: ScoreOutcome, request: Request) -> Response:
-    """A scoring's answer once its row is committed (503 or 409 through the error handlers if not)."""
+    """A scoring's answer once its row is committed (503 or 409 through the error handlers if not; another
+    worker's answer, as a replay, if it stored the same request first)."""
     if not outcome.committed.done():
         await request.app.state.commits.wait(outcome.committed)
-    outcome.raise_if_not_stored()
+    engine: RiskEngine = request.app.state.engine
+    outcome = engine.settle(outcome)
     headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
     return Response(outcome.body, media_type="application/json", headers=headers)
 
