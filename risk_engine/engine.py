@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import orjson
-from rbloom import Bloom
 from sqlalchemy import ColumnElement, String, case, cast, func, select, true, update
 from sqlalchemy import Engine as SqlEngine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
@@ -60,6 +59,7 @@ from risk_engine.features.lists import (
     load_list_declarations,
 )
 from risk_engine.features.velocity import GRACE_S, VelocityState
+from risk_engine.known_ids import KnownIds
 from risk_engine.marketplace import MarketplaceState
 from risk_engine.merchants import rollup
 from risk_engine.money import BaseCurrency, load_base_currency
@@ -108,7 +108,7 @@ RECENT_CACHE = 50_000
 STATE_SNAPSHOT_FORMAT = 5  # 5: orders as tuples (marketplace._Order)
 COMMITTED = done_ticket()  # the ticket of every remembered answer whose write is done (never changes again)
 ORDERS_KEPT_S = 180 * 86_400.0  # payments whose orders a restart reloads for the review link
-BLOOM_MIN_CAPACITY = 1_000_000
+KNOWN_IDS_MIN_CAPACITY = 1_000_000  # the id filter's first layer: about 2 MB
 IDEMPOTENCY_PURGE_S = 3600.0  # how often a worker deletes expired idempotency keys
 KEY_CACHE_S = 5.0  # how long a process trusts what it read of a key: a revocation elsewhere takes this long
 
@@ -526,8 +526,7 @@ class RiskEngine:
         self.marketplace = MarketplaceState()
         self._marketplace_stale = False
         self._fit_ids: dict[str, int] = {}  # the stored fit each population detector scores with
-        self._known_ids: Bloom = Bloom(BLOOM_MIN_CAPACITY, 0.001)
-        self._known_count = 0
+        self._known_ids = KnownIds(KNOWN_IDS_MIN_CAPACITY)
         # this process's mark on the events it stores, and how far it has followed those other workers stored
         self.origin = secrets.token_hex(8)
         self._events_read = IdWatermark()
@@ -872,23 +871,21 @@ class RiskEngine:
             return s.scalars(select(m.ListEntry)).all()
 
     def _load_known_ids(self) -> None:
-        """A Bloom filter of stored event ids: a new id (the common case) needs no database look-up."""
+        """The ids of stored events, read once at start (``known_ids.py``): a new id (the common case) then
+        needs no database look-up. Sized for twice as many as are stored; it grows by itself past that."""
         with self._session() as s:
             count = s.scalar(select(func.count()).select_from(m.Event)) or 0
-            bloom = Bloom(max(BLOOM_MIN_CAPACITY, 2 * count), 0.001)
+            known = KnownIds(max(KNOWN_IDS_MIN_CAPACITY, 2 * count))
             for subject, event_id in s.execute(
                 select(m.Event.subject, m.Event.event_id).execution_options(yield_per=10_000)
             ):
-                bloom.add(f"{subject}\x1f{event_id}")
+                known.add(f"{subject}\x1f{event_id}")
         for key in self._recent:  # in flight, maybe not committed yet ("subject\x1fevent id")
-            bloom.add(key)
-        self._known_ids, self._known_count = bloom, count
+            known.add(key)
+        self._known_ids = known
 
     def _mark_known(self, subject: str, event_id: str) -> None:
         self._known_ids.add(f"{subject}\x1f{event_id}")
-        self._known_count += 1
-        if self._known_count * 2 > self._known_ids.size_in_bits // 15:  # ~half the capacity we sized for
-            self._load_known_ids()
 
     def _rebuild_state(self) -> None:
         """Velocity and cross-subject state from the state snapshot of the last clean stop plus the events
