@@ -60,7 +60,7 @@ from risk_engine.features.lists import (
 )
 from risk_engine.features.velocity import GRACE_S, VelocityState
 from risk_engine.known_ids import KnownIds
-from risk_engine.marketplace import MarketplaceState
+from risk_engine.marketplace import MarketplaceState, PlacedOrder
 from risk_engine.merchants import rollup
 from risk_engine.money import BaseCurrency, load_base_currency
 from risk_engine.payments import PaymentIn
@@ -537,7 +537,9 @@ class RiskEngine:
         self._event_insert.report_ids(self._own_committed.extend)
         # events whose write failed, to take back out of velocity: queued by the writer thread, which must not wait
         # for the state lock either, and applied by the next holder of the lock before velocity is read
-        self._retractions: deque[tuple[SubjectRuntime, dict[str, Any], float, str, Ticket]] = deque()
+        self._retractions: deque[tuple[SubjectRuntime, dict[str, Any], float, str, Ticket, PlacedOrder | None]] = (
+            deque()
+        )
         self._listener: CommitWatch | None = None
         self._events_channel = EVENTS_CHANNEL
 
@@ -1710,20 +1712,18 @@ class RiskEngine:
             body = orjson.dumps(response)
             self._in_flight[key] = committed
             self._remember(key, (request_hash, body))
-            moved = self.marketplace.observe(
-                subject,
-                record,
-                ts,
-                verdict.decision.value,
-                verdict.score,
-                (r.code for r in verdict.reasons if r.source == "rule"),
-            )
+            fired = (r.code for r in verdict.reasons if r.source == "rule")
+            moved, placed = None, None
+            if subject == "payment":  # its only effect is its order: one a failed write can take back out
+                placed = self.marketplace.place_order(record, ts, verdict.decision.value, verdict.score, fired)
+            else:
+                moved = self.marketplace.observe(subject, record, ts, verdict.decision.value, verdict.score, fired)
             self._mark_known(subject, event_id)
             self._count(verdict)
             self._since_snapshot += 1
             if self._since_snapshot >= self.settings.snapshot_every:
                 self.snapshot_detectors(background=True)
-        committed.add_done_callback(lambda f: self._after_write(f, rt, key, record, ts))
+        committed.add_done_callback(lambda f: self._after_write(f, rt, key, record, ts, placed))
         try:
             key_id, blob = self.vault.seal(pii, f"{subject}:{event_id}") if pii else (None, None)
             row = {
@@ -1926,7 +1926,15 @@ class RiskEngine:
         for rule in verdict.fired:
             c.rule_hits[rule.name] = c.rule_hits.get(rule.name, 0) + 1
 
-    def _after_write(self, write: Ticket, rt: SubjectRuntime, key: str, record: dict[str, Any], ts: float) -> None:
+    def _after_write(
+        self,
+        write: Ticket,
+        rt: SubjectRuntime,
+        key: str,
+        record: dict[str, Any],
+        ts: float,
+        placed: PlacedOrder | None = None,
+    ) -> None:
         """Runs in the writer thread (or in the caller's, when the write could not be queued): a failed write's
         event is taken back out of velocity and its answer forgotten, so a retry is scored anew.
 
@@ -1939,17 +1947,22 @@ class RiskEngine:
         if write.exception() is None:
             self._in_flight.pop(key, None)
             return
-        self._retractions.append((rt, record, ts, key, write))
-        if key.split("\x1f", 1)[0] in MarketplaceState.SUBJECTS:
-            self._marketplace_stale = True  # it learned from an event that was not stored: rebuild it
+        self._retractions.append((rt, record, ts, key, write, placed))
+        subject = key.split("\x1f", 1)[0]
+        if subject != "payment" and subject in MarketplaceState.SUBJECTS:
+            # it learned from an event that was not stored: rebuild it (a payment's order is taken back out
+            # instead: a rebuild reads every review and merchant event, and 180 days of payments)
+            self._marketplace_stale = True
         self._recent.pop(key, None)
 
     def _apply_retractions(self) -> None:
         """Take the events of failed writes back out of velocity, and their tickets out of ``_in_flight`` unless a
         retry's has taken their place (lock held)."""
         while self._retractions:
-            rt, record, ts, key, write = self._retractions.popleft()
+            rt, record, ts, key, write, placed = self._retractions.popleft()
             rt.velocity.retract(record, ts)
+            if placed is not None and not self.marketplace.unplace(placed):
+                self._marketplace_stale = True  # the order changed since: rebuilt before the next scoring
             if self._in_flight.get(key) is write:
                 del self._in_flight[key]
 

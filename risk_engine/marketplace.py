@@ -126,6 +126,15 @@ class _Flag:
     reasons: tuple[str, ...]
 
 
+class PlacedOrder(NamedTuple):
+    """The order a payment placed in a state, and what was there before: enough to take it back out."""
+
+    state: MarketplaceState
+    order_id: str
+    before: tuple[Any, ...] | None
+    placed: tuple[Any, ...]
+
+
 @dataclass
 class MarketplaceState:
     """Sellers' credit facts and scores, and their merchant flags."""
@@ -152,6 +161,32 @@ class MarketplaceState:
         since = self.latest[seller_id] - FLAG_WINDOW_S
         worst = max((f.decision for f in flags if f.at >= since), key=SEVERITY.__getitem__, default="allow")
         return MERCHANT_FLAGS[worst]
+
+    def place_order(
+        self, record: dict[str, Any], at: float, decision: str, score: int, reasons: Iterable[str] = ()
+    ) -> PlacedOrder | None:
+        """``observe`` for a payment, whose only effect is the order it places (None: it placed none, being
+        blocked or without an order id)."""
+        order_id = record.get("order_id")
+        before = self.orders.get(order_id) if isinstance(order_id, str) else None
+        self.observe("payment", record, at, decision, score, reasons)
+        if not isinstance(order_id, str):
+            return None
+        placed = self.orders.get(order_id)
+        return PlacedOrder(self, order_id, before, placed) if placed is not None and placed is not before else None
+
+    def unplace(self, placed: PlacedOrder) -> bool:
+        """Take back the order a payment placed, when its write failed: True if this state is as it would be
+        without that payment; False if something changed the order since (the caller rebuilds the state)."""
+        if placed.state is not self:
+            return True  # rebuilt from storage since: it never saw the payment
+        if self.orders.get(placed.order_id) is not placed.placed:
+            return False
+        if placed.before is None:
+            del self.orders[placed.order_id]
+        else:
+            self.orders[placed.order_id] = placed.before
+        return True
 
     def _order(self, order_id: str) -> _Order | None:
         raw = self.orders.get(order_id)

@@ -194,6 +194,59 @@ def test_a_failed_write_never_waits_for_the_state_lock_and_its_event_is_taken_ba
         client.__exit__(None, None, None)
 
 
+def test_a_failed_payment_write_takes_its_order_back_out_without_rebuilding_the_cross_subject_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A payment's only cross-subject effect is the order it places. When its write fails, that order is taken
+    back out (the one before restored) rather than the whole state rebuilt from storage, which reads every
+    review and merchant event and 180 days of payments with scoring stopped: a database hiccup, or a retry that
+    collided with another worker's row, must not stall a large deployment. If the order changed since, the
+    state is rebuilt as before."""
+    db_path = tmp_path / "risk.db"
+    settings = make_settings(tmp_path / "var", f"sqlite:///{db_path}", db_busy_timeout_s=0.3, follow_poll_s=0)
+    client, api = open_api(settings)
+    engine = api.engine
+    rebuilds: list[int] = []
+    rebuild = engine._rebuilt_marketplace
+    monkeypatch.setattr(engine, "_rebuilt_marketplace", lambda *a, **k: rebuilds.append(1) or rebuild(*a, **k))
+
+    def fail_to_store(body: dict[str, Any]) -> None:
+        locker = sqlite3.connect(db_path, timeout=0.1)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            outcome = engine.score_payment(PaymentIn.model_validate(body))
+            assert outcome.committed.exception(10) is not None
+        finally:
+            locker.rollback()
+            locker.close()
+
+    def order(order_id: str) -> tuple[Any, ...] | None:
+        return engine.marketplace.orders.get(order_id)
+
+    try:
+        api.score(payment(payment_id="p_1", order_id="o_1", occurred_at="2026-11-22T10:00:00Z"))
+        first = order("o_1")
+        fail_to_store(payment(payment_id="p_lost", order_id="o_lost", occurred_at="2026-11-22T10:01:00Z"))
+        fail_to_store(
+            payment(payment_id="p_again", order_id="o_1", seller_id="s_9", occurred_at="2026-11-22T10:02:00Z")
+        )
+        # p_lost's failure was applied as p_again was scored; p_again's order stands until the next scoring
+        assert order("o_lost") is None and order("o_1") != first
+        api.score(payment(payment_id="p_2", order_id="o_2", occurred_at="2026-11-22T10:03:00Z"))
+        assert order("o_lost") is None and order("o_1") == first and order("o_2") is not None
+        assert rebuilds == []
+        assert engine._rebuilt_marketplace() is not None and rebuilds == [1]  # (the wrapper counts)
+        assert engine.marketplace.orders == rebuild().orders  # what a rebuild from storage holds
+        # the order changed after the payment that failed placed it: rebuilt, as before
+        rebuilds.clear()
+        fail_to_store(payment(payment_id="p_3", order_id="o_3", occurred_at="2026-11-22T10:04:00Z"))
+        engine.marketplace.orders["o_3"] = (*engine.marketplace.orders["o_3"],)  # as a shipping update does
+        api.score(payment(payment_id="p_4", order_id="o_4", occurred_at="2026-11-22T10:05:00Z"))
+        assert rebuilds == [1] and order("o_3") is None
+    finally:
+        client.__exit__(None, None, None)
+
+
 def test_a_payment_whose_write_could_not_be_queued_fails_its_replays_too_and_counts_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
