@@ -108,6 +108,10 @@ RECENT_CACHE = 50_000
 STATE_SNAPSHOT_FORMAT = 5  # 5: orders as tuples (marketplace._Order)
 COMMITTED = done_ticket()  # the ticket of every remembered answer whose write is done (never changes again)
 ORDERS_KEPT_S = 180 * 86_400.0  # payments whose orders a restart reloads for the review link
+# a new aggregate's windows are replayed without the state lock in up to this many rounds after the first, until
+# one reads no more than CATCH_UP_LEFT events: what scoring waits for is the replay of what the last one left
+CATCH_UP_ROUNDS = 3
+CATCH_UP_LEFT = 500
 KNOWN_IDS_MIN_CAPACITY = 1_000_000  # the id filter's first layer: about 2 MB
 IDEMPOTENCY_PURGE_S = 3600.0  # how often a worker deletes expired idempotency keys
 KEY_CACHE_S = 5.0  # how long a process trusts what it read of a key: a revocation elsewhere takes this long
@@ -436,6 +440,19 @@ class Evaluation:
 Pending = tuple[str, bytes]
 
 
+@dataclass(frozen=True)
+class PreparedWindows:
+    """Windows of aggregates a policy needs, replayed from storage without the state lock (``_prepare_windows``):
+    of the stored events the state held at ``cut`` (other workers' events it had followed) and ``cut_seq``
+    (its own scored by then)."""
+
+    ids: frozenset[str]
+    velocity: VelocityState
+    cut: IdWatermark
+    cut_seq: int
+    since: float | None  # the oldest time read; None when nothing was stored
+
+
 @dataclass
 class ScoreOutcome:
     """What the caller answers with once ``committed`` is done."""
@@ -700,23 +717,98 @@ class RiskEngine:
         return ActivePolicy(compile_policy(row.text, envs, f"{subject}:v{row.version}"), row.version)
 
     # -- policy activation (hot reload) ------------------------------------------------------------------
-    def _ensure_velocity(self, subject: str, *policies: CompiledPolicy) -> None:
-        """Rebuild velocity from storage if these policies need aggregates it does not keep (lock held)."""
+    def _aggregates_needed(
+        self, subject: str, policies: Sequence[CompiledPolicy]
+    ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        """(every aggregate these policies and the subject's detectors need, those the running state lacks)."""
         rt = self.subjects[subject]
         needed = aggregate_union(*(p.aggregates for p in policies), *(d.features.aggregates for d in rt.detectors))
         kept = {a.id for a in rt.velocity.specs}
-        if {a.id for a in needed} != kept:
-            self._apply_retractions()  # the windows kept go into the new state as they are
-            # only the aggregates the state does not keep are replayed from storage (scoring waits meanwhile);
-            # the others keep their windows as they are
-            missing = tuple(a for a in needed if a.id not in kept)
-            added = None
-            if missing:
-                self.writer.barrier().wait(30)
-                self.refresh_events()  # other workers' events so far: the rebuild reads up to there, the follow on
+        return tuple(needed), tuple(a for a in needed if a.id not in kept)
+
+    def _cut(self) -> tuple[IdWatermark, int]:
+        """Where the state stands (lock held): every event this worker scored stored, the other workers' taken
+        in. Returns (the other workers' events taken in, the sequence number of the last one it scored)."""
+        self._apply_retractions()
+        self.writer.barrier().wait(30)
+        self.refresh_events()
+        return IdWatermark(self._events_read.last, self._events_read.gaps), self._seq
+
+    def _held_at_sql(self, cut: IdWatermark, seq: int) -> tuple[str, list[Any]]:
+        """The stored events the state held at a cut: those its watermark covers and this worker's own scored by
+        then, as SQL text with its parameters."""
+        marker = self._marker()
+        covered, params = self._covered_sql(cut, marker)
+        return f"({covered} OR (origin = {marker} AND ingest_seq <= {marker}))", [*params, self.origin, seq]
+
+    def _taken_in_between_sql(
+        self, cut: IdWatermark, seq: int, later: IdWatermark, later_seq: int | None
+    ) -> tuple[str, list[Any]]:
+        """The stored events taken in after one cut and by a later one (``later_seq`` None: by now), as SQL text
+        with its parameters: other workers' the later watermark covers and the earlier did not, and this
+        worker's own scored after the earlier cut."""
+        marker = self._marker()
+        unread, params = self._unread_sql(cut, marker)
+        covered, more = self._covered_sql(later, marker)
+        own = f"origin = {marker} AND ingest_seq > {marker}" + (
+            "" if later_seq is None else f" AND ingest_seq <= {marker}"
+        )
+        return (
+            f"(({unread} AND {covered} AND origin <> {marker}) OR ({own}))",
+            [*params, *more, self.origin, self.origin, seq, *([] if later_seq is None else [later_seq])],
+        )
+
+    def _prepare_windows(self, subject: str, *policies: CompiledPolicy) -> PreparedWindows | None:
+        """The windows of the aggregates these policies need and the running state lacks, replayed from storage
+        without the state lock, so scoring goes on meanwhile: of the events the state held at a cut taken under
+        the lock, then, in a few rounds, of those taken in since, each round shorter than the one before.
+        ``_ensure_velocity`` adds, under the lock, only what the last round left. None: none lacking."""
+        with self._lock:
+            _, missing = self._aggregates_needed(subject, policies)
+            if not missing:
+                return None
+            cut, seq = self._cut()
+            latest = self._latest_occurred(subject)
+        velocity = VelocityState(missing, self.settings.velocity_max_events_per_key)
+        if latest is None:
+            return PreparedWindows(frozenset(a.id for a in missing), velocity, cut, seq, None)
+        since = latest - velocity.longest_window - GRACE_S
+        read = velocity.replay(r[:2] for r in self._stored_rows(subject, since, where=self._held_at_sql(cut, seq)))
+        for _ in range(CATCH_UP_ROUNDS):
+            if read <= CATCH_UP_LEFT:
+                break
+            with self._lock:
+                later, later_seq = self._cut()
+            between = self._taken_in_between_sql(cut, seq, later, later_seq)
+            read = velocity.replay(r[:2] for r in self._stored_rows(subject, since, where=between))
+            cut, seq = later, later_seq
+        return PreparedWindows(frozenset(a.id for a in missing), velocity, cut, seq, since)
+
+    def _ensure_velocity(
+        self, subject: str, *policies: CompiledPolicy, prepared: PreparedWindows | None = None
+    ) -> None:
+        """Give velocity the aggregates these policies need that it does not keep, replayed from storage, and drop
+        those no longer needed (lock held). The windows kept stay as they are. With ``prepared`` windows of
+        exactly the aggregates lacking, only the events taken in since its cut are read (scoring waits meanwhile);
+        else every event of the aggregates' longest window is."""
+        rt = self.subjects[subject]
+        needed, missing = self._aggregates_needed(subject, policies)
+        if {a.id for a in needed} == {a.id for a in rt.velocity.specs}:
+            return
+        self._apply_retractions()  # the windows kept go into the new state as they are
+        added = None
+        if missing:
+            self.writer.barrier().wait(30)
+            self.refresh_events()  # other workers' events so far: the rebuild reads up to there, the follow on
+            if prepared is not None and prepared.ids == {a.id for a in missing}:
+                added = prepared.velocity
+                if prepared.since is not None:
+                    since_cut = self._taken_in_between_sql(prepared.cut, prepared.cut_seq, self._events_read, None)
+                    added.replay(r[:2] for r in self._stored_rows(subject, prepared.since, where=since_cut))
+            else:
                 added = self._rebuilt_velocity(subject, missing, self._events_read)
-            sources = [rt.velocity] + ([added] if added is not None else [])
-            rt.velocity = VelocityState.assembled(needed, sources, self.settings.velocity_max_events_per_key)
+        sources = [rt.velocity] + ([added] if added is not None else [])
+        rt.velocity = VelocityState.assembled(needed, sources, self.settings.velocity_max_events_per_key)
 
     def set_shadow(self, subject: str, text: str | None, version: int | None) -> ActivePolicy | None:
         """Score live events with this version too (recording its decisions only); None stops the shadow."""
@@ -724,26 +816,32 @@ class RiskEngine:
         shadow = None
         if text is not None and version is not None:
             shadow = ActivePolicy(compile_policy(text, self.environments, f"{subject}:v{version}"), version)
+        prepared = self._prepare_windows(subject, rt.policy.compiled, *([shadow.compiled] if shadow else []))
         with self._lock:
             policies = [rt.policy.compiled] + ([shadow.compiled] if shadow else [])
-            self._ensure_velocity(subject, *policies)
+            self._ensure_velocity(subject, *policies, prepared=prepared)
             rt.shadow = shadow
         return shadow
 
     def activate_policy(self, subject: str, text: str, version: int) -> ActivePolicy:
         """Make a stored version the one this process scores with, without a restart.
 
-        When the new policy names aggregates the running state does not keep, velocity is rebuilt from the
-        stored events (after the writer has committed everything in flight), under the state lock.
+        When the new policy names aggregates the running state does not keep, their windows are replayed from
+        the stored events while scoring goes on (``_prepare_windows``); then, under the state lock, the events
+        taken in meanwhile are added and the policy swapped in.
         """
         compiled = compile_policy(text, self.environments, f"{subject}:v{version}")
         active = ActivePolicy(compiled, version)
         rt = self.subjects[subject]
+        shadow = rt.shadow
+        prepared = self._prepare_windows(
+            subject, compiled, *([shadow.compiled] if shadow is not None and shadow.version != version else [])
+        )
         with self._lock:
             if rt.shadow is not None and rt.shadow.version == version:
                 rt.shadow = None  # a shadow that goes live stops shadowing
             policies = [compiled] + ([rt.shadow.compiled] if rt.shadow else [])
-            self._ensure_velocity(subject, *policies)
+            self._ensure_velocity(subject, *policies, prepared=prepared)
             rt.policy = active
         log.info("now scoring %s with %s", subject, active.label)
         return active
@@ -947,14 +1045,22 @@ class RiskEngine:
         this worker's own (the follower only notes them: they were taken in when scored)."""
         return self._covered(read) | (m.Event.origin == self.origin)
 
-    def _seen_sql(self, read: IdWatermark, marker: str) -> tuple[str, list[Any]]:
-        """:meth:`_seen` as SQL text with its parameters, for statements sent through the driver."""
+    def _marker(self) -> str:
+        """The driver's parameter marker, for SQL text sent through it."""
+        return "?" if self.db.dialect.paramstyle == "qmark" else "%s"
+
+    @staticmethod
+    def _covered_sql(read: IdWatermark, marker: str) -> tuple[str, list[Any]]:
+        """:meth:`_covered` as SQL text with its parameters."""
         sql = f"id <= {marker}"
-        params: list[Any] = [read.last]
         if read.gaps:
             sql += f" AND id NOT IN ({', '.join(marker for _ in read.gaps)})"
-            params.extend(sorted(read.gaps))
-        return f"(({sql}) OR origin = {marker})", [*params, self.origin]
+        return f"({sql})", [read.last, *sorted(read.gaps)]
+
+    def _seen_sql(self, read: IdWatermark, marker: str) -> tuple[str, list[Any]]:
+        """:meth:`_seen` as SQL text with its parameters, for statements sent through the driver."""
+        covered, params = self._covered_sql(read, marker)
+        return f"({covered} OR origin = {marker})", [*params, self.origin]
 
     @staticmethod
     def _unread_sql(read: IdWatermark, marker: str) -> tuple[str, list[Any]]:
@@ -1273,6 +1379,7 @@ class RiskEngine:
         seen: IdWatermark | None = None,
         unread: IdWatermark | None = None,
         origin: str | None = None,
+        where: tuple[str, list[Any]] | None = None,
     ) -> Iterator[tuple[dict[str, Any], float, int, dict[str, Any]]]:
         """``(record, occurred_at timestamp, ingest_seq, features)`` of stored events, in scoring order: those
         this worker has taken in as of ``seen`` (see :meth:`_seen`), and not covered by ``unread``, if given;
@@ -1280,9 +1387,10 @@ class RiskEngine:
 
         What start-up replays (velocity, detectors after their snapshots), read through the driver with only
         the columns it needs: loading whole ``Event`` rows decoded seven JSON columns per event, and that cost
-        as much as the replay itself. ``features`` is ``{}`` unless asked for.
+        as much as the replay itself. ``features`` is ``{}`` unless asked for. ``where``: a condition of its own,
+        SQL text with its parameters (written with :meth:`_marker`).
         """
-        marker = "?" if self.db.dialect.paramstyle == "qmark" else "%s"
+        marker = self._marker()
         columns = "record, occurred_at, ingest_seq" + (", features" if features else "")
         sql = f"SELECT {columns} FROM events WHERE subject = {marker}"
         params: list[Any] = [subject]
@@ -1298,6 +1406,7 @@ class RiskEngine:
         for which, more in (
             self._seen_sql(seen, marker) if seen is not None else ("", []),
             self._unread_sql(unread, marker) if unread is not None else ("", []),
+            where if where is not None else ("", []),
         ):
             if which:
                 sql += f" AND {which}"

@@ -5,9 +5,12 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import pytest
 from sqlalchemy import select
 
+from risk_engine.payments import PaymentIn
 from risk_engine.storage import models as m
 from risk_engine.subjects import SUBJECT_KINDS
 from tests.conftest import REPO, Api, make_settings, open_api, payment
@@ -410,3 +413,78 @@ def test_a_version_is_evaluated_on_one_stored_event_with_the_windows_it_saw(api:
     assert api.client.get("/v1/policies/payment/versions/2/evaluate/nope", headers=h).status_code == 404
     assert api.client.get("/v1/policies/payment/versions/9/evaluate/pc3", headers=h).status_code == 404
     assert api.client.get("/v1/policies/payment/versions/2/evaluate/pc3", headers=api.headers()).status_code == 403
+
+
+@pytest.mark.parametrize("left", [500, 0], ids=["final-catch-up-only", "catch-up-rounds"])
+def test_a_publish_that_needs_a_new_aggregate_replays_it_while_scoring_goes_on(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch, left: int
+) -> None:
+    """The new aggregate's windows are replayed from storage without the state lock (scoring used to wait the
+    whole replay: seconds at a deployment's volume); under the lock only the events scored meanwhile are added.
+    Payments scored during the replay, here and by another worker, count in the new window once, as a restart's
+    rebuild counts them."""
+    import threading
+
+    from risk_engine import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "CATCH_UP_LEFT", left)  # 0: rounds without the lock until one reads none
+    settings = make_settings(tmp_path / "var", database_url, policy_poll_s=3600)
+    client, api = open_api(settings)
+    engine = api.engine
+    aggregate = "sum(amount.major by seller_id within 1d)"
+
+    def pay(i: int) -> dict[str, Any]:
+        return payment(payment_id=f"v{i}", seller_id="s_vol", occurred_at=f"2026-11-22T08:{i:02d}:00Z")
+
+    reading, resume = threading.Event(), threading.Event()
+    stored_rows = engine._stored_rows
+
+    reads: list[int] = []
+    mid = payment(payment_id="v_mid", seller_id="s_vol", occurred_at="2026-11-22T08:03:45Z")
+
+    def paused(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("where") is not None:  # a replay: the first without the lock; then rounds, or the last
+            reads.append(1)
+            if len(reads) == 1:
+                reading.set()
+                assert resume.wait(30)
+            elif len(reads) == 2 and left == 0:  # a round's read: a payment scored after its cut
+                assert engine.score_payment(PaymentIn.model_validate(mid)).committed.exception(10) is None
+        return stored_rows(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_stored_rows", paused)
+    other_client, other = open_api(settings)  # another worker, scoring for the same seller meanwhile
+    try:
+        for i in range(3):
+            api.score(pay(i))
+        assert draft(api, V2)[0] == 201
+        publish = threading.Thread(
+            target=lambda: api.client.post("/v1/policies/payment/versions/2/publish", headers=api.headers("analyst"))
+        )
+        publish.start()
+        assert reading.wait(30)
+        during = api.score(pay(3))  # scored while the replay is under way: the lock is free
+        assert during["policy_version"] == "payment:v1"
+        other.score(payment(payment_id="v_other", seller_id="s_vol", occurred_at="2026-11-22T08:03:30Z"))
+        resume.set()
+        publish.join(30)
+        assert engine.subjects["payment"].policy.version == 2
+        after = api.score(pay(4))
+        assert after["policy_version"] == "payment:v2"
+        seen = api.client.get("/v1/payments/v4", headers=api.headers("analyst")).json()["aggregates"][aggregate]
+        # v0-v3, the other worker's (and v_mid) once each: v0-v2 read at the first cut, the others after
+        expected = 5 + (left == 0)
+        assert seen == expected * 1299.0
+        # the first read, then rounds (v3 and v_other; v_mid; none), then the last, under the lock
+        assert len(reads) == (5 if left == 0 else 2)
+    finally:
+        other_client.__exit__(None, None, None)
+        client.__exit__(None, None, None)
+    # a restart rebuilds every window from storage: the same sum
+    client, api = open_api(settings)
+    try:
+        api.score(pay(5))
+        rebuilt = api.client.get("/v1/payments/v5", headers=api.headers("analyst")).json()["aggregates"][aggregate]
+        assert rebuilt == (expected + 1) * 1299.0
+    finally:
+        client.__exit__(None, None, None)
