@@ -450,7 +450,7 @@ class PreparedWindows:
     velocity: VelocityState
     cut: IdWatermark
     cut_seq: int
-    since: float | None  # the oldest time read; None when nothing was stored
+    since: float | None  # the oldest time read; None when nothing was stored at the cut
 
 
 @dataclass
@@ -802,9 +802,9 @@ class RiskEngine:
             self.refresh_events()  # other workers' events so far: the rebuild reads up to there, the follow on
             if prepared is not None and prepared.ids == {a.id for a in missing}:
                 added = prepared.velocity
-                if prepared.since is not None:
-                    since_cut = self._taken_in_between_sql(prepared.cut, prepared.cut_seq, self._events_read, None)
-                    added.replay(r[:2] for r in self._stored_rows(subject, prepared.since, where=since_cut))
+                # (with nothing stored at the cut, no time bound: whatever was stored since is new)
+                since_cut = self._taken_in_between_sql(prepared.cut, prepared.cut_seq, self._events_read, None)
+                added.replay(r[:2] for r in self._stored_rows(subject, prepared.since, where=since_cut))
             else:
                 added = self._rebuilt_velocity(subject, missing, self._events_read)
         sources = [rt.velocity] + ([added] if added is not None else [])

@@ -488,3 +488,31 @@ def test_a_publish_that_needs_a_new_aggregate_replays_it_while_scoring_goes_on(
         assert rebuilt == (expected + 1) * 1299.0
     finally:
         client.__exit__(None, None, None)
+
+
+def test_a_new_aggregate_prepared_on_an_empty_store_counts_what_was_scored_before_the_swap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing stored when the replay starts (so it reads nothing and has no time to start from), a payment
+    scored before the swap: the swap's catch-up still reads it."""
+    settings = make_settings(tmp_path / "var", f"sqlite:///{tmp_path / 'risk.db'}", policy_poll_s=3600)
+    client, api = open_api(settings)
+    engine = api.engine
+    prepare = engine._prepare_windows
+
+    def then_a_payment(*args: Any) -> Any:
+        prepared = prepare(*args)
+        between = payment(payment_id="v_between", seller_id="s_new", occurred_at="2026-11-22T08:00:00Z")
+        assert engine.score_payment(PaymentIn.model_validate(between)).committed.exception(10) is None
+        return prepared
+
+    monkeypatch.setattr(engine, "_prepare_windows", then_a_payment)
+    try:
+        assert draft(api, V2)[0] == 201
+        published = api.client.post("/v1/policies/payment/versions/2/publish", headers=api.headers("analyst"))
+        assert published.status_code == 200, published.text
+        api.score(payment(payment_id="v_after", seller_id="s_new", occurred_at="2026-11-22T08:01:00Z"))
+        aggregates = api.client.get("/v1/payments/v_after", headers=api.headers("analyst")).json()["aggregates"]
+        assert aggregates["sum(amount.major by seller_id within 1d)"] == 1299.0
+    finally:
+        client.__exit__(None, None, None)
