@@ -462,7 +462,7 @@ class ScoreOutcome:
     replayed: bool = False
     model_scores: tuple[ModelScore, ...] = ()  # raw and calibrated detector outputs (not for replays)
     model_score: float = 0.0  # the detectors combined (not for replays)
-    identity: tuple[str, str, str] | None = None  # (subject, id, request hash) of a fresh scoring, for ``settle``
+    identity: tuple[str, str, str] | None = None  # (subject, id, request hash) while its write is due: ``settle``
 
     @property
     def response(self) -> dict[str, Any]:
@@ -1748,7 +1748,9 @@ class RiskEngine:
         if pending is not None:
             if pending[0] != request_hash:
                 raise Conflict(f"{kind.id_field} {event_id} was already scored with a different request")
-            return ScoreOutcome(pending[1], self._ticket_of(key), replayed=True)
+            # its write in flight may yet collide with another worker's row: settled as the first caller's is
+            identity = (kind.name, event_id, request_hash)
+            return ScoreOutcome(pending[1], self._ticket_of(key), replayed=True, identity=identity)
         if key not in self._known_ids:
             return None
         stored = self._lookup_stored(kind.name, event_id)
@@ -1800,7 +1802,8 @@ class RiskEngine:
             if pending is not None:  # a concurrent twin got here first
                 if pending[0] != request_hash:
                     raise Conflict(f"{kind.id_field} {event_id} was already scored with a different request")
-                return ScoreOutcome(pending[1], self._ticket_of(key), replayed=True)
+                identity = (subject, event_id, request_hash)
+                return ScoreOutcome(pending[1], self._ticket_of(key), replayed=True, identity=identity)
             self._seq += 1
             seq = self._seq
             if self._retractions:

@@ -412,6 +412,40 @@ def test_a_retry_reaching_another_worker_before_it_follows_gets_the_stored_answe
         client_a.__exit__(None, None, None)
 
 
+def test_a_replay_sharing_a_write_that_collides_with_another_workers_row_gets_the_stored_answer_too(
+    tmp_path: Path,
+) -> None:
+    """Two calls with one payment reach a worker that has not followed another's row for it: the second shares
+    the first's write, which collides; both get the stored answer (the second got a 409)."""
+    import sqlite3
+
+    from risk_engine.payments import PaymentIn
+
+    db_path = tmp_path / "risk.db"
+    settings = make_settings(tmp_path / "var", f"sqlite:///{db_path}", policy_poll_s=3600, follow_poll_s=0)
+    client_a, a = open_api(settings)
+    client_b, b = open_api(settings)
+    try:
+        body = payment(payment_id="pay_twice")
+        stored = a.score(body)
+        locker = sqlite3.connect(db_path, timeout=0.1)
+        locker.execute("BEGIN EXCLUSIVE")  # b's write waits for it, then collides with a's row
+        try:
+            first = b.engine.score_payment(PaymentIn.model_validate(body))
+            twin = b.engine.score_payment(PaymentIn.model_validate(body))
+            assert twin.replayed and twin.committed is first.committed
+        finally:
+            locker.rollback()
+            locker.close()
+        assert first.committed.exception(10) is not None
+        for outcome in (first, twin):
+            settled = b.engine.settle(outcome)
+            assert settled.replayed and settled.response == stored
+    finally:
+        client_b.__exit__(None, None, None)
+        client_a.__exit__(None, None, None)
+
+
 def test_a_lone_workers_follower_reads_none_of_its_own_events_back(tmp_path: Path, database_url: str) -> None:
     """A commit of a worker's own events moves its follow watermark when nothing another worker stored lies
     before them, so a lone worker's follower reads no rows; an event of another worker in between is still read,
