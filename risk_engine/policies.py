@@ -35,6 +35,8 @@ from risk_engine.storage import models as m
 from risk_engine.storage.db import retry_on_race
 from risk_engine.storage.labels import fraud_by_event
 
+STREAMED_ROWS = 2_000  # rows a report over many stored events holds decoded at once
+
 
 @dataclass
 class RuleStat:
@@ -267,42 +269,43 @@ class PolicyWorkflow:
             if row is None:
                 raise NotFound(f"no {subject} policy is in shadow")
             label = f"{subject}:v{row.version}"
+            fraud_by_id = fraud_by_event(s, subject)
             records = s.execute(
                 select(m.Event.event_id, m.Event.decision, m.Event.score, m.Event.shadow)
                 .where(m.Event.subject == subject, m.Event.shadow.is_not(None))
                 .order_by(m.Event.ingest_seq)
-            ).all()
-            fraud_by_id = fraud_by_event(s, subject)
-        transitions: Counter[str] = Counter()
-        hits: Counter[str] = Counter()
-        examples: dict[str, deque[dict[str, Any]]] = {}
-        decided: tuple[list[str], list[str]] = ([], [])  # live, shadow
-        fraud: list[bool] = []
-        agreed = labelled = 0
-        for event_id, live, live_score, shadow in records:
-            if shadow.get("version") != label:
-                continue
-            decided[0].append(live)
-            decided[1].append(shadow["decision"])
-            outcome = fraud_by_id.get(event_id)
-            fraud.append(bool(outcome))
-            labelled += outcome is not None
-            hits.update(shadow.get("rules", ()))
-            if shadow["decision"] == live:
-                agreed += 1
-            else:
-                transition = f"{live}->{shadow['decision']}"
-                transitions[transition] += 1
-                kept = examples.setdefault(transition, deque(maxlen=EXAMPLES_PER_TRANSITION))
-                kept.append(
-                    {
-                        "event_id": event_id,
-                        "label": label_name(outcome),
-                        "live_score": live_score,
-                        "shadow_score": shadow.get("score"),
-                        "shadow_rules": shadow.get("rules", []),
-                    }
-                )
+                .execution_options(yield_per=STREAMED_ROWS)  # every event shadowed so far: never all at once
+            )
+            transitions: Counter[str] = Counter()
+            hits: Counter[str] = Counter()
+            examples: dict[str, deque[dict[str, Any]]] = {}
+            decided: tuple[list[str], list[str]] = ([], [])  # live, shadow
+            fraud: list[bool] = []
+            agreed = labelled = 0
+            for event_id, live, live_score, shadow in records:
+                if shadow.get("version") != label:
+                    continue
+                decided[0].append(live)
+                decided[1].append(shadow["decision"])
+                outcome = fraud_by_id.get(event_id)
+                fraud.append(bool(outcome))
+                labelled += outcome is not None
+                hits.update(shadow.get("rules", ()))
+                if shadow["decision"] == live:
+                    agreed += 1
+                else:
+                    transition = f"{live}->{shadow['decision']}"
+                    transitions[transition] += 1
+                    kept = examples.setdefault(transition, deque(maxlen=EXAMPLES_PER_TRANSITION))
+                    kept.append(
+                        {
+                            "event_id": event_id,
+                            "label": label_name(outcome),
+                            "live_score": live_score,
+                            "shadow_score": shadow.get("score"),
+                            "shadow_rules": shadow.get("rules", []),
+                        }
+                    )
         events = len(fraud)
         quality = {
             name: {
@@ -339,9 +342,9 @@ class PolicyWorkflow:
             with self._session() as s:
                 fraud = fraud_by_event(s, subject)
                 rows = s.execute(
-                    select(m.Event.event_id, m.Event.occurred_at, m.Event.response).where(
-                        m.Event.subject == subject, m.Event.occurred_at >= since
-                    )
+                    select(m.Event.event_id, m.Event.occurred_at, m.Event.response)
+                    .where(m.Event.subject == subject, m.Event.occurred_at >= since)
+                    .execution_options(yield_per=STREAMED_ROWS)  # N days of a deployment's events: never all at once
                 )
                 for event_id, occurred_at, response in rows:
                     age = latest - occurred_at.timestamp()
