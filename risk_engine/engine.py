@@ -729,8 +729,8 @@ class RiskEngine:
     def _cut(self) -> tuple[IdWatermark, int]:
         """Where the state stands (lock held): every event this worker scored stored, the other workers' taken
         in. Returns (the other workers' events taken in, the sequence number of the last one it scored)."""
-        self._apply_retractions()
         self.writer.barrier().wait(30)
+        self._apply_retractions()  # after the barrier: the writes it waited for that failed are taken out too
         self.refresh_events()
         return IdWatermark(self._events_read.last, self._events_read.gaps), self._seq
 
@@ -795,11 +795,9 @@ class RiskEngine:
         needed, missing = self._aggregates_needed(subject, policies)
         if {a.id for a in needed} == {a.id for a in rt.velocity.specs}:
             return
-        self._apply_retractions()  # the windows kept go into the new state as they are
         added = None
         if missing:
-            self.writer.barrier().wait(30)
-            self.refresh_events()  # other workers' events so far: the rebuild reads up to there, the follow on
+            self._cut()  # the reads below go up to here, the follow on from here
             if prepared is not None and prepared.ids == {a.id for a in missing}:
                 added = prepared.velocity
                 # (with nothing stored at the cut, no time bound: whatever was stored since is new)
@@ -807,6 +805,8 @@ class RiskEngine:
                 added.replay(r[:2] for r in self._stored_rows(subject, prepared.since, where=since_cut))
             else:
                 added = self._rebuilt_velocity(subject, missing, self._events_read)
+        else:
+            self._apply_retractions()  # the windows kept go into the new state as they are
         sources = [rt.velocity] + ([added] if added is not None else [])
         rt.velocity = VelocityState.assembled(needed, sources, self.settings.velocity_max_events_per_key)
 
