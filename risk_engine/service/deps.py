@@ -26,7 +26,8 @@ EngineDep = Annotated[RiskEngine, Depends(get_engine)]
 
 
 def require(role: str) -> Callable[..., Coroutine[Any, Any, Principal]]:
-    """A dependency that admits keys of ``role`` or a higher one (scorer < analyst < admin)."""
+    """A dependency that admits keys of ``role`` or a higher one (scorer < analyst < admin). Every route but the
+    probes' takes it, so it also refuses the query parameters a route does not declare, once the key passed."""
 
     async def check(
         request: Request,
