@@ -227,6 +227,20 @@ def open_api(settings: Settings) -> tuple[TestClient, Api]:
     return client, Api(client, settings)
 
 
+@contextmanager
+def two_workers(settings: Settings) -> Iterator[tuple[Api, Api]]:
+    """Two workers on one database, started in order (a, then b) and stopped in reverse."""
+    client_a, a = open_api(settings)
+    try:
+        client_b, b = open_api(settings)
+        try:
+            yield a, b
+        finally:
+            client_b.__exit__(None, None, None)
+    finally:
+        client_a.__exit__(None, None, None)
+
+
 @pytest.fixture
 def api(tmp_path: Path, database_url: str) -> Iterator[Api]:
     """The service on a fresh database, on each backend."""

@@ -16,7 +16,7 @@ import httpx2 as httpx
 from sqlalchemy import func, select
 
 from risk_engine.storage import models as m
-from tests.conftest import REPO, Api, make_settings, open_api, payment, run_cli
+from tests.conftest import REPO, Api, make_settings, open_api, payment, run_cli, two_workers
 
 
 def free_port() -> int:
@@ -368,17 +368,12 @@ def test_a_worker_shows_the_pii_of_a_payment_a_worker_started_after_it_sealed(
     """Each worker seals under a data key of its own, made when it starts: one started earlier has not unwrapped
     it, and must fetch it to show a payment the later one scored (it answered 500 before)."""
     settings = make_settings(tmp_path / "var", database_url, policy_poll_s=3600, follow_poll_s=0)
-    client_a, a = open_api(settings)
-    client_b, b = open_api(settings)
-    try:
+    with two_workers(settings) as (a, b):
         b.score(payment(payment_id="pay_from_b"))
         shown = a.client.get("/v1/payments/pay_from_b", headers=a.headers("analyst"))
         assert shown.status_code == 200, shown.text
         assert shown.json()["pii_masked"]["buyer.email"] == "l****@example.com"
         assert b.client.get("/v1/payments/pay_from_b", headers=b.headers("analyst")).json() == shown.json()
-    finally:
-        client_b.__exit__(None, None, None)
-        client_a.__exit__(None, None, None)
 
 
 def test_a_retry_reaching_another_worker_before_it_follows_gets_the_stored_answer(
@@ -387,9 +382,7 @@ def test_a_retry_reaching_another_worker_before_it_follows_gets_the_stored_answe
     """Behind a load balancer a retry may reach a worker that has not yet taken the first request in: its own
     write collides with the stored row, and it answers with that row's answer, as a replay (it was a 409)."""
     settings = make_settings(tmp_path / "var", database_url, policy_poll_s=3600, follow_poll_s=0)  # by hand
-    client_a, a = open_api(settings)
-    client_b, b = open_api(settings)
-    try:
+    with two_workers(settings) as (a, b):
         body = payment(payment_id="pay_retried", **{"buyer.id": "b_retry"})
         first = a.client.post("/v1/payments/score", json=body, headers=a.headers())
         assert first.status_code == 200 and "idempotent-replayed" not in first.headers
@@ -407,9 +400,6 @@ def test_a_retry_reaching_another_worker_before_it_follows_gets_the_stored_answe
         stored = b.client.get(f"/v1/payments/{nxt['payment_id']}", headers=b.headers("analyst")).json()
         assert stored["aggregates"]["count(by buyer.id within 90d)"] == 1
         assert stored["aggregates"]["count(by buyer.id within 10m)"] == 1
-    finally:
-        client_b.__exit__(None, None, None)
-        client_a.__exit__(None, None, None)
 
 
 def test_a_replay_sharing_a_write_that_collides_with_another_workers_row_gets_the_stored_answer_too(
@@ -423,9 +413,7 @@ def test_a_replay_sharing_a_write_that_collides_with_another_workers_row_gets_th
 
     db_path = tmp_path / "risk.db"
     settings = make_settings(tmp_path / "var", f"sqlite:///{db_path}", policy_poll_s=3600, follow_poll_s=0)
-    client_a, a = open_api(settings)
-    client_b, b = open_api(settings)
-    try:
+    with two_workers(settings) as (a, b):
         body = payment(payment_id="pay_twice")
         stored = a.score(body)
         locker = sqlite3.connect(db_path, timeout=0.1)
@@ -441,9 +429,6 @@ def test_a_replay_sharing_a_write_that_collides_with_another_workers_row_gets_th
         for outcome in (first, twin):
             settled = b.engine.settle(outcome)
             assert settled.replayed and settled.response == stored
-    finally:
-        client_b.__exit__(None, None, None)
-        client_a.__exit__(None, None, None)
 
 
 def test_a_lone_workers_follower_reads_none_of_its_own_events_back(tmp_path: Path, database_url: str) -> None:
