@@ -12,6 +12,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -103,7 +104,7 @@ def run_backtest(
     published: tuple[str, CompiledPolicy],
     events: Iterable[StoredEvent],
     since_ts: float,
-    lists: Mapping[str, frozenset[str]],
+    lists: Mapping[str, AbstractSet[str]],
     progress: Callable[[int], None] | None = None,
     cancelled: threading.Event | None = None,
     max_events_per_key: int = 100_000,
@@ -207,7 +208,7 @@ def replay_one(
     policy: CompiledPolicy,
     event: StoredEvent,
     stored_aggregates: Mapping[str, Any],
-    lists: Mapping[str, frozenset[str]],
+    lists: Mapping[str, AbstractSet[str]],
     history: Iterable[StoredEvent],
     max_events_per_key: int = 100_000,
 ) -> dict[str, Any]:

@@ -56,6 +56,7 @@ from risk_engine.features.lists import (
     canonical_ip,
     list_value_display,
     list_value_token,
+    list_value_tokens,
     load_list_declarations,
 )
 from risk_engine.features.velocity import GRACE_S, VelocityState
@@ -119,6 +120,8 @@ KEY_CACHE_S = 5.0  # how long a process trusts what it read of a key: a revocati
 
 FOLLOW_CHUNK = 200  # other workers' events taken in per hold of the state lock
 FOLLOW_LIMIT = 5_000  # rows read per follow
+LIST_CHANGES_PER_READ = 10_000  # list changes other processes made, read per statement
+LIST_CHANGES_PER_HOLD = 1_000  # of them applied per hold of the state lock
 OWN_IDS_KEPT = 100_000  # ids of this worker's committed events awaiting the follower (see _note_own_events)
 
 
@@ -518,8 +521,10 @@ class RiskEngine:
         self.list_decls: dict[str, ListDecl] = {}
         self.lists = ListMatcher({})
         self.base_currency: BaseCurrency | None = None
-        self._lists_signature = (0, 0, 0)
-        self._lists_edits = 0  # this process's own list edits, so a reload read before one does not undo it
+        self._lists_read = IdWatermark()  # the list changes (``list_changes``) applied
+        self._lists_refresh = threading.Lock()
+        self._lists_edits = 0  # this process's own list edits, so a poll that read states before one does not
+        self._lists_edited: dict[tuple[str, str], int] = {}  # undo it: the entries edited, at which edit
         self.counters = _Counters()
         self._lock = threading.RLock()
         # labels are stored and learned one request at a time, so the detectors learn them in id order (one
@@ -923,52 +928,53 @@ class RiskEngine:
         self._follower.start()
 
     def _load_lists(self) -> None:
-        self.lists = ListMatcher(self.list_decls)
-        # the signature is read before the entries, so a change made in between is seen by the next poll
-        self._lists_signature = list_entries.list_signature(self.db)
-        rows = retry_on_race(self._seed_list_entries)  # another worker starting at once may seed them first
-        self.lists.load((ListEntry(r.list_name, r.token, r.expires_at) for r in rows), now_utc())
+        seeds = {d.name: d.entries for d in self.list_decls.values() if d.entries}
+        if seeds:
+            list_entries.seed_entries(self.db, seeds, "file:lists.toml")
+        # where to follow changes from is read before the entries: a change made in between is read again
+        read = list_entries.changes_start(self.db)
+        lists = ListMatcher(self.list_decls)
+        lists.load((ListEntry(*row) for row in list_entries.live_entries(self.db)), now_utc())
+        self.lists, self._lists_read = lists, read
 
-    def refresh_lists(self) -> bool:
-        """Pick up list entries other processes (workers, ``risk-engine lists``) added, changed or removed.
-        True if the lists were reloaded."""
-        with self._lock:
-            edits = self._lists_edits
-        signature = list_entries.list_signature(self.db)
-        if signature == self._lists_signature:
-            return False
-        rows = list_entries.all_entries(self.db)
-        fresh = ListMatcher(self.list_decls)
-        fresh.load((ListEntry(r.list_name, r.token, r.expires_at) for r in rows), now_utc())
-        with self._lock:
-            if self._lists_edits != edits:
-                # an edit here landed while the rows were read: they may not hold it, the matcher in use does;
-                # the signature stays old, so the next poll reloads with it
-                return False
-            self.lists = fresh
-            self._lists_signature = signature
-        return True
+    def refresh_lists(self, limit: int = LIST_CHANGES_PER_READ) -> bool:
+        """Apply the list changes other processes (workers, ``risk-engine lists``) stored since the last read,
+        each as its entry is stored now, ``limit`` changes a read until none is left. True if any was read."""
+        with self._lists_refresh:  # one reader at a time: it owns ``_lists_read``
+            read = self._lists_read
+            read.expire()
+            found = False
+            while True:
+                with self._lock:
+                    edits = self._lists_edits
+                changes = list_entries.changes_after(self.db, read, limit)
+                if not changes:
+                    return found
+                found = True
+                stored = list_entries.entry_states(self.db, ((name, token) for _, name, token in changes))
+                keys = list(dict.fromkeys((name, token) for _, name, token in changes))
+                for start in range(0, len(keys), LIST_CHANGES_PER_HOLD):
+                    now = now_utc()
+                    with self._lock:
+                        for key in keys[start : start + LIST_CHANGES_PER_HOLD]:
+                            if self._lists_edited.get(key, -1) >= edits:
+                                continue  # edited here since its state was read: the matcher holds the newer one
+                            if key in stored:
+                                self.lists.add(ListEntry(*key, stored[key]), now)
+                            else:
+                                self.lists.remove(*key, now)
+                for change_id, _, _ in changes:
+                    read.note(change_id)
+                with self._lock:
+                    self._lists_edited = {k: n for k, n in self._lists_edited.items() if n >= edits}
+                if len(changes) < limit:
+                    return found
 
-    def _seed_list_entries(self) -> Sequence[m.ListEntry]:
-        """Store the entries ``lists.toml`` seeds that are not stored yet; every stored entry."""
-        with self._session() as s:
-            for decl in self.list_decls.values():
-                present = set(s.scalars(select(m.ListEntry.token).where(m.ListEntry.list_name == decl.name)))
-                for value in decl.entries:
-                    if value not in present:
-                        s.add(
-                            m.ListEntry(
-                                list_name=decl.name,
-                                token=value,
-                                display=value,
-                                added_by="file:lists.toml",
-                                note=None,
-                                created_at=now_utc(),
-                                expires_at=None,
-                            )
-                        )
-            s.commit()
-            return s.scalars(select(m.ListEntry)).all()
+    def _note_list_edit(self, list_name: str, token: str) -> None:
+        """Count an edit made here (under the state lock), so a poll that read the entry's state before it
+        does not undo it."""
+        self._lists_edited[list_name, token] = self._lists_edits
+        self._lists_edits += 1
 
     def _load_known_ids(self) -> None:
         """The ids of stored events, read once at start (``known_ids.py``): a new id (the common case) then
@@ -2543,13 +2549,44 @@ class RiskEngine:
         row = list_entries.add_entry(self.db, list_name, token, display, actor, expires_at, note)
         with self._lock:
             self.lists.add(ListEntry(list_name, token, row.expires_at), now_utc())
-            self._lists_edits += 1
+            self._note_list_edit(list_name, token)
         return {
             "list": list_name,
             "entry": display,
             "added_by": row.added_by,
             "expires_at": row.expires_at.isoformat() if row.expires_at else None,
         }
+
+    def import_list_entries(
+        self,
+        list_name: str,
+        values: Sequence[str],
+        actor: str,
+        expires_at: datetime | None = None,
+        note: str | None = None,
+    ) -> dict[str, Any]:
+        """Put many values on a list at once (``storage.list_entries.import_entries``): all are checked first,
+        and one refused refuses them all, with nothing stored. Enforced here at once, elsewhere at the next poll."""
+        decl = self.list_decls.get(list_name)
+        if decl is None:
+            raise NotFound(f"no list {list_name}")
+        pairs, refused = list_value_tokens(decl, values, self.vault)
+        if refused:
+            raise InvalidInput([{"field": f"values.{i}", "reason": reason} for i, reason in refused])
+        counts = list_entries.import_entries(self.db, list_name, pairs, actor, expires_at, note, source="api")
+        now = now_utc()
+        for start in range(0, len(pairs), LIST_CHANGES_PER_HOLD):
+            with self._lock:
+                for token, _ in pairs[start : start + LIST_CHANGES_PER_HOLD]:
+                    self.lists.add(ListEntry(list_name, token, expires_at), now)
+                    self._note_list_edit(list_name, token)
+        return {"list": list_name, "added": counts.added, "updated": counts.updated, "unchanged": counts.unchanged}
+
+    def list_snapshot(self) -> dict[str, frozenset[str]]:
+        """The lists' live entries now, frozen: for a backtest or replay, which must not see them change."""
+        with self._lock:
+            self.lists.current(now_utc())  # drops the expired ones
+        return self.lists.snapshot()
 
     def _list_token(self, list_name: str, value: str) -> tuple[ListDecl, str]:
         """The list's declaration and what is stored for ``value`` on it (a blind index for PII lists)."""
@@ -2561,11 +2598,11 @@ class RiskEngine:
         except ValueError as exc:
             raise InvalidInput([{"field": "value", "reason": str(exc)}]) from None
 
-    def list_entries(self, list_name: str) -> list[dict[str, Any]]:
-        """A list's entries as stored (PII lists show masked values only)."""
+    def list_entries(self, list_name: str, limit: int, before_id: int | None = None) -> list[dict[str, Any]]:
+        """A page of a list's entries as stored, newest first (PII lists show masked values only)."""
         if list_name not in self.list_decls:
             raise NotFound(f"no list {list_name}")
-        return list_entries.entry_views(self.db, list_name)
+        return list(list_entries.entry_views(self.db, list_name, limit, before_id))
 
     def remove_list_entry(self, list_name: str, value: str, actor: str) -> bool:
         """Remove a value from a list (audited). False if it was not there."""
@@ -2574,7 +2611,7 @@ class RiskEngine:
             return False
         with self._lock:
             self.lists.remove(list_name, token, now_utc())
-            self._lists_edits += 1
+            self._note_list_edit(list_name, token)
         return True
 
     # -- audit and introspection -------------------------------------------------------------------------------

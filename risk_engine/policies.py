@@ -391,7 +391,7 @@ class PolicyWorkflow:
             (live.label, live.compiled),
             events,
             since_ts,
-            self.engine.lists.current(now_utc()),
+            self.engine.list_snapshot(),
             progress,
             cancelled,
             self.engine.settings.velocity_max_events_per_key,
@@ -411,7 +411,7 @@ class PolicyWorkflow:
             compiled,
             event,
             aggregates,
-            self.engine.lists.current(now_utc()),
+            self.engine.list_snapshot(),
             history,
             self.engine.settings.velocity_max_events_per_key,
         )

@@ -177,7 +177,19 @@ REQUESTS: list[dict[str, Any]] = [
         "path": "/v1/policies/payment/rules/stats?days=30",
         "role": "analyst",
     },
-    {"name": "28_list_entries", "method": "GET", "path": "/v1/lists/blocked_devices/entries", "role": "analyst"},
+    {
+        "name": "27b_import_list_entries",
+        "method": "POST",
+        "path": "/v1/lists/blocked_devices/entries/import",
+        "role": "analyst",
+        "body": {"values": ["dev_bad_2", "dev_bad_3", "dev_bad_1"], "note": "devices of case 8812"},
+    },
+    {
+        "name": "28_list_entries",
+        "method": "GET",
+        "path": "/v1/lists/blocked_devices/entries?limit=2",
+        "role": "analyst",
+    },
     {
         "name": "29_remove_list_entry",
         "method": "DELETE",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from risk_engine.config import Settings
 from risk_engine.engine import RiskEngine
+from risk_engine.policies import PolicyWorkflow
 from tests.conftest import REPO, run_cli
 
 run = run_cli
@@ -205,3 +206,43 @@ def test_serve_refuses_a_port_that_cannot_be_bound_before_opening_anything(tmp_p
     result = run_cli("serve", "--port", "99999", home=tmp_path / "var", timeout=60)
     assert result.returncode == 2 and "--port" in result.stderr  # it used to start, "running on :99999"
     assert not (tmp_path / "var").exists()  # no database, key files or admin key made for nothing
+
+
+def test_lists_import_checks_every_line_first_then_imports_and_is_idempotent(tmp_path: Path) -> None:
+    feed = tmp_path / "feed.txt"
+    feed.write_text("# compromised IPs, feed of 2026-12-07\n203.0.113.7\n\n198.51.100.300\n2001:DB8::1\nnot-an-ip\n")
+    refused = run("lists", "import", "blocked_ips", str(feed), home=tmp_path)
+    assert refused.returncode == 1
+    assert f"{feed}:4: not an IPv4 or IPv6 address" in refused.stderr
+    assert f"{feed}:6: not an IPv4 or IPv6 address" in refused.stderr
+    assert "2 lines refused; nothing was imported" in refused.stderr
+    shown = run("lists", "show", "blocked_ips", home=tmp_path)
+    assert json.loads(shown.stdout.strip().splitlines()[-1]) == []
+
+    feed.write_text("203.0.113.7\n2001:DB8::1\n2001:db8::1\n203.0.113.7\n203.0.113.9\n")  # the same IP written twice
+    done = run("lists", "import", "blocked_ips", str(feed), "--note", "feed 2026-12-07", home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "list": "blocked_ips",
+        "added": 3,
+        "updated": 0,
+        "unchanged": 0,
+    }
+    again = run("lists", "import", "blocked_ips", str(feed), home=tmp_path)  # no note stated: nothing to restate
+    assert json.loads(again.stdout.strip().splitlines()[-1])["unchanged"] == 3
+    later = run("lists", "import", "blocked_ips", str(feed), "--expires", "2199-01-01", home=tmp_path)
+    assert json.loads(later.stdout.strip().splitlines()[-1])["updated"] == 3
+    entries = json.loads(run("lists", "show", "blocked_ips", home=tmp_path).stdout.strip().splitlines()[-1])
+    assert len(entries) == 3 and {e["note"] for e in entries} == {"feed 2026-12-07"}
+    assert {e["expires_at"] for e in entries} == {"2199-01-01T00:00:00+00:00"}
+    assert "203.0.113.7" not in json.dumps(entries)  # PII lists show masked values only
+    engine = RiskEngine.open(Settings(home=tmp_path, rules_dir=REPO / "rules", models_dir=REPO / "models"))
+    try:
+        assert engine.lists.counts()["blocked_ips"] == 3
+        audit = PolicyWorkflow(engine).audit(10, action="list.")
+        assert [(e["action"], e["after"]["added"], e["after"]["updated"]) for e in audit] == [
+            ("list.import", 0, 3),
+            ("list.import", 3, 0),
+        ]  # the import that changed nothing left no entry
+    finally:
+        engine.close()

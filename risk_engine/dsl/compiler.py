@@ -17,6 +17,7 @@ import itertools
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -38,7 +39,7 @@ STRING_LIST_KIND = "string"
 
 Record = Mapping[str, Any]
 Aggregates = Mapping[str, float | None]
-Lists = Mapping[str, frozenset[str]]
+Lists = Mapping[str, AbstractSet[str]]
 ModelScores = Mapping[str, float]
 Evaluator = Callable[[Record, Aggregates, Lists, ModelScores], list[int]]
 FeatureFn = Callable[[Record, Aggregates, Lists, ModelScores], dict[str, float]]

@@ -6,10 +6,12 @@ A list has a kind: ``string`` (matched against plain string fields) or a PII kin
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import socket
 import tomllib
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -115,6 +117,22 @@ def list_value_token(decl: ListDecl, value: str, vault: Vault) -> str:
     return vault.blind_index(PiiKind(decl.kind), value)
 
 
+def list_value_tokens(
+    decl: ListDecl, values: Iterable[str], vault: Vault
+) -> tuple[list[tuple[str, str]], list[tuple[int, str]]]:
+    """``(token, display)`` of each value to put on a list, and ``(index, reason)`` of each value refused."""
+    pairs: list[tuple[str, str]] = []
+    refused: list[tuple[int, str]] = []
+    for i, value in enumerate(values):
+        try:
+            token = list_value_token(decl, value, vault)
+        except ValueError as exc:
+            refused.append((i, str(exc)))
+            continue
+        pairs.append((token, list_value_display(decl, value, token)))
+    return pairs, refused
+
+
 def list_value_display(decl: ListDecl, value: str, token: str) -> str:
     """How an entry is shown: its stored value, or the PII value masked (the value itself is not stored)."""
     return token if decl.kind in ("string", "ip_range") else mask(PiiKind(decl.kind), value)
@@ -130,49 +148,101 @@ class ListEntry:
 
 
 class ListMatcher:
-    """In-memory sets of tokens per list, rebuilt when entries change or expire."""
+    """The live tokens of every list, for membership tests; an entry added, removed or expired costs O(1)
+    (an IP range: the networks it covers), whatever the lists' sizes.
+
+    ``sets`` holds one set per list, changed in place: a reader sees each change whole (one set operation under
+    the GIL), and keeps no iterator over them. An IP range list holds the /24 (or /48) networks its ranges
+    cover, each counted by how many ranges cover it, so removing one of two overlapping ranges keeps the
+    network. Expiries wait in a heap; ``current`` drops the entries past theirs. ``snapshot`` gives frozen copies
+    for a run that must see one state throughout (a backtest).
+    Changes and ``current`` are made by one thread at a time (the engine's state lock).
+    """
 
     def __init__(self, declarations: Mapping[str, ListDecl]) -> None:
         self.declarations = dict(declarations)
-        self._entries: list[ListEntry] = []
-        self.sets: dict[str, frozenset[str]] = {name: frozenset() for name in self.declarations}
-        self._next_expiry: datetime | None = None
+        self.sets: dict[str, set[str]] = {name: set() for name in self.declarations}
+        self._ranges: dict[str, dict[str, tuple[str, ...]]] = {}  # range list -> range -> its networks
+        self._covering: dict[tuple[str, str], int] = {}  # (range list, network) -> ranges covering it
+        self._expiry: dict[tuple[str, str], datetime] = {}  # entries that expire, and when
+        self._heap: list[tuple[datetime, str, str]] = []  # (expiry, list, token); stale items skipped on pop
 
     def load(self, entries: Iterable[ListEntry], now: datetime) -> None:
         """Replace all entries."""
-        self._entries = list(entries)
-        self._rebuild(now)
+        self.sets = {name: set() for name in self.declarations}
+        self._ranges, self._covering, self._expiry, self._heap = {}, {}, {}, []
+        for entry in entries:
+            self._put(entry, now, loading=True)
+        heapq.heapify(self._heap)
 
-    def _rebuild(self, now: datetime) -> None:
-        live: dict[str, set[str]] = {name: set() for name in self.declarations}
-        expiries = []
-        for e in self._entries:
-            if e.expires_at is not None:
-                if e.expires_at <= now:
-                    continue
-                expiries.append(e.expires_at)
-            decl = self.declarations.get(e.list_name)
-            if decl is not None and decl.kind == "ip_range":
-                live.setdefault(e.list_name, set()).update(expand_range(e.token))
-            else:
-                live.setdefault(e.list_name, set()).add(e.token)
-        self._entries = [e for e in self._entries if e.expires_at is None or e.expires_at > now]
-        self.sets = {name: frozenset(tokens) for name, tokens in live.items()}
-        self._next_expiry = min(expiries) if expiries else None
-
-    def current(self, now: datetime) -> Mapping[str, frozenset[str]]:
+    def current(self, now: datetime) -> Mapping[str, AbstractSet[str]]:
         """The sets to evaluate with at time ``now`` (expired entries dropped)."""
-        if self._next_expiry is not None and now >= self._next_expiry:
-            self._rebuild(now)
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            expires_at, list_name, token = heapq.heappop(heap)
+            if self._expiry.get((list_name, token)) == expires_at:  # not removed or restated since
+                self._drop(list_name, token)
         return self.sets
 
+    def snapshot(self) -> dict[str, frozenset[str]]:
+        """Frozen copies of the sets as they are (``current`` drops the expired entries first). Safe beside a
+        writer holding no lock here: each copy is one C-level operation under the GIL."""
+        return {name: frozenset(tokens) for name, tokens in list(self.sets.items())}
+
+    def counts(self) -> dict[str, int]:
+        """Live entries per list (an IP range counts once, however many networks it covers)."""
+        return {
+            name: len(self._ranges.get(name, ())) if self._is_range(name) else len(tokens)
+            for name, tokens in list(self.sets.items())
+        }
+
     def add(self, entry: ListEntry, now: datetime) -> None:
-        """Add or replace one entry."""
-        self._entries = [e for e in self._entries if (e.list_name, e.token) != (entry.list_name, entry.token)]
-        self._entries.append(entry)
-        self._rebuild(now)
+        """Add or replace one entry (an expiry already past removes it)."""
+        self._put(entry, now)
 
     def remove(self, list_name: str, token: str, now: datetime) -> None:
-        """Remove one entry."""
-        self._entries = [e for e in self._entries if (e.list_name, e.token) != (list_name, token)]
-        self._rebuild(now)
+        """Remove one entry (nothing if it is not there)."""
+        self._drop(list_name, token)
+
+    def _is_range(self, list_name: str) -> bool:
+        decl = self.declarations.get(list_name)
+        return decl is not None and decl.kind == "ip_range"
+
+    def _put(self, entry: ListEntry, now: datetime, loading: bool = False) -> None:
+        name, token, expires_at = entry.list_name, entry.token, entry.expires_at
+        self._drop(name, token)
+        if expires_at is not None:
+            if expires_at <= now:
+                return
+            self._expiry[name, token] = expires_at
+            if loading:
+                self._heap.append((expires_at, name, token))  # heapified by ``load``
+            else:
+                heapq.heappush(self._heap, (expires_at, name, token))
+        tokens = self.sets.setdefault(name, set())
+        if not self._is_range(name):
+            tokens.add(token)
+            return
+        networks = tuple(expand_range(token))
+        self._ranges.setdefault(name, {})[token] = networks
+        for network in networks:
+            covering = self._covering.get((name, network), 0)
+            self._covering[name, network] = covering + 1
+            if not covering:
+                tokens.add(network)
+
+    def _drop(self, list_name: str, token: str) -> None:
+        self._expiry.pop((list_name, token), None)
+        tokens = self.sets.get(list_name)
+        if tokens is None:
+            return
+        if not self._is_range(list_name):
+            tokens.discard(token)
+            return
+        networks = self._ranges.get(list_name, {}).pop(token, ())
+        for network in networks:
+            covering = self._covering.pop((list_name, network)) - 1
+            if covering:
+                self._covering[list_name, network] = covering
+            else:
+                tokens.discard(network)

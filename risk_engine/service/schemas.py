@@ -195,19 +195,36 @@ class LabelBatchOut(BaseModel):
     labels: list[LabelOut] = Field(description="Every label as stored, in the order sent")
 
 
+def _expiry_in_the_future(expires_at: datetime | None) -> datetime | None:
+    # an entry that has expired already would be stored, answered 201 and never match
+    if expires_at is not None and expires_at <= datetime.now(UTC):
+        raise ValueError("expires_at is not in the future: the entry would never match")
+    return expires_at
+
+
 class ListEntryIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     value: Text = Field(min_length=1, max_length=256)
     expires_at: Instant | None = Field(default=None, description="When the entry stops matching: in the future")
     note: Text | None = Field(default=None, max_length=512)
 
-    @field_validator("expires_at")
-    @classmethod
-    def _in_the_future(cls, expires_at: datetime | None) -> datetime | None:
-        # an entry that has expired already would be stored, answered 201 and never match
-        if expires_at is not None and expires_at <= datetime.now(UTC):
-            raise ValueError("expires_at is not in the future: the entry would never match")
-        return expires_at
+    _in_the_future = field_validator("expires_at")(_expiry_in_the_future)
+
+
+class ListEntriesIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    values: list[Annotated[Text, Field(min_length=1, max_length=256)]] = Field(min_length=1, max_length=1000)
+    expires_at: Instant | None = Field(default=None, description="When the entries stop matching: in the future")
+    note: Text | None = Field(default=None, max_length=512)
+
+    _in_the_future = field_validator("expires_at")(_expiry_in_the_future)
+
+
+class ListImportOut(BaseModel):
+    list: str
+    added: int = Field(description="Values that were not on the list")
+    updated: int = Field(description="Values on it whose expiry or note this restated")
+    unchanged: int = Field(description="Values on it as stated already")
 
 
 class ListEntryRemove(BaseModel):

@@ -1,23 +1,29 @@
 """Stored list entries: add (idempotent on the value), remove, read, each change audited.
 
 These need only the database, so ``risk-engine lists`` edits a list without opening an engine (which would
-rebuild velocity and detectors from the whole history); running engines pick the change up by polling
-``list_signature``. What is stored for a value (itself, or a blind index) is decided by the caller
-(``features.lists.list_value_token``).
+rebuild velocity and detectors from the whole history). Every change also appends a row to ``list_changes`` in
+its transaction: running engines follow those (``changes_after``) and read back only the entries they name
+(``entry_states``), however long the lists are. What is stored for a value (itself, or a blind index) is
+decided by the caller (``features.lists.list_value_token``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, insert, select
 from sqlalchemy.orm import Session
 
 from risk_engine.storage import models as m
 from risk_engine.storage.audit import audit
 from risk_engine.storage.db import retry_on_race
+from risk_engine.watermark import MAX_GAPS, IdWatermark
+
+STATE_BATCH = 500  # entries read back per statement (bound parameters stay far below both databases' limits)
+IMPORT_BATCH = 1_000  # values imported per transaction
 
 
 def _session(db: Engine) -> Session:
@@ -43,16 +49,9 @@ def add_entry(
             ).first()
             stated = {"display": display, "expires_at": expires_at.isoformat() if expires_at else None}
             if row is None:
-                row = m.ListEntry(
-                    list_name=list_name,
-                    token=token,
-                    display=display,
-                    added_by=actor,
-                    note=note,
-                    created_at=datetime.now(UTC),
-                    expires_at=expires_at,
-                )
+                row = _new_row(list_name, token, display, actor, expires_at, note)
                 s.add(row)
+                s.add(m.ListChange(list_name=list_name, token=token))
                 audit(s, actor, "list.add", f"list:{list_name}", None, stated)
                 s.commit()
             elif row.expires_at != expires_at or (note is not None and note != row.note):
@@ -63,6 +62,7 @@ def add_entry(
                 }
                 row.expires_at = expires_at
                 row.note = note if note is not None else row.note
+                s.add(m.ListChange(list_name=list_name, token=token))
                 audit(s, actor, "list.update", f"list:{list_name}", before, {**stated, "note": row.note})
                 s.commit()
             return row
@@ -80,39 +80,200 @@ def remove_entry(db: Engine, list_name: str, token: str, actor: str) -> bool:
             return False
         audit(s, actor, "list.remove", f"list:{list_name}", {"display": row.display}, None)
         s.delete(row)
+        s.add(m.ListChange(list_name=list_name, token=token))
         s.commit()
     return True
 
 
-def entry_views(db: Engine, list_name: str) -> list[dict[str, Any]]:
-    """A list's entries as stored, oldest first (PII lists show masked values only)."""
+def entry_view(row: m.ListEntry) -> dict[str, Any]:
+    """How an entry is shown (PII lists: masked)."""
+    return {
+        "id": row.id,
+        "entry": row.display,
+        "added_by": row.added_by,
+        "note": row.note,
+        "created_at": row.created_at.isoformat(),
+        "expires_at": row.expires_at.isoformat() if row.expires_at else None,
+    }
+
+
+def entry_views(
+    db: Engine, list_name: str, limit: int | None = None, before_id: int | None = None, oldest_first: bool = False
+) -> Iterator[dict[str, Any]]:
+    """A list's entries as stored, newest first (or oldest), from before ``before_id``, at most ``limit``: read
+    in batches, so a whole list can be streamed."""
+    order = m.ListEntry.id.asc() if oldest_first else m.ListEntry.id.desc()
+    stmt = select(m.ListEntry).where(m.ListEntry.list_name == list_name).order_by(order)
+    if before_id is not None:
+        stmt = stmt.where(m.ListEntry.id < before_id)
+    if limit is not None:
+        stmt = stmt.limit(limit)
     with _session(db) as s:
-        rows = s.scalars(select(m.ListEntry).where(m.ListEntry.list_name == list_name).order_by(m.ListEntry.id))
-        return [
-            {
-                "entry": r.display,
-                "added_by": r.added_by,
-                "note": r.note,
-                "created_at": r.created_at.isoformat(),
-                "expires_at": r.expires_at.isoformat() if r.expires_at else None,
-            }
-            for r in rows
-        ]
+        for row in s.scalars(stmt.execution_options(yield_per=STATE_BATCH)):
+            yield entry_view(row)
 
 
-def all_entries(db: Engine) -> Sequence[m.ListEntry]:
-    """Every stored entry of every list."""
+def live_entries(db: Engine) -> Iterator[tuple[str, str, datetime | None]]:
+    """Every stored entry of every list as ``(list, token, expiry)``, streamed."""
+    stmt = select(m.ListEntry.list_name, m.ListEntry.token, m.ListEntry.expires_at)
     with _session(db) as s:
-        return s.scalars(select(m.ListEntry)).all()
+        yield from s.execute(stmt.execution_options(yield_per=10_000))
 
 
-def list_signature(db: Engine) -> tuple[int, int, int]:
-    """What changes with every stored list change: the entries' count and newest id (additions, removals,
-    seeds) and the newest list audit entry (an entry's expiry or note replaced in place)."""
+def changes_start(db: Engine) -> IdWatermark:
+    """Where a worker that reads every entry now starts following changes: past the newest change, with the
+    ids below it not (yet) committed kept as gaps, since their entries may be missing from what it reads."""
     with _session(db) as s:
-        count, newest = s.execute(select(func.count(), func.max(m.ListEntry.id)).select_from(m.ListEntry)).one()
-        # a range, not LIKE 'list.%': both databases answer it from the (action, id) index
-        audited = s.scalar(
-            select(func.max(m.AuditEntry.id)).where(m.AuditEntry.action >= "list.", m.AuditEntry.action < "list/")
-        )
-    return int(count), int(newest or 0), int(audited or 0)
+        top = s.scalar(select(func.max(m.ListChange.id))) or 0
+        present = set(s.scalars(select(m.ListChange.id).where(m.ListChange.id > top - MAX_GAPS)))
+    return IdWatermark(top, (i for i in range(max(1, top - MAX_GAPS + 1), top) if i not in present))
+
+
+def changes_after(db: Engine, read: IdWatermark, limit: int) -> list[tuple[int, str, str]]:
+    """The changes ``read`` has not read, ``(id, list, token)`` in id order, at most ``limit``."""
+    wanted = m.ListChange.id > read.last
+    if read.gaps:
+        wanted = wanted | m.ListChange.id.in_(sorted(read.gaps))
+    stmt = select(m.ListChange.id, m.ListChange.list_name, m.ListChange.token).where(wanted)
+    with _session(db) as s:
+        return [(i, name, token) for i, name, token in s.execute(stmt.order_by(m.ListChange.id).limit(limit))]
+
+
+def entry_states(db: Engine, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], datetime | None]:
+    """The stored entries among ``(list, token)`` keys, with their expiries; a key not in it is not stored.
+    Asked a list at a time (``list_name = ? AND token IN (...)``), which both databases answer from the unique
+    index, as SQLite does not a row-value ``IN``."""
+    by_list: dict[str, list[str]] = {}
+    for list_name, token in set(keys):
+        by_list.setdefault(list_name, []).append(token)
+    found: dict[tuple[str, str], datetime | None] = {}
+    with _session(db) as s:
+        for list_name, tokens in by_list.items():
+            for start in range(0, len(tokens), STATE_BATCH):
+                stmt = select(m.ListEntry.token, m.ListEntry.expires_at).where(
+                    m.ListEntry.list_name == list_name, m.ListEntry.token.in_(tokens[start : start + STATE_BATCH])
+                )
+                for token, expires_at in s.execute(stmt):
+                    found[list_name, token] = expires_at
+    return found
+
+
+def seed_entries(db: Engine, seeds: Mapping[str, Sequence[str]], actor: str) -> int:
+    """Store the seeded values of string lists (``lists.toml``) not stored yet; how many were."""
+
+    def write() -> int:
+        added = 0
+        with _session(db) as s:
+            for list_name, values in seeds.items():
+                stored = select(m.ListEntry.token).where(
+                    m.ListEntry.list_name == list_name, m.ListEntry.token.in_(values)
+                )
+                present = set(s.scalars(stored))
+                for value in dict.fromkeys(values):
+                    if value not in present:
+                        s.add(_new_row(list_name, value, value, actor, None, None))
+                        s.add(m.ListChange(list_name=list_name, token=value))
+                        added += 1
+            s.commit()
+        return added
+
+    return retry_on_race(write)  # another worker starting at once may seed them first
+
+
+def _new_row(
+    list_name: str, token: str, display: str, actor: str, expires_at: datetime | None, note: str | None
+) -> m.ListEntry:
+    return m.ListEntry(
+        list_name=list_name,
+        token=token,
+        display=display,
+        added_by=actor,
+        note=note,
+        created_at=datetime.now(UTC),
+        expires_at=expires_at,
+    )
+
+
+@dataclass
+class ImportCounts:
+    """What an import did: values added, values already there whose expiry or note it restated, and values
+    already there as it states them."""
+
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+
+
+def import_entries(
+    db: Engine,
+    list_name: str,
+    values: Sequence[tuple[str, str]],
+    actor: str,
+    expires_at: datetime | None = None,
+    note: str | None = None,
+    source: str = "",
+) -> ImportCounts:
+    """Put ``(token, display)`` values on ``list_name``, as ``add_entry`` does each, in transactions of
+    ``IMPORT_BATCH``: a value already there has its expiry (and note, if one is given) restated. Each batch is
+    audited once (``list.import``, with its counts and ``source``). Interrupted, it leaves whole batches stored;
+    running it again finishes it, as values already stored as stated are left alone."""
+    counts = ImportCounts()
+    unique = list(dict(values).items())  # a value twice in the input is imported once
+    for start in range(0, len(unique), IMPORT_BATCH):
+        batch = unique[start : start + IMPORT_BATCH]
+
+        def write(batch: list[tuple[str, str]] = batch) -> ImportCounts:
+            done = ImportCounts()
+            with _session(db) as s:
+                tokens = [token for token, _ in batch]
+                stored = {
+                    row.token: row
+                    for row in s.scalars(
+                        select(m.ListEntry).where(m.ListEntry.list_name == list_name, m.ListEntry.token.in_(tokens))
+                    )
+                }
+                new = []
+                changed = []
+                for token, display in batch:
+                    row = stored.get(token)
+                    if row is None:
+                        new.append(
+                            {
+                                "list_name": list_name,
+                                "token": token,
+                                "display": display,
+                                "added_by": actor,
+                                "note": note,
+                                "created_at": datetime.now(UTC),
+                                "expires_at": expires_at,
+                            }
+                        )
+                    elif row.expires_at != expires_at or (note is not None and note != row.note):
+                        row.expires_at = expires_at
+                        row.note = note if note is not None else row.note
+                        changed.append(token)
+                    else:
+                        done.unchanged += 1
+                if new:
+                    s.execute(insert(m.ListEntry), new)
+                touched = [row["token"] for row in new] + changed
+                if touched:
+                    s.execute(insert(m.ListChange), [{"list_name": list_name, "token": t} for t in touched])
+                    done.added, done.updated = len(new), len(changed)
+                    stated = {"added": done.added, "updated": done.updated, "unchanged": done.unchanged}
+                    audit(
+                        s,
+                        actor,
+                        "list.import",
+                        f"list:{list_name}",
+                        None,
+                        {**stated, "source": source, "expires_at": expires_at.isoformat() if expires_at else None},
+                    )
+                s.commit()
+            return done
+
+        done = retry_on_race(write)  # a value another process added meanwhile is then found stored
+        counts.added += done.added
+        counts.updated += done.updated
+        counts.unchanged += done.unchanged
+    return counts

@@ -131,7 +131,10 @@ class ListEntry(Base):
     """An entry of a named list: a plain value or a blind index, with a masked display form."""
 
     __tablename__ = "list_entries"
-    __table_args__ = (UniqueConstraint("list_name", "token", name="uq_list_entries_list_token"),)
+    __table_args__ = (
+        UniqueConstraint("list_name", "token", name="uq_list_entries_list_token"),
+        Index("ix_list_entries_list_id", "list_name", "id"),  # a list's entries a page at a time, by id
+    )
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     list_name: Mapped[str] = mapped_column(String(64))
     token: Mapped[str] = mapped_column(String(128))
@@ -140,6 +143,16 @@ class ListEntry(Base):
     note: Mapped[str | None] = mapped_column(String(512))
     created_at: Mapped[datetime]
     expires_at: Mapped[datetime | None]
+
+
+class ListChange(Base):
+    """That an entry of a list was added, changed or removed: what workers follow, by id, to apply list edits
+    made elsewhere (reading the entry's stored state), instead of reloading every list."""
+
+    __tablename__ = "list_changes"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    list_name: Mapped[str] = mapped_column(String(64))
+    token: Mapped[str] = mapped_column(String(128))
 
 
 class PolicyVersion(Base):

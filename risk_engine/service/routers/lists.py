@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Query
 
 from risk_engine.engine import NotFound
 from risk_engine.service.deps import Analyst, EngineDep
 from risk_engine.service.responses import JsonResponse
-from risk_engine.service.schemas import ERRORS, ListEntryIn, ListEntryOut, ListEntryRemove, errors
+from risk_engine.service.schemas import (
+    ERRORS,
+    MAX_ROW_ID,
+    ListEntriesIn,
+    ListEntryIn,
+    ListEntryOut,
+    ListEntryRemove,
+    ListImportOut,
+    errors,
+)
 
 router = APIRouter(prefix="/v1/lists", tags=["lists"])
 NO_LIST = "No list by that name"
@@ -16,19 +27,37 @@ NO_LIST = "No list by that name"
 @router.get("", responses=ERRORS)
 def list_lists(engine: EngineDep, _: Analyst) -> JsonResponse:
     """Declared lists with their kinds and live entry counts."""
-    sets = engine.lists.sets
+    counts = engine.lists.counts()
     return JsonResponse(
         [
-            {"name": d.name, "kind": d.kind, "description": d.description, "entries": len(sets.get(d.name, ()))}
+            {"name": d.name, "kind": d.kind, "description": d.description, "entries": counts.get(d.name, 0)}
             for d in engine.list_decls.values()
         ]
     )
 
 
 @router.get("/{list_name}/entries", responses=errors(not_found=NO_LIST))
-def list_entries(list_name: str, engine: EngineDep, _: Analyst) -> JsonResponse:
-    """A list's entries: values of PII lists are shown masked; who added each, and when it expires."""
-    return JsonResponse(engine.list_entries(list_name))
+def list_entries(
+    list_name: str,
+    engine: EngineDep,
+    _: Analyst,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    before_id: Annotated[int | None, Query(ge=1, le=MAX_ROW_ID, description="The last id of the page before")] = None,
+) -> JsonResponse:
+    """A list's entries, newest first: values of PII lists are shown masked; who added each, when, and when it
+    expires. Page with ``before_id`` (the last id seen)."""
+    return JsonResponse(engine.list_entries(list_name, limit, before_id))
+
+
+@router.post(
+    "/{list_name}/entries/import", response_model=ListImportOut, status_code=200, responses=errors(not_found=NO_LIST)
+)
+def import_entries(list_name: str, body: ListEntriesIn, engine: EngineDep, who: Analyst) -> JsonResponse:
+    """Put up to 1,000 values on a list at once, each as adding it would (idempotent on the value; a value on it
+    has its expiry, and note if one is given, restated), audited once as ``list.import``. Every value is
+    checked first: one refused refuses them all (422 naming ``values.N``), with nothing stored."""
+    done = engine.import_list_entries(list_name, body.values, f"key:{who.key_id}", body.expires_at, body.note)
+    return JsonResponse(done)
 
 
 @router.delete(
