@@ -33,12 +33,14 @@ lists_app = typer.Typer(help="Named lists.", no_args_is_help=True)
 models_app = typer.Typer(help="Detectors.", no_args_is_help=True)
 merchants_app = typer.Typer(help="Merchants: daily roll-ups and their population detectors.", no_args_is_help=True)
 vault_app = typer.Typer(help="The PII vault's keys.", no_args_is_help=True)
+pii_app = typer.Typer(help="Stored PII: retention.", no_args_is_help=True)
 app.add_typer(rules_app, name="rules")
 app.add_typer(keys_app, name="keys")
 app.add_typer(lists_app, name="lists")
 app.add_typer(models_app, name="models")
 app.add_typer(merchants_app, name="merchants")
 app.add_typer(vault_app, name="vault")
+app.add_typer(pii_app, name="pii")
 
 
 T = TypeVar("T")
@@ -278,6 +280,37 @@ def keys_revoke(
         f"revoked {view['key_id']} ({view['role']}, {view['name']!r}) at {view['revoked_at']}; "
         f"running services refuse it within {KEY_CACHE_S:g} s"
     )
+
+
+@pii_app.command("expire")
+def pii_expire(
+    older_than_days: Annotated[
+        int | None,
+        typer.Option(min=1, max=36_500, help="Retention in days (default: RISK_ENGINE_PII_RETENTION_DAYS)."),
+    ] = None,
+) -> None:
+    """Drop the sealed PII of every stored event dated more than the retention period ago, without opening an
+    engine (audited as pii.expire, counts only). Records keep their blind indexes: decisions, velocity, lists
+    and backtests are unchanged; the events show pii_expired. Prints the counts, JSON last."""
+    from datetime import UTC, timedelta
+
+    from risk_engine.storage.erasure import expire
+    from risk_engine.subjects import SUBJECT_KINDS
+
+    _logging(logging.WARNING)
+    settings = Settings()
+    days = older_than_days if older_than_days is not None else settings.pii_retention_days
+    if days is None:
+        typer.echo("no retention period: give --older-than-days or set RISK_ENGINE_PII_RETENTION_DAYS", err=True)
+        raise typer.Exit(1)
+    before = datetime.now(UTC) - timedelta(days=days)
+    db = _migrated_database(settings)
+    try:
+        expired = expire(db, SUBJECT_KINDS, before, "cli")
+    finally:
+        db.dispose()
+    typer.echo(f"dropped the PII of {sum(expired.values())} events dated before {before.isoformat()}")
+    typer.echo(json.dumps({"before": before.isoformat(), "events": sum(expired.values()), "by_subject": expired}))
 
 
 @vault_app.command("rotate-master-key")

@@ -28,6 +28,14 @@ class Settings(BaseSettings):
     )
     blind_index_key: str | None = Field(default=None, description="Base64 32-byte key for blind indexes.")
     signing_key: str | None = Field(default=None, description="Base64 32-byte key signing model snapshots.")
+    pii_retention_days: int | None = Field(
+        default=None,
+        ge=1,
+        le=36_500,
+        description="Days an event's sealed PII is kept after the event (unset: kept until erased). Every worker "
+        "drops older PII once a day; records keep their blind indexes, so decisions, velocity and backtests "
+        "are unchanged. `risk-engine pii expire` runs it at once.",
+    )
     max_body_bytes: int = Field(default=64 * 1024, description="Larger request bodies get HTTP 413.")
     max_future_s: float = Field(
         default=86_400.0,

@@ -115,6 +115,7 @@ CATCH_UP_ROUNDS = 3
 CATCH_UP_LEFT = 500
 KNOWN_IDS_MIN_CAPACITY = 1_000_000  # the id filter's first layer: about 2 MB
 IDEMPOTENCY_PURGE_S = 3600.0  # how often a worker deletes expired idempotency keys
+PII_EXPIRY_S = 86_400.0  # how often a worker drops the PII past its retention (pii_retention_days), when set
 KEY_CACHE_S = 5.0  # how long a process trusts what it read of a key: a revocation elsewhere takes this long
 
 
@@ -884,9 +885,10 @@ class RiskEngine:
 
     def _start_policy_poller(self) -> None:
         purged_at = float("-inf")  # the first poll purges
+        pii_expired_at = time.monotonic()  # ... but leaves the PII to the day's run (or ``risk-engine pii expire``)
 
         def poll() -> None:
-            nonlocal purged_at
+            nonlocal purged_at, pii_expired_at
             while not self._stopping.wait(self.settings.policy_poll_s):
                 try:
                     self.refresh_policies()
@@ -896,6 +898,9 @@ class RiskEngine:
                     if time.monotonic() - purged_at > IDEMPOTENCY_PURGE_S:
                         idempotency.purge(self.db, now_utc())  # keys past their 24 h
                         purged_at = time.monotonic()
+                    if self.settings.pii_retention_days and time.monotonic() - pii_expired_at > PII_EXPIRY_S:
+                        pii_expired_at = time.monotonic()
+                        self.expire_pii("retention")
                 except Exception as exc:  # a bad poll must not kill the worker; the next one retries
                     log.warning("policy refresh failed: %s", type(exc).__name__)
 
@@ -2120,6 +2125,7 @@ class RiskEngine:
             "decision": row.response,
             "pii_masked": masked,
             "pii_erased": row.pii_key_id == erasure.ERASED,
+            "pii_expired": row.pii_key_id == erasure.EXPIRED,
             "aggregates": row.aggregates,
             "features": stored_vectors(
                 row.features, row.record, {d.name: d.features.names for d in self._detectors_of(subject)}
@@ -2491,6 +2497,19 @@ class RiskEngine:
         except OperationalError as exc:
             raise DatabaseUnavailable(type(exc).__name__) from exc
         return {"kind": kind, "events": sum(erased.values()), "by_subject": erased}
+
+    def expire_pii(self, actor: str, days: int | None = None) -> dict[str, Any]:
+        """Drop the sealed PII of the events dated more than ``days`` (the ``pii_retention_days`` setting if not
+        given) ago (see ``storage.erasure.expire``), audited as ``pii.expire``."""
+        days = days if days is not None else self.settings.pii_retention_days
+        if days is None:
+            raise InvalidInput([{"field": "days", "reason": "no retention period: set pii_retention_days"}])
+        before = now_utc() - timedelta(days=days)
+        try:
+            expired = erasure.expire(self.db, SUBJECT_KINDS, before, actor)
+        except OperationalError as exc:
+            raise DatabaseUnavailable(type(exc).__name__) from exc
+        return {"before": before.isoformat(), "events": sum(expired.values()), "by_subject": expired}
 
     # -- API keys ----------------------------------------------------------------------------------------------
     def create_api_key(

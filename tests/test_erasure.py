@@ -3,13 +3,20 @@ without the value, while decisions, velocity and backtests, which read blind ind
 
 from __future__ import annotations
 
+import json
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
+from risk_engine import engine as engine_module
+from risk_engine.engine import InvalidInput
 from risk_engine.policies import PolicyWorkflow
 from risk_engine.storage import models as m
-from tests.conftest import BASE_REVIEW, REPO, Api, payment
+from tests.conftest import BASE_REVIEW, REPO, Api, make_settings, open_api, payment, run_cli
 
 OTHER = {"buyer.id": "b_8", "buyer.email": "zhang.san@example.com", "buyer.phone": "+8613900139000"}
 
@@ -112,3 +119,71 @@ def test_erasure_by_an_ipv4_address_finds_events_stored_with_its_mapped_form(api
         s.commit()
     done = erase(api, "ip", "203.0.113.9")
     assert done.json()["events"] == 1 and blobs(api)["p1"] is None and blobs(api)["p2"] is not None
+
+
+def dated(days_ago: float) -> str:
+    return (datetime.now(UTC) - timedelta(days=days_ago)).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def test_pii_past_the_retention_period_is_dropped_and_each_run_reads_only_what_the_last_one_left(api: Api) -> None:
+    old = {
+        pid: api.score(payment(payment_id=pid, occurred_at=dated(days))) for pid, days in (("p500", 500), ("p100", 100))
+    }
+    api.score(payment(payment_id="p10", occurred_at=dated(10), **OTHER))
+    with pytest.raises(InvalidInput):
+        api.engine.expire_pii("test")  # no retention period set, none given
+
+    done = api.engine.expire_pii("test", days=90)
+    assert (done["events"], done["by_subject"]["payment"]) == (2, 2)
+    assert [k for k, blob in blobs(api).items() if blob is None] == ["p500", "p100"]
+    shown = api.client.get("/v1/payments/p100", headers=api.headers()).json()
+    assert shown["pii_masked"] == {} and shown["pii_expired"] is True and shown["pii_erased"] is False
+    assert shown["decision"] == old["p100"]
+    kept = api.client.get("/v1/payments/p10", headers=api.headers()).json()
+    assert kept["pii_masked"] != {} and kept["pii_expired"] is False
+    retried = api.client.post(
+        "/v1/payments/score", json=payment(payment_id="p500", occurred_at=dated(500)), headers=api.headers()
+    )
+    assert retried.status_code == 200 and retried.headers["Idempotent-Replayed"] == "true"  # the retry still replays
+
+    # a backfill dated before the last cutoff, stored after that run, is found by id; an earlier cutoff is the last
+    api.score(payment(payment_id="p200", occurred_at=dated(200)))
+    api.score(payment(payment_id="p95", occurred_at=dated(95)))
+    assert api.engine.expire_pii("test", days=365)["events"] == 2
+    assert blobs(api)["p200"] is None and blobs(api)["p95"] is None and blobs(api)["p10"] is not None
+    assert api.engine.expire_pii("test", days=90)["events"] == 0
+    audit = api.client.get("/v1/audit?action=pii.expire", headers=api.headers("analyst")).json()
+    assert [a["after"]["events"]["payment"] for a in audit] == [0, 2, 2]
+
+    # the records keep their blind indexes: the live policy replays exactly as it decided
+    policy = (REPO / "rules" / "payment.rules").read_text()
+    report = PolicyWorkflow(api.engine).backtest("payment", policy, "same", since_s=600 * 86400)
+    assert report.events == 5 and report.live_mismatches == 0
+
+
+def test_pii_expire_from_the_command_line_and_daily_in_every_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "var"
+    client, api = open_api(make_settings(home, f"sqlite:///{home}/risk.db"))
+    try:
+        api.score(payment(payment_id="p100", occurred_at=dated(100)))
+        api.score(payment(payment_id="p40", occurred_at=dated(40)))
+    finally:
+        client.__exit__(None, None, None)
+    env = {"RISK_ENGINE_DATABASE_URL": f"sqlite:///{home}/risk.db"}
+    unset = run_cli("pii", "expire", home=home, env=env)
+    assert unset.returncode == 1 and "no retention period" in unset.stderr
+    done = run_cli("pii", "expire", "--older-than-days", "90", home=home, env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["by_subject"]["payment"] == 1
+
+    monkeypatch.setattr(engine_module, "PII_EXPIRY_S", 0.0)  # the day's run at the first poll
+    client, api = open_api(make_settings(home, f"sqlite:///{home}/risk.db", pii_retention_days=30, policy_poll_s=0.05))
+    try:
+        deadline = time.monotonic() + 30
+        while blobs(api)["p40"] is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert blobs(api) == {"p100": None, "p40": None}
+    finally:
+        client.__exit__(None, None, None)

@@ -138,6 +138,7 @@ class PaymentOut(BaseModel):
     decision: ScoreOut
     pii_masked: dict[str, str]
     pii_erased: bool = Field(description="The person's PII was erased on request (POST /v1/pii/erase)")
+    pii_expired: bool = Field(description="The PII outlived the retention period (pii_retention_days) and was dropped")
     aggregates: dict[str, Any]
     features: dict[str, Any]
     labels: list[LabelOut] = Field(description="Outcomes received for this payment, oldest first")
