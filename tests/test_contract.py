@@ -19,6 +19,24 @@ def test_openapi_document_matches_the_code() -> None:
     assert stored == json.loads(json.dumps(generated)), "api/openapi.json is stale: run `make openapi`"
 
 
+def test_the_document_lists_each_subjects_declared_attributes_and_no_others(tmp_path: Path) -> None:
+    subjects = tmp_path / "subjects.toml"
+    subjects.write_text('[review.attributes]\nchannel = "string"\nverified_purchase = "bool"\nbasket = "number"\n')
+    settings = Settings(home=tmp_path, rules_dir=REPO / "rules", subjects_file=subjects)
+    schemas = create_app(settings).openapi()["components"]["schemas"]
+    review = schemas["ReviewIn"]["properties"]["attributes"]
+    assert review["properties"] == {
+        "channel": {"type": "string", "description": "Never a full card number"},
+        "verified_purchase": {"type": "boolean"},
+        "basket": {"type": "number", "minimum": -1e15, "maximum": 1e15},
+    }
+    assert review["additionalProperties"] is False
+    payment_attributes = schemas["PaymentIn"]["properties"]["attributes"]  # none declared for payments here
+    assert payment_attributes["properties"] == {} and payment_attributes["additionalProperties"] is False
+    stored = json.loads((REPO / "api" / "openapi.json").read_text())["components"]["schemas"]
+    assert {f"V{i}" for i in range(1, 29)} <= set(stored["PaymentIn"]["properties"]["attributes"]["properties"])
+
+
 def test_every_endpoint_has_an_example() -> None:
     paths = json.loads((REPO / "api" / "openapi.json").read_text())["paths"]
     covered = {req["path"] for req in REQUESTS}

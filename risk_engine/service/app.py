@@ -15,6 +15,8 @@ from risk_engine import __version__
 from risk_engine.config import Settings
 from risk_engine.engine import RiskEngine
 from risk_engine.jobs import Jobs
+from risk_engine.payments import ATTRIBUTE_NUMBER_LIMIT
+from risk_engine.schema import ConfigError, FieldType, load_attribute_declarations
 from risk_engine.service.commits import CommitWaiter
 from risk_engine.service.errors import install_error_handlers
 from risk_engine.service.fastpath import ScoringFastPath
@@ -35,6 +37,7 @@ from risk_engine.service.routers import (
     reviews,
 )
 from risk_engine.service.schemas import IDEMPOTENCY_CONFLICT, as_json_errors
+from risk_engine.subjects import SUBJECT_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +65,43 @@ def bootstrap_admin_key(engine: RiskEngine) -> None:
     log.warning("no API keys existed: an admin key was written to %s (mode 0600)", path)
 
 
-def document_idempotency_conflicts(app: FastAPI) -> None:
-    """Add the ``Idempotency-Key`` 409 to the documented answers of every operation that takes the header, in
-    the generated document (the rule is the middleware's, not each route's)."""
+ATTRIBUTE_SCHEMAS: dict[FieldType, dict[str, Any]] = {
+    FieldType.NUMBER: {"type": "number", "minimum": -ATTRIBUTE_NUMBER_LIMIT, "maximum": ATTRIBUTE_NUMBER_LIMIT},
+    FieldType.STRING: {"type": "string", "description": "Never a full card number"},
+    FieldType.BOOL: {"type": "boolean"},
+}
+
+
+def document_attributes(schema: dict[str, Any], settings: Settings) -> None:
+    """Make each subject's ``attributes`` in the document the ones its ``subjects.toml`` declares, each with its
+    type: what the engine takes (any other is a 422). A file that does not load leaves the generic mapping (the
+    engine refuses to start on it anyway)."""
+    try:
+        declared = load_attribute_declarations(settings.resolved_subjects_file)
+    except ConfigError:
+        return
+    components = schema.get("components", {}).get("schemas", {})
+    for subject, kind in SUBJECT_KINDS.items():
+        attributes = declared.get(subject, {})  # none declared: none taken
+        model = components.get(kind.model.__name__)
+        if model is None or "attributes" not in model.get("properties", {}):
+            continue
+        generic = model["properties"]["attributes"]
+        model["properties"]["attributes"] = {
+            "type": "object",
+            "title": generic.get("title", "Attributes"),
+            "description": f"The attributes {settings.resolved_subjects_file.name} declares for {subject} "
+            "(this server's document lists its own); an undeclared one is a 422",
+            "properties": {name: dict(ATTRIBUTE_SCHEMAS[ftype]) for name, ftype in attributes.items()},
+            "additionalProperties": False,
+            "maxProperties": generic.get("maxProperties", 256),
+        }
+
+
+def document_the_app(app: FastAPI, settings: Settings) -> None:
+    """Complete the generated document with what the routes' signatures do not say: the ``Idempotency-Key``
+    409 of every operation that takes the header (the rule is the middleware's, not each route's), and each
+    subject's declared attributes."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -81,6 +118,7 @@ def document_idempotency_conflicts(app: FastAPI) -> None:
                 )
                 answer = as_json_errors({409: {"description": description[0].upper() + description[1:]}})[409]
                 operation["responses"]["409"] = answer
+        document_attributes(schema, settings)
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -118,7 +156,7 @@ def create_app(settings: Settings | None = None, engine: RiskEngine | None = Non
         app.include_router(module.router)
     app.include_router(merchants.merchants)
     app.include_router(merchants.sellers)
-    document_idempotency_conflicts(app)
+    document_the_app(app, settings)
     if settings.scoring_fast_path:
         app.add_middleware(ScoringFastPath, fastapi_app=app)
     app.add_middleware(IdempotencyKeys, fastapi_app=app)  # outside the fast path, which it never sees
