@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from array import array
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -25,6 +25,7 @@ FLAG_WINDOW_S = 7 * 86_400.0
 SEVERITY = {"allow": 0, "challenge": 1, "review": 2, "block": 3}
 MAX_ORDERS = 2_000_000  # orders remembered for the review link (the oldest go first)
 TEXTS_PER_SELLER = 500  # recent review texts per seller compared for near-duplicates
+DEVICES_PER_SELLER = 500  # a seller's most recent login devices and IPs, against which reviewers are matched
 # SimHash distance for near-duplicates: one-word edits of real reviews move under 10 bits, unrelated texts ~31
 NEAR_DUPLICATE_BITS = 12
 _WORD = re.compile(r"\w+")
@@ -143,7 +144,9 @@ class MarketplaceState:
 
     facts: dict[str, SellerFacts] = field(default_factory=dict)
     orders: OrderedDict[str, tuple[Any, ...]] = field(default_factory=OrderedDict)  # plain tuples of _Order's fields
-    seller_devices: dict[str, set[str]] = field(default_factory=dict)  # devices and IP indexes of its logins
+    # devices and IP indexes of a seller's logins, the most recent last, at most DEVICES_PER_SELLER: a seller on
+    # mobile networks logs in from new IPs for ever
+    seller_devices: dict[str, OrderedDict[str, None]] = field(default_factory=dict)
     texts: dict[str, _RecentTexts] = field(default_factory=dict)  # seller -> recent review SimHashes
     scores: dict[str, CreditScore] = field(default_factory=dict)
     flags: dict[str, deque[_Flag]] = field(default_factory=dict)
@@ -222,7 +225,7 @@ class MarketplaceState:
             if order.shipping_address is not None:
                 record["order.shipping_address"] = order.shipping_address
                 record["seller_shipping_address"] = f"{seller_id}:{order.shipping_address}"
-        known = self.seller_devices.get(seller_id, set())
+        known: Mapping[str, None] = self.seller_devices.get(seller_id, {})
         device, ip = record.get("reviewer.device"), record.get("reviewer.ip")
         record["reviewer.seller_device"] = bool(device and device in known) or bool(ip and ip in known)
         text = record.get("text")
@@ -288,8 +291,13 @@ class MarketplaceState:
                 recent = self.texts[seller_id] = _RecentTexts(TEXTS_PER_SELLER)
             recent.add(record["text.simhash"])
         if subject == "merchant" and record.get("type") == "login":
-            devices = self.seller_devices.setdefault(seller_id, set())
-            devices.update(v for v in (record.get("device.id"), record.get("device.ip")) if isinstance(v, str))
+            devices = self.seller_devices.setdefault(seller_id, OrderedDict())
+            for seen in (record.get("device.id"), record.get("device.ip")):
+                if isinstance(seen, str):
+                    devices[seen] = None
+                    devices.move_to_end(seen)  # seen again: the most recent
+            while len(devices) > DEVICES_PER_SELLER:
+                devices.popitem(last=False)
         if subject in ("merchant", "merchant_day"):
             flags = self.flags.setdefault(seller_id, deque(maxlen=1000))
             flags.append(_Flag(at, decision, str(record.get("event_id")), tuple(reasons)))

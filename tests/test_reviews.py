@@ -17,7 +17,14 @@ from hypothesis import strategies as st
 from xxhash import xxh3_64_intdigest
 
 from risk_engine.detectors.spec import SpecError, parse_spec_file
-from risk_engine.marketplace import NEAR_DUPLICATE_BITS, MarketplaceState, simhash, word_bytes, words
+from risk_engine.marketplace import (
+    DEVICES_PER_SELLER,
+    NEAR_DUPLICATE_BITS,
+    MarketplaceState,
+    simhash,
+    word_bytes,
+    words,
+)
 from tests.conftest import REPO, Api, make_settings, open_api, payment, run_cli, shared_data
 
 T0 = datetime(2026, 11, 22, 9, tzinfo=UTC)
@@ -454,3 +461,26 @@ def test_only_the_seller_paid_for_an_order_marks_it_shipped_or_delivered() -> No
         state.enrich("review", review, 3_000.0)
         assert review["order.paid"] is True
         assert review["order.delivered"] is (seller == "s_42"), seller
+
+
+def test_a_sellers_login_devices_are_its_most_recent_ones_and_bounded() -> None:
+    """A seller on a mobile network logs in from a new IP every day: what the review link matches reviewers
+    against keeps the most recent ``DEVICES_PER_SELLER``, an old one seen again counting as recent."""
+    state = MarketplaceState()
+
+    def login(seller: str, ip: str, at: float) -> None:
+        state.observe("merchant", {"seller_id": seller, "type": "login", "device.ip": ip}, at, "allow", 0)
+
+    def matches(ip: str) -> bool:
+        record: dict[str, Any] = {"seller_id": "s_1", "reviewer.ip": ip}
+        state.enrich("review", record, 0.0)
+        return bool(record["reviewer.seller_device"])
+
+    for i in range(DEVICES_PER_SELLER + 50):
+        login("s_1", f"ip_{i}", float(i))
+        if i == DEVICES_PER_SELLER - 1:
+            login("s_1", "ip_0", float(i))  # the first one again, before it would have dropped out
+    assert len(state.seller_devices["s_1"]) == DEVICES_PER_SELLER
+    assert matches("ip_0") and matches(f"ip_{DEVICES_PER_SELLER + 49}")
+    assert not matches("ip_1") and not matches("ip_50")  # the oldest went first
+    assert matches("ip_51")
