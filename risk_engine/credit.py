@@ -104,6 +104,8 @@ class Tally:
     completed: int = 0  # shipped orders ever
 
 
+WINDOW_CUT_AT = 1_024  # events past a seller's window kept until they are this many and half of it
+
 _WINDOWED = {
     "order_shipped": "shipped",
     "order_cancelled_by_seller": "cancelled",
@@ -154,7 +156,10 @@ class SellerFacts:
 
     def __init__(self) -> None:
         self.t = Tally()
-        self._window: list[tuple[float, int, CreditEvent]] = []  # in time order; pruned from the front
+        # in time order from ``_start``; what is before it has left the window, and is cut off only once it is
+        # half the list (a cut per event moved the whole window: a big seller's 180 days hold a million)
+        self._window: list[tuple[float, int, CreditEvent]] = []
+        self._start = 0
         self._violations: list[tuple[float, int, CreditEvent]] = []  # heap on expiry
         self._n = 0
         self._empty = True
@@ -170,7 +175,7 @@ class SellerFacts:
         if event.kind == "order_shipped":
             t.completed += 1
         if event.at > t.as_of - WINDOW_S and (event.kind in _WINDOWED or event.kind == "rating"):
-            bisect.insort(self._window, (event.at, self._n, event))
+            bisect.insort(self._window, (event.at, self._n, event), lo=self._start)
             _window_add(t, event, 1)
         if event.kind == "violation":
             heapq.heappush(self._violations, (event.expires_at, self._n, event))
@@ -184,12 +189,14 @@ class SellerFacts:
         t.as_of = as_of
         since = as_of - WINDOW_S
         window = self._window
-        drop = 0
-        while drop < len(window) and window[drop][0] <= since:
-            _window_add(t, window[drop][2], -1)
-            drop += 1
-        if drop:
-            del window[:drop]
+        start = self._start
+        while start < len(window) and window[start][0] <= since:
+            _window_add(t, window[start][2], -1)
+            start += 1
+        if start > WINDOW_CUT_AT and start > len(window) // 2:
+            del window[:start]
+            start = 0
+        self._start = start
         violations = self._violations
         while violations and violations[0][0] <= as_of:
             heapq.heappop(violations)

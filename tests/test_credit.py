@@ -305,3 +305,35 @@ def test_the_running_tally_equals_a_recount_after_every_event(
         running.add(event)
         assert running.t == tally(events[: i + 1])
         assert running.score() == credit_score(events[: i + 1])
+
+
+def test_the_running_tally_of_a_big_seller_equals_a_recount_once_the_window_is_cut() -> None:
+    """Thousands of facts over years, mostly in time order, some late: the events that left the window are cut
+    off in bulk (``WINDOW_CUT_AT``), and what remains must still count as a recount does."""
+    from risk_engine.credit import WINDOW_CUT_AT, SellerFacts, tally
+
+    rnd = random.Random(7)
+    kinds = ["order_shipped", "rating", "order_cancelled_by_seller", "dispute_lost", "violation"]
+    events = []
+    for i in range(4 * WINDOW_CUT_AT):
+        at = T0 + i * 0.25 * DAY - (rnd.random() * 20 * DAY if rnd.random() < 0.1 else 0.0)  # 1 in 10 late
+        kind = rnd.choice(kinds)
+        events.append(
+            CreditEvent(
+                at,
+                kind,
+                late=rnd.random() < 0.2,
+                value=rnd.randint(1, 5),
+                weight=1.0,
+                points=2.0,
+                expires_at=at + 30 * DAY,
+            )
+        )
+    running = SellerFacts()
+    cut, start = False, 0
+    for i, event in enumerate(events):
+        running.add(event)
+        cut, start = cut or running._start < start, running._start
+        if i % 97 == 0 or i == len(events) - 1:
+            assert running.t == tally(events[: i + 1]), i
+    assert cut  # the bulk cut happened
