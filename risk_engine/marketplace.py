@@ -7,6 +7,7 @@ backtest or a replay sees exactly what live scoring saw.
 
 from __future__ import annotations
 
+import math
 import re
 from array import array
 from collections import OrderedDict, deque
@@ -23,6 +24,7 @@ from risk_engine.merchants import MERCHANT_FLAGS
 
 FLAG_WINDOW_S = 7 * 86_400.0
 SEVERITY = {"allow": 0, "challenge": 1, "review": 2, "block": 3}
+_STRICTEST_FIRST = ("block", "review", "challenge")
 MAX_ORDERS = 2_000_000  # orders remembered for the review link (the oldest go first)
 TEXTS_PER_SELLER = 500  # recent review texts per seller compared for near-duplicates
 DEVICES_PER_SELLER = 500  # a seller's most recent login devices and IPs, against which reviewers are matched
@@ -149,21 +151,26 @@ class MarketplaceState:
     seller_devices: dict[str, OrderedDict[str, None]] = field(default_factory=dict)
     texts: dict[str, _RecentTexts] = field(default_factory=dict)  # seller -> recent review SimHashes
     scores: dict[str, CreditScore] = field(default_factory=dict)
-    flags: dict[str, deque[_Flag]] = field(default_factory=dict)
+    flags: dict[str, deque[_Flag]] = field(default_factory=dict)  # a seller's recent flags other than "ok"
     latest: dict[str, float] = field(default_factory=dict)  # a seller's latest merchant event
+    # when each decision (by SEVERITY) last came of a seller's merchant events: its flag in O(1) on every payment
+    worst_at: dict[str, list[float]] = field(default_factory=dict)
 
     def credit(self, seller_id: str) -> CreditScore | None:
         """The seller's current score (None if nothing is known of it)."""
         return self.scores.get(seller_id)
 
     def flag(self, seller_id: str) -> str:
-        """The strictest merchant flag of the last 7 days (of the seller's own events)."""
-        flags = self.flags.get(seller_id)
-        if not flags:
-            return "ok"
+        """The strictest merchant flag of the 7 days up to the seller's latest merchant event: the strictest
+        decision whose last time is in them ("ok" for a seller with none)."""
+        worst_at = self.worst_at.get(seller_id)
+        if worst_at is None:
+            return MERCHANT_FLAGS["allow"]
         since = self.latest[seller_id] - FLAG_WINDOW_S
-        worst = max((f.decision for f in flags if f.at >= since), key=SEVERITY.__getitem__, default="allow")
-        return MERCHANT_FLAGS[worst]
+        for decision in _STRICTEST_FIRST:
+            if worst_at[SEVERITY[decision]] >= since:
+                return MERCHANT_FLAGS[decision]
+        return MERCHANT_FLAGS["allow"]
 
     def place_order(
         self, record: dict[str, Any], at: float, decision: str, score: int, reasons: Iterable[str] = ()
@@ -207,7 +214,7 @@ class MarketplaceState:
         if credit is not None:
             record["seller.credit"] = credit.score
             record["seller.tier"] = credit.tier
-        if seller_id in self.flags:
+        if seller_id in self.latest:
             record["seller.flag"] = self.flag(seller_id)
 
     def _enrich_review(self, seller_id: str, record: dict[str, Any], at: float) -> None:
@@ -299,9 +306,13 @@ class MarketplaceState:
             while len(devices) > DEVICES_PER_SELLER:
                 devices.popitem(last=False)
         if subject in ("merchant", "merchant_day"):
-            flags = self.flags.setdefault(seller_id, deque(maxlen=1000))
-            flags.append(_Flag(at, decision, str(record.get("event_id")), tuple(reasons)))
             self.latest[seller_id] = max(at, self.latest.get(seller_id, at))
+            if decision != "allow":  # most of a busy seller's events (every shipment): not kept
+                flags = self.flags.setdefault(seller_id, deque(maxlen=1000))
+                flags.append(_Flag(at, decision, str(record.get("event_id")), tuple(reasons)))
+                worst_at = self.worst_at.setdefault(seller_id, [-math.inf] * len(SEVERITY))
+                severity = SEVERITY[decision]
+                worst_at[severity] = max(worst_at[severity], at)
         event = credit_event_from(subject, record, at, decision, score)
         if event is None:
             return None
@@ -316,9 +327,9 @@ class MarketplaceState:
 
     def merchant_view(self, seller_id: str) -> dict[str, Any] | None:
         """The merchant's flag, the reasons behind it and its flag history (non-ok events, newest first)."""
-        flags = self.flags.get(seller_id)
-        if flags is None:
+        if seller_id not in self.latest:
             return None
+        flags = self.flags.get(seller_id, deque())
         since = self.latest[seller_id] - FLAG_WINDOW_S
         current = self.flag(seller_id)
         active = [f for f in flags if f.at >= since and f.decision != "allow"]

@@ -525,11 +525,12 @@ def test_the_state_snapshot_restores_exactly_what_a_full_rebuild_would(
         rebuilt = api.engine._rebuilt_marketplace()  # from every stored event, as with no snapshot
         assert len(rebuilt.orders) > 10  # the orders of the allowed payments
         restored = api.engine.marketplace
-        assert (restored.orders, restored.facts, restored.seller_devices, restored.latest) == (
+        assert (restored.orders, restored.facts, restored.seller_devices, restored.latest, restored.worst_at) == (
             rebuilt.orders,
             rebuilt.facts,
             rebuilt.seller_devices,
             rebuilt.latest,
+            rebuilt.worst_at,
         )
         got = [comparable(api.score(p)) for p in after]
         assert [api.engine.get_payment(p["payment_id"])["aggregates"] for p in after] == expected_aggregates

@@ -6,6 +6,7 @@ import json
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
+from risk_engine.marketplace import MarketplaceState
 from risk_engine.merchants import MerchantEventIn, rollup
 from risk_engine.payments import PaymentIn
 from tests.conftest import Api, make_settings, open_api, payment, run_cli
@@ -107,3 +108,33 @@ def test_rollup_and_fit_from_the_command_line(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "YYYY-MM-DD" in bad.stderr
     fit = run_cli("merchants", "fit", home=tmp_path)
     assert fit.returncode == 1 and "at least 10 stored merchant_day events" in fit.stderr
+
+
+def test_a_busy_sellers_flag_is_the_strictest_decision_of_its_last_week_however_many_events_it_had() -> None:
+    """Every shipment is a merchant event: a busy seller has thousands a week, and its flag is read on every
+    payment to it. The flag is the strictest decision of the 7 days up to its latest event, kept as each
+    decision's latest time (the history keeps the events that were not ok)."""
+    state = MarketplaceState()
+    day = 86_400.0
+
+    def event(i: int, at: float, decision: str) -> None:
+        record = {"seller_id": "s_busy", "type": "order_shipped", "event_id": f"m{i}"}
+        state.observe("merchant", record, at, decision, 0, ("PRICE_JUMP",) if decision != "allow" else ())
+
+    assert state.flag("s_busy") == "ok" and state.merchant_view("s_busy") is None
+    event(0, 0.0, "review")
+    event(1, 1 * day, "challenge")
+    for i in range(2, 3000):  # then thousands of shipments that were fine, over six days
+        event(i, 1 * day + i * 150.0, "allow")
+    assert state.flag("s_busy") == "investigate"  # the review of day 0 is within the week
+    view = state.merchant_view("s_busy")
+    assert view is not None and [h["event_id"] for h in view["history"]] == ["m1", "m0"]
+    event(3000, 7 * day + 1, "allow")  # day 0 leaves the week: the challenge of day 1 is the strictest left
+    assert state.flag("s_busy") == "watch"
+    event(3001, 8 * day + 1, "allow")
+    assert state.flag("s_busy") == "ok"
+    record: dict[str, object] = {"seller_id": "s_busy"}
+    state.enrich("payment", record, 8 * day + 2)
+    assert record["seller.flag"] == "ok"
+    event(3002, 5 * day, "block")  # late, but within the week before the latest event
+    assert state.flag("s_busy") == "restrict_payouts"
