@@ -123,6 +123,7 @@ KEY_CACHE_S = 5.0  # how long a process trusts what it read of a key: a revocati
 
 FOLLOW_CHUNK = 200  # other workers' events taken in per hold of the state lock
 FOLLOW_LIMIT = 5_000  # rows read per follow
+ROLLUP_STREAMED_ROWS = 5_000  # a day's events a roll-up holds decoded at once
 LIST_CHANGES_PER_READ = 10_000  # list changes other processes made, read per statement
 LIST_CHANGES_PER_HOLD = 1_000  # of them applied per hold of the state lock
 OWN_IDS_KEPT = 100_000  # ids of this worker's committed events awaiting the follower (see _note_own_events)
@@ -1335,13 +1336,13 @@ class RiskEngine:
                 m.Event.subject.in_(("payment", "merchant")), m.Event.occurred_at >= start, m.Event.occurred_at < end
             )
             .order_by(m.Event.ingest_seq)
-            .execution_options(yield_per=5000)
+            .execution_options(yield_per=ROLLUP_STREAMED_ROWS)
         )
-        with self._session() as s:
-            events = [(subject, record, decision) for subject, record, decision in s.execute(stmt)]
+        with self._session() as s:  # a day of a marketplace's events, folded as they stream: never all at once
+            rolled_up = rollup(day.isoformat(), end - timedelta(microseconds=1), s.execute(stmt))
         results, changed = [], []
         outcomes = []
-        for rolled in rollup(day.isoformat(), end - timedelta(microseconds=1), events):
+        for rolled in rolled_up:
             try:
                 outcome = self.score_event("merchant_day", rolled)
             except Conflict:

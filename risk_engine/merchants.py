@@ -8,6 +8,7 @@ The answer's decision is the merchant flag: the policy's ``allow`` is ``ok``, ``
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
@@ -194,7 +195,7 @@ def flatten_merchant_day(d: MerchantDayIn, vault: Vault) -> tuple[dict[str, Any]
     return record, {}
 
 
-def rollup(day: str, end: Any, events: list[tuple[str, dict[str, Any], str]]) -> list[MerchantDayIn]:
+def rollup(day: str, end: Any, events: Iterable[tuple[str, dict[str, Any], str]]) -> list[MerchantDayIn]:
     """Daily roll-ups per seller from the day's scored events ``(subject, record, decision)``: payments give
     orders and GMV (blocked ones do not count), merchant events the rest. Pure."""
     tallies: dict[str, dict[str, float]] = {}
