@@ -80,7 +80,8 @@ from risk_engine.storage.announce import (
 )
 from risk_engine.storage.audit import audit
 from risk_engine.storage.db import DatabaseUnavailable, make_engine, migrate, retry_on_race
-from risk_engine.storage.labels import fraud_by_event
+from risk_engine.storage.labels import EVENT_OUTCOME_SQL
+from risk_engine.storage.labels import outcome as label_outcome
 from risk_engine.storage.writer import (
     DuplicateRow,
     GroupCommitWriter,
@@ -1450,19 +1451,17 @@ class RiskEngine:
         Rows are read through the driver, not the ORM: a backtest reads every row of the period, and the
         per-column result processing cost as much as the replay itself.
         """
-        with self._session() as s:
-            fraud = fraud_by_event(s, subject)
         sqlite = self.db.dialect.name == "sqlite"
         marker = "?" if self.db.dialect.paramstyle == "qmark" else "%s"
         since = datetime.fromtimestamp(max(since_ts - warmup_s, 0.0), UTC)  # stored times start in 1970
         sql = (
-            "SELECT event_id, record, occurred_at, ingest_seq, model_scores, policy_version, decision, score "
-            f"FROM events WHERE subject = {marker} AND occurred_at >= {marker} ORDER BY ingest_seq"
+            "SELECT event_id, record, occurred_at, ingest_seq, model_scores, policy_version, decision, score, "
+            f"{EVENT_OUTCOME_SQL} FROM events WHERE subject = {marker} AND occurred_at >= {marker} ORDER BY ingest_seq"
         )
         bound = self._bound_time(since)
         with self.db.connect() as conn:
             rows = conn.execution_options(stream_results=True, yield_per=5000).exec_driver_sql(sql, (subject, bound))
-            for event_id, record, occurred, seq, stored, policy, decision, score in rows:
+            for event_id, record, occurred, seq, stored, policy, decision, score, labelled_as in rows:
                 if sqlite:  # text in SQLAlchemy's format, UTC
                     ts = datetime.fromisoformat(occurred).replace(tzinfo=UTC).timestamp()
                     record = orjson.loads(record)
@@ -1480,7 +1479,7 @@ class RiskEngine:
                     policy,
                     decision,
                     score,
-                    fraud.get(event_id),
+                    label_outcome(labelled_as),
                 )
 
     def stored_event(self, subject: str, event_id: str) -> tuple[StoredEvent, dict[str, Any], dict[str, Any]]:

@@ -33,7 +33,8 @@ from risk_engine.features.velocity import GRACE_S
 from risk_engine.jobs import Job
 from risk_engine.storage import models as m
 from risk_engine.storage.db import retry_on_race
-from risk_engine.storage.labels import fraud_by_event
+from risk_engine.storage.labels import event_outcome
+from risk_engine.storage.labels import outcome as label_outcome
 
 STREAMED_ROWS = 2_000  # rows a report over many stored events holds decoded at once
 
@@ -269,9 +270,8 @@ class PolicyWorkflow:
             if row is None:
                 raise NotFound(f"no {subject} policy is in shadow")
             label = f"{subject}:v{row.version}"
-            fraud_by_id = fraud_by_event(s, subject)
             records = s.execute(
-                select(m.Event.event_id, m.Event.decision, m.Event.score, m.Event.shadow)
+                select(m.Event.event_id, m.Event.decision, m.Event.score, m.Event.shadow, event_outcome())
                 .where(m.Event.subject == subject, m.Event.shadow.is_not(None))
                 .order_by(m.Event.ingest_seq)
                 .execution_options(yield_per=STREAMED_ROWS)  # every event shadowed so far: never all at once
@@ -282,12 +282,12 @@ class PolicyWorkflow:
             decided: tuple[list[str], list[str]] = ([], [])  # live, shadow
             fraud: list[bool] = []
             agreed = labelled = 0
-            for event_id, live, live_score, shadow in records:
+            for event_id, live, live_score, shadow, labelled_as in records:
                 if shadow.get("version") != label:
                     continue
                 decided[0].append(live)
                 decided[1].append(shadow["decision"])
-                outcome = fraud_by_id.get(event_id)
+                outcome = label_outcome(labelled_as)
                 fraud.append(bool(outcome))
                 labelled += outcome is not None
                 hits.update(shadow.get("rules", ()))
@@ -340,18 +340,17 @@ class PolicyWorkflow:
         if latest is not None:
             since = datetime.fromtimestamp(latest - window_days * 86400, UTC)
             with self._session() as s:
-                fraud = fraud_by_event(s, subject)
                 rows = s.execute(
-                    select(m.Event.event_id, m.Event.occurred_at, m.Event.response)
+                    select(m.Event.occurred_at, m.Event.response, event_outcome())
                     .where(m.Event.subject == subject, m.Event.occurred_at >= since)
                     .execution_options(yield_per=STREAMED_ROWS)  # N days of a deployment's events: never all at once
                 )
-                for event_id, occurred_at, response in rows:
+                for occurred_at, response, labelled_as in rows:
                     age = latest - occurred_at.timestamp()
                     for reason in response.get("reasons", ()):
                         name = codes.get(reason["code"]) if reason.get("source") == "rule" else None
                         if name is not None:
-                            stats[name].count(age, fraud.get(event_id))
+                            stats[name].count(age, label_outcome(labelled_as))
         rules = []
         for stat in sorted(stats.values(), key=lambda r: -r.hits_window):
             view = asdict(stat)
