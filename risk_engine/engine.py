@@ -124,7 +124,7 @@ KEY_CACHE_S = 5.0  # how long a process trusts what it read of a key: a revocati
 
 FOLLOW_CHUNK = 200  # other workers' events taken in per hold of the state lock
 FOLLOW_LIMIT = 5_000  # rows read per follow
-ROLLUP_STREAMED_ROWS = 5_000  # a day's events a roll-up holds decoded at once
+STREAMED_ROWS = 5_000  # stored rows a roll-up (a day's events) or a label replay holds decoded at once
 LIST_CHANGES_PER_READ = 10_000  # list changes other processes made, read per statement
 LIST_CHANGES_PER_HOLD = 1_000  # of them applied per hold of the state lock
 OWN_IDS_KEPT = 100_000  # ids of this worker's committed events awaiting the follower (see _note_own_events)
@@ -1337,7 +1337,7 @@ class RiskEngine:
                 m.Event.subject.in_(("payment", "merchant")), m.Event.occurred_at >= start, m.Event.occurred_at < end
             )
             .order_by(m.Event.ingest_seq)
-            .execution_options(yield_per=ROLLUP_STREAMED_ROWS)
+            .execution_options(yield_per=STREAMED_ROWS)
         )
         with self._session() as s:  # a day of a marketplace's events, folded as they stream: never all at once
             rolled_up = rollup(day.isoformat(), end - timedelta(microseconds=1), s.execute(stmt))
@@ -2406,6 +2406,7 @@ class RiskEngine:
                 (m.Label.id > det.last_label_id) | m.Label.id.in_(sorted(det.label_gaps)),
             )
             .order_by(m.Label.id)
+            .execution_options(yield_per=STREAMED_ROWS)  # a detector with no snapshot learns every label
         )
         with self._session() as s:
             top = s.scalar(select(func.max(m.Label.id))) or 0  # read first: a label stored after is read later

@@ -161,7 +161,7 @@ def test_a_roll_up_folds_the_days_events_as_they_stream(sqlite_api: Api, monkeyp
         )
         last = engine.score_payment(PaymentIn.model_validate(body)).committed
     assert last is not None and last.exception(30) is None
-    monkeypatch.setattr(engine_module, "ROLLUP_STREAMED_ROWS", 50)
+    monkeypatch.setattr(engine_module, "STREAMED_ROWS", 50)
     tracemalloc.start()
     try:
         summary = engine.rollup_merchants(date(2026, 9, 1))
