@@ -2626,6 +2626,16 @@ class RiskEngine:
             raise NotFound(f"no list {list_name}")
         return list(list_entries.entry_views(self.db, list_name, limit, before_id))
 
+    def find_list_entry(self, list_name: str, value: str) -> dict[str, Any]:
+        """Whether ``value`` is on a list (a PII value: by its blind index), and its stored entry if it is: what
+        an analyst asks of a list whose values are shown masked. An entry past its expiry is on it, not live."""
+        _, token = self._list_token(list_name, value)
+        entry = list_entries.find_entry(self.db, list_name, token)
+        live = entry is not None and (
+            entry["expires_at"] is None or datetime.fromisoformat(entry["expires_at"]) > now_utc()
+        )
+        return {"list": list_name, "on_list": entry is not None, "live": live, "entry": entry}
+
     def remove_list_entry(self, list_name: str, value: str, actor: str) -> bool:
         """Remove a value from a list (audited). False if it was not there."""
         _, token = self._list_token(list_name, value)

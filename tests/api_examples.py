@@ -185,6 +185,13 @@ REQUESTS: list[dict[str, Any]] = [
         "body": {"values": ["dev_bad_2", "dev_bad_3", "dev_bad_1"], "note": "devices of case 8812"},
     },
     {
+        "name": "27c_lookup_list_entry",
+        "method": "POST",
+        "path": "/v1/lists/blocked_devices/entries/lookup",
+        "role": "analyst",
+        "body": {"value": "dev_bad_2"},
+    },
+    {
         "name": "28_list_entries",
         "method": "GET",
         "path": "/v1/lists/blocked_devices/entries?limit=2",

@@ -301,3 +301,22 @@ def test_a_list_change_that_commits_after_a_later_one_was_there_at_start_is_stil
     finally:
         client.__exit__(None, None, None)
         db.dispose()
+
+
+def test_a_value_is_looked_up_on_a_list_whose_entries_are_shown_masked(api: Api) -> None:
+    h = api.headers("analyst")
+    url = "/v1/lists/blocked_emails/entries/lookup"
+    added = api.client.post(
+        "/v1/lists/blocked_emails/entries", json={"value": "Li.Wei@example.com", "note": "case 17"}, headers=h
+    )
+    assert added.status_code == 201, added.text
+    found = api.client.post(url, json={"value": " li.wei@EXAMPLE.com"}, headers=h).json()  # as the index folds it
+    assert found["on_list"] is True and found["live"] is True
+    assert (found["entry"]["entry"], found["entry"]["note"]) == ("L****@example.com", "case 17")  # as added
+    other = api.client.post(url, json={"value": "zhang.san@example.com"}, headers=h).json()
+    assert other == {"list": "blocked_emails", "on_list": False, "live": False, "entry": None}
+    assert api.client.post(url, json={"value": "x"}, headers=api.headers("scorer")).status_code == 403
+    missing = api.client.post("/v1/lists/no_such/entries/lookup", json={"value": "x"}, headers=h)
+    assert missing.status_code == 404
+    bad = api.client.post("/v1/lists/blocked_ips/entries/lookup", json={"value": "300.1.1.1"}, headers=h)
+    assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "value"

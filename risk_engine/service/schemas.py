@@ -228,7 +228,7 @@ class ListImportOut(BaseModel):
     unchanged: int = Field(description="Values on it as stated already")
 
 
-class ListEntryRemove(BaseModel):
+class ListValueIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     value: Text = Field(min_length=1, max_length=256)
 

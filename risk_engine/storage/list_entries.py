@@ -113,6 +113,15 @@ def entry_views(
             yield entry_view(row)
 
 
+def find_entry(db: Engine, list_name: str, token: str) -> dict[str, Any] | None:
+    """The entry ``token`` is on ``list_name``, as ``entry_views`` shows it; None if it is not on it."""
+    with _session(db) as s:
+        row = s.scalars(
+            select(m.ListEntry).where(m.ListEntry.list_name == list_name, m.ListEntry.token == token)
+        ).first()
+    return entry_view(row) if row is not None else None
+
+
 def live_entries(db: Engine) -> Iterator[tuple[str, str, datetime | None]]:
     """Every stored entry of every list as ``(list, token, expiry)``, streamed."""
     stmt = select(m.ListEntry.list_name, m.ListEntry.token, m.ListEntry.expires_at)

@@ -15,8 +15,8 @@ from risk_engine.service.schemas import (
     ListEntriesIn,
     ListEntryIn,
     ListEntryOut,
-    ListEntryRemove,
     ListImportOut,
+    ListValueIn,
     errors,
 )
 
@@ -60,10 +60,17 @@ def import_entries(list_name: str, body: ListEntriesIn, engine: EngineDep, who: 
     return JsonResponse(done)
 
 
+@router.post("/{list_name}/entries/lookup", responses=errors(not_found=NO_LIST))
+def lookup_entry(list_name: str, entry: ListValueIn, engine: EngineDep, _: Analyst) -> JsonResponse:
+    """Whether a value is on a list, and its entry (masked) if it is: PII lists show no values to search, so
+    the value is sent here, in the body (never in a URL, which logs keep). ``live``: on it and not expired."""
+    return JsonResponse(engine.find_list_entry(list_name, entry.value))
+
+
 @router.delete(
     "/{list_name}/entries", status_code=200, responses=errors(not_found="No such list, or the value is not on it")
 )
-def remove_entry(list_name: str, entry: ListEntryRemove, engine: EngineDep, who: Analyst) -> JsonResponse:
+def remove_entry(list_name: str, entry: ListValueIn, engine: EngineDep, who: Analyst) -> JsonResponse:
     """Remove a value (audited). Removing a value that is not there answers 404."""
     if not engine.remove_list_entry(list_name, entry.value, f"key:{who.key_id}"):
         raise NotFound(f"that value is not on {list_name}")
