@@ -554,6 +554,9 @@ class RiskEngine:
         self._marketplace_stale = False
         self._fit_ids: dict[str, int] = {}  # the stored fit each population detector scores with
         self._known_ids = KnownIds(KNOWN_IDS_MIN_CAPACITY)
+        self._known_while_loading: list[str] | None = None  # ids marked here while the stored ones are read
+        self._known_ids_whole = threading.Event()  # set once the stored ids are all in the filter
+        self._known_loader: threading.Thread | None = None
         # this process's mark on the events it stores, and how far it has followed those other workers stored
         self.origin = secrets.token_hex(8)
         self._events_read = IdWatermark()
@@ -609,7 +612,7 @@ class RiskEngine:
     def close(self) -> None:
         """Flush writes, snapshot detectors, velocity and cross-subject state."""
         self._stopping.set()
-        for thread in (self._poller, self._follower):
+        for thread in (self._poller, self._follower, self._known_loader):
             if thread is not None:
                 thread.join(5)
         self.writer.close()
@@ -986,21 +989,44 @@ class RiskEngine:
         self._lists_edits += 1
 
     def _load_known_ids(self) -> None:
-        """The ids of stored events, read once at start (``known_ids.py``): a new id (the common case) then
-        needs no database look-up. Sized for twice as many as are stored; it grows by itself past that."""
-        with self._session() as s:
-            count = s.scalar(select(func.count()).select_from(m.Event)) or 0
-            known = KnownIds(max(KNOWN_IDS_MIN_CAPACITY, 2 * count))
-            for subject, event_id in s.execute(
-                select(m.Event.subject, m.Event.event_id).execution_options(yield_per=10_000)
-            ):
-                known.add(f"{subject}\x1f{event_id}")
-        for key in self._recent:  # in flight, maybe not committed yet ("subject\x1fevent id")
-            known.add(key)
-        self._known_ids = known
+        """Start reading the ids of stored events into the stored-id filter (``known_ids.py``), in the
+        background: a new id (the common case) then needs no database look-up. At a large deployment's volume
+        the read takes minutes, so the worker serves meanwhile: until the filter is whole, an id it has not
+        marked itself is looked up in the database. Called once the rebuild has taken its watermark, so an id
+        committed after the read's snapshot is this worker's own or one the follower takes in (and marks)."""
+        self._known_ids = KnownIds(KNOWN_IDS_MIN_CAPACITY)  # what this worker marks while the stored ids are read
+        self._known_while_loading = []
+        self._known_ids_whole.clear()
+        self._known_loader = threading.Thread(target=self._read_known_ids, name="risk-engine-known-ids", daemon=True)
+        self._known_loader.start()
+
+    def _read_known_ids(self) -> None:
+        try:
+            with self._session() as s:
+                top = s.scalar(select(func.max(m.Event.id))) or 0  # at least as many as are stored
+                known = KnownIds(max(KNOWN_IDS_MIN_CAPACITY, 2 * top))  # sized for twice that; it grows past it
+                stmt = select(m.Event.subject, m.Event.event_id).execution_options(yield_per=10_000)
+                for subject, event_id in s.execute(stmt):
+                    if self._stopping.is_set():
+                        return
+                    known.add(f"{subject}\x1f{event_id}")
+            with self._lock:
+                for key in self._known_while_loading or ():
+                    known.add(key)
+                for key in self._recent:  # in flight, maybe not committed yet ("subject\x1fevent id")
+                    known.add(key)
+                self._known_ids = known
+                self._known_while_loading = None
+            self._known_ids_whole.set()
+        except Exception as exc:  # the database went away: every id not marked here is looked up, as before
+            log.warning("could not read the stored ids (%s): scoring looks each id up", type(exc).__name__)
 
     def _mark_known(self, subject: str, event_id: str) -> None:
-        self._known_ids.add(f"{subject}\x1f{event_id}")
+        key = f"{subject}\x1f{event_id}"
+        self._known_ids.add(key)
+        waiting = self._known_while_loading
+        if waiting is not None:
+            waiting.append(key)
 
     def _rebuild_state(self) -> None:
         """Velocity and cross-subject state from the state snapshot of the last clean stop plus the events
@@ -1010,13 +1036,13 @@ class RiskEngine:
         (another worker's transaction): those, and every event stored from now on, are the follower's. So an
         event committed during the rebuild is counted once, by the follower, and one read from the snapshot
         is not read again."""
-        self._load_known_ids()
         with self._session() as s:
             self._seq = s.scalar(select(func.max(m.Event.ingest_seq))) or 0
             self._start_seq = self._seq  # this worker numbers its own events from here on
             top = s.scalar(select(func.max(m.Event.id))) or 0
             present = set(s.scalars(select(m.Event.id).where(m.Event.id > top - MAX_GAPS)))
         start = IdWatermark(top, (i for i in range(max(1, top - MAX_GAPS + 1), top) if i not in present))
+        self._load_known_ids()
         snapshot = self._read_state_snapshot()
         if snapshot is not None:
             log.info(
@@ -1764,7 +1790,7 @@ class RiskEngine:
             # its write in flight may yet collide with another worker's row: settled as the first caller's is
             identity = (kind.name, event_id, request_hash)
             return ScoreOutcome(pending[1], self._ticket_of(key), replayed=True, identity=identity)
-        if key not in self._known_ids:
+        if key not in self._known_ids and self._known_ids_whole.is_set():
             return None
         stored = self._lookup_stored(kind.name, event_id)
         if stored is not None:

@@ -3,6 +3,7 @@ false-positive rate under the bound; the engine reads the stored ids once, at st
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,7 @@ def test_the_engine_reads_the_stored_ids_once_however_many_it_scores(
     load, lookup = engine._load_known_ids, engine._lookup_stored
     monkeypatch.setattr(engine, "_load_known_ids", lambda: reads.append(1) or load())
     monkeypatch.setattr(engine, "_lookup_stored", lambda *a: lookups.append(a) or lookup(*a))
+    assert engine._known_ids_whole.wait(30)  # read in the background at start
     try:
         bodies = [
             payment(payment_id=f"pay_{i}", occurred_at=f"2026-11-22T{i // 60:02d}:{i % 60:02d}:00Z") for i in range(600)
@@ -59,4 +61,47 @@ def test_the_engine_reads_the_stored_ids_once_however_many_it_scores(
         for body in bodies[:50]:
             assert engine.score_payment(PaymentIn.model_validate(body)).replayed
     finally:
+        engine.close()
+
+
+def test_a_worker_serves_while_it_reads_the_stored_ids_and_looks_each_id_up_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At a deployment's volume the stored ids take minutes to read: the worker scores meanwhile. Until the
+    filter is whole a retry is found in the database (a replay, not a second scoring), and what it scored
+    meanwhile is in the filter once it is."""
+    settings = make_settings(tmp_path / "var", f"sqlite:///{tmp_path / 'risk.db'}")
+    bodies = [payment(payment_id=f"pay_{i}", occurred_at=f"2026-11-22T10:{i:02d}:00Z") for i in range(20)]
+    engine = RiskEngine.open(settings)
+    try:
+        for body in bodies:
+            engine.score_payment(PaymentIn.model_validate(body))
+        engine.writer.barrier().result()
+    finally:
+        engine.close()
+
+    release = threading.Event()
+    add = KnownIds.add
+
+    def paused(self: KnownIds, key: str) -> None:  # the reader has its rows: it waits before taking them in
+        if threading.current_thread().name == "risk-engine-known-ids":
+            release.wait(30)
+        add(self, key)
+
+    monkeypatch.setattr(KnownIds, "add", paused)
+    engine = RiskEngine.open(settings)
+    try:
+        assert not engine._known_ids_whole.is_set()
+        for body in bodies[:5]:  # retries of stored payments, while the ids are read
+            assert engine.score_payment(PaymentIn.model_validate(body)).replayed
+        new = payment(payment_id="pay_new", occurred_at="2026-11-22T11:00:00Z")
+        outcome = engine.score_payment(PaymentIn.model_validate(new))
+        assert not outcome.replayed and outcome.committed.exception(30) is None
+        engine._recent.clear()  # as once more were scored than it keeps: only the filter and the database know it
+        release.set()
+        assert engine._known_ids_whole.wait(30)
+        assert all(f"payment\x1fpay_{i}" in engine._known_ids for i in range(20))
+        assert engine.score_payment(PaymentIn.model_validate(new)).replayed  # marked while the ids were read
+    finally:
+        release.set()
         engine.close()
