@@ -212,8 +212,11 @@ class AuditEntry(Base):
     """Append-only record of every change: who, when, what, before and after."""
 
     __tablename__ = "audit_log"
-    # every worker's list poll reads the newest list.* entry each second; audit filters by action too
-    __table_args__ = (Index("ix_audit_log_action_id", "action", "id"),)
+    # the audit log's filters, newest first: by action (and the retention run's newest pii.expire) or by target
+    __table_args__ = (
+        Index("ix_audit_log_action_id", "action", "id"),
+        Index("ix_audit_log_target_id", "target", "id"),
+    )
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     at: Mapped[datetime]
     actor: Mapped[str] = mapped_column(String(128))

@@ -1,5 +1,5 @@
 """list_changes: which list entries changed, in order, so workers follow list edits without reading whole lists;
-an index to page through a list's entries by id
+an index to page through a list's entries by id, and one for the audit log's filter by target
 
 Revision ID: 0012
 Revises: 0011
@@ -25,8 +25,10 @@ def upgrade() -> None:
         sa.Column("token", sa.String(128), nullable=False),
     )
     op.create_index("ix_list_entries_list_id", "list_entries", ["list_name", "id"])
+    op.create_index("ix_audit_log_target_id", "audit_log", ["target", "id"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_audit_log_target_id", table_name="audit_log")
     op.drop_index("ix_list_entries_list_id", table_name="list_entries")
     op.drop_table("list_changes")
