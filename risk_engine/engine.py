@@ -116,6 +116,7 @@ ORDERS_KEPT_S = 180 * 86_400.0  # payments whose orders a restart reloads for th
 # one reads no more than CATCH_UP_LEFT events: what scoring waits for is the replay of what the last one left
 CATCH_UP_ROUNDS = 3
 CATCH_UP_LEFT = 500
+MARKETPLACE_RETRY_S = 1.0  # after a failed rebuild of the cross-subject state, the next is tried no sooner
 KNOWN_IDS_MIN_CAPACITY = 1_000_000  # the id filter's first layer: about 2 MB
 IDEMPOTENCY_PURGE_S = 3600.0  # how often a worker deletes expired idempotency keys
 PII_EXPIRY_S = 86_400.0  # how often a worker drops the PII past its retention (pii_retention_days), when set
@@ -551,7 +552,11 @@ class RiskEngine:
         self._event_insert = RawInsert(m.Event.__table__, db)  # type: ignore[arg-type]
         self._credit_insert = RawInsert(m.SellerCredit.__table__, db)  # type: ignore[arg-type]
         self.marketplace = MarketplaceState()
-        self._marketplace_stale = False
+        self._marketplace_stale = False  # it learned from an event whose write failed: to be rebuilt
+        self._marketplace_rebuilder: threading.Thread | None = None
+        self._marketplace_rebuilt = threading.Event()  # clear while a rebuild runs beside scoring
+        self._marketplace_rebuilt.set()
+        self._marketplace_failed_at = float("-inf")
         self._fit_ids: dict[str, int] = {}  # the stored fit each population detector scores with
         self._known_ids = KnownIds(KNOWN_IDS_MIN_CAPACITY)
         self._known_while_loading: list[str] | None = None  # ids marked here while the stored ones are read
@@ -612,7 +617,7 @@ class RiskEngine:
     def close(self) -> None:
         """Flush writes, snapshot detectors, velocity and cross-subject state."""
         self._stopping.set()
-        for thread in (self._poller, self._follower, self._known_loader):
+        for thread in (self._poller, self._follower, self._known_loader, self._marketplace_rebuilder):
             if thread is not None:
                 thread.join(5)
         self.writer.close()
@@ -1149,7 +1154,9 @@ class RiskEngine:
         }
         state = {
             "velocity": {subject: rt.velocity for subject, rt in self.subjects.items()},
-            "marketplace": None if self._marketplace_stale else self.marketplace,
+            "marketplace": None
+            if self._marketplace_stale or not self._marketplace_rebuilt.is_set()
+            else self.marketplace,
         }
         write_encoded(self.state_snapshot_path, encode_state((header, encode_state(state))), self.signing_key)
 
@@ -1261,11 +1268,13 @@ class RiskEngine:
         seen: IdWatermark | None = None,
         state: MarketplaceState | None = None,
         unread: IdWatermark | None = None,
+        where: ColumnElement[bool] | None = None,
     ) -> MarketplaceState:
         """Sellers' credit facts and merchant flags from every stored review and merchant event, and the orders
         of the payments of the last 180 days (a review is about a recent order); or, given the ``state`` of a
         snapshot, that state with the events its watermark ``unread`` does not cover. With ``seen``, of the
-        events this worker has taken in as of that watermark only (see :meth:`_seen`)."""
+        events this worker has taken in as of that watermark only (see :meth:`_seen`); with ``where``, of the
+        events it selects only."""
         if state is None:
             state = MarketplaceState()
             latest = self._latest_occurred("payment")
@@ -1275,6 +1284,15 @@ class RiskEngine:
             which = ~self._covered(unread) if unread is not None else true()
         if seen is not None:
             which = which & self._seen(seen)
+        if where is not None:
+            which = which & where
+        self._observe_stored(state, which)
+        return state
+
+    def _observe_stored(self, state: MarketplaceState, which: ColumnElement[bool]) -> int:
+        """Fold the stored events of the cross-subject subjects that ``which`` selects into ``state``, in the
+        order they were scored; how many."""
+        read = 0
         stmt = (
             select(
                 m.Event.subject,
@@ -1296,23 +1314,68 @@ class RiskEngine:
                 answer = orjson.loads(response) if isinstance(response, bytes | str) else (response or {})
                 codes = (r["code"] for r in answer.get("reasons", ()) if r.get("source") == "rule")
                 state.observe(subject, record, ts, decision, score, codes)
-        return state
+                read += 1
+        return read
 
     def _refresh_marketplace(self) -> None:
-        """Rebuild the cross-subject state from storage after a failed write (lock held). Until it can be
-        rebuilt, events that read it are refused (503) rather than scored on state that saw a lost event."""
-        # cleared first: a write that fails from here on (its callback takes no lock) marks it stale again
-        self._marketplace_stale = False
+        """After a failed write of an event it learned from, start rebuilding the cross-subject state from
+        storage beside scoring (lock held; ``_rebuild_marketplace_beside``), unless a rebuild is under way or
+        one failed within ``MARKETPLACE_RETRY_S``. Scoring goes on meanwhile with the state as it is, which saw
+        the lost event: the rebuild reads every review and merchant event and 180 days of payments, minutes at
+        a large deployment's volume, which scoring used to wait for."""
+        rebuilder = self._marketplace_rebuilder
+        if rebuilder is not None and rebuilder.is_alive():
+            return
+        if time.monotonic() - self._marketplace_failed_at < MARKETPLACE_RETRY_S:
+            return
+        self._marketplace_stale = False  # a write that fails from here on marks it again: rebuilt once more
+        self._marketplace_rebuilt.clear()
+        rebuilder = threading.Thread(
+            target=self._rebuild_marketplace_beside, name="risk-engine-marketplace-rebuild", daemon=True
+        )
+        self._marketplace_rebuilder = rebuilder
+        rebuilder.start()
+
+    def _held_at(self, cut: IdWatermark, seq: int) -> ColumnElement[bool]:
+        """The stored events the state held at a cut (as ``_held_at_sql``)."""
+        return self._covered(cut) | ((m.Event.origin == self.origin) & (m.Event.ingest_seq <= seq))
+
+    def _taken_in_between(
+        self, cut: IdWatermark, seq: int, later: IdWatermark, later_seq: int | None
+    ) -> ColumnElement[bool]:
+        """The stored events taken in after one cut and by a later one (as ``_taken_in_between_sql``)."""
+        own = (m.Event.origin == self.origin) & (m.Event.ingest_seq > seq)
+        if later_seq is not None:
+            own = own & (m.Event.ingest_seq <= later_seq)
+        others = ~self._covered(cut) & self._covered(later) & (m.Event.origin != self.origin)
+        return others | own
+
+    def _rebuild_marketplace_beside(self) -> None:
+        """The cross-subject state rebuilt without the state lock, as new windows are (``_prepare_windows``): of
+        the events the state held at a cut, then in a few rounds of those taken in since, each shorter; then,
+        under the lock, of the last few, and swapped in."""
         try:
-            if not self.writer.barrier().wait(5):
-                raise DatabaseUnavailable("writes still pending after a failed write")
-            self.refresh_events()  # moves the follow to now: the rebuild reads up to there, the follow on
-            self.marketplace = self._rebuilt_marketplace(self._events_read)
-        except BaseException as exc:
+            self.writer.barrier().wait(30)  # without the lock: the cut's own barrier then finds little to wait for
+            with self._lock:
+                cut, seq = self._cut()
+            state = self._rebuilt_marketplace(where=self._held_at(cut, seq))
+            for _ in range(CATCH_UP_ROUNDS):
+                with self._lock:
+                    later, later_seq = self._cut()
+                read = self._observe_stored(state, self._taken_in_between(cut, seq, later, later_seq))
+                cut, seq = later, later_seq
+                if read <= CATCH_UP_LEFT:
+                    break
+            with self._lock:
+                self._cut()
+                self._observe_stored(state, self._taken_in_between(cut, seq, self._events_read, None))
+                self.marketplace = state
+        except Exception as exc:  # the database went away: retried at a scoring after MARKETPLACE_RETRY_S
+            self._marketplace_failed_at = time.monotonic()
             self._marketplace_stale = True
-            if isinstance(exc, OperationalError):
-                raise DatabaseUnavailable(type(exc).__name__) from exc
-            raise
+            log.warning("could not rebuild the cross-subject state: %s", type(exc).__name__)
+        finally:
+            self._marketplace_rebuilt.set()
 
     def seller_credit(self, seller_id: str, history: int = 100) -> dict[str, Any]:
         """A seller's credit score, each component's contribution and the score's history (newest first)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import sqlite3
+import threading
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from sqlalchemy import create_engine, func, select, text
 
 from risk_engine.payments import PaymentIn
 from risk_engine.storage import models as m
-from tests.conftest import REPO, make_settings, open_api, payment
+from tests.conftest import BASE_REVIEW, REPO, make_settings, open_api, payment
 from tests.helpers import TcpProxy
 
 CARD_AGG = "count(by payment_method.card_fingerprint within 1h)"
@@ -201,7 +202,7 @@ def test_a_failed_payment_write_takes_its_order_back_out_without_rebuilding_the_
     back out (the one before restored) rather than the whole state rebuilt from storage, which reads every
     review and merchant event and 180 days of payments with scoring stopped: a database hiccup, or a retry that
     collided with another worker's row, must not stall a large deployment. If the order changed since, the
-    state is rebuilt as before."""
+    state is rebuilt as before, beside scoring."""
     db_path = tmp_path / "risk.db"
     settings = make_settings(tmp_path / "var", f"sqlite:///{db_path}", db_busy_timeout_s=0.3, follow_poll_s=0)
     client, api = open_api(settings)
@@ -237,13 +238,69 @@ def test_a_failed_payment_write_takes_its_order_back_out_without_rebuilding_the_
         assert rebuilds == []
         assert engine._rebuilt_marketplace() is not None and rebuilds == [1]  # (the wrapper counts)
         assert engine.marketplace.orders == rebuild().orders  # what a rebuild from storage holds
-        # the order changed after the payment that failed placed it: rebuilt, as before
+        # the order changed after the payment that failed placed it: rebuilt, as before (beside scoring)
         rebuilds.clear()
         fail_to_store(payment(payment_id="p_3", order_id="o_3", occurred_at="2026-11-22T10:04:00Z"))
         engine.marketplace.orders["o_3"] = (*engine.marketplace.orders["o_3"],)  # as a shipping update does
         api.score(payment(payment_id="p_4", order_id="o_4", occurred_at="2026-11-22T10:05:00Z"))
-        assert rebuilds == [1] and order("o_3") is None
+        assert engine._marketplace_rebuilt.wait(10)
+        assert rebuilds == [1] and order("o_3") is None and order("o_4") is not None
     finally:
+        client.__exit__(None, None, None)
+
+
+def test_a_failed_review_write_has_the_cross_subject_state_rebuilt_beside_scoring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review's write that fails leaves its effects in the cross-subject state (a text in the seller's ring,
+    here): the state is rebuilt from storage, which reads every review and merchant event and 180 days of
+    payments. It used to be rebuilt under the state lock at the next scoring, every scoring waiting minutes at
+    a large deployment's volume; it is rebuilt beside scoring now, and what was scored meanwhile is in it."""
+    from risk_engine.merchants import MerchantEventIn
+    from risk_engine.reviews import ReviewIn
+
+    db_path = tmp_path / "risk.db"
+    settings = make_settings(tmp_path / "var", f"sqlite:///{db_path}", db_busy_timeout_s=0.3, follow_poll_s=0)
+    client, api = open_api(settings)
+    engine = api.engine
+    release, started = threading.Event(), threading.Event()
+    rebuild = engine._rebuilt_marketplace
+
+    def paused(*args: Any, **kwargs: Any) -> Any:
+        started.set()
+        release.wait(30)
+        return rebuild(*args, **kwargs)
+
+    try:
+        api.score(payment(payment_id="p_1", order_id="o_1", occurred_at="2026-11-22T10:00:00Z"))
+        locker = sqlite3.connect(db_path, timeout=0.1)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            lost = engine.score_event("review", ReviewIn.model_validate(BASE_REVIEW))
+            assert lost.committed.exception(10) is not None
+        finally:
+            locker.rollback()
+            locker.close()
+        assert engine.marketplace.texts["s_42"].count == 1  # it learned from the review that was not stored
+        monkeypatch.setattr(engine, "_rebuilt_marketplace", paused)
+        api.score(payment(payment_id="p_2", order_id="o_2", occurred_at="2026-11-22T11:01:00Z"))  # starts it
+        assert started.wait(10) and not engine._marketplace_rebuilt.is_set()
+        api.score(payment(payment_id="p_3", order_id="o_3", occurred_at="2026-11-22T11:02:00Z"))  # meanwhile
+        shipped = MerchantEventIn(
+            event_id="m_1", occurred_at="2026-11-22T11:03:00Z", seller_id="s_42", type="order_shipped", order_id="o_3"
+        )
+        assert engine.score_event("merchant", shipped).committed.exception(10) is None  # a credit fact, meanwhile
+        assert engine.marketplace.orders.get("o_3") is not None
+        release.set()
+        assert engine._marketplace_rebuilt.wait(10)
+        fresh = rebuild()  # from every stored event
+        assert engine.marketplace.orders == fresh.orders and {"o_1", "o_2", "o_3"} <= set(fresh.orders)
+        assert engine.marketplace.facts["s_42"].t == fresh.facts["s_42"].t  # each event counted once
+        assert engine.marketplace.facts["s_42"].t.completed == 1
+        assert "s_42" not in engine.marketplace.texts  # the lost review's text is gone
+        assert engine.score_event("review", ReviewIn.model_validate(BASE_REVIEW)).committed.exception(10) is None
+    finally:
+        release.set()
         client.__exit__(None, None, None)
 
 
