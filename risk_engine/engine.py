@@ -792,15 +792,29 @@ class RiskEngine:
             return PreparedWindows(frozenset(a.id for a in missing), velocity, cut, seq, None)
         since = latest - velocity.longest_window - GRACE_S
         read = velocity.replay(r[:2] for r in self._stored_rows(subject, since, where=self._held_at_sql(cut, seq)))
+
+        def take(cut: IdWatermark, seq: int, later: IdWatermark, later_seq: int) -> int:
+            between = self._taken_in_between_sql(cut, seq, later, later_seq)
+            return velocity.replay(r[:2] for r in self._stored_rows(subject, since, where=between))
+
+        cut, seq = self._catch_up(cut, seq, read, take)
+        return PreparedWindows(frozenset(a.id for a in missing), velocity, cut, seq, since)
+
+    def _catch_up(
+        self, cut: IdWatermark, seq: int, read: int, take: Callable[[IdWatermark, int, IdWatermark, int], int]
+    ) -> tuple[IdWatermark, int]:
+        """After a read of ``read`` events as of a cut, rounds without the state lock of what was taken in since:
+        each takes a later cut under the lock and reads the events in between with ``take`` (how many), until a
+        round reads ``CATCH_UP_LEFT`` or fewer, at most ``CATCH_UP_ROUNDS``. Returns the last cut, from which
+        the caller reads the rest under the lock."""
         for _ in range(CATCH_UP_ROUNDS):
             if read <= CATCH_UP_LEFT:
                 break
             with self._lock:
                 later, later_seq = self._cut()
-            between = self._taken_in_between_sql(cut, seq, later, later_seq)
-            read = velocity.replay(r[:2] for r in self._stored_rows(subject, since, where=between))
+            read = take(cut, seq, later, later_seq)
             cut, seq = later, later_seq
-        return PreparedWindows(frozenset(a.id for a in missing), velocity, cut, seq, since)
+        return cut, seq
 
     def _ensure_velocity(
         self, subject: str, *policies: CompiledPolicy, prepared: PreparedWindows | None = None
@@ -1152,11 +1166,10 @@ class RiskEngine:
             "counts": self._stored_counts(read),
             "newest": self._newest_read(read),
         }
+        current = not self._marketplace_stale and self._marketplace_rebuilt.is_set()  # else the next start rebuilds
         state = {
             "velocity": {subject: rt.velocity for subject, rt in self.subjects.items()},
-            "marketplace": None
-            if self._marketplace_stale or not self._marketplace_rebuilt.is_set()
-            else self.marketplace,
+            "marketplace": self.marketplace if current else None,
         }
         write_encoded(self.state_snapshot_path, encode_state((header, encode_state(state))), self.signing_key)
 
@@ -1359,13 +1372,12 @@ class RiskEngine:
             with self._lock:
                 cut, seq = self._cut()
             state = self._rebuilt_marketplace(where=self._held_at(cut, seq))
-            for _ in range(CATCH_UP_ROUNDS):
-                with self._lock:
-                    later, later_seq = self._cut()
-                read = self._observe_stored(state, self._taken_in_between(cut, seq, later, later_seq))
-                cut, seq = later, later_seq
-                if read <= CATCH_UP_LEFT:
-                    break
+
+            def take(cut: IdWatermark, seq: int, later: IdWatermark, later_seq: int) -> int:
+                return self._observe_stored(state, self._taken_in_between(cut, seq, later, later_seq))
+
+            # the rebuild read the whole history, and scoring went on meanwhile: one round at least
+            cut, seq = self._catch_up(cut, seq, CATCH_UP_LEFT + 1, take)
             with self._lock:
                 self._cut()
                 self._observe_stored(state, self._taken_in_between(cut, seq, self._events_read, None))
