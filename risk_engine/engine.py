@@ -993,7 +993,7 @@ class RiskEngine:
                             if key in stored:
                                 self.lists.add(ListEntry(*key, stored[key]), now)
                             else:
-                                self.lists.remove(*key, now)
+                                self.lists.remove(*key)
                 for change_id, _, _ in changes:
                     read.note(change_id)
                 with self._lock:
@@ -2743,7 +2743,7 @@ class RiskEngine:
         if not list_entries.remove_entry(self.db, list_name, token, actor):
             return False
         with self._lock:
-            self.lists.remove(list_name, token, now_utc())
+            self.lists.remove(list_name, token)
             self._note_list_edit(list_name, token)
         return True
 

@@ -166,7 +166,7 @@ def test_incremental_list_changes_match_a_rebuild(ops: list[tuple[str, tuple[str
             matcher.add(ListEntry(*key, expiry), now)
         elif op == "remove":
             stored.pop(key, None)
-            matcher.remove(*key, now)
+            matcher.remove(*key)
         else:
             now += timedelta(minutes=3)
         live = {k: v for k, v in stored.items() if v is None or v > now}
@@ -181,7 +181,7 @@ def test_removing_one_of_two_overlapping_ranges_keeps_the_network_the_other_cove
     matcher = ListMatcher(DECLS)
     matcher.add(ListEntry("ranges", "10.0.0.0/23", None), T0)
     matcher.add(ListEntry("ranges", "10.0.1.0/24", None), T0)
-    matcher.remove("ranges", "10.0.0.0/23", T0)
+    matcher.remove("ranges", "10.0.0.0/23")
     assert matcher.current(T0)["ranges"] == {"10.0.1.0/24"}
     assert matcher.counts()["ranges"] == 1
 

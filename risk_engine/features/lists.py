@@ -200,7 +200,7 @@ class ListMatcher:
         """Add or replace one entry (an expiry already past removes it)."""
         self._put(entry, now)
 
-    def remove(self, list_name: str, token: str, now: datetime) -> None:
+    def remove(self, list_name: str, token: str) -> None:
         """Remove one entry (nothing if it is not there)."""
         self._drop(list_name, token)
 

@@ -49,7 +49,7 @@ def add_entry(
             ).first()
             stated = {"display": display, "expires_at": expires_at.isoformat() if expires_at else None}
             if row is None:
-                row = _new_row(list_name, token, display, actor, expires_at, note)
+                row = m.ListEntry(**_new_row(list_name, token, display, actor, expires_at, note))
                 s.add(row)
                 s.add(m.ListChange(list_name=list_name, token=token))
                 audit(s, actor, "list.add", f"list:{list_name}", None, stated)
@@ -180,7 +180,7 @@ def seed_entries(db: Engine, seeds: Mapping[str, Sequence[str]], actor: str) -> 
                 present = set(s.scalars(stored))
                 for value in dict.fromkeys(values):
                     if value not in present:
-                        s.add(_new_row(list_name, value, value, actor, None, None))
+                        s.add(m.ListEntry(**_new_row(list_name, value, value, actor, None, None)))
                         s.add(m.ListChange(list_name=list_name, token=value))
                         added += 1
             s.commit()
@@ -191,16 +191,17 @@ def seed_entries(db: Engine, seeds: Mapping[str, Sequence[str]], actor: str) -> 
 
 def _new_row(
     list_name: str, token: str, display: str, actor: str, expires_at: datetime | None, note: str | None
-) -> m.ListEntry:
-    return m.ListEntry(
-        list_name=list_name,
-        token=token,
-        display=display,
-        added_by=actor,
-        note=note,
-        created_at=datetime.now(UTC),
-        expires_at=expires_at,
-    )
+) -> dict[str, Any]:
+    """A new entry's columns."""
+    return {
+        "list_name": list_name,
+        "token": token,
+        "display": display,
+        "added_by": actor,
+        "note": note,
+        "created_at": datetime.now(UTC),
+        "expires_at": expires_at,
+    }
 
 
 @dataclass
@@ -246,17 +247,7 @@ def import_entries(
                 for token, display in batch:
                     row = stored.get(token)
                     if row is None:
-                        new.append(
-                            {
-                                "list_name": list_name,
-                                "token": token,
-                                "display": display,
-                                "added_by": actor,
-                                "note": note,
-                                "created_at": datetime.now(UTC),
-                                "expires_at": expires_at,
-                            }
-                        )
+                        new.append(_new_row(list_name, token, display, actor, expires_at, note))
                     elif row.expires_at != expires_at or (note is not None and note != row.note):
                         row.expires_at = expires_at
                         row.note = note if note is not None else row.note
