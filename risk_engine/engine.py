@@ -118,6 +118,7 @@ CATCH_UP_ROUNDS = 3
 CATCH_UP_LEFT = 500
 MARKETPLACE_RETRY_S = 1.0  # after a failed rebuild of the cross-subject state, the next is tried no sooner
 KNOWN_IDS_MIN_CAPACITY = 1_000_000  # the id filter's first layer: about 2 MB
+KNOWN_IDS_RETRY_S = 5.0  # after a failed read of the stored ids, the next is tried
 IDEMPOTENCY_PURGE_S = 3600.0  # how often a worker deletes expired idempotency keys
 PII_EXPIRY_S = 86_400.0  # how often a worker drops the PII past its retention (pii_retention_days), when set
 KEY_CACHE_S = 5.0  # how long a process trusts what it read of a key: a revocation elsewhere takes this long
@@ -1020,15 +1021,17 @@ class RiskEngine:
         self._known_loader.start()
 
     def _read_known_ids(self) -> None:
-        try:
-            with self._session() as s:
-                top = s.scalar(select(func.max(m.Event.id))) or 0  # at least as many as are stored
-                known = KnownIds(max(KNOWN_IDS_MIN_CAPACITY, 2 * top))  # sized for twice that; it grows past it
-                stmt = select(m.Event.subject, m.Event.event_id).execution_options(yield_per=10_000)
-                for subject, event_id in s.execute(stmt):
-                    if self._stopping.is_set():
-                        return
-                    known.add(f"{subject}\x1f{event_id}")
+        """The background read of ``_load_known_ids``; a failed read (the database went away) is tried again
+        every ``KNOWN_IDS_RETRY_S`` until it is whole or the engine stops, every id looked up meanwhile."""
+        while not self._stopping.is_set():
+            try:
+                known = self._stored_ids()
+            except Exception as exc:
+                log.warning("could not read the stored ids (%s): scoring looks each id up", type(exc).__name__)
+                self._stopping.wait(KNOWN_IDS_RETRY_S)
+                continue
+            if known is None:  # stopping
+                return
             with self._lock:
                 for key in self._known_while_loading or ():
                     known.add(key)
@@ -1037,8 +1040,19 @@ class RiskEngine:
                 self._known_ids = known
                 self._known_while_loading = None
             self._known_ids_whole.set()
-        except Exception as exc:  # the database went away: every id not marked here is looked up, as before
-            log.warning("could not read the stored ids (%s): scoring looks each id up", type(exc).__name__)
+            return
+
+    def _stored_ids(self) -> KnownIds | None:
+        """A filter of every stored event id (None if the engine stops meanwhile)."""
+        with self._session() as s:
+            top = s.scalar(select(func.max(m.Event.id))) or 0  # at least as many as are stored
+            known = KnownIds(max(KNOWN_IDS_MIN_CAPACITY, 2 * top))  # sized for twice that; it grows past it
+            stmt = select(m.Event.subject, m.Event.event_id).execution_options(yield_per=10_000)
+            for subject, event_id in s.execute(stmt):
+                if self._stopping.is_set():
+                    return None
+                known.add(f"{subject}\x1f{event_id}")
+        return known
 
     def _mark_known(self, subject: str, event_id: str) -> None:
         key = f"{subject}\x1f{event_id}"

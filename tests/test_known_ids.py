@@ -105,3 +105,25 @@ def test_a_worker_serves_while_it_reads_the_stored_ids_and_looks_each_id_up_mean
     finally:
         release.set()
         engine.close()
+
+
+def test_a_failed_read_of_the_stored_ids_is_tried_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database that is away when the worker starts must not leave it looking every id up for good."""
+    from sqlalchemy.exc import OperationalError
+
+    monkeypatch.setattr(engine_module, "KNOWN_IDS_RETRY_S", 0.05)
+    read, failures = RiskEngine._stored_ids, []
+
+    def once_away(self: RiskEngine) -> KnownIds | None:
+        if not failures:
+            failures.append(1)
+            raise OperationalError("SELECT", {}, Exception("database away"))
+        return read(self)
+
+    monkeypatch.setattr(RiskEngine, "_stored_ids", once_away)
+    engine = RiskEngine.open(make_settings(tmp_path / "var", f"sqlite:///{tmp_path / 'risk.db'}"))
+    try:
+        assert engine._known_ids_whole.wait(30) and failures == [1]
+        assert not engine.score_payment(PaymentIn.model_validate(payment())).replayed
+    finally:
+        engine.close()
