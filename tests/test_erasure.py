@@ -126,9 +126,8 @@ def dated(days_ago: float) -> str:
 
 
 def test_pii_past_the_retention_period_is_dropped_and_each_run_reads_only_what_the_last_one_left(api: Api) -> None:
-    old = {
-        pid: api.score(payment(payment_id=pid, occurred_at=dated(days))) for pid, days in (("p500", 500), ("p100", 100))
-    }
+    bodies = {pid: payment(payment_id=pid, occurred_at=dated(days)) for pid, days in (("p500", 500), ("p100", 100))}
+    old = {pid: api.score(body) for pid, body in bodies.items()}
     api.score(payment(payment_id="p10", occurred_at=dated(10), **OTHER))
     with pytest.raises(InvalidInput):
         api.engine.expire_pii("test")  # no retention period set, none given
@@ -141,10 +140,9 @@ def test_pii_past_the_retention_period_is_dropped_and_each_run_reads_only_what_t
     assert shown["decision"] == old["p100"]
     kept = api.client.get("/v1/payments/p10", headers=api.headers()).json()
     assert kept["pii_masked"] != {} and kept["pii_expired"] is False
-    retried = api.client.post(
-        "/v1/payments/score", json=payment(payment_id="p500", occurred_at=dated(500)), headers=api.headers()
-    )
-    assert retried.status_code == 200 and retried.headers["Idempotent-Replayed"] == "true"  # the retry still replays
+    # the retry still replays (the same body: its time taken once, not again a second later)
+    retried = api.client.post("/v1/payments/score", json=bodies["p500"], headers=api.headers())
+    assert retried.status_code == 200 and retried.headers["Idempotent-Replayed"] == "true"
 
     # a backfill dated before the last cutoff, stored after that run, is found by id; an earlier cutoff is the last
     api.score(payment(payment_id="p200", occurred_at=dated(200)))
