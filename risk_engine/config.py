@@ -57,7 +57,17 @@ class Settings(BaseSettings):
         default=True,
         description="Answer well-formed scoring requests before FastAPI's routing (service/fastpath.py).",
     )
-    gc_tuning: bool = Field(default=True, description="Freeze start-up objects and collect garbage less often.")
+    gc_tuning: bool = Field(
+        default=True,
+        description="Keep the garbage collector's pauses short: freeze what start-up built and what survives each "
+        "middle collection, and collect the young generation often (risk_engine/collector.py).",
+    )
+    gc_full_every_hours: float = Field(
+        default=24.0,
+        ge=0,
+        description="With gc_tuning, how often a worker walks all it holds once, to free reference cycles among "
+        "frozen objects: one pause proportional to the state held (0: never).",
+    )
     velocity_max_events_per_key: int = Field(
         default=100_000, description="Cap per aggregate key; beyond it the oldest entries are dropped."
     )

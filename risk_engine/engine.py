@@ -9,7 +9,6 @@ out of the velocity windows and the caller answers 503.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import logging
 import secrets
@@ -32,6 +31,7 @@ from sqlalchemy.orm import Session
 
 from risk_engine import __version__
 from risk_engine.backtest import StoredEvent
+from risk_engine.collector import TUNING
 from risk_engine.config import Settings
 from risk_engine.credit import CreditScore, score_view
 from risk_engine.detectors import SnapshotError, StreamingDetector, read_snapshot
@@ -348,18 +348,10 @@ def revoke_api_key(db: SqlEngine, key_id: str, actor: str, keep_an_admin: bool =
 
 
 def tune_garbage_collector() -> None:
-    """Keep the cyclic GC off the request path: freeze what start-up built (policies, detectors, velocity
-    rebuilt from storage) and collect the young generation less often. The scoring path creates few
-    reference cycles, and without this full collections cost about 100 us per payment on average.
-
-    A young collection walks what survived since the last (about 2.5 objects a payment, velocity windows
-    mostly), so its pause grows with the threshold: at 50,000, 14-33 ms every 15,000-20,000 payments, and each
-    one of 18 ms or more put an HTTP run's p99 at 1,000 requests/s over 25 ms; at 10,000, 2-11 ms every 3,000-
-    4,000 payments, for the same total (about 1 us a payment), and a middle collection of about 45 ms every
-    100,000 payments instead of a longer one less often (session 16, ARCHITECTURE.md)."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(10_000, 20, 100)
+    """Keep the cyclic GC's pauses short whatever the state held: freeze what start-up built, collect the young
+    generation at ``collector.YOUNG_OBJECTS`` and freeze what survives each middle collection
+    (``risk_engine.collector``); ``gc_full_every_hours`` sets how often everything is walked once."""
+    TUNING.install()
 
 
 def now_utc() -> datetime:
@@ -913,9 +905,11 @@ class RiskEngine:
     def _start_policy_poller(self) -> None:
         purged_at = float("-inf")  # the first poll purges
         pii_expired_at = time.monotonic()  # ... but leaves the PII to the day's run (or ``risk-engine pii expire``)
+        collected_at = time.monotonic()
+        full_every_s = self.settings.gc_full_every_hours * 3600.0 if self.settings.gc_tuning else 0.0
 
         def poll() -> None:
-            nonlocal purged_at, pii_expired_at
+            nonlocal purged_at, pii_expired_at, collected_at
             while not self._stopping.wait(self.settings.policy_poll_s):
                 try:
                     self.refresh_policies()
@@ -928,11 +922,26 @@ class RiskEngine:
                     if self.settings.pii_retention_days and time.monotonic() - pii_expired_at > PII_EXPIRY_S:
                         pii_expired_at = time.monotonic()
                         self.expire_pii("retention")
+                    if full_every_s and time.monotonic() - collected_at > full_every_s:
+                        collected_at = time.monotonic()
+                        self.collect_garbage_fully()
                 except Exception as exc:  # a bad poll must not kill the worker; the next one retries
                     log.warning("policy refresh failed: %s", type(exc).__name__)
 
         self._poller = threading.Thread(target=poll, name="risk-engine-policy-poller", daemon=True)
         self._poller.start()
+
+    def collect_garbage_fully(self) -> dict[str, Any]:
+        """One full garbage collection (frozen objects included), logged with its pause: what the poller runs
+        every ``gc_full_every_hours``. Not under the state lock: the collector stops every thread anyway."""
+        full = TUNING.collect_fully()
+        log.info(
+            "full garbage collection: %d unreachable objects freed in %.1f ms; %d objects held",
+            full.freed,
+            full.pause_s * 1e3,
+            full.frozen_after,
+        )
+        return {"freed": full.freed, "pause_ms": round(full.pause_s * 1e3, 3), "held": full.frozen_after}
 
     def _start_follower(self) -> None:
         """Take in other workers' events every ``follow_poll_s``: more often than the policy poll, because a

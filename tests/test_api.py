@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import threading
@@ -204,6 +205,16 @@ def test_metrics_count_decisions_and_rule_hits(api: Api) -> None:
     by_model = {line.split('model="')[1].split('"')[0]: float(line.split()[-1]) for line in learned}
     assert by_model["payment_fraud"] == 1.0 and by_model["review_text"] == 0.0  # one per supervised detector
     assert "payment_anomaly" not in by_model
+
+
+def test_metrics_show_the_garbage_collectors_pauses(api: Api) -> None:
+    gc.collect(1)  # a middle collection, measured (the engine installed the collector's tuning)
+    lines = api.client.get("/metrics").text.splitlines()
+    middle = [line for line in lines if line.startswith('risk_engine_gc_pause_seconds_count{generation="1"}')]
+    assert middle and float(middle[0].split()[-1]) >= 1
+    assert any(line.startswith('risk_engine_gc_pause_seconds_bucket{generation="1",le="+Inf"}') for line in lines)
+    frozen = [line for line in lines if line.startswith("risk_engine_gc_frozen_objects ")]
+    assert frozen and float(frozen[0].split()[-1]) > 0
 
 
 def test_a_detector_that_raises_adds_nothing_and_the_rules_still_decide(

@@ -509,7 +509,9 @@ class _Walk:
 def _build(source: str, name: str, constants: Mapping[str, Any], filename: str) -> Callable[..., Any]:
     namespace: dict[str, Any] = {**_RUNTIME, **constants}
     exec(compile(source, filename, "exec"), namespace)  # source generated from checked nodes only
-    fn: Callable[..., Any] = namespace[name]
+    # taken out of the namespace it closes over: left in, the function and its globals would form a cycle that
+    # only the cyclic garbage collector frees, and the collector freezes long-lived objects (see ``gc_policy``)
+    fn: Callable[..., Any] = namespace.pop(name)
     return fn
 
 

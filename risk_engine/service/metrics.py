@@ -3,15 +3,17 @@ scrape)."""
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from risk_engine.collector import TUNING
 from risk_engine.engine import RiskEngine
 from risk_engine.service.errors import error_body
 from risk_engine.service.responses import send_json
@@ -75,6 +77,26 @@ class EngineCollector(Collector):
         rows = CounterMetricFamily("risk_engine_group_commit_rows", "Rows written by group commits")
         rows.add_metric([], writer.rows)
         yield rows
+        yield from _collector_metrics()
+
+
+def _collector_metrics() -> Iterator[Any]:
+    """The garbage collector's pauses (process-wide) and what it holds frozen, once tuning is installed."""
+    if not TUNING.installed and not TUNING.pauses:
+        return
+    pauses = HistogramMetricFamily(
+        "risk_engine_gc_pause_seconds",
+        "Garbage collection pauses (every thread stopped), by generation; 'full' for the periodic full collection",
+        labels=["generation"],
+    )
+    for generation, histogram in sorted(TUNING.pauses.items()):
+        pauses.add_metric([generation], histogram.cumulative(), sum_value=histogram.total_s)
+    yield pauses
+    frozen = GaugeMetricFamily(
+        "risk_engine_gc_frozen_objects", "Objects frozen out of the collector's walks (the long-lived state)"
+    )
+    frozen.add_metric([], gc.get_freeze_count())
+    yield frozen
 
 
 class Metrics:
