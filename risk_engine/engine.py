@@ -918,6 +918,7 @@ class RiskEngine:
                     self.refresh_labels()
                     if time.monotonic() - purged_at > IDEMPOTENCY_PURGE_S:
                         idempotency.purge(self.db, now_utc())  # keys past their 24 h
+                        list_entries.prune_changes(self.db, now_utc())  # list changes past a week
                         purged_at = time.monotonic()
                     if self.settings.pii_retention_days and time.monotonic() - pii_expired_at > PII_EXPIRY_S:
                         pii_expired_at = time.monotonic()
@@ -972,19 +973,33 @@ class RiskEngine:
         seeds = {d.name: d.entries for d in self.list_decls.values() if d.entries}
         if seeds:
             list_entries.seed_entries(self.db, seeds, "file:lists.toml")
-        # where to follow changes from is read before the entries: a change made in between is read again
+        self.lists, self._lists_read = self._read_lists()
+
+    def _read_lists(self) -> tuple[ListMatcher, IdWatermark]:
+        """Every list as stored, and where to follow changes from: read before the entries, so a change made in
+        between is read again."""
         read = list_entries.changes_start(self.db)
         lists = ListMatcher(self.list_decls)
         lists.load((ListEntry(*row) for row in list_entries.live_entries(self.db)), now_utc())
-        self.lists, self._lists_read = lists, read
+        return lists, read
 
     def refresh_lists(self, limit: int = LIST_CHANGES_PER_READ) -> bool:
         """Apply the list changes other processes (workers, ``risk-engine lists``) stored since the last read,
-        each as its entry is stored now, ``limit`` changes a read until none is left. True if any was read."""
+        each as its entry is stored now, ``limit`` changes a read until none is left. True if any was read (or,
+        behind changes already pruned, every list was read again)."""
         with self._lists_refresh:  # one reader at a time: it owns ``_lists_read``
             read = self._lists_read
+            if list_entries.changes_pruned_past(self.db, read):
+                # behind by more than the changes kept (suspended for a week, say): every list read again
+                log.warning("list changes this worker had not read were pruned: reloading every list")
+                lists, read = self._read_lists()
+                with self._lock:
+                    self.lists, self._lists_read = lists, read
+                reloaded = True
+            else:
+                reloaded = False
             read.expire()
-            found = False
+            found = reloaded
             while True:
                 with self._lock:
                     edits = self._lists_edits

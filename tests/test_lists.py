@@ -320,3 +320,39 @@ def test_a_value_is_looked_up_on_a_list_whose_entries_are_shown_masked(api: Api)
     assert missing.status_code == 404
     bad = api.client.post("/v1/lists/blocked_ips/entries/lookup", json={"value": "300.1.1.1"}, headers=h)
     assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "value"
+
+
+def test_list_changes_past_a_week_are_pruned_and_a_worker_behind_them_reloads_every_list(
+    tmp_path: Path, database_url: str
+) -> None:
+    settings = make_settings(tmp_path / "var", database_url, policy_poll_s=3600)  # refreshed by hand below
+    with two_workers(settings) as (a, b):
+        h = a.headers("analyst")
+        for device in ("dev_1", "dev_2", "dev_3"):
+            assert a.client.post("/v1/lists/blocked_devices/entries", json={"value": device}, headers=h).status_code
+        assert b.engine.refresh_lists() is True  # b has followed every change
+        db = a.engine.db
+        with Session(db) as s:
+            ids = list(s.scalars(select(m.ListChange.id).order_by(m.ListChange.id)))
+            times = list(s.scalars(select(m.ListChange.changed_at).order_by(m.ListChange.id)))
+        assert all(t is not None for t in times)
+        now = datetime.now(UTC)
+        assert list_entries.prune_changes(db, now) == 0  # all recent
+        # a week on, every change is old: all go but the newest, whose id the next change must not reuse
+        assert list_entries.prune_changes(db, now + timedelta(days=8)) == len(ids) - 1
+        with Session(db) as s:
+            assert list(s.scalars(select(m.ListChange.id))) == [ids[-1]]
+        assert b.engine.refresh_lists() is False  # b had read them all: nothing lost, no reload
+
+        # b falls behind (as if suspended): changes are made and pruned before it reads them
+        a.client.request("DELETE", "/v1/lists/blocked_devices/entries", json={"value": "dev_1"}, headers=h)
+        assert a.client.post("/v1/lists/blocked_devices/entries", json={"value": "dev_4"}, headers=h).status_code
+        assert a.client.post("/v1/lists/blocked_devices/entries", json={"value": "dev_5"}, headers=h).status_code
+        with Session(db) as s:
+            newest = s.scalar(select(func.max(m.ListChange.id)))
+        assert newest is not None and newest > ids[-1]  # ids go on past the kept one
+        assert list_entries.prune_changes(db, datetime.now(UTC) + timedelta(days=8)) == 3
+        assert b.engine.refresh_lists() is True  # every list read again
+        assert b.engine.lists.sets["blocked_devices"] >= {"dev_2", "dev_3", "dev_4", "dev_5"}
+        assert "dev_1" not in b.engine.lists.sets["blocked_devices"]
+        assert b.engine.lists.counts() == a.engine.lists.counts()

@@ -3,7 +3,9 @@
 These need only the database, so ``risk-engine lists`` edits a list without opening an engine (which would
 rebuild velocity and detectors from the whole history). Every change also appends a row to ``list_changes`` in
 its transaction: running engines follow those (``changes_after``) and read back only the entries they name
-(``entry_states``), however long the lists are. What is stored for a value (itself, or a blind index) is
+(``entry_states``), however long the lists are. Changes older than ``CHANGES_KEPT`` are pruned
+(``prune_changes``); a worker that fell further behind than that reloads every list (``changes_pruned_past``).
+What is stored for a value (itself, or a blind index) is
 decided by the caller (``features.lists.list_value_token``).
 """
 
@@ -11,10 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
-from sqlalchemy import Engine, func, insert, select
+from sqlalchemy import CursorResult, Engine, delete, func, insert, or_, select
 from sqlalchemy.orm import Session
 
 from risk_engine.storage import models as m
@@ -24,6 +26,7 @@ from risk_engine.watermark import MAX_GAPS, IdWatermark
 
 STATE_BATCH = 500  # entries read back per statement (bound parameters stay far below both databases' limits)
 IMPORT_BATCH = 1_000  # values imported per transaction
+CHANGES_KEPT = timedelta(days=7)  # a running worker follows changes within a second; one stopped reloads lists
 
 
 def _session(db: Engine) -> Session:
@@ -146,6 +149,35 @@ def changes_after(db: Engine, read: IdWatermark, limit: int) -> list[tuple[int, 
     stmt = select(m.ListChange.id, m.ListChange.list_name, m.ListChange.token).where(wanted)
     with _session(db) as s:
         return [(i, name, token) for i, name, token in s.execute(stmt.order_by(m.ListChange.id).limit(limit))]
+
+
+def changes_pruned_past(db: Engine, read: IdWatermark) -> bool:
+    """Whether changes ``read`` has not read may have been pruned: the oldest change kept is past the next one it
+    would read. (A gap in the ids there, from a rolled-back change, reads as pruned too: a needless reload.)"""
+    with _session(db) as s:
+        oldest = s.scalar(select(func.min(m.ListChange.id)))
+    return oldest is not None and oldest > read.last + 1
+
+
+def prune_changes(db: Engine, now: datetime, kept: timedelta = CHANGES_KEPT) -> int:
+    """Delete the changes recorded before ``now - kept`` (and those from before their time was recorded), keeping
+    the newest change whatever its age: SQLite numbers a new row one past the highest id present, so deleting
+    the highest would have the next change reuse an id that followers have already read past. Returns how many
+    were deleted."""
+    horizon = now - kept
+    with _session(db) as s:
+        top = s.scalar(select(func.max(m.ListChange.id)))
+        if top is None:
+            return 0
+        old = or_(m.ListChange.changed_at.is_(None), m.ListChange.changed_at < horizon)
+        cut = s.scalar(select(func.max(m.ListChange.id)).where(old))
+        if cut is None:
+            return 0
+        deleted = cast(
+            CursorResult[Any], s.execute(delete(m.ListChange).where(m.ListChange.id <= min(cut, top - 1)))
+        ).rowcount
+        s.commit()
+    return int(deleted or 0)
 
 
 def entry_states(db: Engine, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], datetime | None]:

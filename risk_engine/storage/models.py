@@ -153,6 +153,8 @@ class ListChange(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     list_name: Mapped[str] = mapped_column(String(64))
     token: Mapped[str] = mapped_column(String(128))
+    # when it was recorded: changes older than a week are pruned (None: recorded before this column existed)
+    changed_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True, default=lambda: datetime.now(UTC))
 
 
 class PolicyVersion(Base):
