@@ -82,6 +82,7 @@ from risk_engine.storage.audit import audit
 from risk_engine.storage.db import DatabaseUnavailable, make_engine, migrate, retry_on_race
 from risk_engine.storage.labels import EVENT_OUTCOME_SQL
 from risk_engine.storage.labels import outcome as label_outcome
+from risk_engine.storage.rule_hits import HitTally, rule_codes, tally_labels
 from risk_engine.storage.writer import (
     DuplicateRow,
     GroupCommitWriter,
@@ -563,6 +564,7 @@ class RiskEngine:
         # writer (a barrier); bounded, as nothing drains it while no one follows
         self._own_committed: deque[int] = deque(maxlen=OWN_IDS_KEPT)
         self._event_insert.report_ids(self._own_committed.extend)
+        self.writer.hits = HitTally(db, self.origin)
         # events whose write failed, to take back out of velocity: queued by the writer thread, which must not wait
         # for the state lock either, and applied by the next holder of the lock before velocity is read
         self._retractions: deque[tuple[SubjectRuntime, dict[str, Any], float, str, Ticket, PlacedOrder | None]] = (
@@ -2016,7 +2018,8 @@ class RiskEngine:
                 "created_at": now_utc(),
                 "origin": self.origin,
             }
-            self.writer.submit(self._event_insert, row, committed)
+            hits = (subject, int(ts // 3600), rule_codes(response))
+            self.writer.submit(self._event_insert, row, committed, hits)
         except BaseException as exc:
             # the answer is remembered with this ticket: failing it takes the event back out and lets a
             # replay fail as this call does, instead of waiting for a write that will never come
@@ -2364,6 +2367,7 @@ class RiskEngine:
                 row = request.row(now_utc())
                 s.add(row)
                 try:
+                    tally_labels(s, [row], self.origin)
                     s.commit()
                 except IntegrityError:
                     s.rollback()
@@ -2425,6 +2429,7 @@ class RiskEngine:
                 now = now_utc()
                 new = {r.label_id: r.row(now) for r in requests if r.label_id not in stored}
                 s.add_all(new.values())
+                tally_labels(s, list(new.values()), self.origin)
                 s.commit()
                 views = [self._label_view(stored.get(r.label_id) or new[r.label_id]) for r in requests]
                 return views, list(new.values())
@@ -2590,6 +2595,7 @@ class RiskEngine:
                 known = set(s.scalars(select(m.Label.label_id).where(m.Label.label_id.in_(list(rows)))))
                 new = [row for key, row in rows.items() if key not in known]
                 s.add_all(new)
+                tally_labels(s, new, self.origin)
                 s.commit()
                 learned = [(row.id, row.subject, row.event_id, row.is_fraud) for row in new]
         except OperationalError as exc:

@@ -32,6 +32,7 @@ from risk_engine.engine import Conflict, NotFound, RiskEngine, now_utc
 from risk_engine.features.velocity import GRACE_S
 from risk_engine.jobs import Job
 from risk_engine.storage import models as m
+from risk_engine.storage import rule_hits
 from risk_engine.storage.db import retry_on_race
 from risk_engine.storage.labels import event_outcome
 from risk_engine.storage.labels import outcome as label_outcome
@@ -331,26 +332,19 @@ class PolicyWorkflow:
 
     def rule_statistics(self, subject: str, window_days: int = 30) -> dict[str, Any]:
         """Per rule of the live policy: hits in the last hour, day and ``window_days`` (counted back from the
-        latest stored event), and among its hits that have a label, the share labelled fraud."""
+        latest stored event), and among its hits that have a label, the share labelled fraud.
+
+        Whole hours come from the hourly counts (``storage/rule_hits.py``); only the hour of the latest event and
+        the part-hour at each window's far end are read event by event, so the cost is a few hours' events
+        whatever the window."""
         self._subject(subject)
         latest = self.engine.latest_event_time(subject)
         policy = self.engine.subjects[subject].policy
         codes = {r.code: r.name for r in policy.compiled.rules}
         stats = {r.name: RuleStat(r.name, r.code) for r in policy.compiled.rules}
         if latest is not None:
-            since = datetime.fromtimestamp(latest - window_days * 86400, UTC)
             with self._session() as s:
-                rows = s.execute(
-                    select(m.Event.occurred_at, m.Event.response, event_outcome())
-                    .where(m.Event.subject == subject, m.Event.occurred_at >= since)
-                    .execution_options(yield_per=STREAMED_ROWS)  # N days of a deployment's events: never all at once
-                )
-                for occurred_at, response, labelled_as in rows:
-                    age = latest - occurred_at.timestamp()
-                    for reason in response.get("reasons", ()):
-                        name = codes.get(reason["code"]) if reason.get("source") == "rule" else None
-                        if name is not None:
-                            stats[name].count(age, label_outcome(labelled_as))
+                self._count_rule_hits(s, subject, latest, window_days * 86400, codes, stats)
         rules = []
         for stat in sorted(stats.values(), key=lambda r: -r.hits_window):
             view = asdict(stat)
@@ -359,6 +353,69 @@ class PolicyWorkflow:
             rules.append(view)
         as_of = datetime.fromtimestamp(latest, UTC).isoformat() if latest is not None else None
         return {"subject": subject, "policy": policy.label, "as_of": as_of, "rules": rules}
+
+    @staticmethod
+    def _count_rule_hits(
+        s: Session, subject: str, latest: float, window_s: float, codes: dict[str, str], stats: dict[str, RuleStat]
+    ) -> None:
+        """Fill ``stats``: windows of 1 h, 1 d and ``window_s`` ending at ``latest`` (the last one from ``latest -
+        window_s`` on, the two others strictly after their start, as ``RuleStat.count`` has it)."""
+        now_hour = rule_hits.hour_of(latest)
+
+        def scan(since: float, until: float, each: Callable[[str, float, bool | None], None]) -> None:
+            """Each rule hit of the events in ``[since, until)``: ``each(rule name, age, outcome)``."""
+            rows = s.execute(
+                select(m.Event.occurred_at, m.Event.response, event_outcome())
+                .where(
+                    m.Event.subject == subject,
+                    m.Event.occurred_at >= datetime.fromtimestamp(since, UTC),
+                    m.Event.occurred_at < datetime.fromtimestamp(until, UTC),
+                )
+                .execution_options(yield_per=STREAMED_ROWS)
+            )
+            for occurred_at, response, labelled_as in rows:
+                age = latest - occurred_at.timestamp()
+                for code in rule_hits.rule_codes(response):
+                    name = codes.get(code)
+                    if name is not None:
+                        each(name, age, label_outcome(labelled_as))
+
+        # the latest event's hour, read whole: in every window
+        scan(now_hour * 3600.0, latest + 1.0, lambda name, age, outcome: stats[name].count(age, outcome))
+        for span, field in ((3600.0, "hits_1h"), (86400.0, "hits_1d"), (window_s, "hits_window")):
+            start = latest - span
+            strict = field != "hits_window"  # the hour and day leave out an event exactly at their start
+            # the first hour wholly inside the window
+            first_whole = start // 3600 + 1 if strict else -(-start // 3600)
+            if first_whole < now_hour:
+                for code, (hits, labelled, fraud) in rule_hits.counts(s, subject, int(first_whole), now_hour).items():
+                    name = codes.get(code)
+                    if name is None:
+                        continue
+                    setattr(stats[name], field, getattr(stats[name], field) + hits)
+                    if field == "hits_window":
+                        stats[name].labelled += labelled
+                        stats[name].labelled_fraud += fraud
+            # the part-hour before the first whole one (or before the latest's hour)
+            edge_end = min(first_whole, now_hour) * 3600.0
+
+            def at_edge(
+                name: str,
+                age: float,
+                outcome: bool | None,
+                field: str = field,
+                span: float = span,
+                strict: bool = strict,
+            ) -> None:
+                if age > span or (strict and age >= span):
+                    return  # before the window's start
+                setattr(stats[name], field, getattr(stats[name], field) + 1)
+                if field == "hits_window" and outcome is not None:
+                    stats[name].labelled += 1
+                    stats[name].labelled_fraud += outcome
+
+            if start < edge_end:
+                scan(start, edge_end, at_edge)
 
     def rollback(self, subject: str, to_version: int, actor: str) -> dict[str, Any]:
         """Make an earlier version live again."""

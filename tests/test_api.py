@@ -577,7 +577,7 @@ def test_attribute_numbers_are_taken_exactly_when_each_is_finite_and_within_the_
 @pytest.mark.parametrize(
     ("path", "method_name"),
     [
-        ("/v1/policies/payment/rules/stats", "rule_statistics"),  # a scan of the window's stored decisions
+        ("/v1/policies/payment/rules/stats", "rule_statistics"),  # hourly counts and a few hours of events
         ("/v1/audit", "audit"),
     ],
 )

@@ -157,6 +157,20 @@ class ListChange(Base):
     changed_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True, default=lambda: datetime.now(UTC))
 
 
+class RuleHit(Base):
+    """Hits of the rules with one reason code on one subject's events of one hour, counted by one worker, and how
+    many of those events are labelled, and labelled fraud (``storage/rule_hits.py``)."""
+
+    __tablename__ = "rule_hits"
+    subject: Mapped[str] = mapped_column(String(32), primary_key=True)
+    hour: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)  # Unix time // 3600
+    code: Mapped[str] = mapped_column(String(64), primary_key=True)
+    origin: Mapped[str] = mapped_column(String(32), primary_key=True)
+    hits: Mapped[int] = mapped_column(BigInteger, default=0)
+    labelled: Mapped[int] = mapped_column(BigInteger, default=0)
+    fraud: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
 class PolicyVersion(Base):
     """A version of a subject's policy text."""
 

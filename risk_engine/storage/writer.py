@@ -26,6 +26,7 @@ import orjson
 from sqlalchemy import JSON, Engine, Table, TypeDecorator
 
 from risk_engine.storage.checkpoint import WAL_FRAMES_LIMIT, WalCheckpointer, checkpoint
+from risk_engine.storage.rule_hits import HitTally
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +233,7 @@ class _Job:
     insert: RawInsert | None  # None: a barrier, done once everything queued before it is committed
     params: tuple[Any, ...]
     future: Ticket = field(default_factory=Ticket)
+    tally: tuple[str, int, tuple[str, ...]] | None = None  # (subject, hour, rule codes) to count with the row
 
 
 _STOP = object()
@@ -261,6 +263,8 @@ class GroupCommitWriter:
         # a statement run inside every batch that writes one of ``announce_tables`` (see storage.announce)
         self.announce: tuple[str, tuple[Any, ...]] | None = None
         self.announce_tables: frozenset[str] = frozenset()
+        # adds the rule hits of a batch's events in its transaction (storage.rule_hits)
+        self.hits: HitTally | None = None
         # SQLite: the log is copied back beside the commits, not inside one (see storage.checkpoint)
         self._checkpointer = WalCheckpointer(engine) if engine.dialect.name == "sqlite" else None
 
@@ -272,9 +276,16 @@ class GroupCommitWriter:
             if self._checkpointer is not None:
                 self._checkpointer.start()
 
-    def submit(self, insert: RawInsert, row: dict[str, Any], ticket: Ticket | None = None) -> Ticket:
-        """Queue one insert; the ticket completes after its batch commits."""
-        job = _Job(insert, insert.params(row), ticket if ticket is not None else Ticket())
+    def submit(
+        self,
+        insert: RawInsert,
+        row: dict[str, Any],
+        ticket: Ticket | None = None,
+        tally: tuple[str, int, tuple[str, ...]] | None = None,
+    ) -> Ticket:
+        """Queue one insert; the ticket completes after its batch commits. ``tally``: rule hits counted (by
+        ``hits``) in the same transaction."""
+        job = _Job(insert, insert.params(row), ticket if ticket is not None else Ticket(), tally)
         self._queue.put(job)
         return job.future
 
@@ -418,6 +429,8 @@ class GroupCommitWriter:
                     cursor = conn.cursor()
                     ids: list[int] | None = [] if job.insert.on_committed is not None else None
                     job.insert.execute(cursor, [job.params], ids)
+                    if job.tally is not None and self.hits is not None:
+                        self.hits.execute(cursor, [job.tally])
                     cursor.close()
                     conn.commit()
                 except BaseException:
@@ -483,6 +496,8 @@ class GroupCommitWriter:
                     insert.execute(cursor, rows[start : start + step], ids)
                 if ids is not None:
                     stored.append((insert, ids))
+            if self.hits is not None:
+                self.hits.execute(cursor, (job.tally for job in batch if job.tally is not None))
             if self.announce is not None and any(i.table.name in self.announce_tables for i, _ in by_insert.values()):
                 cursor.execute(*self.announce)
         finally:

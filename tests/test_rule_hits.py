@@ -1,0 +1,149 @@
+"""Rule statistics from hourly counts kept as events and labels are stored: always what a scan of every event
+in the window (how they were counted before) gives, at the windows' edges, across workers, after a backfill."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from risk_engine.engine import RiskEngine
+from risk_engine.policies import PolicyWorkflow, RuleStat
+from risk_engine.storage import models as m
+from risk_engine.storage import rule_hits
+from risk_engine.storage.labels import event_outcome
+from risk_engine.storage.labels import outcome as label_outcome
+from tests.conftest import Api, make_settings, payment, two_workers
+
+# seconds before the latest payment, each at an edge of a window or beside one
+AGES = (0, 10, 1799, 3599, 3600, 3601, 7200, 43_200, 86_399, 86_400, 86_401, 172_800, 2_592_000, 2_592_001)
+
+
+def recount(engine: RiskEngine, subject: str, window_days: int) -> dict[str, dict[str, Any]]:
+    """The statistics as a scan of every stored event of the window."""
+    policy = engine.subjects[subject].policy
+    codes = {r.code: r.name for r in policy.compiled.rules}
+    stats = {r.name: RuleStat(r.name, r.code) for r in policy.compiled.rules}
+    with Session(engine.db) as s:
+        latest = s.scalar(select(func.max(m.Event.occurred_at)).where(m.Event.subject == subject))
+        assert latest is not None
+        since = latest - timedelta(days=window_days)
+        rows = s.execute(
+            select(m.Event.occurred_at, m.Event.response, event_outcome()).where(
+                m.Event.subject == subject, m.Event.occurred_at >= since
+            )
+        )
+        for occurred_at, response, labelled_as in rows:
+            for reason in response["reasons"]:
+                name = codes.get(reason["code"]) if reason["source"] == "rule" else None
+                if name is not None:
+                    stats[name].count((latest - occurred_at).total_seconds(), label_outcome(labelled_as))
+    return {name: asdict(stat) for name, stat in stats.items()}
+
+
+def counted(engine: RiskEngine, subject: str, window_days: int) -> dict[str, dict[str, Any]]:
+    """The statistics as the service gives them, in ``recount``'s shape."""
+    out = {}
+    for rule in PolicyWorkflow(engine).rule_statistics(subject, window_days)["rules"]:
+        rule["hits_window"] = rule.pop(f"hits_{window_days}d")
+        rule.pop("fraud_share")
+        out[rule["rule"]] = rule
+    return out
+
+
+def score_around(api: Api, latest: datetime, prefix: str) -> list[str]:
+    """Payments that fire the geo-mismatch rule (and others) at every age of ``AGES``, and a few with none."""
+    ids = []
+    for i, age in enumerate(AGES):
+        pid = f"{prefix}{i}"
+        api.score(
+            payment(
+                payment_id=pid,
+                occurred_at=(latest - timedelta(seconds=age)).isoformat().replace("+00:00", "Z"),
+                billing_country="US" if i % 3 else "CN",
+                **{"payment_method.card_fingerprint": f"fp_{pid}", "device.id": f"d_{pid}", "buyer.id": f"b_{i % 4}"},
+            )
+        )
+        ids.append(pid)
+    return ids
+
+
+@pytest.mark.parametrize("past_the_hour_s", [0, 1234])
+def test_hourly_counts_give_what_a_scan_of_every_event_gives(
+    tmp_path: Path, database_url: str, past_the_hour_s: int
+) -> None:
+    latest = datetime(2026, 11, 22, 12, tzinfo=UTC) + timedelta(seconds=past_the_hour_s)
+    settings = make_settings(tmp_path / "var", database_url, policy_poll_s=3600)
+    with two_workers(settings) as (a, b):
+        ids = score_around(a, latest, "a") + score_around(b, latest - timedelta(seconds=1), "b")
+        # labels that change outcomes every way: none -> legitimate, none -> fraud, legitimate -> fraud, and a
+        # second fraud label that changes nothing; in one call, in a batch, through either worker
+        a.engine.record_labels([(ids[1], "legitimate", None), (ids[4], "chargeback", None)], source="t1")
+        assert a.engine.record_label("l1", ids[1], "chargeback", None, None)[1]
+        assert b.engine.record_label("l2", ids[4], "confirmed_fraud", None, None)[1]
+        batch = a.client.post(
+            "/v1/labels/batch",
+            json={
+                "labels": [
+                    {"label_id": "l3", "payment_id": ids[5], "label": "legitimate"},
+                    {"label_id": "l4", "payment_id": ids[5], "label": "chargeback"},
+                    {"label_id": "l5", "payment_id": ids[20], "label": "legitimate"},
+                    {"label_id": "l6", "payment_id": ids[12], "label": "chargeback"},
+                ]
+            },
+            headers=a.headers(),
+        )
+        assert batch.status_code == 201, batch.text
+        # a retried label counts nothing twice
+        assert not a.engine.record_label("l1", ids[1], "chargeback", None, None)[1]
+        for days in (2, 7, 30):
+            expected = recount(a.engine, "payment", days)
+            assert counted(a.engine, "payment", days) == expected
+            assert counted(b.engine, "payment", days) == expected
+        geo = recount(a.engine, "payment", 30)["billing_shipping_mismatch"]
+        assert geo["hits_1h"] > 0 and geo["hits_1d"] > geo["hits_1h"] and geo["hits_window"] > geo["hits_1d"]
+        assert geo["labelled"] > 0 and geo["labelled_fraud"] > 0
+        with Session(a.engine.db) as s:
+            origins = set(s.scalars(select(m.RuleHit.origin)))
+            stored_hits = sum(
+                len(rule_hits.rule_codes(r)) for r in s.scalars(select(m.Event.response)) if isinstance(r, dict)
+            )
+            assert s.scalar(select(func.sum(m.RuleHit.hits))) == stored_hits
+        assert origins == {a.engine.origin, b.engine.origin}  # each worker counts in rows of its own
+
+        # the migration's backfill, from the stored events and labels alone, counts the same
+        with a.engine.db.begin() as conn:
+            conn.execute(delete(m.RuleHit))
+            rule_hits.backfill(conn)
+        for days in (2, 30):
+            assert counted(a.engine, "payment", days) == recount(a.engine, "payment", days)
+
+
+def test_a_statistics_read_scans_only_the_hours_at_the_windows_edges(api: Api, monkeypatch: Any) -> None:
+    latest = datetime(2026, 11, 22, 12, 30, tzinfo=UTC)
+    score_around(api, latest, "p")
+    ranges: list[tuple[float, float]] = []
+    real = PolicyWorkflow._count_rule_hits
+
+    def spy(s: Session, subject: str, at: float, window_s: float, codes: Any, stats: Any) -> None:
+        original = s.execute
+
+        def execute(stmt: Any, *args: Any, **kwargs: Any) -> Any:
+            params = stmt.compile().params
+            times = sorted(v.timestamp() for v in params.values() if isinstance(v, datetime))
+            if len(times) == 2:
+                ranges.append((times[0], times[1]))
+            return original(stmt, *args, **kwargs)
+
+        monkeypatch.setattr(s, "execute", execute)
+        real(s, subject, at, window_s, codes, stats)
+
+    monkeypatch.setattr(PolicyWorkflow, "_count_rule_hits", staticmethod(spy))
+    PolicyWorkflow(api.engine).rule_statistics("payment", 30)
+    assert ranges and all(until - since <= 3600 + 1 for since, until in ranges)
+    assert sum(until - since for since, until in ranges) <= 4 * 3600 + 1
