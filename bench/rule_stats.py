@@ -1,0 +1,121 @@
+"""Benchmark the rule statistics read (``GET /v1/policies/{subject}/rules/stats``) with a month of history: the
+real ULB transactions in ../shared/data, scored ``--passes`` times over (each pass two days later, 15 passes: 30
+days), 2% of them labelled, then the read of 2 and 30 days from the hourly counts beside a scan of every event
+of the window (how the statistics were counted before the counts were kept). The two must agree.
+
+Prints the figures, then one JSON object on the last line.  Usage: python bench/rule_stats.py [--passes N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sqlalchemy import func, select  # noqa: E402
+from sqlalchemy.orm import Session  # noqa: E402
+
+from bench.machine import describe_interpreter, interpreter, reference_us  # noqa: E402
+from bench.payments import DATA  # noqa: E402
+from risk_engine.config import Settings  # noqa: E402
+from risk_engine.datasets import ulb_payments  # noqa: E402
+from risk_engine.engine import RiskEngine  # noqa: E402
+from risk_engine.payments import PaymentIn  # noqa: E402
+from risk_engine.policies import PolicyWorkflow, RuleStat  # noqa: E402
+from risk_engine.storage import models as m  # noqa: E402
+from risk_engine.storage import rule_hits  # noqa: E402
+from risk_engine.storage.labels import event_outcome  # noqa: E402
+from risk_engine.storage.labels import outcome as label_outcome  # noqa: E402
+
+
+def scanned(engine: RiskEngine, days: int) -> dict[str, dict[str, Any]]:
+    """The statistics from a scan of every stored payment of the window."""
+    policy = engine.subjects["payment"].policy
+    codes = {r.code: r.name for r in policy.compiled.rules}
+    stats = {r.name: RuleStat(r.name, r.code) for r in policy.compiled.rules}
+    with Session(engine.db) as s:
+        latest = s.scalar(select(func.max(m.Event.occurred_at)).where(m.Event.subject == "payment"))
+        rows = s.execute(
+            select(m.Event.occurred_at, m.Event.response, event_outcome())
+            .where(m.Event.subject == "payment", m.Event.occurred_at >= latest - timedelta(days=days))
+            .execution_options(yield_per=5_000)
+        )
+        for occurred_at, response, labelled_as in rows:
+            for code in rule_hits.rule_codes(response):
+                if code in codes:
+                    stats[codes[code]].count((latest - occurred_at).total_seconds(), label_outcome(labelled_as))
+    return {name: asdict(stat) for name, stat in stats.items()}
+
+
+def counted(engine: RiskEngine, days: int) -> dict[str, dict[str, Any]]:
+    """The statistics as the service reads them, in ``scanned``'s shape."""
+    out = {}
+    for rule in PolicyWorkflow(engine).rule_statistics("payment", days)["rules"]:
+        rule["hits_window"] = rule.pop(f"hits_{days}d")
+        rule.pop("fraud_share")
+        out[rule["rule"]] = rule
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--passes", type=int, default=15, help="passes over the ULB stream, two days apart")
+    args = parser.parse_args()
+    if not (DATA / "ulb_stream.csv").exists():
+        sys.exit(f"needs {DATA / 'ulb_stream.csv'} (../shared/data beside the project)")
+    home = Path(tempfile.mkdtemp(prefix="bench-stats-"))
+    engine = RiskEngine.open(Settings(home=home, rules_dir=ROOT / "rules", models_dir=ROOT / "models"))
+    ids: list[str] = []
+    started = time.perf_counter()
+    for p in range(args.passes):
+        for event in ulb_payments(DATA / "ulb_stream.csv", prefix=f"p{p}", time_offset_s=p * 172_800):
+            engine.score_payment(PaymentIn.model_validate(event.body))
+            ids.append(event.body["payment_id"])
+    engine.writer.barrier().result()
+    scored_s = time.perf_counter() - started
+    rng = random.Random(7)
+    chosen = rng.sample(ids, len(ids) // 50)
+    for start in range(0, len(chosen), 500):
+        engine.record_labels(
+            [(pid, rng.choice(["chargeback", "legitimate"]), None) for pid in chosen[start : start + 500]], "bench"
+        )
+    print(f"{len(ids):,} payments over {args.passes * 2} days stored in {scored_s:.1f} s; {len(chosen):,} labelled")
+    results: dict[str, Any] = {"payments": len(ids), "labelled": len(chosen), "reads": {}}
+    for days in (2, 30):  # (with 1, the window's figure and the day's share one key in the answer)
+        timings = []
+        for _ in range(3):
+            t = time.perf_counter()
+            from_counts = counted(engine, days)
+            timings.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        from_scan = scanned(engine, days)
+        scan_s = time.perf_counter() - t
+        agree = from_counts == from_scan
+        print(
+            f"  {days:2d} days: from the hourly counts {min(timings) * 1e3:8.1f} ms   scanning every event"
+            f" {scan_s * 1e3:8.1f} ms   same figures: {agree}"
+        )
+        results["reads"][f"{days}d"] = {
+            "counts_ms": round(min(timings) * 1e3, 1),
+            "scan_ms": round(scan_s * 1e3, 1),
+            "agree": agree,
+        }
+    engine.close()
+    results["machine_reference_us"] = round(reference_us(), 1)
+    results["python"] = interpreter()
+    print(f"machine reference (bench/machine.py): {results['machine_reference_us']} us; {describe_interpreter()}")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
