@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import orjson
-from sqlalchemy import ColumnElement, String, case, cast, func, select, true, update
+from sqlalchemy import ColumnElement, String, case, cast, func, or_, select, true, update
 from sqlalchemy import Engine as SqlEngine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
@@ -120,6 +120,7 @@ CATCH_UP_LEFT = 500
 MARKETPLACE_RETRY_S = 1.0  # after a failed rebuild of the cross-subject state, the next is tried no sooner
 KNOWN_IDS_MIN_CAPACITY = 1_000_000  # the id filter's first layer: about 2 MB
 KNOWN_IDS_RETRY_S = 5.0  # after a failed read of the stored ids, the next is tried
+RULE_HOURS_NARROWED = 200  # a listing by rule reads only the hours it fired in, when they make this few runs
 IDEMPOTENCY_PURGE_S = 3600.0  # how often a worker deletes expired idempotency keys
 PII_EXPIRY_S = 86_400.0  # how often a worker drops the PII past its retention (pii_retention_days), when set
 KEY_CACHE_S = 5.0  # how long a process trusts what it read of a key: a revocation elsewhere takes this long
@@ -2299,6 +2300,19 @@ class RiskEngine:
         )
         if rule is not None:  # the stored answer's text holds the code; the reasons are checked below
             stmt = stmt.where(cast(m.Event.response, String).contains(f'"code":"{rule}"', autoescape=True))
+            hours = self._hours_fired(subject, rule)
+            if not hours:
+                return []  # never fired: nothing to read
+            if len(hours) <= RULE_HOURS_NARROWED:  # only the hours it fired in (a rare rule: a few of months)
+                stmt = stmt.where(
+                    or_(
+                        *(
+                            (m.Event.occurred_at >= datetime.fromtimestamp(first * 3600, UTC))
+                            & (m.Event.occurred_at < datetime.fromtimestamp((last + 1) * 3600, UTC))
+                            for first, last in hours
+                        )
+                    )
+                )
         if decision is not None:
             names = kind.decision_names or {d.value: d.value for d in Decision}
             internal = [d for d, name in names.items() if name == decision]
@@ -2339,6 +2353,27 @@ class RiskEngine:
             }
             for row in rows
         ]
+
+    def _hours_fired(self, subject: str, code: str) -> list[tuple[int, int]]:
+        """The hours in which a rule with ``code`` fired on a stored event of ``subject``, as runs of consecutive
+        hours ``(first, last)``, from the hourly counts (``storage/rule_hits.py``)."""
+        try:
+            with self._session() as s:
+                hours = s.scalars(
+                    select(m.RuleHit.hour)
+                    .where(m.RuleHit.subject == subject, m.RuleHit.code == code, m.RuleHit.hits > 0)
+                    .distinct()
+                    .order_by(m.RuleHit.hour)
+                ).all()
+        except OperationalError as exc:
+            raise DatabaseUnavailable(type(exc).__name__) from exc
+        runs: list[tuple[int, int]] = []
+        for hour in hours:
+            if runs and runs[-1][1] == hour - 1:
+                runs[-1] = (runs[-1][0], hour)
+            else:
+                runs.append((hour, hour))
+        return runs
 
     # -- labels -------------------------------------------------------------------------------------------------
     @_in_label_order

@@ -75,3 +75,33 @@ def test_a_queue_lists_the_events_where_one_rule_fired(api: Api) -> None:
     assert listing(api, rule="NO_SUCH_RULE") == []
     bad = api.client.get("/v1/payments?rule=geo%25", headers=api.headers("analyst"))
     assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "rule"
+
+
+def test_a_queue_by_rule_reads_only_the_hours_the_rule_fired_in(api: Api) -> None:
+    """The hourly rule counts tell which hours to read: a rule that never fired reads no event at all, and the
+    events of the hours it fired in are all listed, up to the edges of those hours."""
+    fired = {"f1": "2026-11-20T09:00:00Z", "f2": "2026-11-20T09:59:59.999Z", "f3": "2026-11-22T10:00:00Z"}
+    quiet = {f"q{i}": f"2026-11-{20 + i // 8}T{(i % 8) * 3:02d}:30:00Z" for i in range(24)}
+    for pid, at in sorted({**fired, **quiet}.items(), key=lambda item: item[1]):
+        api.score(
+            payment(
+                payment_id=pid,
+                occurred_at=at,
+                billing_country="US" if pid in fired else "CN",
+                **{"payment_method.card_fingerprint": f"fp_{pid}", "device.id": f"d_{pid}"},
+            )
+        )
+    assert [e["payment_id"] for e in listing(api, rule="GEO_BILLING_MISMATCH")] == ["f3", "f2", "f1"]
+    statements: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    from sqlalchemy import event
+
+    event.listen(api.engine.db, "before_cursor_execute", seen)
+    try:
+        assert listing(api, rule="CARD_TESTING") == []
+    finally:
+        event.remove(api.engine.db, "before_cursor_execute", seen)
+    assert statements and not any("FROM events" in s for s in statements)  # the counts alone answered
