@@ -234,13 +234,15 @@ class PolicyWorkflow:
             if previous is not None:
                 previous.status = "draft"
             row.status = "shadow"
+            # every event this version decides in shadow is stored after this one: its report reads from here
+            from_event_id = s.scalar(select(func.max(m.Event.id)).where(m.Event.subject == subject)) or 0
             RiskEngine._audit(
                 s,
                 actor,
                 "policy.shadow",
                 f"{subject}:v{version}",
                 {"shadow": previous.version if previous else None},
-                {"shadow": version},
+                {"shadow": version, "from_event_id": from_event_id},
             )
             s.commit()
             text, view = row.text, _view(row)
@@ -271,11 +273,14 @@ class PolicyWorkflow:
             if row is None:
                 raise NotFound(f"no {subject} policy is in shadow")
             label = f"{subject}:v{row.version}"
+            stmt = select(m.Event.event_id, m.Event.decision, m.Event.score, m.Event.shadow, event_outcome()).where(
+                m.Event.subject == subject, m.Event.shadow.is_not(None)
+            )
+            since = self._shadowed_after(s, label)
+            if since is not None:  # the events stored since it first went into shadow, not the whole history
+                stmt = stmt.where(m.Event.id > since)
             records = s.execute(
-                select(m.Event.event_id, m.Event.decision, m.Event.score, m.Event.shadow, event_outcome())
-                .where(m.Event.subject == subject, m.Event.shadow.is_not(None))
-                .order_by(m.Event.ingest_seq)
-                .execution_options(yield_per=STREAMED_ROWS)  # every event shadowed so far: never all at once
+                stmt.order_by(m.Event.ingest_seq).execution_options(yield_per=STREAMED_ROWS)  # never all at once
             )
             transitions: Counter[str] = Counter()
             hits: Counter[str] = Counter()
@@ -329,6 +334,18 @@ class PolicyWorkflow:
             "fraud": sum(fraud),
             "quality": quality,  # against the labels so far, as a backtest measures (unlabelled: legitimate)
         }
+
+    @staticmethod
+    def _shadowed_after(s: Session, label: str) -> int | None:
+        """The newest event id stored before ``label`` first went into shadow, from the audit log; None if any
+        of its shadow runs predates that record (then every event is read)."""
+        runs = s.scalars(
+            select(m.AuditEntry.after).where(m.AuditEntry.target == label, m.AuditEntry.action == "policy.shadow")
+        ).all()
+        starts = [run.get("from_event_id") if isinstance(run, dict) else None for run in runs]
+        if not starts or any(not isinstance(start, int) for start in starts):
+            return None
+        return min(start for start in starts if isinstance(start, int))
 
     def rule_statistics(self, subject: str, window_days: int = 30) -> dict[str, Any]:
         """Per rule of the live policy: hits in the last hour, day and ``window_days`` (counted back from the

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from risk_engine.payments import PaymentIn
 from risk_engine.storage import models as m
@@ -554,3 +555,40 @@ def test_reports_over_many_stored_events_hold_a_bounded_number_of_them_at_once(
         assert result  # the report itself is checked by the tests above
         assert peak < 4_000_000, peak
     assert workflow.shadow_report("payment")["events"] == 2_000
+
+
+def test_a_shadow_report_reads_only_the_events_stored_since_the_version_first_went_into_shadow(api: Api) -> None:
+    """Not the subject's whole history: the audit entry of the shadow's start records the newest event id then."""
+    assert draft(api, STRICTER)[0] == 201
+    before = [api.score(payment(payment_id=f"old{i}", occurred_at=f"2026-11-22T07:0{i}:00Z")) for i in range(3)]
+    assert len(before) == 3
+    h = api.headers("analyst")
+    assert api.client.post("/v1/policies/payment/versions/2/shadow", headers=h).status_code == 200
+    for i in range(4):
+        api.score(payment(payment_id=f"new{i}", occurred_at=f"2026-11-22T08:0{i}:00Z"))
+    # stopped and started again: the report still counts the first run's events
+    assert api.client.delete("/v1/policies/payment/shadow", headers=h).status_code == 200
+    assert api.client.post("/v1/policies/payment/versions/2/shadow", headers=h).status_code == 200
+    api.score(payment(payment_id="later", occurred_at="2026-11-22T09:00:00Z"))
+    statements: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        if "FROM events" in statement and "shadow IS NOT NULL" in statement:
+            statements.append(statement)
+
+    from sqlalchemy import event
+
+    event.listen(api.engine.db, "before_cursor_execute", seen)
+    try:
+        report = api.client.get("/v1/policies/payment/shadow", headers=h).json()
+    finally:
+        event.remove(api.engine.db, "before_cursor_execute", seen)
+    assert report["events"] == 5
+    assert statements and all("events.id >" in s for s in statements)  # a range of ids, not the whole table
+    with Session(api.engine.db) as s:
+        starts = [
+            a.after["from_event_id"]
+            for a in s.scalars(select(m.AuditEntry).where(m.AuditEntry.action == "policy.shadow"))
+        ]
+        first_new = s.scalar(select(m.Event.id).where(m.Event.event_id == "new0"))
+    assert len(starts) == 2 and min(starts) < first_new  # the first run's start bounds the read
