@@ -286,3 +286,20 @@ def test_a_checkpoint_a_reader_holds_back_is_not_retried_after_every_batch(
         finally:
             reader.rollback()
             reader.close()
+
+
+def test_a_lone_write_is_committed_without_waiting_for_company(tmp_path: Path) -> None:
+    """The linger is for writes that come in together: one at a time, each commits at once, however long the
+    linger (here a minute, which a lingering writer would wait out before each of these commits)."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'lone.db'}")
+    metadata.create_all(engine)
+    insert = RawInsert(items, engine)
+    writer = GroupCommitWriter(engine, linger_s=60.0)
+    writer.start()
+    try:
+        for i in range(3):
+            assert writer.submit(insert, {"name": f"n{i}", "value": i}).wait(30)
+        assert writer.batches == 3
+    finally:
+        writer.close()
+        engine.dispose()

@@ -31,6 +31,9 @@ from risk_engine.storage.rule_hits import HitTally
 log = logging.getLogger(__name__)
 
 SQLITE_AUTOCHECKPOINT_PAGES = 1_000  # SQLite's default, for connections other than the writer's
+# the writer lingers for more rows only after a batch of at least this many: at 1,000 requests/s on one core the
+# linger made half of an answer's 3.6 ms (1.5 ms without it), and under full load batches stay this big anyway
+LINGER_FROM_ROWS = 6
 
 
 class DuplicateRow(Exception):
@@ -315,13 +318,15 @@ class GroupCommitWriter:
                 log.debug("closing the writer's connection failed", exc_info=True)
 
     def _run(self) -> None:
+        last_rows = 0
         while True:
             first = self._queue.get()
             if first is _STOP:
                 return
             batch: list[_Job] = [first]
             stop = False
-            deadline = time.monotonic() + self.linger_s
+            # linger only while writes come in together: a lone write, at a light load, commits at once
+            deadline = time.monotonic() + (self.linger_s if last_rows >= LINGER_FROM_ROWS else 0.0)
             while len(batch) < self.batch_max:
                 try:
                     item = self._queue.get_nowait()
@@ -338,6 +343,7 @@ class GroupCommitWriter:
                     stop = True
                     break
                 batch.append(item)
+            last_rows = len(batch)
             self._write(batch)
             if stop:
                 return
