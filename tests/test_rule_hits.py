@@ -18,7 +18,7 @@ from risk_engine.storage import models as m
 from risk_engine.storage import rule_hits
 from risk_engine.storage.labels import event_outcome
 from risk_engine.storage.labels import outcome as label_outcome
-from tests.conftest import Api, make_settings, payment, two_workers
+from tests.conftest import REPO, Api, make_settings, payment, two_workers
 
 # seconds before the latest payment, each at an edge of a window or beside one
 AGES = (0, 10, 1799, 3599, 3600, 3601, 7200, 43_200, 86_399, 86_400, 86_401, 172_800, 2_592_000, 2_592_001)
@@ -147,3 +147,18 @@ def test_a_statistics_read_scans_only_the_hours_at_the_windows_edges(api: Api, m
     PolicyWorkflow(api.engine).rule_statistics("payment", 30)
     assert ranges and all(until - since <= 3600 + 1 for since, until in ranges)
     assert sum(until - since for since, until in ranges) <= 4 * 3600 + 1
+
+
+def test_a_reason_code_of_any_length_is_counted(api: Api) -> None:
+    """The rules language sets no length on a code: a long one must not make the events' writes fail."""
+    code = "LONG_" + "X" * 120
+    text = (REPO / "rules" / "payment.rules").read_text() + (
+        f"\nrule long_code {{\n  when amount.value > 0\n  then score +1, reason {code}\n}}\n"
+    )
+    api.engine.activate_policy("payment", text, 99)
+    answer = api.score(payment(payment_id="long1"))
+    assert code in [r["code"] for r in answer["reasons"]]
+    listed = api.client.get("/v1/payments", params={"rule": code}, headers=api.headers("analyst")).json()
+    assert [e["payment_id"] for e in listed] == ["long1"]
+    stats = {r["rule"]: r for r in PolicyWorkflow(api.engine).rule_statistics("payment", 30)["rules"]}
+    assert stats["long_code"]["hits_30d"] == 1

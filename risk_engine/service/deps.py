@@ -109,7 +109,7 @@ def event_listing(
         str | None,
         Query(
             pattern=r"^[A-Z][A-Z0-9_]*$",
-            max_length=64,
+            max_length=256,
             description="Only events where a rule with this reason code fired",
         ),
     ] = None,

@@ -164,7 +164,7 @@ class RuleHit(Base):
     __tablename__ = "rule_hits"
     subject: Mapped[str] = mapped_column(String(32), primary_key=True)
     hour: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)  # Unix time // 3600
-    code: Mapped[str] = mapped_column(String(64), primary_key=True)
+    code: Mapped[str] = mapped_column(Text, primary_key=True)  # the rules language sets no length on a code
     origin: Mapped[str] = mapped_column(String(32), primary_key=True)
     hits: Mapped[int] = mapped_column(BigInteger, default=0)
     labelled: Mapped[int] = mapped_column(BigInteger, default=0)

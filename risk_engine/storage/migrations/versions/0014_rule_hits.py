@@ -23,7 +23,7 @@ def upgrade() -> None:
         "rule_hits",
         sa.Column("subject", sa.String(32), nullable=False),
         sa.Column("hour", sa.BigInteger(), nullable=False, autoincrement=False),
-        sa.Column("code", sa.String(64), nullable=False),
+        sa.Column("code", sa.Text(), nullable=False),
         sa.Column("origin", sa.String(32), nullable=False),
         sa.Column("hits", sa.BigInteger(), nullable=False),
         sa.Column("labelled", sa.BigInteger(), nullable=False),
