@@ -3,16 +3,18 @@ in the window (how they were counted before) gives, at the windows' edges, acros
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.orm import Session
 
-from risk_engine.engine import RiskEngine
+from risk_engine.engine import LabelRequest, RiskEngine
 from risk_engine.policies import PolicyWorkflow, RuleStat
 from risk_engine.storage import models as m
 from risk_engine.storage import rule_hits
@@ -162,3 +164,49 @@ def test_a_reason_code_of_any_length_is_counted(api: Api) -> None:
     assert [e["payment_id"] for e in listed] == ["long1"]
     stats = {r["rule"]: r for r in PolicyWorkflow(api.engine).rule_statistics("payment", 30)["rules"]}
     assert stats["long_code"]["hits_30d"] == 1
+
+
+def test_two_transactions_labelling_one_event_at_once_count_its_change_once(tmp_path: Path, pg_schema_url: str) -> None:
+    """On PostgreSQL the second transaction waits on the event's row, then must read the first one's label."""
+    settings = make_settings(tmp_path / "var", pg_schema_url, policy_poll_s=3600)
+    with two_workers(settings) as (a, _):
+        answer = a.score(payment(payment_id="race", billing_country="US"))
+        codes = [r["code"] for r in answer["reasons"] if r["source"] == "rule"]
+        assert codes
+        db = a.engine.db
+        first = Session(db)
+        first.add(LabelRequest("race_1", "race", "legitimate", None, "t").row(datetime.now(UTC)))
+        rule_hits.tally_labels(first, list(first.new), "one")  # holds the event's row until it commits
+        second_done = threading.Event()
+
+        def second() -> None:
+            with Session(db) as s:
+                s.add(LabelRequest("race_2", "race", "chargeback", None, "t").row(datetime.now(UTC)))
+                rule_hits.tally_labels(s, list(s.new), "two")
+                s.commit()
+            second_done.set()
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        with db.connect() as conn:  # the second transaction is waiting on the lock the first holds
+            while not conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                )
+            ).scalar_one():
+                assert thread.is_alive() and not second_done.is_set()
+                time.sleep(0.01)
+        first.commit()
+        first.close()
+        thread.join(30)
+        assert second_done.is_set()
+        with Session(db) as s:
+            totals = s.execute(
+                select(m.RuleHit.code, func.sum(m.RuleHit.labelled), func.sum(m.RuleHit.fraud)).group_by(m.RuleHit.code)
+            ).all()
+        labelled = {code: n for code, n, _ in totals}
+        fraud = {code: n for code, _, n in totals}
+        # none -> legitimate (the first), legitimate -> fraud (the second): labelled once, fraud once
+        for code in set(codes):
+            assert labelled[code] == codes.count(code) and fraud[code] == codes.count(code)

@@ -89,7 +89,7 @@ def tally_labels(session: Session, labels: Sequence[m.Label], origin: str) -> No
     that fired on each labelled event whose outcome they change.
 
     The labels are flushed first, so on SQLite the write lock is held from then on; on PostgreSQL each event's
-    row is locked. Either way the outcome read before these labels is the latest committed one, and two
+    row is locked before its outcome is read. Either way the outcome read before these labels is the latest committed one, and two
     transactions labelling one event count its change once."""
     if not labels:
         return
@@ -113,12 +113,12 @@ def tally_labels(session: Session, labels: Sequence[m.Label], origin: str) -> No
             .correlate(m.Event)
             .scalar_subquery()
         )
-        stmt = (
-            select(m.Event.subject, m.Event.event_id, m.Event.occurred_at, m.Event.response, prior)
-            .where(tuple_(m.Event.subject, m.Event.event_id).in_(chunk))
-            .order_by(m.Event.id)
-            .with_for_update(of=m.Event)
-        )
+        chosen = tuple_(m.Event.subject, m.Event.event_id).in_(chunk)
+        # locked first, then read in a statement of its own: on PostgreSQL a statement reads what was committed
+        # when it began, so an outcome read in the locking statement itself would miss the labels of a
+        # transaction it waited for
+        session.execute(select(m.Event.id).where(chosen).order_by(m.Event.id).with_for_update()).all()
+        stmt = select(m.Event.subject, m.Event.event_id, m.Event.occurred_at, m.Event.response, prior).where(chosen)
         for subject, event_id, occurred_at, answer, was in session.execute(stmt):
             fraud_now = added[subject, event_id]
             labelled_delta = 1 if was is None else 0
