@@ -4,6 +4,7 @@ order holds tens of millions)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import ScalarSelect, case, func, select
@@ -17,15 +18,15 @@ EVENT_OUTCOME_SQL = (
 )
 
 
-def event_outcome() -> ScalarSelect[Any]:
+def event_outcome(excluding: Sequence[int] = ()) -> ScalarSelect[Any]:
     """A column for a select of events: NULL if the event has no label, 1 if any of its labels says fraud,
-    else 0 (read it with ``outcome``)."""
-    return (
-        select(func.max(case((m.Label.is_fraud, 1), else_=0)))
-        .where(m.Label.subject == m.Event.subject, m.Label.event_id == m.Event.event_id)
-        .correlate(m.Event)
-        .scalar_subquery()
+    else 0 (read it with ``outcome``); leaving out the labels whose ids are in ``excluding``."""
+    stmt = select(func.max(case((m.Label.is_fraud, 1), else_=0))).where(
+        m.Label.subject == m.Event.subject, m.Label.event_id == m.Event.event_id
     )
+    if excluding:
+        stmt = stmt.where(m.Label.id.not_in(excluding))
+    return stmt.correlate(m.Event).scalar_subquery()
 
 
 def outcome(value: Any) -> bool | None:

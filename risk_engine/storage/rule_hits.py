@@ -20,11 +20,12 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Engine, case, func, select, text, tuple_
+from sqlalchemy import Connection, Engine, func, select, text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from risk_engine.storage import models as m
+from risk_engine.storage.labels import EVENT_OUTCOME_SQL, event_outcome
 
 HOUR_S = 3600
 EVENTS_PER_READ = 500  # events read back per statement when labels are tallied
@@ -89,8 +90,8 @@ def tally_labels(session: Session, labels: Sequence[m.Label], origin: str) -> No
     that fired on each labelled event whose outcome they change.
 
     The labels are flushed first, so on SQLite the write lock is held from then on; on PostgreSQL each event's
-    row is locked before its outcome is read. Either way the outcome read before these labels is the latest committed one, and two
-    transactions labelling one event count its change once."""
+    row is locked before its outcome is read. Either way the outcome read before these labels is the latest
+    committed one, and two transactions labelling one event count its change once."""
     if not labels:
         return
     session.flush()
@@ -103,16 +104,7 @@ def tally_labels(session: Session, labels: Sequence[m.Label], origin: str) -> No
     changes: Counter[tuple[str, int, str, str]] = Counter()
     for start in range(0, len(keys), EVENTS_PER_READ):
         chunk = keys[start : start + EVENTS_PER_READ]
-        prior = (
-            select(func.max(_fraud_as_int()))
-            .where(
-                m.Label.subject == m.Event.subject,
-                m.Label.event_id == m.Event.event_id,
-                m.Label.id.not_in(new_ids),
-            )
-            .correlate(m.Event)
-            .scalar_subquery()
-        )
+        prior = event_outcome(excluding=new_ids)
         chosen = tuple_(m.Event.subject, m.Event.event_id).in_(chunk)
         # locked first, then read in a statement of its own: on PostgreSQL a statement reads what was committed
         # when it began, so an outcome read in the locking statement itself would miss the labels of a
@@ -139,10 +131,6 @@ def tally_labels(session: Session, labels: Sequence[m.Label], origin: str) -> No
     _upsert(session, [rows[k] for k in sorted(rows)])
 
 
-def _fraud_as_int() -> Any:
-    return case((m.Label.is_fraud, 1), else_=0)
-
-
 def counts(session: Session, subject: str, first_hour: int, end_hour: int) -> dict[str, list[int]]:
     """Per reason code, ``[hits, labelled, fraud]`` summed over the hours ``first_hour <= h < end_hour``."""
     out: dict[str, list[int]] = {}
@@ -158,17 +146,14 @@ def counts(session: Session, subject: str, first_hour: int, end_hour: int) -> di
 
 def backfill(connection: Connection) -> None:
     """Count every stored event's rule hits and labels into ``rule_hits`` (origin ``backfill``), in SQL."""
-    outcome = (
-        "(SELECT MAX(CASE WHEN labels.is_fraud THEN 1 ELSE 0 END) FROM labels"
-        " WHERE labels.subject = e.subject AND labels.event_id = e.event_id)"
-    )
+    outcome = EVENT_OUTCOME_SQL  # correlated on ``events``: the table is read unaliased below
     if connection.dialect.name == "postgresql":
         sql = f"""
             INSERT INTO rule_hits (subject, hour, code, origin, hits, labelled, fraud)
             SELECT x.subject, x.hour, r.value ->> 'code', 'backfill', COUNT(*), COUNT(x.outcome),
                    COALESCE(SUM(x.outcome), 0)
-            FROM (SELECT e.subject, FLOOR(EXTRACT(EPOCH FROM e.occurred_at) / 3600)::bigint AS hour,
-                         e.response, {outcome} AS outcome FROM events e) x,
+            FROM (SELECT events.subject, FLOOR(EXTRACT(EPOCH FROM events.occurred_at) / 3600)::bigint AS hour,
+                         events.response, {outcome} AS outcome FROM events) x,
                  json_array_elements(x.response -> 'reasons') r
             WHERE r.value ->> 'source' = 'rule'
             GROUP BY x.subject, x.hour, r.value ->> 'code'
@@ -178,8 +163,8 @@ def backfill(connection: Connection) -> None:
             INSERT INTO rule_hits (subject, hour, code, origin, hits, labelled, fraud)
             SELECT x.subject, x.hour, json_extract(r.value, '$.code'), 'backfill', COUNT(*), COUNT(x.outcome),
                    COALESCE(SUM(x.outcome), 0)
-            FROM (SELECT e.subject, CAST(strftime('%s', e.occurred_at) AS INTEGER) / 3600 AS hour,
-                         CAST(e.response AS TEXT) AS response, {outcome} AS outcome FROM events e) x,
+            FROM (SELECT events.subject, CAST(strftime('%s', events.occurred_at) AS INTEGER) / 3600 AS hour,
+                         CAST(events.response AS TEXT) AS response, {outcome} AS outcome FROM events) x,
                  json_each(x.response, '$.reasons') r
             WHERE json_extract(r.value, '$.source') = 'rule'
             GROUP BY x.subject, x.hour, json_extract(r.value, '$.code')
