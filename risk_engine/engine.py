@@ -82,7 +82,7 @@ from risk_engine.storage.audit import audit
 from risk_engine.storage.db import DatabaseUnavailable, make_engine, migrate, retry_on_race
 from risk_engine.storage.labels import EVENT_OUTCOME_SQL
 from risk_engine.storage.labels import outcome as label_outcome
-from risk_engine.storage.rule_hits import HitTally, rule_codes, tally_labels
+from risk_engine.storage.rule_hits import HOUR_S, HitTally, hour_of, rule_codes, tally_labels
 from risk_engine.storage.writer import (
     DuplicateRow,
     GroupCommitWriter,
@@ -2019,7 +2019,7 @@ class RiskEngine:
                 "created_at": now_utc(),
                 "origin": self.origin,
             }
-            hits = (subject, int(ts // 3600), rule_codes(response))
+            hits = (subject, hour_of(ts), rule_codes(response))
             self.writer.submit(self._event_insert, row, committed, hits)
         except BaseException as exc:
             # the answer is remembered with this ticket: failing it takes the event back out and lets a
@@ -2307,8 +2307,8 @@ class RiskEngine:
                 stmt = stmt.where(
                     or_(
                         *(
-                            (m.Event.occurred_at >= datetime.fromtimestamp(first * 3600, UTC))
-                            & (m.Event.occurred_at < datetime.fromtimestamp((last + 1) * 3600, UTC))
+                            (m.Event.occurred_at >= datetime.fromtimestamp(first * HOUR_S, UTC))
+                            & (m.Event.occurred_at < datetime.fromtimestamp((last + 1) * HOUR_S, UTC))
                             for first, last in hours
                         )
                     )

@@ -398,12 +398,12 @@ class PolicyWorkflow:
                         each(name, age, label_outcome(labelled_as))
 
         # the latest event's hour, read whole: in every window
-        scan(now_hour * 3600.0, latest + 1.0, lambda name, age, outcome: stats[name].count(age, outcome))
+        scan(now_hour * rule_hits.HOUR_S, latest + 1.0, lambda name, age, outcome: stats[name].count(age, outcome))
         for span, field in ((3600.0, "hits_1h"), (86400.0, "hits_1d"), (window_s, "hits_window")):
             start = latest - span
             strict = field != "hits_window"  # the hour and day leave out an event exactly at their start
             # the first hour wholly inside the window
-            first_whole = start // 3600 + 1 if strict else -(-start // 3600)
+            first_whole = start // rule_hits.HOUR_S + 1 if strict else -(-start // rule_hits.HOUR_S)
             if first_whole < now_hour:
                 for code, (hits, labelled, fraud) in rule_hits.counts(s, subject, int(first_whole), now_hour).items():
                     name = codes.get(code)
@@ -414,7 +414,7 @@ class PolicyWorkflow:
                         stats[name].labelled += labelled
                         stats[name].labelled_fraud += fraud
             # the part-hour before the first whole one (or before the latest's hour)
-            edge_end = min(first_whole, now_hour) * 3600.0
+            edge_end = min(first_whole, now_hour) * rule_hits.HOUR_S
 
             def at_edge(
                 name: str,
