@@ -81,7 +81,6 @@ class FullCollection:
 
     freed: int  # unreachable objects found
     pause_s: float
-    frozen_before: int  # objects frozen before it
     frozen_after: int  # objects frozen after it: what the worker holds
 
 
@@ -92,8 +91,6 @@ class CollectorTuning:
         self.installed = False
         # generation -> pauses, full collections (``collect_fully``) under "full"
         self.pauses: dict[str, PauseHistogram] = {}
-        self.freezes = 0  # middle collections whose survivors were frozen
-        self.last_full: FullCollection | None = None
         self._started_at: float | None = None
         self._collecting_fully = False  # the callback leaves a full collection to ``collect_fully``
         self._lock = threading.Lock()  # one full collection at a time (the poller; ``risk-engine`` commands)
@@ -129,7 +126,6 @@ class CollectorTuning:
         if generation >= 1:
             # the young and middle generations are empty now; what survived is in the old one
             gc.freeze()
-            self.freezes += 1
 
     def _histogram(self, generation: str) -> PauseHistogram:
         histogram = self.pauses.get(generation)
@@ -142,7 +138,6 @@ class CollectorTuning:
         one long pause, proportional to all the state held. Safe to call with tuning not installed (then a
         plain full collection, nothing frozen)."""
         with self._lock:
-            frozen_before = gc.get_freeze_count()
             started = time.perf_counter()
             self._collecting_fully = True
             try:
@@ -155,8 +150,7 @@ class CollectorTuning:
                 self._collecting_fully = False
             pause = time.perf_counter() - started
             self._histogram("full").observe(pause)
-            self.last_full = FullCollection(freed, pause, frozen_before, gc.get_freeze_count())
-            return self.last_full
+            return FullCollection(freed, pause, gc.get_freeze_count())
 
 
 TUNING = CollectorTuning()

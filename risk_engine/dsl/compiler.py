@@ -510,7 +510,7 @@ def _build(source: str, name: str, constants: Mapping[str, Any], filename: str) 
     namespace: dict[str, Any] = {**_RUNTIME, **constants}
     exec(compile(source, filename, "exec"), namespace)  # source generated from checked nodes only
     # taken out of the namespace it closes over: left in, the function and its globals would form a cycle that
-    # only the cyclic garbage collector frees, and the collector freezes long-lived objects (see ``gc_policy``)
+    # only the cyclic garbage collector frees, and it freezes long-lived objects (``risk_engine/collector.py``)
     fn: Callable[..., Any] = namespace.pop(name)
     return fn
 
