@@ -14,16 +14,11 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import asdict
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-from sqlalchemy import func, select  # noqa: E402
-from sqlalchemy.orm import Session  # noqa: E402
 
 from bench.machine import describe_interpreter, interpreter, reference_us  # noqa: E402
 from bench.payments import DATA  # noqa: E402
@@ -31,40 +26,7 @@ from risk_engine.config import Settings  # noqa: E402
 from risk_engine.datasets import ulb_payments  # noqa: E402
 from risk_engine.engine import RiskEngine  # noqa: E402
 from risk_engine.payments import PaymentIn  # noqa: E402
-from risk_engine.policies import PolicyWorkflow, RuleStat  # noqa: E402
-from risk_engine.storage import models as m  # noqa: E402
-from risk_engine.storage import rule_hits  # noqa: E402
-from risk_engine.storage.labels import event_outcome  # noqa: E402
-from risk_engine.storage.labels import outcome as label_outcome  # noqa: E402
-
-
-def scanned(engine: RiskEngine, days: int) -> dict[str, dict[str, Any]]:
-    """The statistics from a scan of every stored payment of the window."""
-    policy = engine.subjects["payment"].policy
-    codes = {r.code: r.name for r in policy.compiled.rules}
-    stats = {r.name: RuleStat(r.name, r.code) for r in policy.compiled.rules}
-    with Session(engine.db) as s:
-        latest = s.scalar(select(func.max(m.Event.occurred_at)).where(m.Event.subject == "payment"))
-        rows = s.execute(
-            select(m.Event.occurred_at, m.Event.response, event_outcome())
-            .where(m.Event.subject == "payment", m.Event.occurred_at >= latest - timedelta(days=days))
-            .execution_options(yield_per=5_000)
-        )
-        for occurred_at, response, labelled_as in rows:
-            for code in rule_hits.rule_codes(response):
-                if code in codes:
-                    stats[codes[code]].count((latest - occurred_at).total_seconds(), label_outcome(labelled_as))
-    return {name: asdict(stat) for name, stat in stats.items()}
-
-
-def counted(engine: RiskEngine, days: int) -> dict[str, dict[str, Any]]:
-    """The statistics as the service reads them, in ``scanned``'s shape."""
-    out = {}
-    for rule in PolicyWorkflow(engine).rule_statistics("payment", days)["rules"]:
-        rule["hits_window"] = rule.pop(f"hits_{days}d")
-        rule.pop("fraud_share")
-        out[rule["rule"]] = rule
-    return out
+from tests.test_rule_hits import counted, recount  # noqa: E402  (the full scan the tests hold the counts to)
 
 
 def main() -> None:
@@ -95,10 +57,10 @@ def main() -> None:
         timings = []
         for _ in range(3):
             t = time.perf_counter()
-            from_counts = counted(engine, days)
+            from_counts = counted(engine, "payment", days)
             timings.append(time.perf_counter() - t)
         t = time.perf_counter()
-        from_scan = scanned(engine, days)
+        from_scan = recount(engine, "payment", days)
         scan_s = time.perf_counter() - t
         agree = from_counts == from_scan
         print(
