@@ -36,11 +36,11 @@ def _names(engine: object) -> list[str]:
 
 
 @contextmanager
-def _writer(database_url: str) -> Iterator[tuple[Engine, RawInsert, GroupCommitWriter]]:
+def _writer(database_url: str, linger_s: float = 0.05) -> Iterator[tuple[Engine, RawInsert, GroupCommitWriter]]:
     """A started writer on the ``writer_items`` table, which is dropped afterwards."""
     engine = make_engine(database_url)
     metadata.create_all(engine)
-    writer = GroupCommitWriter(engine, linger_s=0.05)
+    writer = GroupCommitWriter(engine, linger_s=linger_s)
     writer.start()
     try:
         yield engine, RawInsert(items, engine), writer
@@ -291,15 +291,7 @@ def test_a_checkpoint_a_reader_holds_back_is_not_retried_after_every_batch(
 def test_a_lone_write_is_committed_without_waiting_for_company(tmp_path: Path) -> None:
     """The linger is for writes that come in together: one at a time, each commits at once, however long the
     linger (here a minute, which a lingering writer would wait out before each of these commits)."""
-    engine = make_engine(f"sqlite:///{tmp_path / 'lone.db'}")
-    metadata.create_all(engine)
-    insert = RawInsert(items, engine)
-    writer = GroupCommitWriter(engine, linger_s=60.0)
-    writer.start()
-    try:
+    with _writer(f"sqlite:///{tmp_path / 'lone.db'}", linger_s=60.0) as (_, insert, writer):
         for i in range(3):
             assert writer.submit(insert, {"name": f"n{i}", "value": i}).wait(30)
         assert writer.batches == 3
-    finally:
-        writer.close()
-        engine.dispose()
