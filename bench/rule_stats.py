@@ -29,17 +29,12 @@ from risk_engine.payments import PaymentIn  # noqa: E402
 from tests.test_rule_hits import counted, recount  # noqa: E402  (the full scan the tests hold the counts to)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--passes", type=int, default=15, help="passes over the ULB stream, two days apart")
-    args = parser.parse_args()
-    if not (DATA / "ulb_stream.csv").exists():
-        sys.exit(f"needs {DATA / 'ulb_stream.csv'} (../shared/data beside the project)")
-    home = Path(tempfile.mkdtemp(prefix="bench-stats-"))
-    engine = RiskEngine.open(Settings(home=home, rules_dir=ROOT / "rules", models_dir=ROOT / "models"))
+def score_and_label(engine: RiskEngine, passes: int) -> tuple[list[str], list[str], float]:
+    """Score the ULB stream ``passes`` times over, two days apart, then label 2% of it at random (fixed seed).
+    Returns (the payment ids, those labelled, seconds taken to score and store them)."""
     ids: list[str] = []
     started = time.perf_counter()
-    for p in range(args.passes):
+    for p in range(passes):
         for event in ulb_payments(DATA / "ulb_stream.csv", prefix=f"p{p}", time_offset_s=p * 172_800):
             engine.score_payment(PaymentIn.model_validate(event.body))
             ids.append(event.body["payment_id"])
@@ -51,6 +46,18 @@ def main() -> None:
         engine.record_labels(
             [(pid, rng.choice(["chargeback", "legitimate"]), None) for pid in chosen[start : start + 500]], "bench"
         )
+    return ids, chosen, scored_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--passes", type=int, default=15, help="passes over the ULB stream, two days apart")
+    args = parser.parse_args()
+    if not (DATA / "ulb_stream.csv").exists():
+        sys.exit(f"needs {DATA / 'ulb_stream.csv'} (../shared/data beside the project)")
+    home = Path(tempfile.mkdtemp(prefix="bench-stats-"))
+    engine = RiskEngine.open(Settings(home=home, rules_dir=ROOT / "rules", models_dir=ROOT / "models"))
+    ids, chosen, scored_s = score_and_label(engine, args.passes)
     print(f"{len(ids):,} payments over {args.passes * 2} days stored in {scored_s:.1f} s; {len(chosen):,} labelled")
     results: dict[str, Any] = {"payments": len(ids), "labelled": len(chosen), "reads": {}}
     for days in (2, 30):  # (with 1, the window's figure and the day's share one key in the answer)

@@ -85,16 +85,21 @@ class BacktestReport:
 
 def alert_quality(predicted: Sequence[bool], fraud: Sequence[bool]) -> AlertQuality:
     """Precision, recall and false-positive rate of ``predicted`` alerts against ``fraud`` (unlabelled: False)."""
-    tp = sum(p and f for p, f in zip(predicted, fraud, strict=True))
-    fp = sum(p and not f for p, f in zip(predicted, fraud, strict=True))
-    positives = sum(fraud)
-    negatives = len(fraud) - positives
-    alerts = tp + fp
+    alerts = sum(predicted)
+    caught = sum(p and f for p, f in zip(predicted, fraud, strict=True))
+    return quality_of_counts(alerts, caught, sum(fraud), len(fraud))
+
+
+def quality_of_counts(alerts: int, caught: int, positives: int, events: int) -> AlertQuality:
+    """``alert_quality`` from counts: ``alerts`` raised, ``caught`` of them on fraud, ``positives`` frauds among
+    ``events``."""
+    negatives = events - positives
+    false_alerts = alerts - caught
     return AlertQuality(
         alerts=alerts,
-        precision=round(tp / alerts, 4) if alerts else None,
-        recall=round(tp / positives, 4) if positives else None,
-        false_positive_rate=round(fp / negatives, 4) if negatives else None,
+        precision=round(caught / alerts, 4) if alerts else None,
+        recall=round(caught / positives, 4) if positives else None,
+        false_positive_rate=round(false_alerts / negatives, 4) if negatives else None,
     )
 
 

@@ -82,7 +82,8 @@ from risk_engine.storage.audit import audit
 from risk_engine.storage.db import DatabaseUnavailable, make_engine, migrate, retry_on_race
 from risk_engine.storage.labels import EVENT_OUTCOME_SQL
 from risk_engine.storage.labels import outcome as label_outcome
-from risk_engine.storage.rule_hits import HOUR_S, HitTally, hour_of, rule_codes, tally_labels
+from risk_engine.storage.rule_hits import HOUR_S, HitTally, Tally, hour_of, rule_codes, tally_labels
+from risk_engine.storage.shadow_tallies import ShadowOutcome
 from risk_engine.storage.writer import (
     DuplicateRow,
     GroupCommitWriter,
@@ -2019,8 +2020,10 @@ class RiskEngine:
                 "created_at": now_utc(),
                 "origin": self.origin,
             }
-            hits = (subject, hour_of(ts), rule_codes(response))
-            self.writer.submit(self._event_insert, row, committed, hits)
+            tally = Tally(
+                subject, hour_of(ts), rule_codes(response), ShadowOutcome.of(verdict.decision.value, ev.shadow)
+            )
+            self.writer.submit(self._event_insert, row, committed, tally)
         except BaseException as exc:
             # the answer is remembered with this ticket: failing it takes the event back out and lets a
             # replay fail as this call does, instead of waiting for a write that will never come

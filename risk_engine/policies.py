@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import difflib
 import threading
-from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -22,8 +21,8 @@ from sqlalchemy.orm import Session
 from risk_engine.backtest import (
     EXAMPLES_PER_TRANSITION,
     BacktestReport,
-    alert_quality,
     label_name,
+    quality_of_counts,
     replay_one,
     run_backtest,
 )
@@ -32,12 +31,13 @@ from risk_engine.engine import Conflict, NotFound, RiskEngine, now_utc
 from risk_engine.features.velocity import GRACE_S
 from risk_engine.jobs import Job
 from risk_engine.storage import models as m
-from risk_engine.storage import rule_hits
+from risk_engine.storage import rule_hits, shadow_tallies
 from risk_engine.storage.db import retry_on_race
 from risk_engine.storage.labels import event_outcome
 from risk_engine.storage.labels import outcome as label_outcome
 
 STREAMED_ROWS = 2_000  # rows a report over many stored events holds decoded at once
+EXAMPLE_SCAN_EVENTS = 100_000  # the newest stored events a shadow report looks through for its examples
 
 
 @dataclass
@@ -266,74 +266,90 @@ class PolicyWorkflow:
         return view
 
     def shadow_report(self, subject: str) -> dict[str, Any]:
-        """How the shadow version's recorded decisions compare with the live ones, so far."""
+        """How the shadow version's recorded decisions compare with the live ones, so far.
+
+        The counts come from the tallies kept as events are stored (``storage/shadow_tallies.py``), so the
+        report costs the same after a day of shadow as after a minute; only the examples are read from events,
+        the newest first, and at most ``EXAMPLE_SCAN_EVENTS`` of them."""
         self._subject(subject)
         with self._session() as s:
             row = self._shadow_row(s, subject)
             if row is None:
                 raise NotFound(f"no {subject} policy is in shadow")
             label = f"{subject}:v{row.version}"
-            stmt = select(m.Event.event_id, m.Event.decision, m.Event.score, m.Event.shadow, event_outcome()).where(
-                m.Event.subject == subject, m.Event.shadow.is_not(None)
-            )
-            since = self._shadowed_after(s, label)
-            if since is not None:  # the events stored since it first went into shadow, not the whole history
-                stmt = stmt.where(m.Event.id > since)
-            records = s.execute(
-                stmt.order_by(m.Event.ingest_seq).execution_options(yield_per=STREAMED_ROWS)  # never all at once
-            )
-            transitions: Counter[str] = Counter()
-            hits: Counter[str] = Counter()
-            examples: dict[str, deque[dict[str, Any]]] = {}
-            decided: tuple[list[str], list[str]] = ([], [])  # live, shadow
-            fraud: list[bool] = []
-            agreed = labelled = 0
-            for event_id, live, live_score, shadow, labelled_as in records:
-                if shadow.get("version") != label:
-                    continue
-                decided[0].append(live)
-                decided[1].append(shadow["decision"])
-                outcome = label_outcome(labelled_as)
-                fraud.append(bool(outcome))
-                labelled += outcome is not None
-                hits.update(shadow.get("rules", ()))
-                if shadow["decision"] == live:
-                    agreed += 1
-                else:
-                    transition = f"{live}->{shadow['decision']}"
-                    transitions[transition] += 1
-                    kept = examples.setdefault(transition, deque(maxlen=EXAMPLES_PER_TRANSITION))
-                    kept.append(
-                        {
-                            "event_id": event_id,
-                            "label": label_name(outcome),
-                            "live_score": live_score,
-                            "shadow_score": shadow.get("score"),
-                            "shadow_rules": shadow.get("rules", []),
-                        }
-                    )
-        events = len(fraud)
-        quality = {
-            name: {
-                "block": asdict(alert_quality([d == "block" for d in decisions], fraud)),
-                "block_or_review": asdict(alert_quality([d in ("block", "review") for d in decisions], fraud)),
+            tallied = shadow_tallies.counts(s, label)
+            transitions = {
+                f"{live}->{shadow}": n[0] for (live, shadow), n in tallied.decisions.items() if live != shadow and n[0]
             }
-            for name, decisions in zip(("live", "shadow"), decided, strict=True)
-        }
+            examples = self._shadow_examples(
+                s, label, [pair for pair, n in tallied.decisions.items() if pair[0] != pair[1] and n[0]]
+            )
+        counts = tallied.decisions.values()
+        events = sum(n[0] for n in counts)
+        fraud = sum(n[2] for n in counts)
+
+        def quality(alerting: tuple[str, ...], side: int) -> dict[str, Any]:
+            alerts = [n for decided, n in tallied.decisions.items() if decided[side] in alerting]
+            flagged, caught = sum(n[0] for n in alerts), sum(n[2] for n in alerts)
+            return asdict(quality_of_counts(flagged, caught, fraud, events))
+
         return {
             "subject": subject,
             "shadow": label,
             "live": self.engine.subjects[subject].policy.label,
             "events": events,
-            "agreed": agreed,
-            "disagreed": events - agreed,
-            "transitions": dict(transitions.most_common()),
-            "examples": {t: list(examples[t]) for t in transitions},
-            "rule_hits": dict(hits.most_common()),
-            "labelled": labelled,
-            "fraud": sum(fraud),
-            "quality": quality,  # against the labels so far, as a backtest measures (unlabelled: legitimate)
+            "agreed": sum(n[0] for (live, shadow), n in tallied.decisions.items() if live == shadow),
+            "disagreed": sum(transitions.values()),
+            "transitions": _most_first(transitions),
+            "examples": {t: examples.get(t, []) for t in _most_first(transitions)},
+            "rule_hits": _most_first(tallied.rule_hits),
+            "labelled": sum(n[1] for n in counts),
+            "fraud": fraud,
+            # against the labels so far, as a backtest measures (unlabelled: legitimate)
+            "quality": {
+                name: {"block": quality(("block",), side), "block_or_review": quality(("block", "review"), side)}
+                for side, name in enumerate(("live", "shadow"))
+            },
         }
+
+    def _shadow_examples(
+        self, s: Session, label: str, transitions: Iterable[tuple[str, str]]
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Per (live, shadow) decision pair, its newest ``EXAMPLES_PER_TRANSITION`` events (oldest first), from the
+        newest ``EXAMPLE_SCAN_EVENTS`` events stored (of any subject), and of those only the ones stored since
+        ``label`` first went into shadow: one query a pair, each picked out by the database, newest first."""
+        found: dict[str, list[dict[str, Any]]] = {}
+        transitions = sorted(transitions)
+        if not transitions:
+            return found
+        newest = s.scalar(select(func.max(m.Event.id))) or 0
+        bound = newest - EXAMPLE_SCAN_EVENTS
+        since = self._shadowed_after(s, label)
+        if since is not None:  # the events stored since it first went into shadow, not the whole history
+            bound = max(bound, since)
+        for live, shadow in transitions:
+            stmt = (
+                select(m.Event.event_id, m.Event.score, m.Event.shadow, event_outcome())
+                .where(  # no test of the subject, which the version names: an index on it would scan them all
+                    m.Event.id > bound,
+                    m.Event.decision == live,
+                    m.Event.shadow["decision"].as_string() == shadow,
+                    m.Event.shadow["version"].as_string() == label,
+                )
+                .order_by(m.Event.id.desc())
+                .limit(EXAMPLES_PER_TRANSITION)
+            )
+            found[f"{live}->{shadow}"] = [
+                {
+                    "event_id": event_id,
+                    "label": label_name(label_outcome(labelled_as)),
+                    "live_score": live_score,
+                    "shadow_score": recorded.get("score"),
+                    "shadow_rules": recorded.get("rules", []),
+                }
+                for event_id, live_score, recorded, labelled_as in s.execute(stmt)
+            ][::-1]
+        return found
 
     @staticmethod
     def _shadowed_after(s: Session, label: str) -> int | None:
@@ -553,3 +569,8 @@ class PolicyWorkflow:
             }
             for r in rows
         ]
+
+
+def _most_first(counts: dict[str, int]) -> dict[str, int]:
+    """``counts`` from the largest down, ties by name."""
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))

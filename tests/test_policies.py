@@ -558,23 +558,25 @@ def test_reports_over_many_stored_events_hold_a_bounded_number_of_them_at_once(
 
 
 def test_a_shadow_report_reads_only_the_events_stored_since_the_version_first_went_into_shadow(api: Api) -> None:
-    """Not the subject's whole history: the audit entry of the shadow's start records the newest event id then."""
+    """Its examples are looked for among the events stored since the version first went into shadow, not the
+    subject's whole history: the audit entry of the shadow's start records the newest event id then. (Its counts
+    are read from tallies: tests/test_shadow_tallies.py.)"""
     assert draft(api, STRICTER)[0] == 201
     before = [api.score(payment(payment_id=f"old{i}", occurred_at=f"2026-11-22T07:0{i}:00Z")) for i in range(3)]
     assert len(before) == 3
     h = api.headers("analyst")
     assert api.client.post("/v1/policies/payment/versions/2/shadow", headers=h).status_code == 200
-    for i in range(4):
-        api.score(payment(payment_id=f"new{i}", occurred_at=f"2026-11-22T08:0{i}:00Z"))
+    for i in range(4):  # a billing country that is not the shipping one: the stricter shadow challenges them
+        api.score(payment(payment_id=f"new{i}", occurred_at=f"2026-11-22T08:0{i}:00Z", billing_country="US"))
     # stopped and started again: the report still counts the first run's events
     assert api.client.delete("/v1/policies/payment/shadow", headers=h).status_code == 200
     assert api.client.post("/v1/policies/payment/versions/2/shadow", headers=h).status_code == 200
-    api.score(payment(payment_id="later", occurred_at="2026-11-22T09:00:00Z"))
-    statements: list[str] = []
+    api.score(payment(payment_id="later", occurred_at="2026-11-22T09:00:00Z", billing_country="US"))
+    statements: list[tuple[str, list[Any]]] = []
 
     def seen(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
-        if "FROM events" in statement and "shadow IS NOT NULL" in statement:
-            statements.append(statement)
+        if "FROM events" in statement and "shadow" in statement:
+            statements.append((statement, list(parameters.values() if isinstance(parameters, dict) else parameters)))
 
     from sqlalchemy import event
 
@@ -583,8 +585,10 @@ def test_a_shadow_report_reads_only_the_events_stored_since_the_version_first_we
         report = api.client.get("/v1/policies/payment/shadow", headers=h).json()
     finally:
         event.remove(api.engine.db, "before_cursor_execute", seen)
-    assert report["events"] == 5
-    assert statements and all("events.id >" in s for s in statements)  # a range of ids, not the whole table
+    assert report["events"] == 5 and report["disagreed"] > 0
+    shown = {e["event_id"] for kept in report["examples"].values() for e in kept}
+    assert len(shown) == report["disagreed"] and shown <= {f"new{i}" for i in range(4)} | {"later"}
+    assert statements and all("events.id >" in statement for statement, _ in statements)  # a range of ids
     with Session(api.engine.db) as s:
         starts = [
             a.after["from_event_id"]
@@ -592,3 +596,4 @@ def test_a_shadow_report_reads_only_the_events_stored_since_the_version_first_we
         ]
         first_new = s.scalar(select(m.Event.id).where(m.Event.event_id == "new0"))
     assert len(starts) == 2 and min(starts) < first_new  # the first run's start bounds the read
+    assert all(min(starts) in parameters for _, parameters in statements)

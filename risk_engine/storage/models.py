@@ -171,6 +171,31 @@ class RuleHit(Base):
     fraud: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
+class ShadowTally(Base):
+    """How many stored events a shadow version decided one way while the live policy decided another (or the
+    same), counted by one worker, and how many of those are labelled, and labelled fraud
+    (``storage/shadow_tallies.py``)."""
+
+    __tablename__ = "shadow_tallies"
+    version: Mapped[str] = mapped_column(String(64), primary_key=True)  # the shadow's label, e.g. payment:v2
+    live: Mapped[str] = mapped_column(String(16), primary_key=True)  # the live decision
+    shadow: Mapped[str] = mapped_column(String(16), primary_key=True)  # the shadow's decision
+    origin: Mapped[str] = mapped_column(String(32), primary_key=True)
+    events: Mapped[int] = mapped_column(BigInteger, default=0)
+    labelled: Mapped[int] = mapped_column(BigInteger, default=0)
+    fraud: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class ShadowRuleHit(Base):
+    """How many stored events a shadow version's rule fired on, counted by one worker."""
+
+    __tablename__ = "shadow_rule_hits"
+    version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    rule: Mapped[str] = mapped_column(Text, primary_key=True)
+    origin: Mapped[str] = mapped_column(String(32), primary_key=True)
+    hits: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
 class PolicyVersion(Base):
     """A version of a subject's policy text."""
 

@@ -11,21 +11,25 @@ with that code fired on, how many of those have a label, and how many of those w
   them.
 
 Before this table existed the counts were a scan of every event in the window; migration 0014 fills it from the
-stored events once (``backfill``).
+stored events once (``backfill``). A shadow version's decisions are counted the same way, beside them
+(``storage/shadow_tallies.py``).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Engine, func, select, text, tuple_
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from risk_engine.storage import models as m
+from risk_engine.storage import shadow_tallies
+from risk_engine.storage.counts import add_counts
 from risk_engine.storage.labels import EVENT_OUTCOME_SQL, event_outcome
+from risk_engine.storage.shadow_tallies import ShadowOutcome
 
 HOUR_S = 3600
 EVENTS_PER_READ = 500  # events read back per statement when labels are tallied
@@ -42,8 +46,19 @@ def rule_codes(answer: dict[str, Any]) -> tuple[str, ...]:
     return tuple(r["code"] for r in answer.get("reasons", ()) if r.get("source") == "rule")
 
 
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """What an event stored adds to the counts: its rule hits and, if a shadow version decided it too, that."""
+
+    subject: str
+    hour: int
+    codes: tuple[str, ...]
+    shadow: ShadowOutcome | None = None
+
+
 class HitTally:
-    """The statement the writer runs in a batch's transaction to add that batch's rule hits."""
+    """The statements the writer runs in a batch's transaction to add that batch's rule hits and shadow
+    decisions."""
 
     def __init__(self, engine: Engine, origin: str) -> None:
         self.origin = origin
@@ -51,12 +66,16 @@ class HitTally:
         self._head = "INSERT INTO rule_hits (subject, hour, code, origin, hits, labelled, fraud) VALUES "
         self._tail = " ON CONFLICT (subject, hour, code, origin) DO UPDATE SET hits = rule_hits.hits + excluded.hits"
 
-    def execute(self, cursor: Any, tallies: Iterable[tuple[str, int, tuple[str, ...]]]) -> None:
-        """Add one hit per (subject, hour, code) of each ``(subject, hour, codes)``."""
+    def execute(self, cursor: Any, tallies: Iterable[Tally]) -> None:
+        """Add one hit per (subject, hour, code) of each tally, and each tally's shadow decision."""
         counts: Counter[tuple[str, int, str]] = Counter()
-        for subject, hour, codes in tallies:
-            for code in codes:
-                counts[subject, hour, code] += 1
+        shadows: list[ShadowOutcome] = []
+        for tally in tallies:
+            for code in tally.codes:
+                counts[tally.subject, tally.hour, code] += 1
+            if tally.shadow is not None:
+                shadows.append(tally.shadow)
+        shadow_tallies.add(cursor, self._marker, self.origin, shadows)
         if not counts:
             return
         group = "(" + ", ".join([self._marker] * 5) + ", 0, 0)"
@@ -67,27 +86,9 @@ class HitTally:
         cursor.execute(sql, tuple(params))
 
 
-def _upsert(session: Session, rows: list[dict[str, Any]]) -> None:
-    """Add ``rows`` (every counter column given) to the counts, row by row of the primary key."""
-    if not rows:
-        return
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(m.RuleHit)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["subject", "hour", "code", "origin"],
-        set_={
-            "hits": m.RuleHit.hits + stmt.excluded.hits,
-            "labelled": m.RuleHit.labelled + stmt.excluded.labelled,
-            "fraud": m.RuleHit.fraud + stmt.excluded.fraud,
-        },
-    )
-    session.execute(stmt, rows)
-
-
 def tally_labels(session: Session, labels: Sequence[m.Label], origin: str) -> None:
     """In the transaction that adds ``labels`` (added, not yet committed): move the label counts of the rules
-    that fired on each labelled event whose outcome they change.
+    that fired on each labelled event whose outcome they change, and of its shadow decision, if it has one.
 
     The labels are flushed first, so on SQLite the write lock is held from then on; on PostgreSQL each event's
     row is locked before its outcome is read. Either way the outcome read before these labels is the latest
@@ -102,6 +103,7 @@ def tally_labels(session: Session, labels: Sequence[m.Label], origin: str) -> No
         added[key] = added.get(key, False) or bool(row.is_fraud)
     keys = sorted(added)
     changes: Counter[tuple[str, int, str, str]] = Counter()
+    shadowed: dict[tuple[str, str, str], tuple[int, int]] = {}
     for start in range(0, len(keys), EVENTS_PER_READ):
         chunk = keys[start : start + EVENTS_PER_READ]
         prior = event_outcome(excluding=new_ids)
@@ -110,8 +112,9 @@ def tally_labels(session: Session, labels: Sequence[m.Label], origin: str) -> No
         # when it began, so an outcome read in the locking statement itself would miss the labels of a
         # transaction it waited for
         session.execute(select(m.Event.id).where(chosen).order_by(m.Event.id).with_for_update()).all()
-        stmt = select(m.Event.subject, m.Event.event_id, m.Event.occurred_at, m.Event.response, prior).where(chosen)
-        for subject, event_id, occurred_at, answer, was in session.execute(stmt):
+        e = m.Event
+        stmt = select(e.subject, e.event_id, e.occurred_at, e.response, e.decision, e.shadow, prior).where(chosen)
+        for subject, event_id, occurred_at, answer, live, shadow, was in session.execute(stmt):
             fraud_now = added[subject, event_id]
             labelled_delta = 1 if was is None else 0
             fraud_delta = 1 if fraud_now and not was else 0
@@ -121,6 +124,11 @@ def tally_labels(session: Session, labels: Sequence[m.Label], origin: str) -> No
             for code in rule_codes(answer):
                 changes[subject, hour, code, "labelled"] += labelled_delta
                 changes[subject, hour, code, "fraud"] += fraud_delta
+            decided = ShadowOutcome.of(live, shadow)
+            if decided is not None:
+                pair = (decided.version, decided.live, decided.shadow)
+                labelled, fraud = shadowed.get(pair, (0, 0))
+                shadowed[pair] = (labelled + labelled_delta, fraud + fraud_delta)
     rows: dict[tuple[str, int, str], dict[str, Any]] = {}
     for (subject, hour, code, column), n in changes.items():
         counted = rows.setdefault(
@@ -128,7 +136,14 @@ def tally_labels(session: Session, labels: Sequence[m.Label], origin: str) -> No
             {"subject": subject, "hour": hour, "code": code, "origin": origin, "hits": 0, "labelled": 0, "fraud": 0},
         )
         counted[column] += n
-    _upsert(session, [rows[k] for k in sorted(rows)])
+    add_counts(
+        session,
+        m.RuleHit,
+        ("subject", "hour", "code", "origin"),
+        ("hits", "labelled", "fraud"),
+        [rows[k] for k in sorted(rows)],
+    )
+    shadow_tallies.label_changes(session, shadowed, origin)
 
 
 def counts(session: Session, subject: str, first_hour: int, end_hour: int) -> dict[str, list[int]]:

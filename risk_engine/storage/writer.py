@@ -26,7 +26,7 @@ import orjson
 from sqlalchemy import JSON, Engine, Table, TypeDecorator
 
 from risk_engine.storage.checkpoint import WAL_FRAMES_LIMIT, WalCheckpointer, checkpoint
-from risk_engine.storage.rule_hits import HitTally
+from risk_engine.storage.rule_hits import HitTally, Tally
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ class _Job:
     insert: RawInsert | None  # None: a barrier, done once everything queued before it is committed
     params: tuple[Any, ...]
     future: Ticket = field(default_factory=Ticket)
-    tally: tuple[str, int, tuple[str, ...]] | None = None  # (subject, hour, rule codes) to count with the row
+    tally: Tally | None = None  # the rule hits (and shadow decision) to count with the row
 
 
 _STOP = object()
@@ -284,10 +284,10 @@ class GroupCommitWriter:
         insert: RawInsert,
         row: dict[str, Any],
         ticket: Ticket | None = None,
-        tally: tuple[str, int, tuple[str, ...]] | None = None,
+        tally: Tally | None = None,
     ) -> Ticket:
-        """Queue one insert; the ticket completes after its batch commits. ``tally``: rule hits counted (by
-        ``hits``) in the same transaction."""
+        """Queue one insert; the ticket completes after its batch commits. ``tally``: rule hits and a shadow
+        decision counted (by ``hits``) in the same transaction."""
         job = _Job(insert, insert.params(row), ticket if ticket is not None else Ticket(), tally)
         self._queue.put(job)
         return job.future

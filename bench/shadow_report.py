@@ -1,0 +1,84 @@
+"""Benchmark the shadow report (``GET /v1/policies/{subject}/shadow``) after a long shadow: the real ULB
+transactions in ../shared/data scored ``--passes`` times over (each pass two days later) with a stricter version
+in shadow, 2% of them labelled, then the report from the counts kept as events are stored beside a scan of every
+shadowed event (how the report was computed before the counts were kept). The two must agree.
+
+Prints the figures, then one JSON object on the last line.  Usage: python bench/shadow_report.py [--passes N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.machine import describe_interpreter, interpreter, reference_us  # noqa: E402
+from bench.payments import DATA  # noqa: E402
+from bench.rule_stats import score_and_label  # noqa: E402
+from risk_engine.config import Settings  # noqa: E402
+from risk_engine.engine import RiskEngine  # noqa: E402
+from risk_engine.policies import PolicyWorkflow  # noqa: E402
+from tests.test_shadow_tallies import COUNTED, rescan  # noqa: E402  (the full scan the tests hold the counts to)
+
+# the default policy with lower thresholds: a shadow that disagrees with live on a share of the payments
+STRICTER = (
+    (ROOT / "rules" / "payment.rules")
+    .read_text()
+    .replace("challenge at 35", "challenge at 10")
+    .replace("review at 60", "review at 30")
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--passes", type=int, default=15, help="passes over the ULB stream, two days apart")
+    args = parser.parse_args()
+    if not (DATA / "ulb_stream.csv").exists():
+        sys.exit(f"needs {DATA / 'ulb_stream.csv'} (../shared/data beside the project)")
+    if (ROOT / "rules" / "payment.rules").read_text() == STRICTER:
+        sys.exit("the default policy's thresholds changed: update STRICTER")
+    home = Path(tempfile.mkdtemp(prefix="bench-shadow-"))
+    engine = RiskEngine.open(Settings(home=home, rules_dir=ROOT / "rules", models_dir=ROOT / "models"))
+    workflow = PolicyWorkflow(engine)
+    version = workflow.create_draft("payment", STRICTER, "bench")[0]["version"]
+    workflow.start_shadow("payment", version, "bench")
+    ids, chosen, scored_s = score_and_label(engine, args.passes)
+    print(f"{len(ids):,} payments in shadow stored in {scored_s:.1f} s; {len(chosen):,} labelled")
+    timings = []
+    for _ in range(3):
+        t = time.perf_counter()
+        report = workflow.shadow_report("payment")
+        timings.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    scanned = rescan(engine, f"payment:v{version}")
+    scan_s = time.perf_counter() - t
+    agree = {k: report[k] for k in COUNTED} == scanned
+    print(
+        f"  {report['events']:,} events, {report['disagreed']:,} decided otherwise in shadow:"
+        f" from the counts {min(timings) * 1e3:.1f} ms   scanning every shadowed event {scan_s * 1e3:.1f} ms"
+        f"   same figures: {agree}"
+    )
+    engine.close()
+    results: dict[str, Any] = {
+        "payments": len(ids),
+        "labelled": len(chosen),
+        "disagreed": report["disagreed"],
+        "report_ms": round(min(timings) * 1e3, 1),
+        "scan_ms": round(scan_s * 1e3, 1),
+        "agree": agree,
+        "machine_reference_us": round(reference_us(), 1),
+        "python": interpreter(),
+    }
+    print(f"machine reference (bench/machine.py): {results['machine_reference_us']} us; {describe_interpreter()}")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
