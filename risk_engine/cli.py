@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -9,6 +10,7 @@ import secrets
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
@@ -313,6 +315,20 @@ def pii_expire(
     typer.echo(json.dumps({"before": before.isoformat(), "events": sum(expired.values()), "by_subject": expired}))
 
 
+def _rotation_key(given: bytes | None, pending_file: Path, variable: str) -> bytes:
+    """The new key of a rotation of an embedded key file: the one an interrupted rotation left in
+    ``pending_file``, else ``given`` (from ``variable``), else a new one, kept in ``pending_file`` until done."""
+    from risk_engine.vault import KEY_BYTES, VaultKeyError, write_key_file
+
+    wanted = given if given is not None else secrets.token_bytes(KEY_BYTES)
+    new = write_key_file(pending_file, wanted, pending_file.name)
+    if given is not None and new != given:
+        raise VaultKeyError(
+            f"an interrupted rotation's key is in {pending_file}: run this again without {variable} to finish it first"
+        )
+    return new
+
+
 @vault_app.command("rotate-master-key")
 def vault_rotate_master_key() -> None:
     """Re-wrap every stored data key under a new master key (audited); no PII is re-encrypted. Then restart
@@ -324,7 +340,7 @@ def vault_rotate_master_key() -> None:
     are re-wrapped, then moved over master.key. Interrupted, it finishes when run again.
     """
     from risk_engine.storage.data_keys import rotate_master_key
-    from risk_engine.vault import KEY_BYTES, VaultKeyError, decode_key, write_key_file
+    from risk_engine.vault import VaultKeyError, decode_key
 
     _logging(logging.WARNING)
     settings = Settings()
@@ -345,13 +361,7 @@ def vault_rotate_master_key() -> None:
         if given_new == old:
             raise VaultKeyError("the new master key is the current one")
         # the key of a rotation that was interrupted wins: data keys may be wrapped under it already
-        wanted = given_new if given_new is not None else secrets.token_bytes(KEY_BYTES)
-        new = write_key_file(pending_file, wanted, "new master key")
-        if given_new is not None and new != given_new:
-            raise VaultKeyError(
-                f"an interrupted rotation's key is in {pending_file}: run this again without "
-                "RISK_ENGINE_NEW_MASTER_KEY to finish it first"
-            )
+        new = _rotation_key(given_new, pending_file, "RISK_ENGINE_NEW_MASTER_KEY")
     db = _migrated_database(settings)
     try:
         done = rotate_master_key(db, old, new, actor="cli")
@@ -368,10 +378,83 @@ def vault_rotate_master_key() -> None:
     )
 
 
+@vault_app.command("rotate-blind-index-key")
+def vault_rotate_blind_index_key(
+    settle_s: Annotated[
+        float, typer.Option(help="Seconds running workers get to stop scoring before the rewrite starts.", min=0)
+    ] = 3.0,
+) -> None:
+    """Add a new key to the blind-index key chain and rewrite every stored blind index under it (audited). Stop
+    the workers first: any still running stops scoring (503) within a second of the start, and every worker
+    must be restarted with the new chain; one with the old chain refuses to start.
+
+    With RISK_ENGINE_BLIND_INDEX_KEY set, the new key is RISK_ENGINE_NEW_BLIND_INDEX_KEY; afterwards append it
+    to every worker's RISK_ENGINE_BLIND_INDEX_KEY (comma-separated, oldest first). With the key file of the
+    embedded default ($RISK_ENGINE_HOME/blind_index.key), a new key is generated (or the given one taken), kept
+    in blind_index.key.next until the rewrite is done, then added to the file's chain. Interrupted, it finishes
+    when run again. Prints its counts, then one JSON object.
+    """
+    from risk_engine.storage.blind_index_rotation import rotate
+    from risk_engine.vault import (
+        Vault,
+        VaultKeyError,
+        decode_key,
+        load_or_create_key_chain,
+    )
+
+    _logging(logging.WARNING)
+    settings = Settings()
+    given_new = (
+        decode_key(settings.new_blind_index_key, "new_blind_index_key") if settings.new_blind_index_key else None
+    )
+    key_file = settings.home / "blind_index.key"
+    pending_file = settings.home / "blind_index.key.next"
+    if settings.blind_index_key:
+        if given_new is None:
+            raise VaultKeyError(
+                "set RISK_ENGINE_NEW_BLIND_INDEX_KEY to the new key (base64 of 32 bytes, from your secret store)"
+            )
+        new = given_new
+    else:
+        if not key_file.exists():
+            raise VaultKeyError(
+                f"no blind-index key: RISK_ENGINE_BLIND_INDEX_KEY is unset and {key_file} does not exist"
+            )
+        # the key of a rotation that was interrupted wins: tokens may be under it already
+        new = _rotation_key(given_new, pending_file, "RISK_ENGINE_NEW_BLIND_INDEX_KEY")
+    chain = load_or_create_key_chain(settings.blind_index_key, key_file, "blind_index_key")
+    vault = Vault(b"\0" * 32, chain)  # its blind indexes only: no master key is read
+    db = _migrated_database(settings)
+    try:
+        done = rotate(db, vault, new, actor="cli", settle_s=settle_s)
+    finally:
+        db.dispose()
+    if not settings.blind_index_key:
+        lines = [base64.b64encode(key).decode() for key in (*chain, new)]
+        fd, temporary = tempfile.mkstemp(dir=settings.home, prefix=".blind_index.key.")  # mode 0600
+        with os.fdopen(fd, "w") as handle:
+            handle.write("\n".join(lines) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, key_file)
+        pending_file.unlink()
+        where = f"{key_file} holds the new chain"
+    else:
+        where = (
+            "now append RISK_ENGINE_NEW_BLIND_INDEX_KEY to every worker's RISK_ENGINE_BLIND_INDEX_KEY (a comma first)"
+        )
+    typer.echo(
+        f"blind indexes now under key generation {done.generation}: rewrote {done.events} event records, "
+        f"{done.list_entries} list entries and {done.list_changes} list changes; {where}, and restart every worker"
+    )
+    typer.echo(json.dumps(asdict(done)))
+
+
 def _list_context(list_name: str) -> tuple[Engine, Vault, ListDecl]:
     """What editing a list needs without an engine: the migrated database, the vault (for blind indexes) and
     the list's declaration; exits 1 naming the declared lists when there is no such list."""
     from risk_engine.features.lists import load_list_declarations
+    from risk_engine.storage.blind_index_rotation import register
     from risk_engine.vault import Vault
 
     settings = Settings()
@@ -382,7 +465,9 @@ def _list_context(list_name: str) -> tuple[Engine, Vault, ListDecl]:
         typer.echo(f"no list {list_name}; {declared}", err=True)
         raise typer.Exit(1)
     db = _migrated_database(settings)
-    return db, Vault.from_settings(settings), decls[list_name]
+    vault = Vault.from_settings(settings)
+    register(db, vault)  # its tokens must be under the chain the stored ones are
+    return db, vault, decls[list_name]
 
 
 def _list_token(decl: ListDecl, value: str, vault: Vault) -> str:

@@ -26,7 +26,16 @@ class Settings(BaseSettings):
         description="Base64 32-byte key: the master key `risk-engine vault rotate-master-key` re-wraps the data keys "
         "under (needed when master_key is set; else one is generated).",
     )
-    blind_index_key: str | None = Field(default=None, description="Base64 32-byte key for blind indexes.")
+    blind_index_key: str | None = Field(
+        default=None,
+        description="Base64 32-byte key for blind indexes; after rotations, every key of the chain, oldest first, "
+        "separated by commas.",
+    )
+    new_blind_index_key: str | None = Field(
+        default=None,
+        description="Base64 32-byte key `risk-engine vault rotate-blind-index-key` adds to the chain (needed when "
+        "blind_index_key is set; else one is generated).",
+    )
     signing_key: str | None = Field(default=None, description="Base64 32-byte key signing model snapshots.")
     pii_retention_days: int | None = Field(
         default=None,

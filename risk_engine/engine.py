@@ -67,7 +67,7 @@ from risk_engine.money import BaseCurrency, load_base_currency
 from risk_engine.payments import PaymentIn
 from risk_engine.pipeline import ModelScore, Verdict, decide, decision_for
 from risk_engine.schema import FieldType, SubjectSchema, load_attribute_declarations
-from risk_engine.storage import erasure, idempotency, list_entries
+from risk_engine.storage import blind_index_rotation, erasure, idempotency, list_entries
 from risk_engine.storage import models as m
 from risk_engine.storage.announce import (
     ANNOUNCE_SQL,
@@ -593,6 +593,10 @@ class RiskEngine:
         except OperationalError as exc:
             raise DatabaseUnavailable(f"cannot reach the database: {type(exc).__name__}") from exc
         vault = Vault.from_settings(settings)
+        try:
+            blind_index_rotation.register(db, vault)  # its chain must be the one the stored tokens are under
+        except OperationalError as exc:
+            raise DatabaseUnavailable(f"cannot reach the database: {type(exc).__name__}") from exc
         signing = load_or_create_key(settings.signing_key, settings.home / "signing.key", "signing_key")
         engine = cls(settings, db, vault, signing)
         if channel is not None:  # other workers' followers wake when a batch of events commits
@@ -916,6 +920,7 @@ class RiskEngine:
             nonlocal purged_at, pii_expired_at, collected_at
             while not self._stopping.wait(self.settings.policy_poll_s):
                 try:
+                    self.check_blind_index_key()
                     self.refresh_policies()
                     self.refresh_fits()
                     self.refresh_lists()
@@ -935,6 +940,14 @@ class RiskEngine:
 
         self._poller = threading.Thread(target=poll, name="risk-engine-policy-poller", daemon=True)
         self._poller.start()
+
+    def check_blind_index_key(self) -> None:
+        """Stop indexing PII (so scoring, list edits and erasures answer 503) once the database's blind-index key
+        chain is no longer this worker's: a rotation has begun (``storage/blind_index_rotation.py``)."""
+        reason = blind_index_rotation.mismatch(self.db, self.vault)
+        if reason is not None and not self.vault.blind_indexes_retired:
+            log.error("blind indexes stopped: %s", reason)
+            self.vault.retire_blind_indexes(reason)
 
     def collect_garbage_fully(self) -> dict[str, Any]:
         """One full garbage collection (frozen objects included), logged with its pause: what the poller runs
@@ -1207,6 +1220,7 @@ class RiskEngine:
             "read": {"last": read.last, "gaps": sorted(read.gaps)},
             "counts": self._stored_counts(read),
             "newest": self._newest_read(read),
+            "blind_index": self.vault.blind_index_fingerprint,  # its windows are keyed by tokens of this chain
         }
         current = not self._marketplace_stale and self._marketplace_rebuilt.is_set()  # else the next start rebuilds
         state = {
@@ -1234,6 +1248,9 @@ class RiskEngine:
         read = IdWatermark(int(header["read"]["last"]), header["read"]["gaps"])
         counts: dict[str, int] = header["counts"]
         newest = header["newest"]
+        if header.get("blind_index") != self.vault.blind_index_fingerprint:
+            log.info("state snapshot under another blind-index key chain; rebuilding velocity and cross-subject state")
+            return None
         if self._stored_counts(read) != counts or (newest is not None and self._newest_read(read) != tuple(newest)):
             # events it holds were deleted since, or it is another database's snapshot
             log.info("state snapshot does not match the stored events; rebuilding velocity and cross-subject state")
@@ -1885,19 +1902,30 @@ class RiskEngine:
         if errors:
             raise InvalidInput(errors)
 
-    def _lookup_stored(self, subject: str, event_id: str) -> tuple[str, dict[str, Any]] | None:
+    def _lookup_stored(self, subject: str, event_id: str) -> tuple[str, dict[str, Any], int] | None:
+        """(request hash, answer, the blind-index generation of the hash) of a stored event."""
         try:
             with self.db.connect() as conn:
                 row = conn.execute(
-                    select(m.Event.request_hash, m.Event.response).where(
+                    select(m.Event.request_hash, m.Event.response, m.Event.hash_generation).where(
                         m.Event.subject == subject, m.Event.event_id == event_id
                     )
                 ).first()
         except OperationalError as exc:
             raise DatabaseUnavailable(type(exc).__name__) from exc
-        return (row[0], row[1]) if row is not None else None
+        return (row[0], row[1], row[2] or 1) if row is not None else None
 
-    def _replay(self, kind: SubjectKind, event_id: str, request_hash: str) -> ScoreOutcome | None:
+    def _request_hash(self, kind: SubjectKind, event: Any, generation: int | None = None) -> str:
+        """The hash of a request, over its record (PII as blind indexes), so it derives from no PII in clear;
+        with ``generation``, under that generation of the blind-index key chain (a retry of a request stored
+        before a rotation is compared under the generation it was hashed with)."""
+        vault = self.vault
+        if generation is not None and generation != vault.blind_index_generation:
+            vault = vault.blind_indexes_of_generation(generation)
+        record, _ = kind.flatten(event, vault)
+        return sha256_hex(orjson.dumps([record, kind.beyond_record(event)], option=orjson.OPT_SORT_KEYS))
+
+    def _replay(self, kind: SubjectKind, event_id: str, request_hash: str, event: Any = None) -> ScoreOutcome | None:
         key = f"{kind.name}\x1f{event_id}"
         with self._lock:
             pending = self._recent.get(key)
@@ -1911,9 +1939,12 @@ class RiskEngine:
             return None
         stored = self._lookup_stored(kind.name, event_id)
         if stored is not None:
-            if stored[0] != request_hash:
+            stored_hash, answer, generation = stored
+            if generation != self.vault.blind_index_generation and event is not None:
+                request_hash = self._request_hash(kind, event, generation)
+            if stored_hash != request_hash:
                 raise Conflict(f"{kind.id_field} {event_id} was already scored with a different request")
-            return ScoreOutcome(orjson.dumps(stored[1]), done_ticket(), replayed=True)
+            return ScoreOutcome(orjson.dumps(answer), done_ticket(), replayed=True)
         return None
 
     def score_payment(self, payment: PaymentIn, request_hash: str | None = None) -> ScoreOutcome:
@@ -1946,10 +1977,11 @@ class RiskEngine:
         record, pii = kind.flatten(event, self.vault)
         if request_hash is None:
             # the record carries every field of the request, PII as keyed blind indexes: hashing it is hashing
-            # the request, and the stored hash derives from no PII in clear
+            # the request, and the stored hash derives from no PII in clear (``_request_hash``, inlined: the
+            # record is flattened once)
             canonical = orjson.dumps([record, kind.beyond_record(event)], option=orjson.OPT_SORT_KEYS)
             request_hash = sha256_hex(canonical)
-        replay = self._replay(kind, event_id, request_hash)
+        replay = self._replay(kind, event_id, request_hash, event)
         if replay is not None:
             return replay
         key = f"{subject}\x1f{event_id}"
@@ -2016,6 +2048,7 @@ class RiskEngine:
                 "shadow": ev.shadow,
                 "response": body,
                 "request_hash": request_hash,
+                "hash_generation": self.vault.blind_index_generation,
                 "elapsed_ms": elapsed_ms,
                 "created_at": now_utc(),
                 "origin": self.origin,

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import logging
 import os
 import secrets
 import stat
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 KEY_BYTES = 32
 NONCE_BYTES = 12
 BLIND_INDEX_MEMO = 65_536  # recent values' blind indexes kept, as tokens under a digest of the value
+TOKEN_BYTES = 18  # of a blind index's HMAC, base64 in the token
 
 
 class PiiKind(StrEnum):
@@ -48,11 +50,17 @@ class PiiKind(StrEnum):
 
 
 _DOMAIN = {k: f"{k.value}\x1f".encode() for k in PiiKind}
+_DOMAIN_OF = {k.value: d for k, d in _DOMAIN.items()}
 _PREFIX = {k: f"bi:{k.value}:" for k in PiiKind}
 
 
 class VaultKeyError(Exception):
     """A key is missing, malformed or does not open a ciphertext."""
+
+
+class BlindIndexesRetired(Exception):
+    """This worker's blind-index key chain is no longer the database's (a rotation began): nothing it would
+    index may be stored or compared until it restarts with the new chain."""
 
 
 def decode_key(text: str, name: str) -> bytes:
@@ -66,15 +74,38 @@ def decode_key(text: str, name: str) -> bytes:
     return raw
 
 
+def decode_key_chain(text: str, name: str) -> list[bytes]:
+    """Keys from base64 texts separated by commas or new lines, oldest first (a blind-index key and the keys
+    rotated in over it); ``VaultKeyError`` if there is none or one is malformed."""
+    parts = [part for part in text.replace(",", "\n").split() if part]
+    if not parts:
+        raise VaultKeyError(f"{name} holds no key")
+    return [decode_key(part, f"{name} #{i + 1}") for i, part in enumerate(parts)]
+
+
+def read_key_file(path: Path) -> str:
+    """A key file's text, with a warning if others can read it."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        log.warning("key file %s is readable by others (mode %o); chmod 600 it", path, mode)
+    return path.read_text()
+
+
+def load_or_create_key_chain(env_value: str | None, path: Path, name: str) -> list[bytes]:
+    """The key chain of the environment or of its key file (one key a line), or a new one-key file."""
+    if env_value:
+        return decode_key_chain(env_value, name)
+    if path.exists():
+        return decode_key_chain(read_key_file(path), name)
+    return [load_or_create_key(None, path, name)]
+
+
 def load_or_create_key(env_value: str | None, path: Path, name: str) -> bytes:
     """Return a 32-byte key from the environment, or from a 0600 key file created on first use."""
     if env_value:
         return decode_key(env_value, name)
     if path.exists():
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            log.warning("key file %s is readable by others (mode %o); chmod 600 it", path, mode)
-        return decode_key(path.read_text(), name)
+        return decode_key(read_key_file(path), name)
     key = secrets.token_bytes(KEY_BYTES)
     if write_key_file(path, key, name) != key:
         return decode_key(path.read_text(), name)  # another process wrote it first: its key
@@ -155,14 +186,18 @@ def _normalize(kind: PiiKind, value: str) -> str:
 class Vault:
     """Seals and opens PII, computes blind indexes. Holds keys in memory only."""
 
-    def __init__(self, master_key: bytes, blind_index_key: bytes) -> None:
+    def __init__(self, master_key: bytes, blind_index_keys: bytes | Sequence[bytes]) -> None:
         self._master_key = master_key
-        # HMAC-SHA256 (RFC 2104) with the key's inner and outer pads hashed once: each blind index then costs
-        # two SHA-256 copies, half the time of copying an ``hmac.HMAC`` object; a test checks it against hmac
-        key = blind_index_key if len(blind_index_key) <= 64 else hashlib.sha256(blind_index_key).digest()
-        key = key.ljust(64, b"\0")
-        self._bi_inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
-        self._bi_outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+        # the blind-index key, then each key rotated in over it (``risk-engine vault rotate-blind-index-key``): a
+        # token is the first key's HMAC of the value, then each later key's HMAC of the token before
+        chain = [blind_index_keys] if isinstance(blind_index_keys, bytes) else list(blind_index_keys)
+        if not chain:
+            raise VaultKeyError("no blind-index key")
+        self._bi_keys = chain
+        self._bi_layers = [_hmac_pads(key) for key in chain]
+        self._bi_inner, self._bi_outer = self._bi_layers[0]
+        self._bi_later = self._bi_layers[1:]
+        self._bi_retired: str | None = None
         # buyers, cards, devices and addresses come back again and again: their tokens are remembered, each
         # under a seeded 128-bit digest of its value (the memo keeps no PII in clear; a collision, 2^-128 a
         # pair, is not a concern at 65,536 entries), at a fifth of the HMAC's cost
@@ -177,8 +212,43 @@ class Vault:
         """The vault of ``settings``: its keys from the environment, or from key files under the home (made,
         with a warning, on first use)."""
         master = load_or_create_key(settings.master_key, settings.home / "master.key", "master_key")
-        blind = load_or_create_key(settings.blind_index_key, settings.home / "blind_index.key", "blind_index_key")
+        blind = load_or_create_key_chain(settings.blind_index_key, settings.home / "blind_index.key", "blind_index_key")
         return cls(master, blind)
+
+    # -- the blind-index key chain ---------------------------------------------------------------------
+    @property
+    def blind_index_keys(self) -> tuple[bytes, ...]:
+        """The chain: the first blind-index key, then each rotated in over it."""
+        return tuple(self._bi_keys)
+
+    def retire_blind_indexes(self, reason: str) -> None:
+        """From now on, refuse to compute a blind index (``BlindIndexesRetired``): the database's tokens moved to
+        another key chain, and a token of this one must not be stored or compared."""
+        self._bi_retired = reason
+
+    @property
+    def blind_indexes_retired(self) -> bool:
+        """Whether ``retire_blind_indexes`` was called."""
+        return self._bi_retired is not None
+
+    @property
+    def blind_index_generation(self) -> int:
+        """How many keys the blind indexes are under: 1, plus one for each rotation."""
+        return len(self._bi_keys)
+
+    @property
+    def blind_index_fingerprint(self) -> str:
+        """Names the key chain without revealing it: the generation and an HMAC of a constant under the newest
+        key. Stored in the database, so a worker with another chain is refused."""
+        tag = hmac.new(self._bi_keys[-1], b"risk-engine blind-index key fingerprint", hashlib.sha256).hexdigest()
+        return f"{self.blind_index_generation}:{tag[:32]}"
+
+    def blind_indexes_of_generation(self, generation: int) -> Vault:
+        """A vault computing the tokens of an earlier generation (no data keys): what a request scored before
+        a rotation was hashed with."""
+        if not 1 <= generation <= self.blind_index_generation:
+            raise VaultKeyError(f"no blind-index generation {generation} here")
+        return Vault(self._master_key, self._bi_keys[:generation])
 
     # -- data keys -------------------------------------------------------------------------------------
     def new_data_key(self) -> WrappedDataKey:
@@ -240,6 +310,8 @@ class Vault:
     # -- blind indexes ---------------------------------------------------------------------------------
     def blind_index(self, kind: PiiKind, value: str) -> str:
         """Keyed, deterministic token for equality look-ups on a PII value."""
+        if self._bi_retired is not None:
+            raise BlindIndexesRetired(self._bi_retired)
         domain = _DOMAIN[kind]
         memo_key = xxh3_128_digest(domain + value.encode(), self._bi_seed)
         token = self._bi_memo.get(memo_key)
@@ -248,11 +320,46 @@ class Vault:
             inner.update(domain + _normalize(kind, value).encode())
             outer = self._bi_outer.copy()
             outer.update(inner.digest())
-            token = _PREFIX[kind] + base64.urlsafe_b64encode(outer.digest()[:18]).decode()
+            raw = outer.digest()[:TOKEN_BYTES]
+            for pads in self._bi_later:
+                raw = _layer(pads, domain + raw)
+            token = _PREFIX[kind] + base64.urlsafe_b64encode(raw).decode()
             if len(self._bi_memo) >= BLIND_INDEX_MEMO:
                 self._bi_memo.clear()  # whole: cheaper than an LRU's bookkeeping on every hit
             self._bi_memo[memo_key] = token
         return token
+
+
+def _hmac_pads(key: bytes) -> tuple[Any, Any]:
+    """HMAC-SHA256 (RFC 2104) with the key's inner and outer pads hashed once: each blind index then costs two
+    SHA-256 copies, half the time of copying an ``hmac.HMAC`` object; a test checks it against hmac."""
+    key = key if len(key) <= 64 else hashlib.sha256(key).digest()
+    key = key.ljust(64, b"\0")
+    return hashlib.sha256(bytes(b ^ 0x36 for b in key)), hashlib.sha256(bytes(b ^ 0x5C for b in key))
+
+
+def _layer(pads: tuple[Any, Any], message: bytes) -> bytes:
+    inner = pads[0].copy()
+    inner.update(message)
+    outer = pads[1].copy()
+    outer.update(inner.digest())
+    return bytes(outer.digest()[:TOKEN_BYTES])
+
+
+class BlindIndexLayer:
+    """What a new blind-index key adds over the chain: takes a stored token one generation further."""
+
+    def __init__(self, key: bytes) -> None:
+        self._pads = _hmac_pads(key)
+
+    def __call__(self, token: str) -> str:
+        """``token`` under the chain with this key added: the new key's HMAC of the token before."""
+        prefix, _, encoded = token.rpartition(":")
+        domain = _DOMAIN_OF.get(prefix.removeprefix("bi:")) if prefix.startswith("bi:") else None
+        if domain is None:
+            raise VaultKeyError("not a blind index")
+        raw = base64.urlsafe_b64decode(encoded)
+        return prefix + ":" + base64.urlsafe_b64encode(_layer(self._pads, domain + raw)).decode()
 
 
 # -- masking -------------------------------------------------------------------------------------------

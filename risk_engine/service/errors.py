@@ -14,6 +14,7 @@ from risk_engine.dsl import DslErrors
 from risk_engine.engine import Conflict, InvalidInput, NotFound
 from risk_engine.service.responses import JsonResponse
 from risk_engine.storage.db import DatabaseUnavailable
+from risk_engine.vault import BlindIndexesRetired
 
 log = logging.getLogger(__name__)
 UNAVAILABLE = "storage is unavailable; nothing was decided or stored, retry later"
@@ -77,6 +78,14 @@ def install_error_handlers(app: FastAPI) -> None:
             error_body("unavailable", UNAVAILABLE),
             503,
             headers={"Retry-After": "1"},
+        )
+
+    @app.exception_handler(BlindIndexesRetired)
+    async def _retired(_: Request, exc: BlindIndexesRetired) -> JsonResponse:
+        return JsonResponse(
+            error_body("unavailable", f"this worker cannot index PII: {exc}; nothing was decided or stored"),
+            503,
+            headers={"Retry-After": "5"},
         )
 
     @app.exception_handler(OperationalError)

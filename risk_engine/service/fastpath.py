@@ -26,6 +26,7 @@ from risk_engine.engine import Conflict, InvalidInput, RiskEngine
 from risk_engine.service.responses import answer
 from risk_engine.storage.db import DatabaseUnavailable
 from risk_engine.subjects import SUBJECT_KINDS
+from risk_engine.vault import BlindIndexesRetired
 
 # the scoring endpoints: path -> subject
 SCORING_PATHS: Mapping[str, str] = {
@@ -35,7 +36,7 @@ SCORING_PATHS: Mapping[str, str] = {
 }
 
 # raised by the engine before it decides or stores anything: the request can go to FastAPI to be answered
-_HANDED_OVER = (Conflict, InvalidInput, DatabaseUnavailable)
+_HANDED_OVER = (Conflict, InvalidInput, DatabaseUnavailable, BlindIndexesRetired)
 
 
 class ScoringFastPath:

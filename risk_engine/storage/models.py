@@ -89,6 +89,9 @@ class Event(Base):
     model_versions: Mapped[dict[str, Any]]
     model_scores: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # calibrated detector scores used
     shadow: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # a shadow policy's decision, recorded only
+    # the blind-index generation its request hash was computed under (None: the first); a retry after a
+    # rotation is hashed under it again to be compared
+    hash_generation: Mapped[int | None] = mapped_column(Integer, nullable=True)
     response: Mapped[dict[str, Any]]
     request_hash: Mapped[str] = mapped_column(String(64))
     elapsed_ms: Mapped[float] = mapped_column(Float)
@@ -194,6 +197,22 @@ class ShadowRuleHit(Base):
     rule: Mapped[str] = mapped_column(Text, primary_key=True)
     origin: Mapped[str] = mapped_column(String(32), primary_key=True)
     hits: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class BlindIndexKey(Base):
+    """A generation of the blind-index key chain: the first key, then one row per rotation
+    (``storage/blind_index_rotation.py``). Workers refuse to start, and stop scoring, unless their chain is the
+    newest active one."""
+
+    __tablename__ = "blind_index_keys"
+    generation: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    fingerprint: Mapped[str] = mapped_column(String(80))  # ``Vault.blind_index_fingerprint``
+    state: Mapped[str] = mapped_column(String(16))  # rotating | active
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # how far a rotation has rewritten the stored tokens: event and list-entry ids, up to and including
+    events_through: Mapped[int] = mapped_column(BigInteger, default=0)
+    entries_through: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class PolicyVersion(Base):
