@@ -231,3 +231,35 @@ def test_a_worker_left_on_the_old_chain_is_stopped_by_its_poller(tmp_path: Path,
         assert refused.status_code == 503
     finally:
         client.__exit__(None, None, None)
+
+
+def test_with_the_key_in_the_environment_the_new_one_is_given_and_the_chain_named_there(
+    tmp_path: Path, database_url: str
+) -> None:
+    home = tmp_path / "var"
+    old_key, new_key = secrets.token_bytes(32), secrets.token_bytes(32)
+    settings = make_settings(home, database_url, blind_index_key=b64(old_key))
+    client, api = open_api(settings)
+    try:
+        api.score(payment(payment_id="p1"))
+    finally:
+        client.__exit__(None, None, None)
+    env = {"RISK_ENGINE_DATABASE_URL": database_url, "RISK_ENGINE_BLIND_INDEX_KEY": b64(old_key)}
+    refused = run_cli("vault", "rotate-blind-index-key", "--settle-s", "0", home=home, env=env)
+    assert refused.returncode == 1 and "set RISK_ENGINE_NEW_BLIND_INDEX_KEY" in refused.stderr
+    env["RISK_ENGINE_NEW_BLIND_INDEX_KEY"] = b64(new_key)
+    rotated = run_cli("vault", "rotate-blind-index-key", "--settle-s", "0", home=home, env=env)
+    assert rotated.returncode == 0, rotated.stderr
+    assert "append RISK_ENGINE_NEW_BLIND_INDEX_KEY to every worker's RISK_ENGINE_BLIND_INDEX_KEY" in rotated.stdout
+    assert not (home / "blind_index.key").exists() and not (home / "blind_index.key.next").exists()
+    with pytest.raises(BlindIndexKeyMismatch):  # the old chain alone
+        open_api(settings)
+    client, api = open_api(make_settings(home, database_url, blind_index_key=f"{b64(old_key)},{b64(new_key)}"))
+    try:
+        replay = api.client.post("/v1/payments/score", json=payment(payment_id="p1"), headers=api.headers())
+        assert replay.status_code == 200 and replay.headers.get("Idempotent-Replayed") == "true"
+        assert records(database_url)["p1"]["buyer.email"] == api.engine.vault.blind_index(
+            PiiKind.EMAIL, payment()["buyer"]["email"]
+        )
+    finally:
+        client.__exit__(None, None, None)
