@@ -394,13 +394,9 @@ def vault_rotate_blind_index_key(
     in blind_index.key.next until the rewrite is done, then added to the file's chain. Interrupted, it finishes
     when run again. Prints its counts, then one JSON object.
     """
+    from risk_engine.features.lists import load_list_declarations
     from risk_engine.storage.blind_index_rotation import rotate
-    from risk_engine.vault import (
-        Vault,
-        VaultKeyError,
-        decode_key,
-        load_or_create_key_chain,
-    )
+    from risk_engine.vault import PiiKind, Vault, VaultKeyError, decode_key, load_or_create_key_chain
 
     _logging(logging.WARNING)
     settings = Settings()
@@ -424,9 +420,11 @@ def vault_rotate_blind_index_key(
         new = _rotation_key(given_new, pending_file, "RISK_ENGINE_NEW_BLIND_INDEX_KEY")
     chain = load_or_create_key_chain(settings.blind_index_key, key_file, "blind_index_key")
     vault = Vault(b"\0" * 32, chain)  # its blind indexes only: no master key is read
+    declared = load_list_declarations(settings.rules_dir / "lists.toml")
+    pii_lists = [name for name, decl in declared.items() if decl.kind in {k.value for k in PiiKind}]
     db = _migrated_database(settings)
     try:
-        done = rotate(db, vault, new, actor="cli", settle_s=settle_s)
+        done = rotate(db, vault, new, actor="cli", pii_lists=pii_lists, settle_s=settle_s)
     finally:
         db.dispose()
     if not settings.blind_index_key:

@@ -27,9 +27,10 @@ from risk_engine.vault import (
     VaultKeyError,
     decode_key_chain,
 )
-from tests.conftest import make_settings, open_api, payment, run_cli
+from tests.conftest import BASE_REVIEW, make_settings, open_api, payment, run_cli
 
 EMAIL = "li.wei@example.com"
+PII_LISTS = ("blocked_emails",)
 CARD = "fp_shared_card"
 
 
@@ -46,11 +47,11 @@ def records(database_url: str) -> dict[str, dict[str, Any]]:
         db.dispose()
 
 
-def list_tokens(database_url: str) -> list[str]:
+def list_tokens(database_url: str, list_name: str = "blocked_emails") -> list[str]:
     db = make_engine(database_url)
     try:
         with db.connect() as conn:
-            return list(conn.scalars(select(m.ListEntry.token).where(m.ListEntry.list_name == "blocked_emails")))
+            return list(conn.scalars(select(m.ListEntry.token).where(m.ListEntry.list_name == list_name)))
     finally:
         db.dispose()
 
@@ -164,12 +165,16 @@ def test_a_running_worker_stops_and_an_interrupted_rotation_finishes(
         for i in range(5):
             api.score(card_payment(f"p{i}", f"b{i}", i, email=f"e{i}@example.com"))
         for value in ("x@example.com", "y@example.com"):
-            assert (
-                api.client.post(
-                    "/v1/lists/blocked_emails/entries", json={"value": value}, headers=api.headers("analyst")
-                ).status_code
-                == 201
+            added = api.client.post(
+                "/v1/lists/blocked_emails/entries", json={"value": value}, headers=api.headers("analyst")
             )
+            assert added.status_code == 201, added.text
+        # a string list keeps its values as given, even one shaped like a token
+        lookalike = "bi:email:" + "A" * 24
+        device = api.client.post(
+            "/v1/lists/blocked_devices/entries", json={"value": lookalike}, headers=api.headers("analyst")
+        )
+        assert device.status_code == 201, device.text
         vault, db = api.engine.vault, api.engine.db
         new_key = secrets.token_bytes(32)
         target = Vault(b"m" * 32, [*vault.blind_index_keys, new_key])
@@ -183,7 +188,7 @@ def test_a_running_worker_stops_and_an_interrupted_rotation_finishes(
 
         monkeypatch.setattr(blind_index_rotation, "_rewrite_list_entries", interrupted)
         with pytest.raises(RuntimeError):
-            blind_index_rotation.rotate(db, vault, new_key, actor="test", settle_s=0)
+            blind_index_rotation.rotate(db, vault, new_key, actor="test", pii_lists=PII_LISTS, settle_s=0)
 
         # meanwhile the running worker notices, and refuses to index PII: scoring is a 503, nothing stored
         api.engine.check_blind_index_key()
@@ -199,17 +204,20 @@ def test_a_running_worker_stops_and_an_interrupted_rotation_finishes(
 
         monkeypatch.setattr(blind_index_rotation, "_rewrite_list_entries", real)
         with pytest.raises(VaultKeyError, match="another key"):  # it must be finished with the same key
-            blind_index_rotation.rotate(db, vault, secrets.token_bytes(32), actor="test", settle_s=0)
-        report = blind_index_rotation.rotate(db, vault, new_key, actor="test", settle_s=0)
+            blind_index_rotation.rotate(
+                db, vault, secrets.token_bytes(32), actor="test", pii_lists=PII_LISTS, settle_s=0
+            )
+        report = blind_index_rotation.rotate(db, vault, new_key, actor="test", pii_lists=PII_LISTS, settle_s=0)
         assert (report.generation, report.list_entries) == (2, 2)
         stored = records(database_url)
         assert "late" not in stored
         assert {e: stored[e]["buyer.email"] for e in expected} == expected  # each token taken exactly once
+        assert list_tokens(database_url, "blocked_devices") == [lookalike]
         assert sorted(list_tokens(database_url)) == sorted(
             target.blind_index(PiiKind.EMAIL, v) for v in ("x@example.com", "y@example.com")
         )
         with pytest.raises(VaultKeyError, match="already in the chain"):
-            blind_index_rotation.rotate(db, target, new_key, actor="test", settle_s=0)
+            blind_index_rotation.rotate(db, target, new_key, actor="test", pii_lists=PII_LISTS, settle_s=0)
         assert blind_index_rotation.mismatch(db, target) is None
         with make_engine(database_url).connect() as conn:
             actions = [
@@ -226,7 +234,7 @@ def test_a_worker_left_on_the_old_chain_is_stopped_by_its_poller(tmp_path: Path,
     client, api = open_api(settings)
     try:
         api.score(card_payment("p1", "b1", 1))
-        blind_index_rotation.rotate(api.engine.db, api.engine.vault, secrets.token_bytes(32), "test", settle_s=0.5)
+        blind_index_rotation.rotate(api.engine.db, api.engine.vault, secrets.token_bytes(32), "test", PII_LISTS, 0.5)
         refused = api.client.post("/v1/payments/score", json=card_payment("p2", "b2", 2), headers=api.headers())
         assert refused.status_code == 503
     finally:
@@ -261,5 +269,40 @@ def test_with_the_key_in_the_environment_the_new_one_is_given_and_the_chain_name
         assert records(database_url)["p1"]["buyer.email"] == api.engine.vault.blind_index(
             PiiKind.EMAIL, payment()["buyer"]["email"]
         )
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_a_reviews_tokens_and_the_keys_built_of_one_move_and_nothing_the_caller_gave(
+    tmp_path: Path, database_url: str
+) -> None:
+    settings = make_settings(tmp_path / "var", database_url, policy_poll_s=3600)
+    client, api = open_api(settings)
+    try:
+        lookalike = "bi:ip:" + "B" * 24  # an id the caller chose, shaped like a token
+        order = {"order_id": BASE_REVIEW["order_id"], "seller_id": BASE_REVIEW["seller_id"], "buyer.id": lookalike}
+        api.score(payment(payment_id="p1", **order))
+        review = {**BASE_REVIEW, "reviewer": {**BASE_REVIEW["reviewer"], "id": lookalike}}
+        answer = api.client.post("/v1/reviews/score", json=review, headers=api.headers())
+        assert answer.status_code == 200, answer.text
+        before = records(database_url)["r_1"]
+        assert before["order.shipping_address"].startswith("bi:address:")
+        assert before["seller_shipping_address"] == f"{BASE_REVIEW['seller_id']}:{before['order.shipping_address']}"
+        new_key = secrets.token_bytes(32)
+        layer = BlindIndexLayer(new_key)
+        blind_index_rotation.rotate(
+            api.engine.db, api.engine.vault, new_key, actor="test", pii_lists=PII_LISTS, settle_s=0
+        )
+        after = records(database_url)["r_1"]
+        address = layer(before["order.shipping_address"])
+        assert after["order.shipping_address"] == address
+        assert after["seller_shipping_address"] == f"{BASE_REVIEW['seller_id']}:{address}"
+        assert after["reviewer.ip"] == layer(before["reviewer.ip"])
+        assert after["reviewer.id"] == lookalike  # as given
+        assert {k for k, v in after.items() if v != before[k]} == {
+            "order.shipping_address",
+            "seller_shipping_address",
+            "reviewer.ip",
+        }
     finally:
         client.__exit__(None, None, None)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -31,13 +31,22 @@ from sqlalchemy import Engine, Table, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from risk_engine.schema import FieldType
 from risk_engine.storage import models as m
 from risk_engine.storage.audit import audit
+from risk_engine.subjects import SUBJECT_KINDS
 from risk_engine.vault import BlindIndexLayer, PiiKind, Vault, VaultKeyError
 
 ROWS_PER_TRANSACTION = 1_000
 # a token, whole or at the end of a value after a colon (``seller_shipping_address`` is "seller:token")
 TOKEN = re.compile(r"(?:^|(?<=:))bi:(?:" + "|".join(k.value for k in PiiKind) + r"):[A-Za-z0-9_-]{24}$")
+# the record fields that hold a token, by subject: its PII fields, and the keys built from one; never a field the
+# caller gives as it is (an id, an attribute), however it looks
+TOKEN_FIELDS: dict[str, frozenset[str]] = {
+    name: frozenset(path for path, spec in kind.schema.fields.items() if spec.type is FieldType.PII)
+    | ({"seller_shipping_address"} if name == "review" else set())
+    for name, kind in SUBJECT_KINDS.items()
+}
 
 
 class BlindIndexKeyMismatch(VaultKeyError):
@@ -100,11 +109,12 @@ def mismatch(db: Engine, vault: Vault) -> str | None:
     return None
 
 
-def relayer_record(record: dict[str, Any], layer: Callable[[str], str]) -> bool:
-    """Take every token in ``record`` one generation further, in place; whether any was."""
+def relayer_record(subject: str, record: dict[str, Any], layer: Callable[[str], str]) -> bool:
+    """Take every token in a ``subject`` event's ``record`` one generation further, in place; whether any was."""
     changed = False
-    for name, value in record.items():
-        if isinstance(value, str) and "bi:" in value:
+    for name in TOKEN_FIELDS.get(subject, ()):
+        value = record.get(name)
+        if isinstance(value, str):
             found = TOKEN.search(value)
             if found is not None:
                 record[name] = value[: found.start()] + layer(found.group(0))
@@ -117,12 +127,15 @@ def rotate(
     vault: Vault,
     new_key: bytes,
     actor: str,
+    pii_lists: Collection[str],
     settle_s: float = 3.0,
     progress: Callable[[str, int], None] | None = None,
 ) -> RotationReport:
-    """Add ``new_key`` to the chain of ``vault`` (the current one) and rewrite every stored token under it;
-    resumes an interrupted rotation to the same key. ``settle_s``: how long running workers get to notice and
-    stop scoring (their pollers look every second) before the rewrite starts."""
+    """Add ``new_key`` to the chain of ``vault`` (the current one) and rewrite every stored token under it: in
+    event records, and in the entries and changes of the lists named in ``pii_lists`` (those of a PII kind; a
+    string list keeps its values as given). Resumes an interrupted rotation to the same key. ``settle_s``: how
+    long running workers get to notice and stop scoring (their pollers look every second) before the rewrite
+    starts."""
     if new_key in vault.blind_index_keys:
         raise VaultKeyError("the new blind-index key is already in the chain")
     target = Vault(b"\0" * 32, [*vault.blind_index_keys, new_key])
@@ -157,10 +170,10 @@ def rotate(
         time.sleep(settle_s)  # workers still scoring stop within their next poll; their last commits land
     layer = BlindIndexLayer(new_key)
     events = _rewrite_events(db, generation, layer, progress)
-    entries = _rewrite_list_entries(db, generation, layer, progress)
+    entries = _rewrite_list_entries(db, generation, layer, list(pii_lists), progress)
     with Session(db) as s, s.begin():
         changes = 0
-        for change in s.scalars(select(m.ListChange)):
+        for change in s.scalars(select(m.ListChange).where(m.ListChange.list_name.in_(list(pii_lists)))):
             if TOKEN.fullmatch(change.token):
                 change.token = layer(change.token)
                 changes += 1
@@ -190,7 +203,7 @@ def _rewrite_events(
             row = s.get(m.BlindIndexKey, generation, with_for_update=True)
             assert row is not None
             batch = s.execute(
-                select(m.Event.id, m.Event.record)
+                select(m.Event.id, m.Event.subject, m.Event.record)
                 .where(m.Event.id > row.events_through)
                 .order_by(m.Event.id)
                 .limit(ROWS_PER_TRANSACTION)
@@ -198,8 +211,8 @@ def _rewrite_events(
             if not batch:
                 return rewritten
             changed = []
-            for row_id, record in batch:
-                if relayer_record(record, layer):
+            for row_id, subject, record in batch:
+                if relayer_record(subject, record, layer):
                     changed.append({"row_id": row_id, "new_record": record})
             if changed:
                 s.execute(stmt, changed)
@@ -210,7 +223,11 @@ def _rewrite_events(
 
 
 def _rewrite_list_entries(
-    db: Engine, generation: int, layer: Callable[[str], str], progress: Callable[[str, int], None] | None
+    db: Engine,
+    generation: int,
+    layer: Callable[[str], str],
+    pii_lists: list[str],
+    progress: Callable[[str, int], None] | None,
 ) -> int:
     rewritten = 0
     while True:
@@ -219,7 +236,7 @@ def _rewrite_list_entries(
             assert row is not None
             entries = s.scalars(
                 select(m.ListEntry)
-                .where(m.ListEntry.id > row.entries_through)
+                .where(m.ListEntry.id > row.entries_through, m.ListEntry.list_name.in_(pii_lists))
                 .order_by(m.ListEntry.id)
                 .limit(ROWS_PER_TRANSACTION)
             ).all()
