@@ -37,7 +37,14 @@ from risk_engine.credit import CreditScore, score_view
 from risk_engine.detectors import SnapshotError, StreamingDetector, read_snapshot
 from risk_engine.detectors.combine import CombineSpec, DetectorOutput, combine
 from risk_engine.detectors.population import PopulationDetector, fit_population
-from risk_engine.detectors.snapshot import encode_state, open_signed, open_state, sign_encoded, write_encoded
+from risk_engine.detectors.snapshot import (
+    encode_state,
+    open_signed,
+    open_state,
+    sign_encoded,
+    snapshot_state,
+    write_encoded,
+)
 from risk_engine.detectors.spec import ModelsConfig, SpecError, compile_spec_features, load_models
 from risk_engine.detectors.vectors import VectorPacker, stored_vector, stored_vectors
 from risk_engine.dsl import (
@@ -1682,7 +1689,7 @@ class RiskEngine:
         restored = False
         if path.exists():
             try:
-                restored = det.restore(read_snapshot(path, self.signing_key))
+                restored = det.restore(snapshot_state(read_snapshot(path, self.signing_key)))
                 if not restored:
                     log.warning("snapshot %s was made for another version of %s; rebuilding", path, det.name)
             except SnapshotError as exc:
@@ -1851,11 +1858,15 @@ class RiskEngine:
             for det in rt.detectors:
                 if det.last_seq > self._start_seq:  # it learned this worker's events since its start
                     det.last_origin = self.origin
-                encoded.append((self.snapshot_path(det), encode_state(det.state())))
+                state = det.state()
+                per_key = state.pop("per_key", None)  # bytes already: pickled with the rest off the lock
+                encoded.append((self.snapshot_path(det), encode_state(state), per_key))
         self._since_snapshot = 0
 
         def write() -> None:
-            for path, payload in encoded:
+            for path, payload, per_key in encoded:
+                if per_key is not None:
+                    payload = encode_state({"state": payload, "per_key": per_key})
                 try:
                     write_encoded(path, payload, self.signing_key)
                 except OSError as exc:  # the next snapshot retries; restart replays from the last good one

@@ -311,3 +311,48 @@ def test_a_per_key_detector_keeps_the_most_recently_seen_keys_only(tmp_path: Pat
     path.write_text(SPEC.replace("warmup = 5", "warmup = 5\nper_max_keys = 2"))
     with pytest.raises(SpecError, match="per_max_keys is a positive count, for a 'per' detector"):
         parse_spec_file(path)
+
+
+def test_a_per_key_detectors_snapshot_pickles_only_the_keys_changed_since_the_last_and_restores_exactly(
+    tmp_path: Path,
+) -> None:
+    """A full pickle of 100,000 keys' models took 0.3 s under the state lock; each key's model is now pickled
+    once per change, and the snapshot's state carries the bytes (pickled with the rest off the lock)."""
+    per_key_spec = SPEC.replace("warmup = 5", 'warmup = 5\nper = "seller_id"\nper_max_keys = 3')
+    det = detector(tmp_path, per_key_spec)
+    rng = random.Random(3)
+
+    def see(key: str, times: int = 1, on: StreamingDetector = det) -> None:
+        for _ in range(times):
+            x = {"amount": rng.uniform(1, 100), "items": float(rng.randint(1, 4))}
+            on.select(key)
+            raw, _ = on.score_one(x)
+            on.learn_one(x, raw, on.last_seq + 1)
+
+    for key in ("a", "b", "c"):
+        see(key, 20)
+    first = det.state()["per_key"]
+    assert first["order"] == ["a", "b", "c"] and set(first["pickled"]) == {"a", "b", "c"}
+    see("b", 5)
+    second = det.state()["per_key"]
+    assert second["order"] == ["a", "c", "b"]
+    assert second["pickled"]["a"] is first["pickled"]["a"] and second["pickled"]["c"] is first["pickled"]["c"]
+    assert second["pickled"]["b"] != first["pickled"]["b"]  # only the key that learned was pickled again
+    see("d", 2)  # a, the least recently seen, goes
+    third = det.state()
+    assert third["per_key"]["order"] == ["c", "b", "d"] and set(third["per_key"]["pickled"]) == {"b", "c", "d"}
+
+    path = tmp_path / "per.snapshot"
+    write_snapshot(path, third, b"k" * 32)  # the state as a snapshot holds it
+    restored = detector(tmp_path, per_key_spec)
+    loaded = read_snapshot(path, b"k" * 32)
+    assert restored.restore(loaded)
+    probe = {"amount": 55.0, "items": 2.0}
+    for key in ("c", "b", "d"):
+        for one in (det, restored):
+            one.select(key)
+        assert restored.score_one(probe) == det.score_one(probe), key
+    assert list(restored.models) == list(det.models)
+    see("c", on=restored)  # the restored detector's bytes are reused until their key changes
+    again = restored.state()["per_key"]["pickled"]
+    assert again["b"] is loaded["per_key"]["pickled"]["b"] and again["c"] != loaded["per_key"]["pickled"]["c"]

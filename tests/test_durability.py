@@ -770,3 +770,45 @@ def test_a_detector_that_raises_on_a_stored_event_does_not_keep_the_service_from
         assert engine.score_payment(PaymentIn.model_validate(later)).committed.result(10) is None
     finally:
         engine.close()
+
+
+def test_a_per_key_detector_comes_back_model_for_model_from_its_snapshot(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its models are pickled one key at a time and stored beside the rest of its state (pickled off the lock):
+    a restart restores every reviewer's model exactly, from the snapshot, not from the stored events."""
+    import pickle
+
+    from risk_engine.detectors import read_snapshot
+    from risk_engine.engine import RiskEngine
+    from risk_engine.reviews import ReviewIn
+
+    settings = make_settings(tmp_path / "var", f"sqlite:///{tmp_path / 'r.db'}", policy_poll_s=0)
+    engine = RiskEngine.open(settings)
+    try:
+        for i in range(60):
+            body = {
+                **BASE_REVIEW,
+                "review_id": f"r{i}",
+                "rating": 1 + i % 5,
+                "text": f"Review number {i}: " + "good " * (i % 7 + 4),
+                "reviewer": {**BASE_REVIEW["reviewer"], "id": f"reviewer{i % 6}"},
+                "occurred_at": f"2026-11-22T{10 + i // 60:02d}:{i % 60:02d}:30Z",
+            }
+            assert engine.score_event("review", ReviewIn.model_validate(body)).committed.exception(10) is None
+        (det,) = [d for d in engine.subjects["review"].detectors if d.spec.per]
+        before = {key: pickle.dumps(model) for key, model in det.models.items()}
+        assert len(before) == 6
+    finally:
+        engine.close()
+    written = read_snapshot(engine.snapshot_path(det), engine.signing_key)
+    assert isinstance(written["state"], bytes) and written["per_key"]["order"] == list(before)
+    caplog.set_level(logging.INFO, logger="risk_engine.engine")
+    engine = RiskEngine.open(settings)
+    try:
+        assert not [r for r in caplog.records if det.name in r.getMessage()]  # not rebuilt, nor refused
+        (again,) = [d for d in engine.subjects["review"].detectors if d.spec.per]
+        assert {key: pickle.dumps(model) for key, model in again.models.items()} == before
+        assert again.last_seq == det.last_seq  # restored from the snapshot, nothing replayed after it
+    finally:
+        engine.close()

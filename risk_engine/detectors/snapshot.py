@@ -48,6 +48,17 @@ def read_snapshot(path: Path, key: bytes) -> Any:
     return open_signed(path.read_bytes(), key, str(path))
 
 
+def snapshot_state(opened: Any) -> Any:
+    """A detector's state from an opened snapshot: as written, or, for a per-key detector whose models were
+    pickled apart (``{"state": bytes, "per_key": ...}``), the state with its ``per_key`` put back."""
+    if isinstance(opened, dict) and isinstance(opened.get("state"), bytes) and "per_key" in opened:
+        state = open_state(opened["state"])
+        if isinstance(state, dict):
+            state["per_key"] = opened["per_key"]
+        return state
+    return opened
+
+
 def open_state(payload: bytes) -> Any:
     """Unpickle a state nested in a snapshot whose signature has already been verified."""
     return pickle.loads(payload)

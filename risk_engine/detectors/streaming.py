@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import pickle
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping
 from contextlib import AbstractContextManager
@@ -37,6 +38,11 @@ class StreamingDetector(DetectorBase):
         self.platt = PlattScaling() if spec.calibration == "platt" else None
         # per-key detectors (``per``): one model per key, most recently seen last; one calibration for all
         self.models: OrderedDict[str, Any] = OrderedDict()
+        # each key's model as pickled for the last snapshot, and the keys whose model changed since: a snapshot
+        # pickles only those under the state lock (a full pickle of 100,000 keys' models took 0.3 s)
+        self._key: str | None = None
+        self._pickled: dict[str, bytes] = {}
+        self._dirty: set[str] = set()
 
     def select(self, key: object) -> None:
         """Per-key detectors: make ``key``'s own model (a fresh one for a new key) the one in use."""
@@ -47,10 +53,14 @@ class StreamingDetector(DetectorBase):
         model = models.get(name)
         if model is None:
             model = models[name] = self.spec.build()
+            self._dirty.add(name)
             if len(models) > self.spec.per_max_keys:  # bounded memory: the least recently seen key goes
-                models.popitem(last=False)
+                gone, _ = models.popitem(last=False)
+                self._pickled.pop(gone, None)
+                self._dirty.discard(gone)
         else:
             models.move_to_end(name)
+        self._key = name
         if model is not self.model:
             self.model = model
             self._steps = _split(model)
@@ -103,6 +113,8 @@ class StreamingDetector(DetectorBase):
                 estimator.learn_one(zw, weight)
             else:
                 estimator.learn_one(z)
+            if self._key is not None:
+                self._dirty.add(self._key)
         self.calibrator.update(raw, weight)
         self.events_seen += 1
         self.last_seq = seq
@@ -162,6 +174,8 @@ class StreamingDetector(DetectorBase):
                 estimator.learn_one(zr, fraud, refit=not defer_refit)
             else:
                 estimator.learn_one(z, fraud)
+            if self._key is not None:
+                self._dirty.add(self._key)
         self.labels_seen += 1
         self.frauds_seen += fraud
         self.labels_read.note(label_id)
@@ -186,12 +200,22 @@ class StreamingDetector(DetectorBase):
         return self.calibrator.quantiles()
 
     def state(self) -> dict[str, Any]:
-        """Everything a snapshot needs to restore this detector exactly."""
+        """Everything a snapshot needs to restore this detector exactly. A per-key detector's models are under
+        ``per_key``: each key's model pickled (only those changed since the last snapshot pickled now), in
+        least-recently-seen order; bytes that never change, so the caller may pickle that part after it
+        releases the state lock."""
+        per_key = None
+        if self.spec.per:
+            for key in self._dirty:
+                self._pickled[key] = pickle.dumps(self.models[key], protocol=pickle.HIGHEST_PROTOCOL)
+            self._dirty.clear()
+            per_key = {"order": list(self.models), "pickled": dict(self._pickled)}
         return {
             "name": self.spec.name,
             "digest": self.spec.digest,
             "model": self.model,
-            "models": self.models,
+            "models": OrderedDict() if self.spec.per else self.models,
+            "per_key": per_key,
             "calibrator": self.calibrator,
             "platt": self.platt,
             "events_seen": self.events_seen,
@@ -208,7 +232,16 @@ class StreamingDetector(DetectorBase):
         if state.get("name") != self.spec.name or state.get("digest") != self.spec.digest:
             return False
         self.model = state["model"]
-        self.models = OrderedDict(state.get("models", {}))
+        per_key = state.get("per_key")
+        if per_key is not None:  # pickled one by one (within the snapshot, whose signature was checked)
+            pickled: dict[str, bytes] = per_key["pickled"]
+            self.models = OrderedDict((key, pickle.loads(pickled[key])) for key in per_key["order"])
+            self._pickled = {key: pickled[key] for key in per_key["order"]}
+        else:  # a plain detector, or a snapshot from before per-key models were pickled one by one
+            self.models = OrderedDict(state.get("models", {}))
+            self._pickled = {}
+        self._dirty = set() if per_key is not None else set(self.models)
+        self._key = None
         self._steps = _split(self.model)
         self.calibrator = state["calibrator"]
         self.platt = state.get("platt", self.platt)
