@@ -372,6 +372,12 @@ def now_utc() -> datetime:
 _GIL_HELD_CHUNK = 2047  # hashlib lets the GIL go for inputs of 2,048 bytes or more (HASHLIB_GIL_MINSIZE)
 
 
+def request_hash_of(kind: SubjectKind, record: dict[str, Any], event: Any) -> str:
+    """The hash of a request: the record carries every field of the request, PII as keyed blind indexes, so
+    hashing it is hashing the request, and the stored hash derives from no PII in clear."""
+    return sha256_hex(orjson.dumps([record, kind.beyond_record(event)], option=orjson.OPT_SORT_KEYS))
+
+
 def sha256_hex(data: bytes) -> str:
     """SHA-256 of ``data`` in hex, fed in chunks small enough that hashlib keeps the GIL.
 
@@ -1926,15 +1932,11 @@ class RiskEngine:
             raise DatabaseUnavailable(type(exc).__name__) from exc
         return (row[0], row[1], row[2] or 1) if row is not None else None
 
-    def _request_hash(self, kind: SubjectKind, event: Any, generation: int | None = None) -> str:
-        """The hash of a request, over its record (PII as blind indexes), so it derives from no PII in clear;
-        with ``generation``, under that generation of the blind-index key chain (a retry of a request stored
-        before a rotation is compared under the generation it was hashed with)."""
-        vault = self.vault
-        if generation is not None and generation != vault.blind_index_generation:
-            vault = vault.blind_indexes_of_generation(generation)
-        record, _ = kind.flatten(event, vault)
-        return sha256_hex(orjson.dumps([record, kind.beyond_record(event)], option=orjson.OPT_SORT_KEYS))
+    def _request_hash_under(self, kind: SubjectKind, event: Any, generation: int) -> str:
+        """The request's hash under an earlier generation of the blind-index key chain: a retry of a request
+        stored before a rotation is compared under the generation it was hashed with."""
+        record, _ = kind.flatten(event, self.vault.blind_indexes_of_generation(generation))
+        return request_hash_of(kind, record, event)
 
     def _replay(self, kind: SubjectKind, event_id: str, request_hash: str, event: Any = None) -> ScoreOutcome | None:
         key = f"{kind.name}\x1f{event_id}"
@@ -1952,7 +1954,7 @@ class RiskEngine:
         if stored is not None:
             stored_hash, answer, generation = stored
             if generation != self.vault.blind_index_generation and event is not None:
-                request_hash = self._request_hash(kind, event, generation)
+                request_hash = self._request_hash_under(kind, event, generation)
             if stored_hash != request_hash:
                 raise Conflict(f"{kind.id_field} {event_id} was already scored with a different request")
             return ScoreOutcome(orjson.dumps(answer), done_ticket(), replayed=True)
@@ -1987,11 +1989,7 @@ class RiskEngine:
             )
         record, pii = kind.flatten(event, self.vault)
         if request_hash is None:
-            # the record carries every field of the request, PII as keyed blind indexes: hashing it is hashing
-            # the request, and the stored hash derives from no PII in clear (``_request_hash``, inlined: the
-            # record is flattened once)
-            canonical = orjson.dumps([record, kind.beyond_record(event)], option=orjson.OPT_SORT_KEYS)
-            request_hash = sha256_hex(canonical)
+            request_hash = request_hash_of(kind, record, event)
         replay = self._replay(kind, event_id, request_hash, event)
         if replay is not None:
             return replay
