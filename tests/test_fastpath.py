@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx2 as httpx
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import func, select
 
+from risk_engine.storage import models as m
 from tests.conftest import BASE_REVIEW, Api, make_settings, open_api, payment
 
 
@@ -75,3 +81,102 @@ def test_a_key_of_a_higher_role_scores_through_the_fast_path(both: tuple[Api, Ap
     r = fast.client.post("/v1/payments/score", json=payment(), headers=fast.headers("analyst"))
     assert r.status_code == 200 and r.json()["payment_id"] == "pay_0001"
     assert fast.client.app.state.scoring_fast_path.answered == 1  # type: ignore[attr-defined]
+
+
+def _stored(api: Api) -> int:
+    with api.engine.db.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(m.Event)).scalar_one())
+
+
+def _latency_count(api: Api, route: str, status: int) -> float:
+    """How many requests the latency histogram counted for ``route`` answered with ``status``."""
+    text = api.client.get("/metrics").text
+    pattern = rf'risk_engine_request_seconds_count{{method="POST",route="{re.escape(route)}",status="{status}"}} (\S+)'
+    found = re.search(pattern, text)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_body_past_the_limit_is_refused_unread_though_no_length_was_declared(tmp_path: Path) -> None:
+    # the fast path stands in front of the request guard: it must not read, let alone score, a body the guard
+    # would refuse; sent in chunks, nothing declares its length up front
+    settings = make_settings(tmp_path / "var", f"sqlite:///{tmp_path / 'risk.db'}", max_body_bytes=1000)
+    client, api = open_api(settings)
+    try:
+        long_agent = payment(payment_id="pay_long", **{"device.user_agent": "M" * 500})
+        body = json.dumps(long_agent).encode()
+        short = json.dumps(payment(payment_id="pay_short")).encode()
+        assert len(short) < 1000 < len(body)
+        headers = {**api.headers(), "Content-Type": "application/json"}
+        refused = api.client.post("/v1/payments/score", content=iter([body]), headers=headers)
+        assert refused.status_code == 413, refused.text
+        assert refused.json()["error"] == "too_large"
+        assert _stored(api) == 0
+        layer = api.client.app.state.scoring_fast_path  # type: ignore[attr-defined]
+        assert (layer.answered, layer.handed_over) == (0, 1)
+        # the same way, under the limit: scored here
+        scored = api.client.post("/v1/payments/score", content=iter([short]), headers=headers)
+        assert scored.status_code == 200, scored.text
+        assert (layer.answered, layer.handed_over) == (1, 1)
+        assert _stored(api) == 1
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_the_request_metrics_count_each_scoring_request_once_whoever_answers_it(both: tuple[Api, Api]) -> None:
+    fast, _ = both
+    route = "/v1/payments/score"
+    assert fast.client.post(route, json=payment(), headers=fast.headers()).status_code == 200
+    invalid = payment(payment_id="p2", amount={"value": -1, "currency": "CNY"})
+    assert fast.client.post(route, json=invalid, headers=fast.headers()).status_code == 422
+    assert (_latency_count(fast, route, 200), _latency_count(fast, route, 422)) == (1.0, 1.0)
+    layer = fast.client.app.state.scoring_fast_path  # type: ignore[attr-defined]
+    assert (layer.answered, layer.handed_over) == (1, 1)
+
+
+def test_an_unexpected_error_while_scoring_is_a_500_counted_in_the_metrics(
+    both: tuple[Api, Api], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fast, _ = both
+
+    def broken(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(fast.engine, "score_event", broken)
+    with pytest.raises(RuntimeError, match="a bug"):  # raised on, for the server to log
+        fast.client.post("/v1/payments/score", json=payment(), headers=fast.headers())
+    quiet = TestClient(fast.client.app, raise_server_exceptions=False)
+    answered = quiet.post("/v1/payments/score", json=payment(), headers=fast.headers())
+    assert (answered.status_code, answered.text) == (500, "Internal Server Error")
+    assert _latency_count(fast, "/v1/payments/score", 500) == 2.0
+    assert _stored(fast) == 0
+
+
+def test_requests_that_arrive_together_are_scored_in_one_burst_each_answered_as_if_alone(
+    both: tuple[Api, Api],
+) -> None:
+    fast, routes = both
+    # one card for all: each payment's velocity counts the ones before it, so the order of scoring shows
+    sent = [payment(payment_id=f"pay_b{i}", **{"payment_method.card_fingerprint": "fp_burst"}) for i in range(12)]
+    sent.append(payment(payment_id="pay_b0", amount={"value": 5, "currency": "CNY"}))  # the first id again: 409
+
+    async def all_at_once(app: Any) -> list[tuple[int, Any]]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://risk") as client:
+            answers = await asyncio.gather(
+                *(client.post("/v1/payments/score", json=body, headers=fast.headers()) for body in sent)
+            )
+        return [(a.status_code, a.json()) for a in answers]
+
+    together = fast.client.portal.call(all_at_once, fast.client.app)  # type: ignore[union-attr]
+    one_by_one = []
+    for body in sent:
+        r = routes.client.post("/v1/payments/score", json=body, headers=routes.headers())
+        one_by_one.append((r.status_code, r.json()))
+    for answers in (together, one_by_one):
+        for _, body in answers:
+            body.pop("elapsed_ms", None)
+    assert [status for status, _ in together] == [200] * 12 + [409]
+    assert together == one_by_one
+    last_codes = [r["code"] for r in together[11][1]["reasons"]]
+    assert any("CARD" in code for code in last_codes)  # the velocity rules saw the burst's earlier payments
+    bursts = fast.client.app.state.scoring_bursts  # type: ignore[attr-defined]
+    assert bursts.largest > 1 and bursts.items == 13

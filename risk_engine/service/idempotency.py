@@ -21,8 +21,9 @@ from sqlalchemy.exc import DBAPIError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from risk_engine.engine import RiskEngine
+from risk_engine.service.bodies import read_body, replay_receive
 from risk_engine.service.errors import UNAVAILABLE, error_body
-from risk_engine.service.fastpath import SCORING_PATHS, bearer_token, read_body, replay_receive
+from risk_engine.service.fastpath import SCORING_PATHS, bearer_token
 from risk_engine.service.responses import send_json, send_raw
 from risk_engine.storage import idempotency
 from risk_engine.storage.db import DatabaseUnavailable

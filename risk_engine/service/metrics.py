@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from risk_engine.collector import TUNING
 from risk_engine.engine import RiskEngine
+from risk_engine.service.bodies import read_body, replay_receive
 from risk_engine.service.errors import error_body
 from risk_engine.service.responses import send_json
 
@@ -129,12 +130,13 @@ class RequestGuard:
         status = [500]
         limit = self.max_body_bytes
         has_body = False  # a body may follow: a length above 0, or chunks
+        declared = False  # its length is declared (the server reads no more than that)
         content_type = encoding = None
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
                     length = int(value)
-                    too_big, has_body = length > limit, has_body or length > 0
+                    too_big, has_body, declared = length > limit, has_body or length > 0, True
                 except ValueError:
                     too_big = True
                 if too_big:
@@ -152,41 +154,37 @@ class RequestGuard:
             await send_json(send, 415, error_body("unsupported_media_type", unsupported))
             self._observe(scope, 415, started)
             return
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise _BodyTooLarge
-            return message
+        if has_body and not declared:
+            # sent in chunks: read here, up to the limit. Refused while the routes read it, the body would be a
+            # 400 (FastAPI answers any error raised while it reads a body so)
+            body, last = await read_body(receive, limit)
+            if last is not None and last["type"] == "http.request":
+                await _reject_413(send, limit)
+                self._observe(scope, 413, started)
+                return
+            receive = replay_receive(body, receive, last)
 
         async def tracking_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
             await send(message)
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            await _reject_413(send, limit)
-            status[0] = 413
+        await self.app(scope, receive, tracking_send)
         self._observe(scope, status[0], started)
 
     def _observe(self, scope: Scope, status: int, started: float) -> None:
-        app = scope.get("app")
-        metrics: Metrics | None = getattr(getattr(app, "state", None), "metrics", None)
-        if metrics is None:
-            return
-        route = scope.get("route")
-        path = getattr(route, "path", None) or "unmatched"
-        metrics.latency.labels(scope["method"], path, str(status)).observe(time.perf_counter() - started)
+        observe_request(scope, status, started)
 
 
-class _BodyTooLarge(Exception):
-    pass
+def observe_request(scope: Scope, status: int, started: float) -> None:
+    """Count a request's latency under its method, route template (``scope["route"]``) and status."""
+    app = scope.get("app")
+    metrics: Metrics | None = getattr(getattr(app, "state", None), "metrics", None)
+    if metrics is None:
+        return
+    route = scope.get("route")
+    path = getattr(route, "path", None) or "unmatched"
+    metrics.latency.labels(scope["method"], path, str(status)).observe(time.perf_counter() - started)
 
 
 def _unsupported_media(has_body: bool, content_type: str | None, encoding: str | None) -> str | None:
