@@ -30,7 +30,7 @@ from risk_engine.engine import Conflict, InvalidInput, RiskEngine, ScoreOutcome
 from risk_engine.service.bodies import read_body, replay_receive
 from risk_engine.service.bursts import Bursts
 from risk_engine.service.metrics import observe_request
-from risk_engine.service.responses import answer
+from risk_engine.service.responses import send_raw, settled
 from risk_engine.storage.db import DatabaseUnavailable
 from risk_engine.subjects import SUBJECT_KINDS
 from risk_engine.vault import BlindIndexesRetired
@@ -41,6 +41,10 @@ SCORING_PATHS: Mapping[str, str] = {
     "/v1/accounts/score": "account",
     "/v1/reviews/score": "review",
 }
+
+# the headers of a scoring's answer (``send_raw`` adds its length), as the route's response has them
+_FRESH = ((b"content-type", b"application/json"),)
+_REPLAYED = (*_FRESH, (b"idempotent-replayed", b"true"))
 
 # raised by the engine before it decides or stores anything: the request can go to FastAPI to be answered
 _HANDED_OVER = (Conflict, InvalidInput, DatabaseUnavailable, BlindIndexesRetired)
@@ -126,16 +130,17 @@ class ScoringFastPath:
         if outcome is None:
             return None
         scope["route"] = self._routes[scope["path"]]  # for the request metrics' path label
-        request = Request(scope)
         try:
-            response = await answer(outcome, request)  # the route's own answer, once committed
+            outcome = await settled(outcome, state)  # the route's own answer, once committed
         except Exception as exc:  # decided but not stored: answered as the route would (503 or 409)
             handler = self.fastapi_app.exception_handlers.get(type(exc))
             if handler is None:
                 raise
-            response = await handler(request, exc)
-        await response(scope, _no_body, send)
-        return response.status_code
+            response = await handler(Request(scope), exc)
+            await response(scope, _no_body, send)
+            return int(response.status_code)
+        await send_raw(send, 200, _REPLAYED if outcome.replayed else _FRESH, outcome.body)
+        return 200
 
 
 @dataclass(frozen=True)

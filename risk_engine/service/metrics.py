@@ -113,6 +113,7 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(EngineCollector(engine))
+        self.latency_series: dict[tuple[str, str, int], Histogram] = {}  # (method, route, status) -> its series
 
 
 class RequestGuard:
@@ -184,7 +185,11 @@ def observe_request(scope: Scope, status: int, started: float) -> None:
         return
     route = scope.get("route")
     path = getattr(route, "path", None) or "unmatched"
-    metrics.latency.labels(scope["method"], path, str(status)).observe(time.perf_counter() - started)
+    key = (scope["method"], path, status)
+    series = metrics.latency_series.get(key)
+    if series is None:  # labels() validates and locks on every call: each series is looked up once
+        series = metrics.latency_series[key] = metrics.latency.labels(scope["method"], path, str(status))
+    series.observe(time.perf_counter() - started)
 
 
 def _unsupported_media(has_body: bool, content_type: str | None, encoding: str | None) -> str | None:

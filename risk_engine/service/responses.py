@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 from fastapi import Request, Response
+from starlette.datastructures import State
 from starlette.responses import JSONResponse
 from starlette.types import Send
 
@@ -21,13 +22,19 @@ class JsonResponse(JSONResponse):
         return orjson.dumps(content)
 
 
-async def answer(outcome: ScoreOutcome, request: Request) -> Response:
-    """A scoring's answer once its row is committed (503 or 409 through the error handlers if not; another
-    worker's answer, as a replay, if it stored the same request first)."""
+async def settled(outcome: ScoreOutcome, state: State) -> ScoreOutcome:
+    """What a scoring answers once its row is committed: itself, or another worker's answer, as a replay, if it
+    stored the same request first; else the engine's error for a failed write (503 or 409 through the error
+    handlers)."""
     if not outcome.committed.done():
-        await request.app.state.commits.wait(outcome.committed)
-    engine: RiskEngine = request.app.state.engine
-    outcome = engine.settle(outcome)
+        await state.commits.wait(outcome.committed)
+    engine: RiskEngine = state.engine
+    return engine.settle(outcome)
+
+
+async def answer(outcome: ScoreOutcome, request: Request) -> Response:
+    """A scoring's answer, once settled (``settled``)."""
+    outcome = await settled(outcome, request.app.state)
     headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
     return Response(outcome.body, media_type="application/json", headers=headers)
 
