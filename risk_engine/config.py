@@ -53,6 +53,13 @@ class Settings(BaseSettings):
         "sent as UTC); later is a 422. Raise it for a simulation that scores events dated ahead.",
     )
     snapshot_every: int = Field(default=5000, description="Snapshot detectors every N learned events.")
+    state_snapshot_every_s: float = Field(
+        default=600.0,
+        ge=0,
+        description="Save the velocity and cross-subject state while serving this often (seconds; 0: only at a "
+        "clean stop), from a forked copy of the process, so that a start after a crash replays only the events "
+        "stored since. Where os.fork is missing, only at a clean stop.",
+    )
     writer_batch_max: int = Field(default=1000, description="Largest group commit.")
     db_busy_timeout_s: float = Field(default=5.0, description="How long SQLite waits on a lock before failing.")
     policy_poll_s: float = Field(default=1.0, description="How often a worker looks for newly published policies.")

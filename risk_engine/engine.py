@@ -67,6 +67,7 @@ from risk_engine.features.lists import (
     load_list_declarations,
 )
 from risk_engine.features.velocity import GRACE_S, VelocityState
+from risk_engine.forked import FORK_AVAILABLE, exit_code, fork_and_run
 from risk_engine.known_ids import KnownIds
 from risk_engine.marketplace import MarketplaceState, PlacedOrder
 from risk_engine.merchants import rollup
@@ -557,6 +558,9 @@ class RiskEngine:
         self._poller: threading.Thread | None = None
         self._follower: threading.Thread | None = None
         self._snapshot_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="risk-engine-snapshot")
+        self._state_saving = threading.Lock()  # held while a state snapshot is saved beside serving
+        # what the last state saved while serving held: (the last own event's number, the followed watermark)
+        self._state_saved_of = (0, 0)
         self._stopping = threading.Event()
         self._event_insert = RawInsert(m.Event.__table__, db)  # type: ignore[arg-type]
         self._credit_insert = RawInsert(m.SellerCredit.__table__, db)  # type: ignore[arg-type]
@@ -637,6 +641,7 @@ class RiskEngine:
         self.writer.close()
         with self._lock:
             self.snapshot_detectors()
+            self.flush_snapshots()  # a state snapshot saved while serving lands before this one, never after
             try:
                 self._write_state_snapshot()
             except (OSError, OperationalError) as exc:  # the next start rebuilds from the stored events
@@ -928,9 +933,11 @@ class RiskEngine:
         pii_expired_at = time.monotonic()  # ... but leaves the PII to the day's run (or ``risk-engine pii expire``)
         collected_at = time.monotonic()
         full_every_s = self.settings.gc_full_every_hours * 3600.0 if self.settings.gc_tuning else 0.0
+        state_saved_at = time.monotonic()
+        self._state_saved_of = (self._seq, self._events_read.last)
 
         def poll() -> None:
-            nonlocal purged_at, pii_expired_at, collected_at
+            nonlocal purged_at, pii_expired_at, collected_at, state_saved_at
             while not self._stopping.wait(self.settings.policy_poll_s):
                 try:
                     self.check_blind_index_key()
@@ -948,6 +955,11 @@ class RiskEngine:
                     if full_every_s and time.monotonic() - collected_at > full_every_s:
                         collected_at = time.monotonic()
                         self.collect_garbage_fully()
+                    every_s = self.settings.state_snapshot_every_s
+                    held = (self._seq, self._events_read.last)
+                    if every_s and time.monotonic() - state_saved_at > every_s and held != self._state_saved_of:
+                        state_saved_at = time.monotonic()
+                        self.save_state_snapshot()
                 except Exception as exc:  # a bad poll must not kill the worker; the next one retries
                     log.warning("policy refresh failed: %s", type(exc).__name__)
 
@@ -1223,11 +1235,28 @@ class RiskEngine:
         the header keeps that watermark, how many events of each subject it covers and the event at its last
         id, so a start can check that the snapshot belongs to this database and still fits it, and read only
         the events it does not cover."""
+        read, state = self._state_to_save()
+        payload = encode_state(state)
+        write_encoded(self.state_snapshot_path, encode_state((self._state_header(read), payload)), self.signing_key)
+
+    def _state_to_save(self) -> tuple[IdWatermark, dict[str, Any]]:
+        """(lock held, every write committed or failed) Follow the other workers' events up to now and take failed
+        writes back out: the follow watermark, and the state that holds exactly the stored events it covers."""
         while self._follow()[0] == FOLLOW_LIMIT:  # until a read comes back short: caught up
             pass
         self._apply_retractions()
         read = self._events_read
-        header = {
+        current = not self._marketplace_stale and self._marketplace_rebuilt.is_set()  # else the next start rebuilds
+        state = {
+            "velocity": {subject: rt.velocity for subject, rt in self.subjects.items()},
+            "marketplace": self.marketplace if current else None,
+        }
+        return IdWatermark(read.last, read.gaps), state
+
+    def _state_header(self, read: IdWatermark) -> dict[str, Any]:
+        """What a state snapshot of the events ``read`` covers says of them (queries stored events: no lock needed,
+        as events are never rewritten under a watermark)."""
+        return {
             "format": STATE_SNAPSHOT_FORMAT,
             "version": __version__,
             "read": {"last": read.last, "gaps": sorted(read.gaps)},
@@ -1235,12 +1264,60 @@ class RiskEngine:
             "newest": self._newest_read(read),
             "blind_index": self.vault.blind_index_fingerprint,  # its windows are keyed by tokens of this chain
         }
-        current = not self._marketplace_stale and self._marketplace_rebuilt.is_set()  # else the next start rebuilds
-        state = {
-            "velocity": {subject: rt.velocity for subject, rt in self.subjects.items()},
-            "marketplace": self.marketplace if current else None,
-        }
-        write_encoded(self.state_snapshot_path, encode_state((header, encode_state(state))), self.signing_key)
+
+    def save_state_snapshot(self, wait: bool = False) -> bool:
+        """Save the velocity and cross-subject state while serving, so that a crash replays only the events stored
+        after it (a clean stop saves it too). Under the lock only while the writer commits what is queued, the
+        other workers' events are followed and the process forks: a forked copy pickles the state (see
+        ``risk_engine.forked``), and the snapshot thread signs it, with its header, and replaces the file.
+
+        False if nothing was started: no ``os.fork`` here, or a save still under way. ``wait``: return once the
+        file is written (True) or the save failed (False)."""
+        if not FORK_AVAILABLE or self._state_saving.locked():
+            return False
+        self._state_saving.acquire()
+        started = time.perf_counter()
+        scratch = self.state_snapshot_path.with_suffix(".pickle.tmp")
+        scratch.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with self._lock:
+                self.writer.barrier().result()  # every event scored so far committed or failed
+                read, state = self._state_to_save()
+                pid = fork_and_run(lambda: scratch.write_bytes(encode_state(state)))
+                self._state_saved_of = (self._seq, read.last)
+                paused_ms = (time.perf_counter() - started) * 1000
+        except BaseException:
+            self._state_saving.release()
+            raise
+
+        def finish() -> bool:
+            try:
+                code = exit_code(pid)
+                if code != 0:
+                    log.error("the state snapshot's forked copy exited with %d; the last snapshot stays", code)
+                    return False
+                payload = scratch.read_bytes()
+                write_encoded(
+                    self.state_snapshot_path, encode_state((self._state_header(read), payload)), self.signing_key
+                )
+                log.info(
+                    "state snapshot of the events up to id %d saved while serving (scoring paused %.1f ms, %.0f ms "
+                    "in all, %d bytes)",
+                    read.last,
+                    paused_ms,
+                    (time.perf_counter() - started) * 1000,
+                    len(payload),
+                )
+                return True
+            except (OSError, OperationalError) as exc:  # the last snapshot stays; a crash replays from it
+                log.error("could not save the state snapshot: %s", type(exc).__name__)
+                return False
+            finally:
+                scratch.unlink(missing_ok=True)
+                self._state_saving.release()
+
+        saved = self._snapshot_writer.submit(finish)  # in order with the detector snapshots' writes
+        return saved.result() if wait else True
 
     def _read_state_snapshot(self) -> StateSnapshot | None:
         """The last clean stop's state, if it verifies and matches the stored events; else None (rebuild)."""

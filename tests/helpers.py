@@ -5,6 +5,10 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
+from collections.abc import Callable
+
+import httpx2 as httpx
 
 
 class TcpProxy:
@@ -74,3 +78,16 @@ class TcpProxy:
                 except OSError:
                     pass
             self._sockets.clear()
+
+
+def wait_until(check: Callable[[], object], timeout: float = 60.0) -> bool:
+    """Whether ``check()`` came true (an HTTP error counts as not yet) within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    return False

@@ -6,6 +6,7 @@ import logging
 import shutil
 import sqlite3
 import threading
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from sqlalchemy import create_engine, func, select, text
 from risk_engine.payments import PaymentIn
 from risk_engine.storage import models as m
 from tests.conftest import BASE_REVIEW, REPO, make_settings, open_api, payment
-from tests.helpers import TcpProxy
+from tests.helpers import TcpProxy, wait_until
 
 CARD_AGG = "count(by payment_method.card_fingerprint within 1h)"
 
@@ -523,7 +524,7 @@ def test_delayed_labels_teach_the_supervised_detector_from_stored_vectors_and_su
         client.__exit__(None, None, None)
 
 
-@pytest.mark.parametrize("state", ["clean", "crashed", "tampered", "other_worker"])
+@pytest.mark.parametrize("state", ["clean", "crashed", "saved_while_serving", "tampered", "other_worker"])
 def test_the_state_snapshot_restores_exactly_what_a_full_rebuild_would(
     tmp_path: Path, database_url: str, state: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -557,6 +558,15 @@ def test_the_state_snapshot_restores_exactly_what_a_full_rebuild_would(
         [api_b.score(p) for p in second[40:]]
         client_b.__exit__(None, None, None)
         state_file.write_bytes(at_140)  # b's stop wrote no snapshot: a's remains, b's last 20 are after it
+    elif state == "saved_while_serving":
+        # saved by the running worker after 30 more events (a forked copy pickles them); then it goes on and dies
+        client, api = open_api(settings)
+        [api.score(p) for p in second[:30]]
+        assert api.engine.save_state_snapshot(wait=True)
+        at_130 = state_file.read_bytes()
+        [api.score(p) for p in second[30:]]
+        client.__exit__(None, None, None)
+        state_file.write_bytes(at_130)  # its stop wrote no snapshot: the one saved while serving remains
     else:
         client, api = open_api(settings)
         [api.score(p) for p in second]
@@ -575,6 +585,8 @@ def test_the_state_snapshot_restores_exactly_what_a_full_rebuild_would(
         assert used == (state != "tampered"), caplog.text
         if state == "crashed":
             assert "state snapshot of 100 events" in caplog.text  # and the 60 stored after it replayed
+        if state == "saved_while_serving":
+            assert "state snapshot of 130 events" in caplog.text  # and the 30 stored after it replayed
         if state == "other_worker":
             assert "state snapshot of 140 events" in caplog.text  # a's 20 and b's 20 it followed, then b's 20
         if state == "tampered":
@@ -593,6 +605,44 @@ def test_the_state_snapshot_restores_exactly_what_a_full_rebuild_would(
         assert [api.engine.get_payment(p["payment_id"])["aggregates"] for p in after] == expected_aggregates
         if state != "other_worker":  # (two workers' detectors each learned only their own events)
             assert got == expected  # decisions, scores and reasons as if the service had never stopped
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_a_state_snapshot_saved_while_serving_is_the_one_a_clean_stop_would_write(
+    tmp_path: Path, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(tmp_path / "var", database_url)
+    state_file = settings.snapshot_dir / "state.snapshot"
+    client, api = open_api(settings)
+    try:
+        for p in traffic(80):
+            p["order_id"] = "o" + p["payment_id"]  # the cross-subject state remembers each order
+            api.score(p)
+        caplog.set_level(logging.INFO)
+        assert api.engine.save_state_snapshot(wait=True)
+        assert "saved while serving" in caplog.text
+        saved = state_file.read_bytes()
+        assert not list(settings.snapshot_dir.glob("*.tmp"))  # the forked copy's scratch file is gone
+    finally:
+        client.__exit__(None, None, None)  # a clean stop, with nothing scored since
+    assert state_file.read_bytes() == saved  # what the forked copy pickled is what the stop pickled
+
+
+def test_the_worker_saves_its_state_while_serving_only_when_it_changed(tmp_path: Path, database_url: str) -> None:
+    settings = make_settings(tmp_path / "var", database_url, policy_poll_s=0.1, state_snapshot_every_s=0.2)
+    state_file = settings.snapshot_dir / "state.snapshot"
+    client, api = open_api(settings)
+    try:
+        assert not state_file.exists()
+        [api.score(p) for p in traffic(20)]
+        assert wait_until(state_file.exists, timeout=20), "no state snapshot while serving"
+        assert wait_until(lambda: not api.engine._state_saving.locked(), timeout=20)
+        saved_at = state_file.stat().st_mtime_ns
+        time.sleep(1.0)  # five periods with nothing scored: nothing saved
+        assert state_file.stat().st_mtime_ns == saved_at
+        api.score(payment(payment_id="one_more", occurred_at="2026-11-22T10:00:30Z"))
+        assert wait_until(lambda: state_file.stat().st_mtime_ns != saved_at, timeout=20)
     finally:
         client.__exit__(None, None, None)
 

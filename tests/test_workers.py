@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 
 from risk_engine.storage import models as m
 from tests.conftest import REPO, Api, make_settings, open_api, payment, run_cli, two_workers
+from tests.helpers import wait_until
 
 
 def free_port() -> int:
@@ -25,13 +26,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_worker(home: Path, database_url: str, port: int) -> subprocess.Popen[bytes]:
+def start_worker(
+    home: Path, database_url: str, port: int, log: Path | None = None, **settings: str
+) -> subprocess.Popen[bytes]:
+    """``risk-engine serve`` in a process of its own; ``settings``: more ``RISK_ENGINE_*`` variables, by setting
+    name; ``log``: where its output goes (else nowhere)."""
     env = {
         **os.environ,
         "RISK_ENGINE_HOME": str(home),
         "RISK_ENGINE_DATABASE_URL": database_url,
         "RISK_ENGINE_POLICY_POLL_S": "0.2",
+        **{f"RISK_ENGINE_{name.upper()}": value for name, value in settings.items()},
     }
+    output = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115 (the child holds it)
     return subprocess.Popen(
         [
             sys.executable,
@@ -46,21 +53,9 @@ def start_worker(home: Path, database_url: str, port: int) -> subprocess.Popen[b
         ],
         cwd=REPO,
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=output,
+        stderr=output,
     )
-
-
-def wait_until(check, timeout: float = 60.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    return False
 
 
 def test_a_publish_reaches_a_second_worker_process(tmp_path: Path, database_url: str) -> None:
@@ -643,3 +638,50 @@ def test_a_worker_killed_under_load_loses_no_answered_payment(tmp_path: Path, da
     db.dispose()
     assert stored is not None and stored >= len(answered)  # committed and cut off before its answer: stored too
     assert seen == stored  # the windows after the restart count every stored payment of the buyer once
+
+
+def test_a_worker_killed_after_saving_its_state_while_serving_restarts_from_that_save(
+    tmp_path: Path, database_url: str
+) -> None:
+    # the poller saves the state every half second while it changes (a forked copy pickles it); after a SIGKILL
+    # the next start reads that save and replays only the payments stored after it, and counts every one
+    import signal
+
+    home = tmp_path / "var"
+    home.mkdir()
+    port, log = free_port(), tmp_path / "worker.log"
+    url = f"http://127.0.0.1:{port}"
+    state_file = home / "snapshots" / "state.snapshot"
+
+    def body(i: int) -> dict[str, Any]:
+        at = f"2026-11-22T10:{i // 60:02d}:{i % 60:02d}Z"
+        return payment(payment_id=f"s{i}", occurred_at=at, **{"buyer.id": "b_saved"})
+
+    worker = start_worker(home, database_url, port, log=log, state_snapshot_every_s="0.5")
+    try:
+        assert wait_until(lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200)
+        auth = {"Authorization": f"Bearer {(home / 'admin.key').read_text().strip()}"}
+        with httpx.Client(timeout=10, headers=auth) as c:
+            for i in range(30):
+                assert c.post(f"{url}/v1/payments/score", json=body(i)).status_code == 200
+            assert wait_until(state_file.exists, timeout=30), "the worker saved no state while serving"
+            for i in range(30, 45):
+                assert c.post(f"{url}/v1/payments/score", json=body(i)).status_code == 200
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(20)
+    finally:
+        worker.kill()
+        worker.wait(20)
+    assert "saved while serving" in log.read_text()
+    restarted = start_worker(home, database_url, port, log=log)
+    try:
+        assert wait_until(lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200)
+        with httpx.Client(timeout=10, headers=auth) as c:
+            assert c.post(f"{url}/v1/payments/score", json=body(45)).status_code == 200
+            seen = c.get(f"{url}/v1/payments/s45").json()["aggregates"]["count(by buyer.id within 90d)"]
+    finally:
+        restarted.terminate()
+        restarted.wait(20)
+    text = log.read_text()
+    assert "velocity and cross-subject state from the state snapshot of" in text, text[-2000:]
+    assert seen == 45  # the 45 stored before the kill, each counted once: from the save or replayed after it
