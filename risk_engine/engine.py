@@ -358,6 +358,10 @@ def revoke_api_key(db: SqlEngine, key_id: str, actor: str, keep_an_admin: bool =
         return api_key_view(row)
 
 
+# how long a state snapshot saved while serving waits for the writer's commits, under the state lock
+SAVE_COMMIT_WAIT_S = 1.0
+
+
 def tune_garbage_collector() -> None:
     """Keep the cyclic GC's pauses short whatever the state held: freeze what start-up built, collect the young
     generation at ``collector.YOUNG_OBJECTS`` and freeze what survives each middle collection
@@ -1280,12 +1284,19 @@ class RiskEngine:
         scratch = self.state_snapshot_path.with_suffix(".pickle.tmp")
         scratch.parent.mkdir(parents=True, exist_ok=True)
         try:
+            self.writer.barrier().wait(SAVE_COMMIT_WAIT_S)  # off the lock: what is queued now commits
             with self._lock:
-                self.writer.barrier().result()  # every event scored so far committed or failed
+                paused = time.perf_counter()
+                # and what was scored since: the state must hold no event whose write may yet fail. Bounded, as
+                # every payment waits meanwhile: a database that cannot take writes now is tried at the next save
+                if not self.writer.barrier().wait(SAVE_COMMIT_WAIT_S):
+                    log.warning("state not saved: the writer did not commit within %.1f s", SAVE_COMMIT_WAIT_S)
+                    self._state_saving.release()
+                    return False
                 read, state = self._state_to_save()
                 pid = fork_and_run(lambda: scratch.write_bytes(encode_state(state)))
                 self._state_saved_of = (self._seq, read.last)
-                paused_ms = (time.perf_counter() - started) * 1000
+                paused_ms = (time.perf_counter() - paused) * 1000
         except BaseException:
             self._state_saving.release()
             raise

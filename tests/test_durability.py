@@ -629,6 +629,28 @@ def test_a_state_snapshot_saved_while_serving_is_the_one_a_clean_stop_would_writ
     assert state_file.read_bytes() == saved  # what the forked copy pickled is what the stop pickled
 
 
+def test_a_save_while_the_database_takes_no_writes_gives_up_instead_of_holding_up_scoring(tmp_path: Path) -> None:
+    # the save waits for the writer under the state lock, where every payment waits with it: only briefly
+    db_file = tmp_path / "risk.db"
+    settings = make_settings(tmp_path / "var", f"sqlite:///{db_file}")
+    client, api = open_api(settings)
+    try:
+        api.score(payment())
+        blocker = sqlite3.connect(db_file)
+        blocker.execute("BEGIN IMMEDIATE")  # another process's write transaction: the writer waits on it
+        try:
+            held = api.engine.score_payment(PaymentIn.model_validate(payment(payment_id="held")))
+            assert api.engine.save_state_snapshot(wait=True) is False
+            assert not (settings.snapshot_dir / "state.snapshot").exists()
+        finally:
+            blocker.rollback()
+            blocker.close()
+        held.committed.result(timeout=30)  # the write went through once the database was free
+        assert api.engine.save_state_snapshot(wait=True)  # and the next save does
+    finally:
+        client.__exit__(None, None, None)
+
+
 def test_the_worker_saves_its_state_while_serving_only_when_it_changed(tmp_path: Path, database_url: str) -> None:
     settings = make_settings(tmp_path / "var", database_url, policy_poll_s=0.1, state_snapshot_every_s=0.2)
     state_file = settings.snapshot_dir / "state.snapshot"
