@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
@@ -396,7 +395,14 @@ def vault_rotate_blind_index_key(
     """
     from risk_engine.features.lists import load_list_declarations
     from risk_engine.storage.blind_index_rotation import rotate
-    from risk_engine.vault import PiiKind, Vault, VaultKeyError, decode_key, load_or_create_key_chain
+    from risk_engine.vault import (
+        PiiKind,
+        Vault,
+        VaultKeyError,
+        decode_key,
+        load_or_create_key_chain,
+        replace_key_chain_file,
+    )
 
     _logging(logging.WARNING)
     settings = Settings()
@@ -428,13 +434,7 @@ def vault_rotate_blind_index_key(
     finally:
         db.dispose()
     if not settings.blind_index_key:
-        lines = [base64.b64encode(key).decode() for key in (*chain, new)]
-        fd, temporary = tempfile.mkstemp(dir=settings.home, prefix=".blind_index.key.")  # mode 0600
-        with os.fdopen(fd, "w") as handle:
-            handle.write("\n".join(lines) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, key_file)
+        replace_key_chain_file(key_file, (*chain, new))
         pending_file.unlink()
         where = f"{key_file} holds the new chain"
     else:

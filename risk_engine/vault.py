@@ -124,18 +124,33 @@ def write_key_file(path: Path, key: bytes, name: str) -> bytes:
     at the same moment either links first, and this one returns its key, or finds the file complete, never
     empty or half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+    temporary = _synced_key_file(path, [key])
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(base64.b64encode(key).decode() + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
         os.link(temporary, path)
     except FileExistsError:
         return decode_key(path.read_text(), name)
     finally:
         os.unlink(temporary)
     return key
+
+
+def replace_key_chain_file(path: Path, chain: Sequence[bytes]) -> None:
+    """Replace the key file at ``path`` with ``chain`` (oldest first, one key a line, 0600), whole or not at all."""
+    os.replace(_synced_key_file(path, chain), path)
+
+
+def _synced_key_file(path: Path, keys: Sequence[bytes]) -> str:
+    """A new 0600 file beside ``path`` holding ``keys`` in base64, one a line, synced to disk: its path."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write("".join(base64.b64encode(key).decode() + "\n" for key in keys))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    return temporary
 
 
 @dataclass(frozen=True, slots=True)
