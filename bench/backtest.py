@@ -8,7 +8,6 @@ Prints the figures, then one JSON object on the last line.  Usage: python bench/
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -18,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import describe_interpreter, interpreter, reference_us  # noqa: E402
+from bench.machine import print_footer  # noqa: E402
 from bench.payments import DATA, _pin, bodies  # noqa: E402
 from risk_engine.config import Settings  # noqa: E402
 from risk_engine.engine import RiskEngine  # noqa: E402
@@ -67,13 +66,7 @@ def main() -> None:
             f"(replay alone {r['replay_events_per_s']:.0f}/s), changed {r['changed']}, "
             f"live mismatches {r['live_mismatches']}"
         )
-    reference = round(reference_us(), 1)
-    print(f"machine reference (bench/machine.py): {reference} us; {describe_interpreter()}")
-    print(
-        json.dumps(
-            {"events": len(payload), "backtest": runs, "machine_reference_us": reference, "python": interpreter()}
-        )
-    )
+    print_footer({"events": len(payload), "backtest": runs})
 
 
 if __name__ == "__main__":

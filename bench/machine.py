@@ -12,10 +12,12 @@ the one a figure was measured on.
 
 from __future__ import annotations
 
+import json
 import platform
 import sys
 import timeit
 from pathlib import Path
+from typing import Any
 
 
 def reference_us() -> float:
@@ -40,3 +42,12 @@ def describe_interpreter() -> str:
     """One line for a benchmark's output."""
     info = interpreter()
     return f"python {info['version']} ({info['executable']}; core {info['core']})"
+
+
+def print_footer(figures: dict[str, Any]) -> None:
+    """End a benchmark's output: the machine reference and the interpreter on one line, then ``figures`` with
+    both added, as the one JSON object on the last line."""
+    figures["machine_reference_us"] = round(reference_us(), 1)
+    figures["python"] = interpreter()
+    print(f"machine reference (bench/machine.py): {figures['machine_reference_us']} us; {describe_interpreter()}")
+    print(json.dumps(figures))

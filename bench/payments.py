@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import os
 import statistics
 import subprocess
@@ -35,7 +34,7 @@ DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import build_request, fixed_rate, max_throughput  # noqa: E402
-from bench.machine import describe_interpreter, interpreter, reference_us  # noqa: E402
+from bench.machine import print_footer  # noqa: E402
 from risk_engine.config import Settings  # noqa: E402
 from risk_engine.datasets import ulb_payments  # noqa: E402
 from risk_engine.engine import RiskEngine  # noqa: E402
@@ -294,10 +293,7 @@ def main() -> None:
             "throughput_share_of_bare": round(share, 3),
         }
     _pin(0)
-    results["machine_reference_us"] = round(reference_us(), 1)
-    results["python"] = interpreter()
-    print(f"machine reference (bench/machine.py): {results['machine_reference_us']} us; {describe_interpreter()}")
-    print(json.dumps(results))
+    print_footer(results)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Prints the figures, then one JSON object on the last line.  Usage: python bench/
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import threading
@@ -23,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import describe_interpreter, interpreter, reference_us  # noqa: E402
+from bench.machine import print_footer  # noqa: E402
 from bench.payments import DATA, bodies  # noqa: E402
 from risk_engine.config import Settings  # noqa: E402
 from risk_engine.engine import RiskEngine  # noqa: E402
@@ -116,8 +115,6 @@ def main() -> None:
     print(f"  restart rebuilding from the stored events           {rebuilding_s:6.2f} s")
     print(f"  shadow a version with one new aggregate             {shadow_s:6.2f} s")
     print(f"    scored meanwhile: {len(waits)} payments, the longest waited {max(waits, default=0) * 1e3:.1f} ms")
-    reference = reference_us()
-    print(f"machine reference (bench/machine.py): {reference:.1f} us; {describe_interpreter()}")
     figures = {
         "stored_payments": len(payload),
         "save_while_serving_s": round(save_s, 3),
@@ -130,10 +127,8 @@ def main() -> None:
         "shadow_new_aggregate_s": round(shadow_s, 3),
         "scored_meanwhile": len(waits),
         "longest_wait_meanwhile_ms": round(max(waits, default=0) * 1e3, 2),
-        "machine_reference_us": round(reference, 1),
-        "python": interpreter(),
     }
-    print(json.dumps(figures))
+    print_footer(figures)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Prints the figures, then one JSON object on the last line.  Usage: python bench/
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -26,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import describe_interpreter, interpreter, reference_us  # noqa: E402
+from bench.machine import print_footer  # noqa: E402
 from risk_engine.config import Settings  # noqa: E402
 from risk_engine.datasets import opspam_reviews  # noqa: E402
 from risk_engine.engine import RiskEngine  # noqa: E402
@@ -102,20 +101,7 @@ def main() -> None:
             f"  {name:22s} {f['reviews_per_s']:>6} reviews/s   decide p50 {f['decide_p50_us']:>7} us"
             f"   p99 {f['decide_p99_us']:>8} us"
         )
-    reference = reference_us()
-    print(f"machine reference (bench/machine.py): {reference:.1f} us; {describe_interpreter()}")
-    print(
-        json.dumps(
-            {
-                "data": "opspam_reviews_dev.csv",
-                "reviews": len(payload),
-                "scoring": scoring,
-                "labelled": learning,
-                "machine_reference_us": round(reference, 1),
-                "python": interpreter(),
-            }
-        )
-    )
+    print_footer({"data": "opspam_reviews_dev.csv", "reviews": len(payload), "scoring": scoring, "labelled": learning})
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ Prints the figures, then one JSON object on the last line.  Usage: python bench/
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import describe_interpreter, interpreter, reference_us  # noqa: E402
+from bench.machine import print_footer  # noqa: E402
 from bench.payments import DATA  # noqa: E402
 from risk_engine.config import Settings  # noqa: E402
 from risk_engine.datasets import ulb_payments  # noqa: E402
@@ -80,10 +79,7 @@ def main() -> None:
             "agree": agree,
         }
     engine.close()
-    results["machine_reference_us"] = round(reference_us(), 1)
-    results["python"] = interpreter()
-    print(f"machine reference (bench/machine.py): {results['machine_reference_us']} us; {describe_interpreter()}")
-    print(json.dumps(results))
+    print_footer(results)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ Prints the figures, then one JSON object on the last line.  Usage: python bench/
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -19,7 +18,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import describe_interpreter, interpreter, reference_us  # noqa: E402
+from bench.machine import print_footer  # noqa: E402
 from bench.payments import DATA  # noqa: E402
 from bench.rule_stats import score_and_label  # noqa: E402
 from risk_engine.config import Settings  # noqa: E402
@@ -64,11 +63,8 @@ def main() -> None:
         "report_ms": round(min(timings) * 1e3, 1),
         "scan_ms": round(scan_s * 1e3, 1),
         "agree": agree,
-        "machine_reference_us": round(reference_us(), 1),
-        "python": interpreter(),
     }
-    print(f"machine reference (bench/machine.py): {results['machine_reference_us']} us; {describe_interpreter()}")
-    print(json.dumps(results))
+    print_footer(results)
 
 
 if __name__ == "__main__":
