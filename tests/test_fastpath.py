@@ -180,3 +180,35 @@ def test_requests_that_arrive_together_are_scored_in_one_burst_each_answered_as_
     assert any("CARD" in code for code in last_codes)  # the velocity rules saw the burst's earlier payments
     bursts = fast.client.app.state.scoring_bursts  # type: ignore[attr-defined]
     assert bursts.largest > 1 and bursts.items == 13
+
+
+def test_an_error_in_one_request_of_a_burst_leaves_the_others_answered(
+    both: tuple[Api, Api], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fast, _ = both
+    engine = fast.engine
+    score_event = engine.score_event
+
+    def failing_for_one(subject: str, event: Any, request_hash: str | None = None) -> Any:
+        if event.payment_id == "pay_bad":
+            raise RuntimeError("a bug")
+        return score_event(subject, event, request_hash)
+
+    monkeypatch.setattr(engine, "score_event", failing_for_one)
+    sent = [payment(payment_id=p) for p in ("pay_x1", "pay_bad", "pay_x2")]
+
+    async def all_at_once(app: Any) -> list[int]:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://risk") as client:
+            answers = await asyncio.wait_for(  # a request left unanswered would wait for ever: fail instead
+                asyncio.gather(
+                    *(client.post("/v1/payments/score", json=body, headers=fast.headers()) for body in sent)
+                ),
+                timeout=60,
+            )
+        return [a.status_code for a in answers]
+
+    assert fast.client.portal.call(all_at_once, fast.client.app) == [200, 500, 200]  # type: ignore[union-attr]
+    bursts = fast.client.app.state.scoring_bursts  # type: ignore[attr-defined]
+    assert bursts.largest == 3
+    assert [fast.engine.get_payment(p)["payment_id"] for p in ("pay_x1", "pay_x2")] == ["pay_x1", "pay_x2"]
