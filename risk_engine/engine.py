@@ -526,6 +526,9 @@ class _Counters:
     rule_hits: dict[str, int] = field(default_factory=dict)
     followed: dict[str, int] = field(default_factory=dict)  # events other workers stored, taken in by subject
     detector_failures: dict[tuple[str, str], int] = field(default_factory=dict)  # (detector, phase): raised
+    state_saves: dict[str, int] = field(default_factory=dict)  # state snapshots saved while serving, by outcome
+    state_saved_at: float = 0.0  # Unix time of the last one saved (0: none yet)
+    state_save_pause_s: float = 0.0  # how long the last one held scoring up
 
 
 class RiskEngine:
@@ -1269,6 +1272,10 @@ class RiskEngine:
             "blind_index": self.vault.blind_index_fingerprint,  # its windows are keyed by tokens of this chain
         }
 
+    def _count_state_save(self, outcome: str) -> None:
+        saves = self.counters.state_saves
+        saves[outcome] = saves.get(outcome, 0) + 1
+
     def save_state_snapshot(self, wait: bool = False) -> bool:
         """Save the velocity and cross-subject state while serving, so that a crash replays only the events stored
         after it (a clean stop saves it too). Under the lock only while the writer commits what is queued, the
@@ -1291,6 +1298,7 @@ class RiskEngine:
                 # every payment waits meanwhile: a database that cannot take writes now is tried at the next save
                 if not self.writer.barrier().wait(SAVE_COMMIT_WAIT_S):
                     log.warning("state not saved: the writer did not commit within %.1f s", SAVE_COMMIT_WAIT_S)
+                    self._count_state_save("writer_busy")
                     self._state_saving.release()
                     return False
                 read, state = self._state_to_save()
@@ -1298,10 +1306,13 @@ class RiskEngine:
                 self._state_saved_of = (self._seq, read.last)
                 paused_ms = (time.perf_counter() - paused) * 1000
         except BaseException:
+            self._count_state_save("failed")
             self._state_saving.release()
             raise
+        self.counters.state_save_pause_s = paused_ms / 1000
 
         def finish() -> bool:
+            saved = False
             try:
                 code = exit_code(pid)
                 if code != 0:
@@ -1319,11 +1330,14 @@ class RiskEngine:
                     (time.perf_counter() - started) * 1000,
                     len(payload),
                 )
+                saved = True
+                self.counters.state_saved_at = time.time()
                 return True
             except (OSError, OperationalError) as exc:  # the last snapshot stays; a crash replays from it
                 log.error("could not save the state snapshot: %s", type(exc).__name__)
                 return False
             finally:
+                self._count_state_save("saved" if saved else "failed")
                 scratch.unlink(missing_ok=True)
                 self._state_saving.release()
 

@@ -624,6 +624,9 @@ def test_a_state_snapshot_saved_while_serving_is_the_one_a_clean_stop_would_writ
         assert "saved while serving" in caplog.text
         saved = state_file.read_bytes()
         assert not list(settings.snapshot_dir.glob("*.tmp"))  # the forked copy's scratch file is gone
+        scraped = api.client.get("/metrics").text
+        assert 'risk_engine_state_saves_total{outcome="saved"} 1.0' in scraped
+        assert "risk_engine_state_saved_timestamp_seconds 0.0" not in scraped
     finally:
         client.__exit__(None, None, None)  # a clean stop, with nothing scored since
     assert state_file.read_bytes() == saved  # what the forked copy pickled is what the stop pickled
@@ -642,6 +645,7 @@ def test_a_save_while_the_database_takes_no_writes_gives_up_instead_of_holding_u
             held = api.engine.score_payment(PaymentIn.model_validate(payment(payment_id="held")))
             assert api.engine.save_state_snapshot(wait=True) is False
             assert not (settings.snapshot_dir / "state.snapshot").exists()
+            assert 'risk_engine_state_saves_total{outcome="writer_busy"} 1.0' in api.client.get("/metrics").text
         finally:
             blocker.rollback()
             blocker.close()

@@ -180,6 +180,9 @@ def test_requests_that_arrive_together_are_scored_in_one_burst_each_answered_as_
     assert any("CARD" in code for code in last_codes)  # the velocity rules saw the burst's earlier payments
     bursts = fast.client.app.state.scoring_bursts  # type: ignore[attr-defined]
     assert bursts.largest > 1 and bursts.items == 13
+    scraped = fast.client.get("/metrics").text
+    assert "risk_engine_scoring_burst_requests_total 13.0" in scraped
+    assert f"risk_engine_scoring_bursts_total {float(bursts.bursts)}" in scraped
 
 
 def test_an_error_in_one_request_of_a_burst_leaves_the_others_answered(

@@ -23,7 +23,7 @@ from risk_engine.service.commits import CommitWaiter
 from risk_engine.service.errors import install_error_handlers
 from risk_engine.service.fastpath import SCORING_PATHS, ScoringFastPath
 from risk_engine.service.idempotency import IdempotencyKeys, takes_a_key
-from risk_engine.service.metrics import Metrics, RequestGuard
+from risk_engine.service.metrics import BurstCollector, Metrics, RequestGuard
 from risk_engine.service.responses import JsonResponse
 from risk_engine.service.routers import (
     accounts,
@@ -159,6 +159,7 @@ def create_app(settings: Settings | None = None, engine: RiskEngine | None = Non
         app.state.metrics = Metrics(live)
         app.state.commits = CommitWaiter(asyncio.get_running_loop())
         app.state.scoring_bursts = Bursts(asyncio.get_running_loop())
+        app.state.metrics.registry.register(BurstCollector(app.state.scoring_bursts))
         app.state.jobs = Jobs(live.db)
         try:
             yield

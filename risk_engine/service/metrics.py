@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from risk_engine.collector import TUNING
 from risk_engine.engine import RiskEngine
 from risk_engine.service.bodies import read_body, replay_receive
+from risk_engine.service.bursts import Bursts
 from risk_engine.service.errors import error_body
 from risk_engine.service.responses import send_json
 
@@ -78,7 +79,42 @@ class EngineCollector(Collector):
         rows = CounterMetricFamily("risk_engine_group_commit_rows", "Rows written by group commits")
         rows.add_metric([], writer.rows)
         yield rows
+        counters = self.engine.counters
+        saves = CounterMetricFamily(
+            "risk_engine_state_saves",
+            "State snapshots saved while serving, by outcome (saved, failed, writer_busy)",
+            labels=["outcome"],
+        )
+        for outcome, n in sorted(counters.state_saves.items()):
+            saves.add_metric([outcome], n)
+        yield saves
+        saved_at = GaugeMetricFamily(
+            "risk_engine_state_saved_timestamp_seconds",
+            "When the last state snapshot saved while serving was written (Unix time; 0: none yet)",
+        )
+        saved_at.add_metric([], counters.state_saved_at)
+        yield saved_at
+        pause = GaugeMetricFamily(
+            "risk_engine_state_save_pause_seconds", "How long the last state save held scoring up"
+        )
+        pause.add_metric([], counters.state_save_pause_s)
+        yield pause
         yield from _collector_metrics()
+
+
+class BurstCollector(Collector):
+    """How the scoring fast path's requests were grouped into bursts (``service/bursts.py``)."""
+
+    def __init__(self, bursts: Bursts) -> None:
+        self.bursts = bursts
+
+    def collect(self) -> Iterator[Any]:
+        runs = CounterMetricFamily("risk_engine_scoring_bursts", "Bursts of scoring requests decided together")
+        runs.add_metric([], self.bursts.bursts)
+        yield runs
+        items = CounterMetricFamily("risk_engine_scoring_burst_requests", "Scoring requests decided in bursts")
+        items.add_metric([], self.bursts.items)
+        yield items
 
 
 def _collector_metrics() -> Iterator[Any]:
