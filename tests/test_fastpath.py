@@ -215,3 +215,20 @@ def test_an_error_in_one_request_of_a_burst_leaves_the_others_answered(
     bursts = fast.client.app.state.scoring_bursts  # type: ignore[attr-defined]
     assert bursts.largest == 3
     assert [fast.engine.get_payment(p)["payment_id"] for p in ("pay_x1", "pay_x2")] == ["pay_x1", "pay_x2"]
+
+
+def test_an_error_once_the_answer_has_begun_is_raised_on_without_a_second_answer(
+    both: tuple[Api, Api], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fast, _ = both
+    from risk_engine.service import fastpath
+
+    async def cut_off(send: Any, status: int, headers: Any, body: bytes) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": list(headers)})
+        raise RuntimeError("cut off")
+
+    monkeypatch.setattr(fastpath, "send_raw", cut_off)
+    # a second start would be refused by the test client ('multiple http.response.start'), hiding this error
+    with pytest.raises(RuntimeError, match="cut off"):
+        fast.client.post("/v1/payments/score", json=payment(), headers=fast.headers())
+    assert _latency_count(fast, "/v1/payments/score", 500) == 1.0

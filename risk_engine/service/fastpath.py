@@ -46,6 +46,9 @@ SCORING_PATHS: Mapping[str, str] = {
 _FRESH = ((b"content-type", b"application/json"),)
 _REPLAYED = (*_FRESH, (b"idempotent-replayed", b"true"))
 
+# set in a request's scope once its answer begins to go out: an error after that cannot become a 500
+_SENDING = "risk_engine.sending"
+
 # raised by the engine before it decides or stores anything: the request can go to FastAPI to be answered
 _HANDED_OVER = (Conflict, InvalidInput, DatabaseUnavailable, BlindIndexesRetired)
 
@@ -85,10 +88,11 @@ class ScoringFastPath:
         try:
             status = await self._answer(scope, model, token, body, send)
         except Exception:
+            # what Starlette's outermost middleware does with an error no handler takes: a plain 500 unless the
+            # answer had begun, the error raised on for the server to log
             scope["route"] = self._routes[scope["path"]]
-            # what Starlette's outermost middleware does with an error no handler takes: a plain 500 (nothing
-            # was sent: the answer is sent last), the error raised on for the server to log
-            await PlainTextResponse("Internal Server Error", status_code=500)(scope, _no_body, send)
+            if not scope.get(_SENDING):
+                await PlainTextResponse("Internal Server Error", status_code=500)(scope, _no_body, send)
             observe_request(scope, 500, started)
             raise
         if status is None:
@@ -137,8 +141,10 @@ class ScoringFastPath:
             if handler is None:
                 raise
             response = await handler(Request(scope), exc)
+            scope[_SENDING] = True
             await response(scope, _no_body, send)
             return int(response.status_code)
+        scope[_SENDING] = True
         await send_raw(send, 200, _REPLAYED if outcome.replayed else _FRESH, outcome.body)
         return 200
 
