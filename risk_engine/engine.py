@@ -1284,9 +1284,8 @@ class RiskEngine:
 
         False if nothing was started: no ``os.fork`` here, or a save still under way. ``wait``: return once the
         file is written (True) or the save failed (False)."""
-        if not FORK_AVAILABLE or self._state_saving.locked():
+        if not FORK_AVAILABLE or not self._state_saving.acquire(blocking=False):
             return False
-        self._state_saving.acquire()
         started = time.perf_counter()
         scratch = self.state_snapshot_path.with_suffix(".pickle.tmp")
         scratch.parent.mkdir(parents=True, exist_ok=True)
@@ -1345,7 +1344,8 @@ class RiskEngine:
         return saved.result() if wait else True
 
     def _read_state_snapshot(self) -> StateSnapshot | None:
-        """The last clean stop's state, if it verifies and matches the stored events; else None (rebuild)."""
+        """The last saved state (at a clean stop or while serving), if it verifies and matches the stored events;
+        else None (rebuild)."""
         path = self.state_snapshot_path
         if not path.exists():
             return None

@@ -3,8 +3,8 @@
 Under load the loop reads many requests in one turn, and each request's task would validate and score its event
 between the other tasks' steps (parsing, sending, awaiting commits), so every payment met the engine's code and
 state cold in the processor's caches again. Here each task queues its work and awaits it; the first of a turn
-schedules one callback that runs everything queued so far in a row. A request alone waits for no one: its
-work runs in the same turn of the loop, one callback later.
+schedules one callback that runs everything queued by then, in a row. A request alone waits for no one: its
+work runs as soon as the loop comes to that callback, with no timer.
 """
 
 from __future__ import annotations
