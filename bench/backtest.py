@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import print_footer  # noqa: E402
-from bench.payments import DATA, _pin, bodies  # noqa: E402
+from bench.payments import _pin, bodies, require_stream  # noqa: E402
 from risk_engine.config import Settings  # noqa: E402
 from risk_engine.engine import RiskEngine  # noqa: E402
 from risk_engine.payments import PaymentIn  # noqa: E402
@@ -29,8 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--passes", type=int, default=3, help="times over ulb_stream.csv (6,942 rows each)")
     args = parser.parse_args()
-    if not (DATA / "ulb_stream.csv").exists():
-        sys.exit(f"needs {DATA / 'ulb_stream.csv'} (../shared/data beside the project)")
+    require_stream()
     logging.disable(logging.WARNING)
     _pin(0)
     home = Path(tempfile.mkdtemp(prefix="bench-backtest-"))

@@ -42,6 +42,12 @@ from risk_engine.payments import PaymentIn  # noqa: E402
 from risk_engine.storage.writer import Ticket  # noqa: E402
 
 
+def require_stream() -> None:
+    """Exit with what is missing unless the ULB stream is there (``../shared/data`` beside the project)."""
+    if not (DATA / "ulb_stream.csv").exists():
+        sys.exit(f"needs {DATA / 'ulb_stream.csv'} (../shared/data beside the project)")
+
+
 def bodies(passes: int) -> list[dict[str, Any]]:
     """The ULB stream, ``passes`` times over, each pass later in time with fresh payment ids."""
     out = []
@@ -240,8 +246,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer payments and shorter HTTP runs")
     parser.add_argument("--skip-http", action="store_true")
     args = parser.parse_args()
-    if not (DATA / "ulb_stream.csv").exists():
-        sys.exit(f"needs {DATA / 'ulb_stream.csv'} (../shared/data beside the project)")
+    require_stream()
     passes = 1 if args.quick else 3
     payload = bodies(passes)
     results: dict[str, Any] = {"data": "ulb_stream.csv", "payments_in_process": len(payload)}

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import print_footer  # noqa: E402
-from bench.payments import DATA, bodies  # noqa: E402
+from bench.payments import bodies, require_stream  # noqa: E402
 from risk_engine.config import Settings  # noqa: E402
 from risk_engine.engine import RiskEngine  # noqa: E402
 from risk_engine.payments import PaymentIn  # noqa: E402
@@ -73,8 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--passes", type=int, default=3, help="times over ulb_stream.csv (6,942 payments each)")
     args = parser.parse_args()
-    if not (DATA / "ulb_stream.csv").exists():
-        sys.exit(f"needs {DATA / 'ulb_stream.csv'} (../shared/data beside the project)")
+    require_stream()
     payload = bodies(args.passes)
     home = Path(tempfile.mkdtemp(prefix="bench-restart-"))
     settings = Settings(home=home, rules_dir=ROOT / "rules", models_dir=ROOT / "models")

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import print_footer  # noqa: E402
-from bench.payments import DATA  # noqa: E402
+from bench.payments import DATA, require_stream  # noqa: E402
 from risk_engine.config import Settings  # noqa: E402
 from risk_engine.datasets import ulb_payments  # noqa: E402
 from risk_engine.engine import RiskEngine  # noqa: E402
@@ -48,14 +48,19 @@ def score_and_label(engine: RiskEngine, passes: int) -> tuple[list[str], list[st
     return ids, chosen, scored_s
 
 
+def stream_engine(prefix: str) -> RiskEngine:
+    """An engine on a fresh data directory (named from ``prefix``) with the default policy and detectors; exits
+    first if the ULB stream is missing."""
+    require_stream()
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    return RiskEngine.open(Settings(home=home, rules_dir=ROOT / "rules", models_dir=ROOT / "models"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--passes", type=int, default=15, help="passes over the ULB stream, two days apart")
     args = parser.parse_args()
-    if not (DATA / "ulb_stream.csv").exists():
-        sys.exit(f"needs {DATA / 'ulb_stream.csv'} (../shared/data beside the project)")
-    home = Path(tempfile.mkdtemp(prefix="bench-stats-"))
-    engine = RiskEngine.open(Settings(home=home, rules_dir=ROOT / "rules", models_dir=ROOT / "models"))
+    engine = stream_engine("bench-stats-")
     ids, chosen, scored_s = score_and_label(engine, args.passes)
     print(f"{len(ids):,} payments over {args.passes * 2} days stored in {scored_s:.1f} s; {len(chosen):,} labelled")
     results: dict[str, Any] = {"payments": len(ids), "labelled": len(chosen), "reads": {}}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import print_footer  # noqa: E402
-from bench.payments import DATA  # noqa: E402
-from bench.rule_stats import score_and_label  # noqa: E402
-from risk_engine.config import Settings  # noqa: E402
-from risk_engine.engine import RiskEngine  # noqa: E402
+from bench.rule_stats import score_and_label, stream_engine  # noqa: E402
 from risk_engine.policies import PolicyWorkflow  # noqa: E402
 from tests.test_policies import STRICTER  # noqa: E402  (the default policy, lower thresholds and a rule more)
 from tests.test_shadow_tallies import COUNTED, rescan  # noqa: E402  (the full scan the tests hold the counts to)
@@ -32,10 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--passes", type=int, default=15, help="passes over the ULB stream, two days apart")
     args = parser.parse_args()
-    if not (DATA / "ulb_stream.csv").exists():
-        sys.exit(f"needs {DATA / 'ulb_stream.csv'} (../shared/data beside the project)")
-    home = Path(tempfile.mkdtemp(prefix="bench-shadow-"))
-    engine = RiskEngine.open(Settings(home=home, rules_dir=ROOT / "rules", models_dir=ROOT / "models"))
+    engine = stream_engine("bench-shadow-")
     workflow = PolicyWorkflow(engine)
     version = workflow.create_draft("payment", STRICTER, "bench")[0]["version"]
     workflow.start_shadow("payment", version, "bench")
