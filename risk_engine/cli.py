@@ -66,10 +66,13 @@ def serve(
     from risk_engine.service import create_app
 
     _logging()
-    # opened here rather than in the app's start-up, where uvicorn would print a set-up failure as a traceback
+    # opened here rather than in the app's start-up, where uvicorn would print a set-up failure as a traceback;
+    # closed by the app's shutdown: after a SIGTERM uvicorn raises the signal again once it has shut down, and the
+    # process ends there, so the ``finally`` below only covers a server that never started
     engine = RiskEngine.open(Settings())
+    app_ = create_app(engine=engine, close_engine=True)
     try:
-        uvicorn.run(create_app(engine=engine), host=host, port=port, log_level=log_level, access_log=access_log)
+        uvicorn.run(app_, host=host, port=port, log_level=log_level, access_log=access_log)
     finally:
         engine.close()
 

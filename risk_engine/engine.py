@@ -569,6 +569,7 @@ class RiskEngine:
         # what the last state saved while serving held: (the last own event's number, the followed watermark)
         self._state_saved_of = (0, 0)
         self._stopping = threading.Event()
+        self._closed = False
         self._event_insert = RawInsert(m.Event.__table__, db)  # type: ignore[arg-type]
         self._credit_insert = RawInsert(m.SellerCredit.__table__, db)  # type: ignore[arg-type]
         self.marketplace = MarketplaceState()
@@ -640,7 +641,10 @@ class RiskEngine:
         return engine
 
     def close(self) -> None:
-        """Flush writes, snapshot detectors, velocity and cross-subject state."""
+        """Flush writes, snapshot detectors, velocity and cross-subject state. Again: nothing."""
+        if self._closed:
+            return
+        self._closed = True
         self._stopping.set()
         for thread in (self._poller, self._follower, self._known_loader, self._marketplace_rebuilder):
             if thread is not None:

@@ -685,3 +685,29 @@ def test_a_worker_killed_after_saving_its_state_while_serving_restarts_from_that
     text = log.read_text()
     assert "velocity and cross-subject state from the state snapshot of" in text, text[-2000:]
     assert seen == 45  # the 45 stored before the kill, each counted once: from the save or replayed after it
+
+
+def test_a_worker_stopped_with_sigterm_saves_its_state_and_restarts_from_it(tmp_path: Path, database_url: str) -> None:
+    # uvicorn raises SIGTERM again once it has shut down, which ends the process: the engine must be closed (its
+    # detectors and state saved) in the app's shutdown, not after the server returns
+    home = tmp_path / "var"
+    home.mkdir()
+    port, log = free_port(), tmp_path / "worker.log"
+    url = f"http://127.0.0.1:{port}"
+    worker = start_worker(home, database_url, port, log=log, state_snapshot_every_s="0")  # saved at the stop only
+    try:
+        assert wait_until(lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200)
+        auth = {"Authorization": f"Bearer {(home / 'admin.key').read_text().strip()}"}
+        body = payment(payment_id="term_1", **{"buyer.id": "b_term"})
+        assert httpx.post(f"{url}/v1/payments/score", json=body, headers=auth, timeout=10).status_code == 200
+    finally:
+        worker.terminate()  # SIGTERM
+        worker.wait(30)
+    assert (home / "snapshots" / "state.snapshot").exists(), log.read_text()[-2000:]
+    restarted = start_worker(home, database_url, port, log=log)
+    try:
+        assert wait_until(lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200)
+    finally:
+        restarted.terminate()
+        restarted.wait(30)
+    assert "velocity and cross-subject state from the state snapshot of 1 events" in log.read_text()

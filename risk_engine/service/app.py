@@ -146,13 +146,17 @@ class RiskEngineApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
-def create_app(settings: Settings | None = None, engine: RiskEngine | None = None) -> FastAPI:
-    """Build the app. Without ``engine`` it opens one from ``settings`` at startup and closes it at shutdown."""
+def create_app(
+    settings: Settings | None = None, engine: RiskEngine | None = None, close_engine: bool = False
+) -> FastAPI:
+    """Build the app. Without ``engine`` it opens one from ``settings`` at startup and closes it at shutdown;
+    ``close_engine``: close the one given at shutdown too (a server stopped by SIGTERM ends its process right
+    after shutdown, before the caller's own clean-up runs)."""
     settings = settings or (engine.settings if engine else Settings())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        owned = engine is None
+        owned = engine is None or close_engine
         live = engine or RiskEngine.open(settings)
         bootstrap_admin_key(live)
         app.state.engine = live
