@@ -135,7 +135,8 @@ def _on_policy_file(file: Path, work: Callable[[RiskEngine, str, str], T]) -> tu
     """Read and check a policy file, then ``work(engine, subject, text)`` on an engine opened for it; a DSL
     error (line:column) or a missing event ends the command with status 1."""
     from risk_engine.dsl import DslErrors, compile_policy, read_policy_file
-    from risk_engine.engine import NotFound, RiskEngine
+    from risk_engine.engine import RiskEngine
+    from risk_engine.errors import NotFound
 
     try:  # before opening the engine, which rebuilds its state from the stored history
         text = read_policy_file(file)
@@ -228,7 +229,7 @@ def keys_create(
     name: Annotated[str, typer.Option(help="What the key is for.")] = "cli",
 ) -> None:
     """Create an API key. The key alone is printed on the last line; only its hash is stored."""
-    from risk_engine.engine import ROLES, create_api_key
+    from risk_engine.api_keys import ROLES, create_api_key
 
     if role not in ROLES:
         typer.echo(f"role must be one of {', '.join(ROLES)}", err=True)
@@ -248,7 +249,7 @@ def keys_list(
     active: Annotated[bool, typer.Option("--active", help="Only keys that are not revoked.")] = False,
 ) -> None:
     """List API keys: id, role, name, created, revoked (never a secret). A JSON array on the last line."""
-    from risk_engine.engine import list_api_keys
+    from risk_engine.api_keys import list_api_keys
 
     _logging(logging.WARNING)
     db = _migrated_database(Settings())
@@ -267,7 +268,8 @@ def keys_revoke(
     key_id: Annotated[str, typer.Argument(help="The key's id: rk_<id>_... or as `keys list` shows.")],
 ) -> None:
     """Revoke an API key (audited). Running services refuse it within a few seconds."""
-    from risk_engine.engine import KEY_CACHE_S, NotFound, revoke_api_key
+    from risk_engine.api_keys import KEY_CACHE_S, revoke_api_key
+    from risk_engine.errors import NotFound
 
     _logging(logging.WARNING)
     if key_id.startswith("rk_"):  # a whole key was pasted: its id is the part after rk_
@@ -695,7 +697,8 @@ def models_fit(
 ) -> None:
     """Fit a population detector (pyod) on its subject's recent stored events; running workers pick the fit
     up within a poll interval. Prints a summary, ending with one JSON line."""
-    from risk_engine.engine import InvalidInput, NotFound, RiskEngine
+    from risk_engine.engine import RiskEngine
+    from risk_engine.errors import InvalidInput, NotFound
 
     engine = RiskEngine.open(Settings(policy_poll_s=0))
     try:
@@ -717,7 +720,8 @@ def merchants_rollup(
     """Roll up each merchant's day and score the roll-ups (flags). Ends with one JSON line."""
     from datetime import date
 
-    from risk_engine.engine import NotFound, RiskEngine
+    from risk_engine.engine import RiskEngine
+    from risk_engine.errors import NotFound
     from risk_engine.payments import EARLIEST_INSTANT, LATEST_INSTANT
 
     try:
@@ -750,7 +754,8 @@ def merchants_fit(
 ) -> None:
     """Fit the merchant roll-ups' population detectors on the stored roll-ups. Ends with one JSON line."""
     from risk_engine.detectors.population import PopulationDetector
-    from risk_engine.engine import InvalidInput, RiskEngine
+    from risk_engine.engine import RiskEngine
+    from risk_engine.errors import InvalidInput
 
     engine = RiskEngine.open(Settings(policy_poll_s=0))
     fitted = []

@@ -30,6 +30,14 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from risk_engine import __version__
+from risk_engine.api_keys import (
+    KeyCache,
+    Principal,
+    create_api_key,
+    has_api_keys,
+    list_api_keys,
+    revoke_api_key,
+)
 from risk_engine.backtest import StoredEvent
 from risk_engine.collector import TUNING
 from risk_engine.config import Settings
@@ -56,6 +64,7 @@ from risk_engine.dsl import (
     read_policy_file,
 )
 from risk_engine.dsl.errors import did_you_mean
+from risk_engine.errors import Conflict, InvalidInput, NotFound
 from risk_engine.features.lists import (
     ListDecl,
     ListEntry,
@@ -109,8 +118,6 @@ P = ParamSpec("P")
 R = TypeVar("R")
 log = logging.getLogger(__name__)
 
-ROLES = ("scorer", "analyst", "admin")
-ROLE_RANK = {role: i for i, role in enumerate(ROLES)}
 BASE_SCHEMAS: dict[str, SubjectSchema] = {name: kind.schema for name, kind in SUBJECT_KINDS.items()}
 Detector = StreamingDetector | PopulationDetector
 LABELS = {label: fraud for kind in SUBJECT_KINDS.values() for label, fraud in kind.labels.items()}
@@ -132,7 +139,6 @@ KNOWN_IDS_RETRY_S = 5.0  # after a failed read of the stored ids, the next is tr
 RULE_HOURS_NARROWED = 200  # a listing by rule reads only the hours it fired in, when they make this few runs
 IDEMPOTENCY_PURGE_S = 3600.0  # how often a worker deletes expired idempotency keys
 PII_EXPIRY_S = 86_400.0  # how often a worker drops the PII past its retention (pii_retention_days), when set
-KEY_CACHE_S = 5.0  # how long a process trusts what it read of a key: a revocation elsewhere takes this long
 
 
 FOLLOW_CHUNK = 200  # other workers' events taken in per hold of the state lock
@@ -141,14 +147,6 @@ STREAMED_ROWS = 5_000  # stored rows a roll-up (a day's events) or a label repla
 LIST_CHANGES_PER_READ = 10_000  # list changes other processes made, read per statement
 LIST_CHANGES_PER_HOLD = 1_000  # of them applied per hold of the state lock
 OWN_IDS_KEPT = 100_000  # ids of this worker's committed events awaiting the follower (see _note_own_events)
-
-
-class InvalidInput(Exception):
-    """Input that passed the schema but not the subject's configuration (attributes)."""
-
-    def __init__(self, errors: list[dict[str, Any]]) -> None:
-        self.errors = errors
-        super().__init__("; ".join(f"{e['field']}: {e['reason']}" for e in errors))
 
 
 def _in_label_order(method: Callable[Concatenate[RiskEngine, P], R]) -> Callable[Concatenate[RiskEngine, P], R]:
@@ -206,14 +204,6 @@ class LabelRequest:
         )
 
 
-class Conflict(Exception):
-    """An idempotency key reused with a different request."""
-
-
-class NotFound(Exception):
-    """The thing asked for does not exist."""
-
-
 _ATTRIBUTE_OK: dict[FieldType | None, Any] = {
     None: lambda v: False,
     FieldType.NUMBER: lambda v: type(v) in (int, float),
@@ -265,97 +255,6 @@ def load_environments(
     for spec in specs:  # a spec whose features do not type-check is refused at start-up
         compile_spec_features(spec, envs[spec.subject])
     return envs, models, list_decls
-
-
-def api_key_view(row: m.ApiKey) -> dict[str, Any]:
-    """What may be shown of a key: never its secret or the secret's hash."""
-    return {
-        "key_id": row.key_id,
-        "role": row.role,
-        "name": row.name,
-        "created_at": row.created_at.isoformat(),
-        "revoked_at": row.revoked_at.isoformat() if row.revoked_at is not None else None,
-    }
-
-
-def create_api_key(
-    db: SqlEngine, role: str, name: str, actor: str = "cli", request_id: str | None = None
-) -> tuple[str, dict[str, Any]]:
-    """Create a key in the database and return it with its view; only its hash is stored, and the creation is
-    audited. With ``request_id`` (the API's idempotency key), a request id already used raises ``Conflict``
-    naming the key it created: the secret is shown once, so a lost answer means revoking that key.
-
-    Needs no running engine: ``risk-engine keys create`` calls it on a migrated database without rebuilding
-    velocity and detectors from the stored history.
-    """
-    if role not in ROLES:
-        raise ValueError(f"role must be one of {', '.join(ROLES)}")
-    key_id = secrets.token_hex(6)
-    secret = secrets.token_urlsafe(32)
-    row = m.ApiKey(
-        key_id=key_id,
-        secret_hash=hashlib.sha256(secret.encode()).hexdigest(),
-        role=role,
-        name=name,
-        created_at=now_utc(),
-        revoked_at=None,
-        request_id=request_id,
-    )
-
-    try:
-        with Session(db, expire_on_commit=False) as s:
-            s.add(row)
-            audit(s, actor, "key.create", f"key:{key_id}", None, {"role": role, "name": name})
-            s.commit()
-    except IntegrityError:  # the request id's unique index: an earlier (or concurrent) attempt made the key
-        if request_id is None:
-            raise
-        with Session(db) as s:
-            earlier = s.scalars(select(m.ApiKey).where(m.ApiKey.request_id == request_id)).first()
-        if earlier is None:
-            raise
-        raise Conflict(
-            f"request_id {request_id} already created key {earlier.key_id}; its secret is shown only once: "
-            "if that answer was lost, revoke the key and create another with a new request_id"
-        ) from None
-    return f"rk_{key_id}_{secret}", api_key_view(row)
-
-
-def list_api_keys(db: SqlEngine, include_revoked: bool = True) -> list[dict[str, Any]]:
-    """Every key's view, oldest first."""
-    stmt = select(m.ApiKey).order_by(m.ApiKey.created_at, m.ApiKey.key_id)
-    if not include_revoked:
-        stmt = stmt.where(m.ApiKey.revoked_at.is_(None))
-    with Session(db) as s:
-        return [api_key_view(row) for row in s.scalars(stmt)]
-
-
-def revoke_api_key(db: SqlEngine, key_id: str, actor: str, keep_an_admin: bool = False) -> dict[str, Any]:
-    """Revoke a key (audited); revoking a revoked key changes nothing and answers the same view.
-
-    ``keep_an_admin`` (the API) refuses to revoke the last live admin key, which would leave nobody able to
-    manage keys over HTTP; the CLI, which can always create one, may. Raises ``NotFound`` or ``Conflict``.
-    """
-    with Session(db, expire_on_commit=False) as s:
-        row = s.get(m.ApiKey, key_id, with_for_update=True)
-        if row is None:
-            raise NotFound(f"no API key {key_id}")
-        if row.revoked_at is not None:
-            return api_key_view(row)
-        if keep_an_admin and row.role == "admin":
-            # every live admin row locked (PostgreSQL), so two revocations at once cannot both pass the count
-            live_admins = s.scalars(
-                select(m.ApiKey.key_id)
-                .where(m.ApiKey.role == "admin", m.ApiKey.revoked_at.is_(None))
-                .order_by(m.ApiKey.key_id)
-                .with_for_update()
-            ).all()
-            if set(live_admins) <= {key_id}:
-                raise Conflict(f"key {key_id} is the last live admin key: create another admin key first")
-        row.revoked_at = now_utc()
-        audit(s, actor, "key.revoke", f"key:{key_id}", {"revoked_at": None}, {"revoked_at": row.revoked_at.isoformat()})
-        s.commit()
-        return api_key_view(row)
 
 
 # how long a state snapshot saved while serving waits for the writer's commits, under the state lock
@@ -507,19 +406,6 @@ class ScoreOutcome:
         raise exc
 
 
-@dataclass(frozen=True)
-class Principal:
-    """Who is calling."""
-
-    key_id: str
-    role: str
-    name: str
-
-    def can(self, role: str) -> bool:
-        """Roles are ranked: admin > analyst > scorer."""
-        return ROLE_RANK[self.role] >= ROLE_RANK[role]
-
-
 @dataclass
 class _Counters:
     decisions: dict[str, int] = field(default_factory=dict)
@@ -560,7 +446,7 @@ class RiskEngine:
         self._seq = 0
         self._start_seq = 0
         self._since_snapshot = 0
-        self._key_cache: dict[str, tuple[float, Principal | None]] = {}
+        self.keys = KeyCache(self.db)
         self.environments: dict[str, Environment] = {}
         self._poller: threading.Thread | None = None
         self._follower: threading.Thread | None = None
@@ -2849,7 +2735,7 @@ class RiskEngine:
     def create_api_key(
         self, role: str, name: str, actor: str = "cli", request_id: str | None = None
     ) -> tuple[str, dict[str, Any]]:
-        """Create a key and return it with its view; only its hash is stored (see ``create_api_key``)."""
+        """Create a key and return it with its view; only its hash is stored (see ``api_keys.create_api_key``)."""
         return create_api_key(self.db, role, name, actor, request_id)
 
     def api_keys(self, include_revoked: bool = True) -> list[dict[str, Any]]:
@@ -2859,37 +2745,16 @@ class RiskEngine:
     def revoke_api_key(self, key_id: str, actor: str, keep_an_admin: bool = True) -> dict[str, Any]:
         """Revoke a key. This process refuses it at once; other processes within ``KEY_CACHE_S``."""
         view = revoke_api_key(self.db, key_id, actor, keep_an_admin)
-        self._key_cache.clear()
+        self.keys.forget()
         return view
 
     def has_api_keys(self) -> bool:
         """True once any key exists."""
-        with self._session() as s:
-            return s.scalar(select(func.count()).select_from(m.ApiKey)) != 0
+        return has_api_keys(self.db)
 
     def authenticate(self, token: str) -> Principal | None:
-        """The principal behind a bearer token, or None. Cached for a few seconds."""
-        now = time.monotonic()
-        cached = self._key_cache.get(token)
-        if cached is not None and now - cached[0] < KEY_CACHE_S:
-            return cached[1]
-        principal = None
-        parts = token.split("_", 2)
-        if len(parts) == 3 and parts[0] == "rk":
-            key_id, secret = parts[1], parts[2]
-            try:
-                with self._session() as s:
-                    row = s.get(m.ApiKey, key_id)
-            except OperationalError as exc:
-                raise DatabaseUnavailable(type(exc).__name__) from exc
-            if row is not None and row.revoked_at is None:
-                digest = hashlib.sha256(secret.encode()).hexdigest()
-                if secrets.compare_digest(digest, row.secret_hash):
-                    principal = Principal(key_id, row.role, row.name)
-        if len(self._key_cache) > 10_000:
-            self._key_cache.clear()
-        self._key_cache[token] = (now, principal)
-        return principal
+        """The principal behind a bearer token, or None (``api_keys.KeyCache``)."""
+        return self.keys.authenticate(token)
 
     # -- lists ---------------------------------------------------------------------------------------------------
     def add_list_entry(

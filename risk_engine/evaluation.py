@@ -21,7 +21,8 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from risk_engine.config import Settings
 from risk_engine.datasets import DatasetError, LabelledEvent, ethereum_accounts, opspam_reviews, ulb_payments
-from risk_engine.engine import InvalidInput, RiskEngine
+from risk_engine.engine import RiskEngine
+from risk_engine.errors import InvalidInput
 from risk_engine.storage.writer import Ticket
 from risk_engine.subjects import SUBJECT_KINDS
 

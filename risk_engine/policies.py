@@ -27,7 +27,8 @@ from risk_engine.backtest import (
     run_backtest,
 )
 from risk_engine.dsl import CompiledPolicy, DslError, DslErrors, compile_policy
-from risk_engine.engine import Conflict, NotFound, RiskEngine, now_utc
+from risk_engine.engine import RiskEngine, now_utc
+from risk_engine.errors import Conflict, NotFound
 from risk_engine.features.velocity import GRACE_S
 from risk_engine.jobs import Job
 from risk_engine.storage import models as m

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import select
 
 from risk_engine import engine as engine_module
-from risk_engine.engine import InvalidInput
+from risk_engine.errors import InvalidInput
 from risk_engine.policies import PolicyWorkflow
 from risk_engine.storage import models as m
 from tests.conftest import BASE_REVIEW, REPO, Api, make_settings, open_api, payment, run_cli

@@ -11,7 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from risk_engine.engine import Principal, RiskEngine
+from risk_engine.api_keys import Principal
+from risk_engine.engine import RiskEngine
 
 bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer rk_...`")
 

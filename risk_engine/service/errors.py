@@ -11,7 +11,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from risk_engine.dsl import DslErrors
-from risk_engine.engine import Conflict, InvalidInput, NotFound
+from risk_engine.errors import Conflict, InvalidInput, NotFound
 from risk_engine.service.responses import JsonResponse
 from risk_engine.storage.db import DatabaseUnavailable
 from risk_engine.vault import BlindIndexesRetired

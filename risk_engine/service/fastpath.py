@@ -26,7 +26,8 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from risk_engine.engine import Conflict, InvalidInput, RiskEngine, ScoreOutcome
+from risk_engine.engine import RiskEngine, ScoreOutcome
+from risk_engine.errors import Conflict, InvalidInput
 from risk_engine.service.bodies import read_body, replay_receive
 from risk_engine.service.bursts import Bursts
 from risk_engine.service.metrics import observe_request

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from risk_engine.engine import NotFound
+from risk_engine.errors import NotFound
 from risk_engine.service.deps import Analyst, EngineDep
 from risk_engine.service.responses import JsonResponse
 from risk_engine.service.schemas import (

@@ -6,7 +6,7 @@ import asyncio
 
 from fastapi import APIRouter, Request, Response
 
-from risk_engine.engine import InvalidInput
+from risk_engine.errors import InvalidInput
 from risk_engine.merchants import MerchantEventIn
 from risk_engine.service.deps import Analyst, EngineDep, Scorer
 from risk_engine.service.responses import JsonResponse, answer

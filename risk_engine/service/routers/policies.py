@@ -9,7 +9,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from risk_engine.dsl.parser import parse_duration
-from risk_engine.engine import NotFound
+from risk_engine.errors import NotFound
 from risk_engine.jobs import Jobs
 from risk_engine.payments import Text
 from risk_engine.policies import PolicyWorkflow
