@@ -8,6 +8,8 @@ PORT   ?= 8000
 # The suite exercises PostgreSQL too; point this elsewhere, or at nothing, as needed.
 RISK_ENGINE_TEST_POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 export RISK_ENGINE_TEST_POSTGRES_URL
+# pytest processes (pytest-xdist; 0: one process). Each test has its own files and PostgreSQL schema.
+TEST_WORKERS ?= 2
 
 .PHONY: run test lint typecheck pytest bench openapi clean
 
@@ -27,7 +29,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy --strict risk_engine
 
 pytest: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS)
 
 test: lint typecheck pytest
 
