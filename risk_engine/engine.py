@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import orjson
-from sqlalchemy import ColumnElement, String, case, cast, func, or_, select, true, update
+from sqlalchemy import ColumnElement, case, func, select, true, update
 from sqlalchemy import Engine as SqlEngine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
@@ -57,7 +57,6 @@ from risk_engine.detectors.spec import ModelsConfig, SpecError, compile_spec_fea
 from risk_engine.detectors.vectors import VectorPacker, stored_vector, stored_vectors
 from risk_engine.dsl import (
     CompiledPolicy,
-    Decision,
     Environment,
     aggregate_union,
     compile_policy,
@@ -84,7 +83,7 @@ from risk_engine.money import BaseCurrency, load_base_currency
 from risk_engine.payments import PaymentIn
 from risk_engine.pipeline import ModelScore, Verdict, decide, decision_for
 from risk_engine.schema import FieldType, SubjectSchema, load_attribute_declarations
-from risk_engine.storage import blind_index_rotation, erasure, idempotency, list_entries
+from risk_engine.storage import blind_index_rotation, erasure, event_listing, idempotency, list_entries
 from risk_engine.storage import models as m
 from risk_engine.storage.announce import (
     ANNOUNCE_SQL,
@@ -99,7 +98,7 @@ from risk_engine.storage.audit import audit
 from risk_engine.storage.db import DatabaseUnavailable, make_engine, migrate, retry_on_race
 from risk_engine.storage.labels import EVENT_OUTCOME_SQL
 from risk_engine.storage.labels import outcome as label_outcome
-from risk_engine.storage.rule_hits import HOUR_S, HitTally, Tally, hour_of, rule_codes, tally_labels
+from risk_engine.storage.rule_hits import HitTally, Tally, hour_of, rule_codes, tally_labels
 from risk_engine.storage.shadow_tallies import ShadowOutcome
 from risk_engine.storage.writer import (
     DuplicateRow,
@@ -136,7 +135,6 @@ CATCH_UP_LEFT = 500
 MARKETPLACE_RETRY_S = 1.0  # after a failed rebuild of the cross-subject state, the next is tried no sooner
 KNOWN_IDS_MIN_CAPACITY = 1_000_000  # the id filter's first layer: about 2 MB
 KNOWN_IDS_RETRY_S = 5.0  # after a failed read of the stored ids, the next is tried
-RULE_HOURS_NARROWED = 200  # a listing by rule reads only the hours it fired in, when they make this few runs
 IDEMPOTENCY_PURGE_S = 3600.0  # how often a worker deletes expired idempotency keys
 PII_EXPIRY_S = 86_400.0  # how often a worker drops the PII past its retention (pii_retention_days), when set
 
@@ -158,10 +156,6 @@ def _in_label_order(method: Callable[Concatenate[RiskEngine, P], R]) -> Callable
             return method(engine, *args, **kwargs)
 
     return locked
-
-
-def _rule_fired(reason: Mapping[str, Any], code: str) -> bool:
-    return bool(reason["code"] == code and reason["source"] == "rule")
 
 
 @dataclass(frozen=True)
@@ -2324,93 +2318,9 @@ class RiskEngine:
         before_id: int | None = None,
         rule: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Stored events of ``subject``, newest first: what a review queue lists (``decision="review"``,
-        ``unlabelled``: not yet resolved by a label; ``rule``: a rule with this reason code fired). ``decision``
-        is in the subject's words (a review's ``hold``); each item carries ``id`` for the next page's
-        ``before_id``. No PII is read."""
-        kind = SUBJECT_KINDS[subject]
-        stmt = (
-            select(m.Event.id, m.Event.event_id, m.Event.occurred_at, m.Event.response)
-            .where(m.Event.subject == subject)
-            .order_by(m.Event.id.desc())
-            .limit(limit)
-        )
-        if rule is not None:  # the stored answer's text holds the code; the reasons are checked below
-            stmt = stmt.where(cast(m.Event.response, String).contains(f'"code":"{rule}"', autoescape=True))
-            hours = self._hours_fired(subject, rule)
-            if not hours:
-                return []  # never fired: nothing to read
-            if len(hours) <= RULE_HOURS_NARROWED:  # only the hours it fired in (a rare rule: a few of months)
-                stmt = stmt.where(
-                    or_(
-                        *(
-                            (m.Event.occurred_at >= datetime.fromtimestamp(first * HOUR_S, UTC))
-                            & (m.Event.occurred_at < datetime.fromtimestamp((last + 1) * HOUR_S, UTC))
-                            for first, last in hours
-                        )
-                    )
-                )
-        if decision is not None:
-            names = kind.decision_names or {d.value: d.value for d in Decision}
-            internal = [d for d, name in names.items() if name == decision]
-            if not internal:
-                raise InvalidInput(
-                    [{"field": "decision", "reason": f"one of {', '.join(sorted(set(names.values())))}"}]
-                )
-            stmt = stmt.where(m.Event.decision.in_(internal))
-        if before_id is not None:
-            stmt = stmt.where(m.Event.id < before_id)
-        if unlabelled:
-            labelled = select(m.Label.id).where(m.Label.subject == subject, m.Label.event_id == m.Event.event_id)
-            stmt = stmt.where(~labelled.exists())
-        try:
-            with self._session() as s:
-                rows = list(s.execute(stmt).all())
-                if rule is not None:
-                    # a model's reason with that code matches the text too: keep the events where a rule fired,
-                    # reading on until the page is full or the events run out
-                    kept: list[Any] = []
-                    while True:
-                        kept += [r for r in rows if any(_rule_fired(x, rule) for x in r.response["reasons"])]
-                        if len(kept) >= limit or len(rows) < limit:
-                            break
-                        rows = list(s.execute(stmt.where(m.Event.id < rows[-1].id)).all())
-                    rows = kept[:limit]
-        except OperationalError as exc:
-            raise DatabaseUnavailable(type(exc).__name__) from exc
-        return [
-            {
-                "id": row.id,
-                kind.id_field: row.event_id,
-                "occurred_at": row.occurred_at.isoformat(),
-                "decision": row.response["decision"],
-                "score": row.response["score"],
-                "reasons": [r["code"] for r in row.response["reasons"] if r["source"] == "rule"],
-                "policy_version": row.response["policy_version"],
-            }
-            for row in rows
-        ]
-
-    def _hours_fired(self, subject: str, code: str) -> list[tuple[int, int]]:
-        """The hours in which a rule with ``code`` fired on a stored event of ``subject``, as runs of consecutive
-        hours ``(first, last)``, from the hourly counts (``storage/rule_hits.py``)."""
-        try:
-            with self._session() as s:
-                hours = s.scalars(
-                    select(m.RuleHit.hour)
-                    .where(m.RuleHit.subject == subject, m.RuleHit.code == code, m.RuleHit.hits > 0)
-                    .distinct()
-                    .order_by(m.RuleHit.hour)
-                ).all()
-        except OperationalError as exc:
-            raise DatabaseUnavailable(type(exc).__name__) from exc
-        runs: list[tuple[int, int]] = []
-        for hour in hours:
-            if runs and runs[-1][1] == hour - 1:
-                runs[-1] = (runs[-1][0], hour)
-            else:
-                runs.append((hour, hour))
-        return runs
+        """Stored events of ``subject``, newest first, as a review queue lists them
+        (``storage.event_listing.list_events``). No PII is read."""
+        return event_listing.list_events(self.db, SUBJECT_KINDS[subject], decision, unlabelled, limit, before_id, rule)
 
     # -- labels -------------------------------------------------------------------------------------------------
     @_in_label_order
