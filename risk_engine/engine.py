@@ -96,6 +96,7 @@ from risk_engine.storage.announce import (
 )
 from risk_engine.storage.audit import audit
 from risk_engine.storage.db import DatabaseUnavailable, make_engine, migrate, retry_on_race
+from risk_engine.storage.event_listing import EventListing
 from risk_engine.storage.labels import EVENT_OUTCOME_SQL
 from risk_engine.storage.labels import outcome as label_outcome
 from risk_engine.storage.rule_hits import HitTally, Tally, hour_of, rule_codes, tally_labels
@@ -2309,18 +2310,10 @@ class RiskEngine:
             "labels": [self._label_view(label) for label in labels],
         }
 
-    def list_events(
-        self,
-        subject: str,
-        decision: str | None = None,
-        unlabelled: bool = False,
-        limit: int = 50,
-        before_id: int | None = None,
-        rule: str | None = None,
-    ) -> list[dict[str, Any]]:
-        """Stored events of ``subject``, newest first, as a review queue lists them
-        (``storage.event_listing.list_events``). No PII is read."""
-        return event_listing.list_events(self.db, SUBJECT_KINDS[subject], decision, unlabelled, limit, before_id, rule)
+    def list_events(self, subject: str, query: EventListing | None = None) -> list[dict[str, Any]]:
+        """Stored events of ``subject``, newest first, as a review queue lists them (``storage.event_listing``).
+        No PII is read."""
+        return event_listing.list_events(self.db, SUBJECT_KINDS[subject], query or EventListing())
 
     # -- labels -------------------------------------------------------------------------------------------------
     @_in_label_order

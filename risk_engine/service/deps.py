@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Query, Request
@@ -13,6 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from risk_engine.api_keys import Principal
 from risk_engine.engine import RiskEngine
+from risk_engine.storage.event_listing import EventListing
 
 bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer rk_...`")
 
@@ -86,17 +86,6 @@ def reject_unknown_query_parameters(request: Request) -> None:
 Scorer = Annotated[Principal, Depends(require("scorer"))]
 Analyst = Annotated[Principal, Depends(require("analyst"))]
 Admin = Annotated[Principal, Depends(require("admin"))]
-
-
-@dataclass(frozen=True)
-class EventListing:
-    """Which stored events a listing (a review queue) asks for."""
-
-    decision: str | None
-    unlabelled: bool
-    limit: int
-    before_id: int | None
-    rule: str | None = None
 
 
 def event_listing(

@@ -4,6 +4,7 @@ rule fired (found through the hourly rule counts, ``rule_hits``). Reads no PII."
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,25 +23,28 @@ from risk_engine.subjects import SubjectKind
 RULE_HOURS_NARROWED = 200  # a listing by rule reads only the hours it fired in, when they make this few runs
 
 
+@dataclass(frozen=True)
+class EventListing:
+    """Which stored events a listing (a review queue) asks for: ``decision`` in the subject's words (a review's
+    ``hold``), ``unlabelled``: not yet resolved by a label, ``rule``: a rule with this reason code fired; a page
+    of ``limit``, before the event ``before_id`` (the last ``id`` of the page before)."""
+
+    decision: str | None = None
+    unlabelled: bool = False
+    limit: int = 50
+    before_id: int | None = None
+    rule: str | None = None
+
+
 def rule_fired(reason: Mapping[str, Any], code: str) -> bool:
     """True if a stored answer's reason is the rule ``code`` firing (a model's reason may share the code)."""
     return bool(reason["code"] == code and reason["source"] == "rule")
 
 
-def list_events(
-    db: SqlEngine,
-    kind: SubjectKind,
-    decision: str | None = None,
-    unlabelled: bool = False,
-    limit: int = 50,
-    before_id: int | None = None,
-    rule: str | None = None,
-) -> list[dict[str, Any]]:
-    """Stored events of the subject ``kind``, newest first: what a review queue lists (``decision="review"``,
-    ``unlabelled``: not yet resolved by a label; ``rule``: a rule with this reason code fired). ``decision``
-    is in the subject's words (a review's ``hold``); each item carries ``id`` for the next page's
-    ``before_id``. No PII is read."""
-    subject = kind.name
+def list_events(db: SqlEngine, kind: SubjectKind, query: EventListing) -> list[dict[str, Any]]:
+    """Stored events of the subject ``kind`` that ``query`` asks for, newest first; each item carries ``id`` for
+    the next page's ``before_id``. No PII is read."""
+    subject, rule, limit = kind.name, query.rule, query.limit
     stmt = (
         select(m.Event.id, m.Event.event_id, m.Event.occurred_at, m.Event.response)
         .where(m.Event.subject == subject)
@@ -62,15 +66,15 @@ def list_events(
                     )
                 )
             )
-    if decision is not None:
+    if query.decision is not None:
         names = kind.decision_names or {d.value: d.value for d in Decision}
-        internal = [d for d, name in names.items() if name == decision]
+        internal = [d for d, name in names.items() if name == query.decision]
         if not internal:
             raise InvalidInput([{"field": "decision", "reason": f"one of {', '.join(sorted(set(names.values())))}"}])
         stmt = stmt.where(m.Event.decision.in_(internal))
-    if before_id is not None:
-        stmt = stmt.where(m.Event.id < before_id)
-    if unlabelled:
+    if query.before_id is not None:
+        stmt = stmt.where(m.Event.id < query.before_id)
+    if query.unlabelled:
         labelled = select(m.Label.id).where(m.Label.subject == subject, m.Label.event_id == m.Event.event_id)
         stmt = stmt.where(~labelled.exists())
     try:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 from fastapi import APIRouter, Request, Response
 
 from risk_engine.accounts import AccountIn
@@ -25,7 +23,7 @@ async def score_account(account: AccountIn, engine: EngineDep, _: Scorer, reques
 def list_accounts(listing: Listing, engine: EngineDep, _: Analyst) -> JsonResponse:
     """Stored accounts, newest first, with their decision, score and the rules that fired: filter by ``decision``
     and ``unlabelled`` for a review queue; page with ``before_id``."""
-    return JsonResponse(engine.list_events("account", **asdict(listing)))
+    return JsonResponse(engine.list_events("account", listing))
 
 
 @router.get("/{account_id}", responses=errors(not_found="No account event with that id"))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 from fastapi import APIRouter, Request, Response
 
 from risk_engine.payments import PaymentIn
@@ -25,7 +23,7 @@ async def score_payment(payment: PaymentIn, engine: EngineDep, _: Scorer, reques
 def list_payments(listing: Listing, engine: EngineDep, _: Analyst) -> JsonResponse:
     """Stored payments, newest first, with their decision, score and the rules that fired: filter by ``decision``
     and ``unlabelled`` for a review queue; page with ``before_id``."""
-    return JsonResponse(engine.list_events("payment", **asdict(listing)))
+    return JsonResponse(engine.list_events("payment", listing))
 
 
 @router.get("/{payment_id}", response_model=PaymentOut, responses=errors(not_found="No payment with that id"))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 from fastapi import APIRouter, Request, Response
 
 from risk_engine.reviews import ReviewIn
@@ -26,7 +24,7 @@ async def score_review(review: ReviewIn, engine: EngineDep, _: Scorer, request: 
 def list_reviews(listing: Listing, engine: EngineDep, _: Analyst) -> JsonResponse:
     """Stored reviews, newest first, with their decision, score and the rules that fired: filter by ``decision``
     and ``unlabelled`` for a review queue; page with ``before_id``."""
-    return JsonResponse(engine.list_events("review", **asdict(listing)))
+    return JsonResponse(engine.list_events("review", listing))
 
 
 @router.get("/{review_id}", responses=errors(not_found="No review with that id"))
