@@ -1852,14 +1852,17 @@ class RiskEngine:
                 if det.last_seq > self._start_seq:  # it learned this worker's events since its start
                     det.last_origin = self.origin
                 state = det.state()
-                per_key = state.pop("per_key", None)  # bytes already: pickled with the rest off the lock
+                per_key = state.pop("per_key", None)  # the changes since the last: applied off the lock
                 encoded.append((self.snapshot_path(det), encode_state(state), per_key))
         self._since_snapshot = 0
 
         def write() -> None:
             for path, payload, per_key in encoded:
                 if per_key is not None:
-                    payload = encode_state({"state": payload, "per_key": per_key})
+                    view = per_key.apply()
+                    if view is None:  # taken over by a later snapshot, which writes this detector
+                        continue
+                    payload = encode_state({"state": payload, "per_key": view})
                 try:
                     write_encoded(path, payload, self.signing_key)
                 except OSError as exc:  # the next snapshot retries; restart replays from the last good one

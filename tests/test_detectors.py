@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import copy
+import pickle
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from risk_engine.detectors import (
     RunningQuantile,
@@ -313,38 +317,54 @@ def test_a_per_key_detector_keeps_the_most_recently_seen_keys_only(tmp_path: Pat
         parse_spec_file(path)
 
 
+PER_KEY_SPEC = SPEC.replace("warmup = 5", 'warmup = 5\nper = "seller_id"\nper_max_keys = 3')
+
+
+def _see(det: StreamingDetector, rng: random.Random, key: str, times: int = 1) -> None:
+    for _ in range(times):
+        x = {"amount": rng.uniform(1, 100), "items": float(rng.randint(1, 4))}
+        det.select(key)
+        raw, _ = det.score_one(x)
+        det.learn_one(x, raw, det.last_seq + 1)
+
+
+def _pickled_now(det: StreamingDetector) -> dict[str, bytes]:
+    return {key: pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL) for key, model in det.models.items()}
+
+
+def _per_key_view(det: StreamingDetector) -> dict[str, Any]:
+    """What a snapshot of ``det`` now holds of its models (the snapshot writer's part included), copied."""
+    view = det.state()["per_key"].apply()
+    return {"order": list(view["order"]), "pickled": dict(view["pickled"])}
+
+
 def test_a_per_key_detectors_snapshot_pickles_only_the_keys_changed_since_the_last_and_restores_exactly(
     tmp_path: Path,
 ) -> None:
     """A full pickle of 100,000 keys' models took 0.3 s under the state lock; each key's model is now pickled
-    once per change, and the snapshot's state carries the bytes (pickled with the rest off the lock)."""
-    per_key_spec = SPEC.replace("warmup = 5", 'warmup = 5\nper = "seller_id"\nper_max_keys = 3')
-    det = detector(tmp_path, per_key_spec)
+    once per change, and the snapshot's state carries only the changes, made to the last snapshot's keys off
+    the lock (``apply``)."""
+    det = detector(tmp_path, PER_KEY_SPEC)
     rng = random.Random(3)
-
-    def see(key: str, times: int = 1, on: StreamingDetector = det) -> None:
-        for _ in range(times):
-            x = {"amount": rng.uniform(1, 100), "items": float(rng.randint(1, 4))}
-            on.select(key)
-            raw, _ = on.score_one(x)
-            on.learn_one(x, raw, on.last_seq + 1)
-
     for key in ("a", "b", "c"):
-        see(key, 20)
-    first = det.state()["per_key"]
+        _see(det, rng, key, 20)
+    first = _per_key_view(det)
     assert first["order"] == ["a", "b", "c"] and set(first["pickled"]) == {"a", "b", "c"}
-    see("b", 5)
-    second = det.state()["per_key"]
+    _see(det, rng, "b", 5)
+    changes = det.state()["per_key"]
+    assert set(changes.changed) == {"b"}  # only the key that learned is pickled again, under the lock
+    second = changes.apply()
     assert second["order"] == ["a", "c", "b"]
     assert second["pickled"]["a"] is first["pickled"]["a"] and second["pickled"]["c"] is first["pickled"]["c"]
-    assert second["pickled"]["b"] != first["pickled"]["b"]  # only the key that learned was pickled again
-    see("d", 2)  # a, the least recently seen, goes
+    assert second["pickled"]["b"] != first["pickled"]["b"]
+    _see(det, rng, "d", 2)  # a, the least recently seen, goes
     third = det.state()
+    third["per_key"] = third["per_key"].apply()
     assert third["per_key"]["order"] == ["c", "b", "d"] and set(third["per_key"]["pickled"]) == {"b", "c", "d"}
 
     path = tmp_path / "per.snapshot"
     write_snapshot(path, third, b"k" * 32)  # the state as a snapshot holds it
-    restored = detector(tmp_path, per_key_spec)
+    restored = detector(tmp_path, PER_KEY_SPEC)
     loaded = read_snapshot(path, b"k" * 32)
     assert restored.restore(loaded)
     probe = {"amount": 55.0, "items": 2.0}
@@ -353,6 +373,56 @@ def test_a_per_key_detectors_snapshot_pickles_only_the_keys_changed_since_the_la
             one.select(key)
         assert restored.score_one(probe) == det.score_one(probe), key
     assert list(restored.models) == list(det.models)
-    see("c", on=restored)  # the restored detector's bytes are reused until their key changes
-    again = restored.state()["per_key"]["pickled"]
+    _see(restored, rng, "c")  # the restored detector's bytes are reused until their key changes
+    again = restored.state()["per_key"].apply()["pickled"]
     assert again["b"] is loaded["per_key"]["pickled"]["b"] and again["c"] != loaded["per_key"]["pickled"]["c"]
+
+
+def test_per_key_changes_a_snapshot_never_wrote_go_with_the_next_one(tmp_path: Path) -> None:
+    """A snapshot that failed before its write (its changes never applied) loses nothing: the next one takes
+    its changes over, and applying the first afterwards does nothing."""
+    det = detector(tmp_path, PER_KEY_SPEC)
+    rng = random.Random(5)
+    for key in ("a", "b"):
+        _see(det, rng, key, 10)
+    _per_key_view(det)
+    _see(det, rng, "c", 3)
+    _see(det, rng, "a")
+    lost = det.state()["per_key"]  # never applied
+    _see(det, rng, "d")  # b goes
+    view = _per_key_view(det)
+    assert lost.apply() is None
+    assert view["order"] == list(det.models) == ["c", "a", "d"]
+    assert view["pickled"] == _pickled_now(det)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("see"), st.sampled_from("abcdef"), st.integers(1, 3)),
+            st.tuples(st.just("snapshot"), st.booleans(), st.just(0)),
+        ),
+        max_size=40,
+    )
+)
+def test_a_per_key_snapshot_always_holds_every_kept_model_as_it_is_in_recency_order(
+    steps: list[tuple[str, Any, int]],
+) -> None:
+    """Whatever keys come, go (a cap of 3) and come back, and whichever snapshots are applied or lost, the next
+    applied snapshot holds exactly the detector's models, each as it is now, least recently seen first."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        det = detector(Path(tmp), PER_KEY_SPEC)
+    rng = random.Random(11)
+    for action, arg, times in steps:
+        if action == "see":
+            _see(det, rng, arg, times)
+        else:
+            changes = det.state()["per_key"]
+            if arg:  # written; else the snapshot failed before its write
+                changes.apply()
+    view = _per_key_view(det)
+    assert view["order"] == list(det.models)
+    assert view["pickled"] == _pickled_now(det)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import pickle
+import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping
 from contextlib import AbstractContextManager
@@ -38,11 +39,15 @@ class StreamingDetector(DetectorBase):
         self.platt = PlattScaling() if spec.calibration == "platt" else None
         # per-key detectors (``per``): one model per key, most recently seen last; one calibration for all
         self.models: OrderedDict[str, Any] = OrderedDict()
-        # each key's model as pickled for the last snapshot, and the keys whose model changed since: a snapshot
-        # pickles only those under the state lock (a full pickle of 100,000 keys' models took 0.3 s)
         self._key: str | None = None
-        self._pickled: dict[str, bytes] = {}
+        # what changed since the last snapshot, which holds the rest (``PerKeySnapshot``): the keys whose model
+        # is new or learned, when each key seen was last seen (a count of selections), the keys evicted
         self._dirty: set[str] = set()
+        self._seen: dict[str, int] = {}
+        self._evicted: set[str] = set()
+        self._selections = 0
+        self._base = PerKeySnapshot()
+        self._handed: PerKeyChanges | None = None  # the changes the last ``state`` handed out
 
     def select(self, key: object) -> None:
         """Per-key detectors: make ``key``'s own model (a fresh one for a new key) the one in use."""
@@ -54,12 +59,16 @@ class StreamingDetector(DetectorBase):
         if model is None:
             model = models[name] = self.spec.build()
             self._dirty.add(name)
+            self._evicted.discard(name)
             if len(models) > self.spec.per_max_keys:  # bounded memory: the least recently seen key goes
                 gone, _ = models.popitem(last=False)
-                self._pickled.pop(gone, None)
                 self._dirty.discard(gone)
+                self._seen.pop(gone, None)
+                self._evicted.add(gone)
         else:
             models.move_to_end(name)
+        self._seen[name] = self._selections
+        self._selections += 1
         self._key = name
         if model is not self.model:
             self.model = model
@@ -201,15 +210,18 @@ class StreamingDetector(DetectorBase):
 
     def state(self) -> dict[str, Any]:
         """Everything a snapshot needs to restore this detector exactly. A per-key detector's models are under
-        ``per_key``: each key's model pickled (only those changed since the last snapshot pickled now), in
-        least-recently-seen order; bytes that never change, so the caller may pickle that part after it
-        releases the state lock."""
+        ``per_key``, a ``PerKeyChanges``: the models changed since the last snapshot, pickled now, and the keys
+        seen or evicted since. Its ``apply()`` gives each key's model pickled, in least-recently-seen order, off
+        the state lock: call it once per ``state()``, in order, from one thread (the snapshot writer's)."""
         per_key = None
         if self.spec.per:
-            for key in self._dirty:
-                self._pickled[key] = pickle.dumps(self.models[key], protocol=pickle.HIGHEST_PROTOCOL)
-            self._dirty.clear()
-            per_key = {"order": list(self.models), "pickled": dict(self._pickled)}
+            models = self.models
+            changed = {key: pickle.dumps(models[key], protocol=pickle.HIGHEST_PROTOCOL) for key in self._dirty}
+            per_key = PerKeyChanges(self._base, changed, self._seen, self._evicted)
+            if self._handed is not None and self._handed.taken_over():
+                per_key = self._handed.followed_by(per_key)
+            self._handed = per_key
+            self._dirty, self._seen, self._evicted = set(), {}, set()
         return {
             "name": self.spec.name,
             "digest": self.spec.digest,
@@ -235,12 +247,17 @@ class StreamingDetector(DetectorBase):
         per_key = state.get("per_key")
         if per_key is not None:  # pickled one by one (within the snapshot, whose signature was checked)
             pickled: dict[str, bytes] = per_key["pickled"]
-            self.models = OrderedDict((key, pickle.loads(pickled[key])) for key in per_key["order"])
-            self._pickled = {key: pickled[key] for key in per_key["order"]}
+            order: list[str] = per_key["order"]
+            self.models = OrderedDict((key, pickle.loads(pickled[key])) for key in order)
+            self._base = PerKeySnapshot({key: pickled[key] for key in order}, {key: i for i, key in enumerate(order)})
+            self._dirty, self._seen = set(), {}
         else:  # a plain detector, or a snapshot from before per-key models were pickled one by one
             self.models = OrderedDict(state.get("models", {}))
-            self._pickled = {}
-        self._dirty = set() if per_key is not None else set(self.models)
+            self._base = PerKeySnapshot()
+            self._dirty, self._seen = set(self.models), {key: i for i, key in enumerate(self.models)}
+        self._evicted = set()
+        self._handed = None
+        self._selections = len(self.models)
         self._key = None
         self._steps = _split(self.model)
         self.calibrator = state["calibrator"]
@@ -254,6 +271,61 @@ class StreamingDetector(DetectorBase):
         # gaps get a fresh wait after a restart
         self.labels_read = IdWatermark(int(state.get("last_label_id", 0)), state.get("label_gaps", ()))
         return True
+
+
+class PerKeySnapshot:
+    """What the last snapshot of a per-key detector held: each key's model pickled, and when the key was last
+    seen. Kept between snapshots so that one under the state lock takes only what changed since (listing and
+    copying 100,000 keys' entries under it took 35 ms); changed by ``PerKeyChanges.apply`` alone."""
+
+    def __init__(self, pickled: dict[str, bytes] | None = None, seen: dict[str, int] | None = None) -> None:
+        self.pickled: dict[str, bytes] = pickled if pickled is not None else {}
+        self.seen: dict[str, int] = seen if seen is not None else {}
+
+
+class PerKeyChanges:
+    """A per-key detector's changes since its last snapshot, taken under the state lock (``state``), for the
+    snapshot writer to ``apply``. Changes never applied (a snapshot that failed before its write) are not lost:
+    the next ``state`` takes them over, and ``apply`` then gives None here."""
+
+    def __init__(
+        self, base: PerKeySnapshot, changed: dict[str, bytes], seen: dict[str, int], evicted: set[str]
+    ) -> None:
+        self.base = base
+        self.changed = changed
+        self.seen = seen
+        self.evicted = evicted
+        self._lock = threading.Lock()
+        self._pending = True
+
+    def taken_over(self) -> bool:
+        """For the next ``state``: True if these changes were not applied, and will not be (they go with it)."""
+        with self._lock:
+            pending, self._pending = self._pending, False
+            return pending
+
+    def followed_by(self, later: PerKeyChanges) -> PerKeyChanges:
+        """These changes, then ``later``'s, as one."""
+        # ``apply`` takes the evicted keys out first: a key evicted here and back in ``later`` ends up kept
+        changed = {k: v for k, v in self.changed.items() if k not in later.evicted} | later.changed
+        seen = {k: v for k, v in self.seen.items() if k not in later.evicted} | later.seen
+        return PerKeyChanges(self.base, changed, seen, self.evicted | later.evicted)
+
+    def apply(self) -> dict[str, Any] | None:
+        """The snapshot's ``per_key``: ``{"order": keys least recently seen first, "pickled": key -> bytes}``,
+        the last snapshot's with these changes made; None if a later ``state`` took them over. What it returns
+        is the kept snapshot itself, valid until the next ``apply``: pickle it before."""
+        with self._lock:
+            if not self._pending:
+                return None
+            self._pending = False
+            base = self.base
+            for key in self.evicted:
+                base.pickled.pop(key, None)
+                base.seen.pop(key, None)
+            base.pickled.update(self.changed)
+            base.seen.update(self.seen)
+        return {"order": sorted(base.seen, key=base.seen.__getitem__), "pickled": base.pickled}
 
 
 def _split(model: Any) -> tuple[list[Any], Any]:
