@@ -325,6 +325,7 @@ class PerKeyChanges:
                 base.seen.pop(key, None)
             base.pickled.update(self.changed)
             base.seen.update(self.seen)
+            self.changed, self.seen, self.evicted = {}, {}, set()  # in the kept snapshot now
         return {"order": sorted(base.seen, key=base.seen.__getitem__), "pickled": base.pickled}
 
 
