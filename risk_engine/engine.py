@@ -421,6 +421,7 @@ class RiskEngine:
         self.vault = vault
         self.signing_key = signing_key
         self.writer = GroupCommitWriter(db, settings.writer_batch_max)
+        self.writer.precondition = blind_index_rotation.stale_chain_guard(vault)  # no token of a retired chain
         self.subjects: dict[str, SubjectRuntime] = {}
         self.list_decls: dict[str, ListDecl] = {}
         self.lists = ListMatcher({})

@@ -241,6 +241,29 @@ def test_a_worker_left_on_the_old_chain_is_stopped_by_its_poller(tmp_path: Path,
         client.__exit__(None, None, None)
 
 
+def test_a_worker_that_missed_the_whole_rotation_stores_nothing_of_its_old_chain(
+    tmp_path: Path, database_url: str
+) -> None:
+    """A worker suspended from before a rotation began until after it finished never had its poller see it:
+    the group commit reads the chain in its transaction, so the first payment it scores is refused (503) and
+    rolled back, and the worker stops indexing PII from then on."""
+    settings = make_settings(tmp_path / "var", database_url, policy_poll_s=3600)  # the poller never runs
+    client, api = open_api(settings)
+    try:
+        api.score(card_payment("p1", "b1", 1))
+        blind_index_rotation.rotate(api.engine.db, api.engine.vault, secrets.token_bytes(32), "test", PII_LISTS, 0)
+        assert not api.engine.vault.blind_indexes_retired  # it slept through: nothing told it
+        late = api.client.post("/v1/payments/score", json=card_payment("p2", "b2", 2), headers=api.headers())
+        assert late.status_code == 503 and "cannot index PII" in late.json()["message"], late.text
+        assert set(records(database_url)) == {"p1"}
+        assert api.engine.vault.blind_indexes_retired
+        again = api.client.post("/v1/payments/score", json=card_payment("p2", "b2", 2), headers=api.headers())
+        assert again.status_code == 503  # refused before scoring now
+        assert set(records(database_url)) == {"p1"}
+    finally:
+        client.__exit__(None, None, None)
+
+
 def test_with_the_key_in_the_environment_the_new_one_is_given_and_the_chain_named_there(
     tmp_path: Path, database_url: str
 ) -> None:

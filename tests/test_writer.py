@@ -120,6 +120,29 @@ def test_a_row_the_database_cannot_store_fails_alone(database_url: str) -> None:
         assert _names(engine) == ["p", "r", "s"]
 
 
+def test_a_refusing_precondition_fails_the_whole_batch_and_writes_none_of_it(database_url: str) -> None:
+    """The precondition runs in each transaction after its rows (it counts them, uncommitted): what it returns is
+    every row's error, and the rows are rolled back."""
+    refusal = RuntimeError("the chain moved")
+    seen: list[int] = []
+
+    def refuse(cursor: object) -> BaseException | None:
+        cursor.execute(f"SELECT count(*) FROM {items.name}")  # type: ignore[attr-defined]
+        seen.append(int(cursor.fetchone()[0]))  # type: ignore[attr-defined]
+        return refusal
+
+    with _writer(database_url) as (engine, insert, writer):
+        writer.submit(insert, {"name": "a", "value": 1}).result(10)
+        writer.precondition = refuse
+        tickets = [writer.submit(insert, {"name": n, "value": i}) for i, n in enumerate(["b", "c", "d"])]
+        assert [ticket.exception(10) for ticket in tickets] == [refusal] * 3
+        assert _names(engine) == ["a"]
+        assert seen and all(count > 1 for count in seen), seen  # its batch's rows, inside its transaction
+        writer.precondition = lambda cursor: None
+        writer.submit(insert, {"name": "e", "value": 5}).result(10)
+        assert _names(engine) == ["a", "e"]
+
+
 def test_a_locked_database_fails_the_batch_whole_and_the_writer_recovers(tmp_path: Path) -> None:
     path = tmp_path / "w.db"
     engine = make_engine(f"sqlite:///{path}", busy_timeout_s=0.1)

@@ -9,7 +9,9 @@ can be tested against a guessed value only with every key of the chain.
 ``blind_index_keys`` has a row per generation. A worker registers its chain's fingerprint at start if the
 table is empty, and refuses to start unless its chain is the newest generation's and that generation is
 active; its poller checks again every second and stops its scoring (503) once a rotation has begun, so no
-token of the old generation is stored after the rewrite passed it.
+token of the old generation is stored after the rewrite passed it. Its group commits check too, in their
+transactions (``stale_chain_guard``): a worker that missed a whole rotation, suspended from before it began until
+after it ended, has its first batch rolled back.
 
 A rotation (``rotate``) records the new generation as ``rotating``, waits for running workers to stop scoring,
 then rewrites the stored tokens (event records, list entries, list changes) in transactions of
@@ -35,7 +37,7 @@ from risk_engine.schema import FieldType
 from risk_engine.storage import models as m
 from risk_engine.storage.audit import audit
 from risk_engine.subjects import SUBJECT_KINDS
-from risk_engine.vault import BlindIndexLayer, PiiKind, Vault, VaultKeyError
+from risk_engine.vault import BlindIndexesRetired, BlindIndexLayer, PiiKind, Vault, VaultKeyError
 
 ROWS_PER_TRANSACTION = 1_000
 # a token, whole or at the end of a value after a colon (``seller_shipping_address`` is "seller:token")
@@ -94,19 +96,47 @@ def mismatch(db: Engine, vault: Vault) -> str | None:
         newest = s.scalars(select(m.BlindIndexKey).order_by(m.BlindIndexKey.generation.desc()).limit(1)).first()
     if newest is None:
         return None
-    if newest.state != "active":
+    return _mismatch_of(newest.generation, newest.state, newest.fingerprint, vault)
+
+
+def _mismatch_of(generation: int, state: str, fingerprint: str, vault: Vault) -> str | None:
+    """``mismatch`` for the newest generation's row."""
+    if state != "active":
         return (
-            f"a rotation of the blind-index key to generation {newest.generation} is under way (or was "
+            f"a rotation of the blind-index key to generation {generation} is under way (or was "
             "interrupted: run `risk-engine vault rotate-blind-index-key` again to finish it); restart the workers "
             "with the new key chain once it is done"
         )
-    if newest.fingerprint != vault.blind_index_fingerprint:
+    if fingerprint != vault.blind_index_fingerprint:
         return (
-            f"the stored blind indexes are under key generation {newest.generation}, and this worker's "
+            f"the stored blind indexes are under key generation {generation}, and this worker's "
             f"RISK_ENGINE_BLIND_INDEX_KEY is generation {vault.blind_index_generation} or another chain: give it "
             "every key of the current chain, oldest first, separated by commas"
         )
     return None
+
+
+NEWEST_GENERATION_SQL = (
+    f"SELECT generation, state, fingerprint FROM {m.BlindIndexKey.__tablename__} ORDER BY generation DESC LIMIT 1"
+)
+
+
+def stale_chain_guard(vault: Vault) -> Callable[[Any], BaseException | None]:
+    """The group-commit writer's precondition (``GroupCommitWriter.precondition``): run in each transaction
+    before its commit, it refuses the whole batch once the database's chain is not this worker's, and retires
+    the worker's blind indexes. Its poller finds that within a second; this covers a worker that missed the whole
+    rotation (suspended, say) and would otherwise store tokens of the old chain after the rewrite passed them."""
+
+    def check(cursor: Any) -> BaseException | None:
+        cursor.execute(NEWEST_GENERATION_SQL)
+        row = cursor.fetchone()
+        reason = None if row is None else _mismatch_of(int(row[0]), str(row[1]), str(row[2]), vault)
+        if reason is None:
+            return None
+        vault.retire_blind_indexes(reason)
+        return BlindIndexesRetired(reason)
+
+    return check
 
 
 def relayer_record(subject: str, record: dict[str, Any], layer: Callable[[str], str]) -> bool:

@@ -244,6 +244,14 @@ class _Job:
 _STOP = object()
 
 
+class _Refused(Exception):
+    """The writer's precondition refused a transaction: ``error`` is what its rows' callers get."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class GroupCommitWriter:
     """Background writer: ``submit`` queues a row and returns a future resolved after commit."""
 
@@ -270,6 +278,10 @@ class GroupCommitWriter:
         self.announce_tables: frozenset[str] = frozenset()
         # adds the rule hits of a batch's events in its transaction (storage.rule_hits)
         self.hits: HitTally | None = None
+        # run in each transaction after its rows, before the commit, given a cursor: an error it returns fails the
+        # whole batch (or the row written alone), rolled back (storage.blind_index_rotation.stale_chain_guard). On
+        # SQLite the transaction then holds the write lock, so nothing another process commits can come in between
+        self.precondition: Callable[[Any], BaseException | None] | None = None
         # SQLite: the log is copied back beside the commits, not inside one (see storage.checkpoint)
         self._checkpointer = WalCheckpointer(engine) if engine.dialect.name == "sqlite" else None
 
@@ -402,6 +414,10 @@ class GroupCommitWriter:
             except BaseException:
                 conn.rollback()
                 raise
+        except _Refused as precondition:
+            for job in batch:
+                job.future.set_exception(precondition.error)
+            return
         except self._unavailable as exc:
             error = self._failed(exc)
             log.error("group commit of %d rows failed: %s", len(batch), type(exc).__name__)
@@ -436,6 +452,7 @@ class GroupCommitWriter:
                     cursor = conn.cursor()
                     ids: list[int] | None = [] if job.insert.on_committed is not None else None
                     job.insert.execute(cursor, [job.params], ids)
+                    self._check_precondition(cursor)
                     if job.tally is not None and self.hits is not None:
                         self.hits.execute(cursor, [job.tally])
                     cursor.close()
@@ -443,6 +460,8 @@ class GroupCommitWriter:
                 except BaseException:
                     conn.rollback()
                     raise
+            except _Refused as precondition:
+                job.future.set_exception(precondition.error)
             except self._integrity_error as exc:
                 job.future.set_exception(DuplicateRow(type(exc).__name__))
             except self._unavailable as exc:
@@ -476,6 +495,12 @@ class GroupCommitWriter:
             log.debug("announcing rows written one by one failed: %s", type(exc).__name__)
             self._drop_connection()
 
+    def _check_precondition(self, cursor: Any) -> None:
+        if self.precondition is not None:
+            error = self.precondition(cursor)
+            if error is not None:
+                raise _Refused(error)
+
     @staticmethod
     def _report(stored: Sequence[tuple[RawInsert, list[int]]]) -> None:
         for insert, ids in stored:
@@ -503,6 +528,7 @@ class GroupCommitWriter:
                     insert.execute(cursor, rows[start : start + step], ids)
                 if ids is not None:
                     stored.append((insert, ids))
+            self._check_precondition(cursor)
             if self.hits is not None:
                 self.hits.execute(cursor, (job.tally for job in batch if job.tally is not None))
             if self.announce is not None and any(i.table.name in self.announce_tables for i, _ in by_insert.values()):
