@@ -512,6 +512,10 @@ class RiskEngine:
         engine._load_subjects()
         engine._load_lists()
         engine._rebuild_state()
+        for rt in engine.subjects.values():  # serving from here: per-key models are pickled as they learn
+            for det in rt.detectors:
+                if isinstance(det, StreamingDetector):
+                    det.pickle_on_learn = True
         engine.writer.start()
         engine.refresh_policies()  # a version put in shadow before this start
         if settings.gc_tuning:
