@@ -422,6 +422,7 @@ class RiskEngine:
         self.signing_key = signing_key
         self.writer = GroupCommitWriter(db, settings.writer_batch_max)
         self.writer.precondition = blind_index_rotation.stale_chain_guard(vault)  # no token of a retired chain
+        self._list_check = blind_index_rotation.session_chain_check(vault)  # nor in a list edit
         self.subjects: dict[str, SubjectRuntime] = {}
         self.list_decls: dict[str, ListDecl] = {}
         self.lists = ListMatcher({})
@@ -2675,7 +2676,7 @@ class RiskEngine:
         value, a restated expiry or note replacing the stored ones (``storage.list_entries.add_entry``)."""
         decl, token = self._list_token(list_name, value)
         display = list_value_display(decl, value, token)
-        row = list_entries.add_entry(self.db, list_name, token, display, actor, expires_at, note)
+        row = list_entries.add_entry(self.db, list_name, token, display, actor, expires_at, note, self._list_check)
         with self._lock:
             self.lists.add(ListEntry(list_name, token, row.expires_at), now_utc())
             self._note_list_edit(list_name, token)
@@ -2702,7 +2703,9 @@ class RiskEngine:
         pairs, refused = list_value_tokens(decl, values, self.vault)
         if refused:
             raise InvalidInput([{"field": f"values.{i}", "reason": reason} for i, reason in refused])
-        counts = list_entries.import_entries(self.db, list_name, pairs, actor, expires_at, note, source="api")
+        counts = list_entries.import_entries(
+            self.db, list_name, pairs, actor, expires_at, note, source="api", check=self._list_check
+        )
         now = now_utc()
         for start in range(0, len(pairs), LIST_CHANGES_PER_HOLD):
             with self._lock:
@@ -2746,7 +2749,7 @@ class RiskEngine:
     def remove_list_entry(self, list_name: str, value: str, actor: str) -> bool:
         """Remove a value from a list (audited). False if it was not there."""
         _, token = self._list_token(list_name, value)
-        if not list_entries.remove_entry(self.db, list_name, token, actor):
+        if not list_entries.remove_entry(self.db, list_name, token, actor, self._list_check):
             return False
         with self._lock:
             self.lists.remove(list_name, token)

@@ -264,6 +264,26 @@ def test_a_worker_that_missed_the_whole_rotation_stores_nothing_of_its_old_chain
         client.__exit__(None, None, None)
 
 
+def test_a_list_edit_by_a_worker_that_missed_the_whole_rotation_stores_nothing(
+    tmp_path: Path, database_url: str
+) -> None:
+    """List edits are transactions of their own, not group commits: each checks the chain before it commits."""
+    settings = make_settings(tmp_path / "var", database_url, policy_poll_s=3600)  # the poller never runs
+    client, api = open_api(settings)
+    try:
+        h, path = api.headers("analyst"), "/v1/lists/blocked_emails/entries"
+        assert api.client.post(path, json={"value": "x@example.com"}, headers=h).is_success
+        before = list_tokens(database_url)
+        blind_index_rotation.rotate(api.engine.db, api.engine.vault, secrets.token_bytes(32), "test", PII_LISTS, 0)
+        rotated = list_tokens(database_url)
+        added = api.client.post(path, json={"value": "y@example.com"}, headers=h)
+        assert added.status_code == 503 and "cannot index PII" in added.json()["message"], added.text
+        assert list_tokens(database_url) == rotated != before  # nothing of the old chain stored
+        assert api.engine.vault.blind_indexes_retired
+    finally:
+        client.__exit__(None, None, None)
+
+
 def test_with_the_key_in_the_environment_the_new_one_is_given_and_the_chain_named_there(
     tmp_path: Path, database_url: str
 ) -> None:

@@ -9,9 +9,9 @@ can be tested against a guessed value only with every key of the chain.
 ``blind_index_keys`` has a row per generation. A worker registers its chain's fingerprint at start if the
 table is empty, and refuses to start unless its chain is the newest generation's and that generation is
 active; its poller checks again every second and stops its scoring (503) once a rotation has begun, so no
-token of the old generation is stored after the rewrite passed it. Its group commits check too, in their
-transactions (``stale_chain_guard``): a worker that missed a whole rotation, suspended from before it began until
-after it ended, has its first batch rolled back.
+token of the old generation is stored after the rewrite passed it. Its writes check too, in their transactions
+(``stale_chain_guard`` for group commits, ``session_chain_check`` for list edits): a worker that missed a whole
+rotation, suspended from before it began until after it ended, has its first write rolled back.
 
 A rotation (``rotate``) records the new generation as ``rotating``, waits for running workers to stop scoring,
 then rewrites the stored tokens (event records, list entries, list changes) in transactions of
@@ -129,14 +129,32 @@ def stale_chain_guard(vault: Vault) -> Callable[[Any], BaseException | None]:
 
     def check(cursor: Any) -> BaseException | None:
         cursor.execute(NEWEST_GENERATION_SQL)
-        row = cursor.fetchone()
-        reason = None if row is None else _mismatch_of(int(row[0]), str(row[1]), str(row[2]), vault)
-        if reason is None:
-            return None
-        vault.retire_blind_indexes(reason)
-        return BlindIndexesRetired(reason)
+        return _refusal(cursor.fetchone(), vault)
 
     return check
+
+
+def session_chain_check(vault: Vault) -> Callable[[Session], None]:
+    """``stale_chain_guard`` for a write through a session (a list edit): call it just before the commit; it
+    flushes what is pending (on SQLite the transaction then holds the write lock), and raises
+    ``BlindIndexesRetired``, with nothing committed, once the chain is not this worker's."""
+
+    def check(s: Session) -> None:
+        s.flush()
+        refusal = _refusal(s.connection().exec_driver_sql(NEWEST_GENERATION_SQL).first(), vault)
+        if refusal is not None:
+            raise refusal
+
+    return check
+
+
+def _refusal(newest: Any, vault: Vault) -> BlindIndexesRetired | None:
+    """What to refuse a write with, given the newest generation's ``(generation, state, fingerprint)`` row."""
+    reason = None if newest is None else _mismatch_of(int(newest[0]), str(newest[1]), str(newest[2]), vault)
+    if reason is None:
+        return None
+    vault.retire_blind_indexes(reason)
+    return BlindIndexesRetired(reason)
 
 
 def relayer_record(subject: str, record: dict[str, Any], layer: Callable[[str], str]) -> bool:

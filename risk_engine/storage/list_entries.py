@@ -11,7 +11,7 @@ decided by the caller (``features.lists.list_value_token``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -29,8 +29,19 @@ IMPORT_BATCH = 1_000  # values imported per transaction
 CHANGES_KEPT = timedelta(days=7)  # a running worker follows changes within a second; one stopped reloads lists
 
 
+# called with an edit's session just before it commits; raising stores nothing of the edit
+# (``blind_index_rotation.session_chain_check``: no token of a retired key chain)
+SessionCheck = Callable[[Session], None]
+
+
 def _session(db: Engine) -> Session:
     return Session(db, expire_on_commit=False)
+
+
+def _commit(s: Session, check: SessionCheck | None) -> None:
+    if check is not None:
+        check(s)
+    s.commit()
 
 
 def add_entry(
@@ -41,9 +52,11 @@ def add_entry(
     actor: str,
     expires_at: datetime | None = None,
     note: str | None = None,
+    check: SessionCheck | None = None,
 ) -> m.ListEntry:
     """Store ``token`` on ``list_name``; the stored row. The same value again changes nothing, unless it states
-    another expiry (``None``: never) or a note, which then replace the stored ones (audited as ``list.update``)."""
+    another expiry (``None``: never) or a note, which then replace the stored ones (audited as ``list.update``).
+    ``check``: called before the commit, it may raise to store nothing (``SessionCheck``)."""
 
     def write() -> m.ListEntry:
         with _session(db) as s:
@@ -56,7 +69,7 @@ def add_entry(
                 s.add(row)
                 s.add(m.ListChange(list_name=list_name, token=token))
                 audit(s, actor, "list.add", f"list:{list_name}", None, stated)
-                s.commit()
+                _commit(s, check)
             elif row.expires_at != expires_at or (note is not None and note != row.note):
                 before = {
                     "display": row.display,
@@ -67,14 +80,14 @@ def add_entry(
                 row.note = note if note is not None else row.note
                 s.add(m.ListChange(list_name=list_name, token=token))
                 audit(s, actor, "list.update", f"list:{list_name}", before, {**stated, "note": row.note})
-                s.commit()
+                _commit(s, check)
             return row
 
     return retry_on_race(write)  # two processes adding the same value at once: the second finds the first's
 
 
-def remove_entry(db: Engine, list_name: str, token: str, actor: str) -> bool:
-    """Remove ``token`` from ``list_name`` (audited). False if it was not there."""
+def remove_entry(db: Engine, list_name: str, token: str, actor: str, check: SessionCheck | None = None) -> bool:
+    """Remove ``token`` from ``list_name`` (audited). False if it was not there. ``check``: as ``add_entry``'s."""
     with _session(db) as s:
         row = s.scalars(
             select(m.ListEntry).where(m.ListEntry.list_name == list_name, m.ListEntry.token == token)
@@ -84,7 +97,7 @@ def remove_entry(db: Engine, list_name: str, token: str, actor: str) -> bool:
         audit(s, actor, "list.remove", f"list:{list_name}", {"display": row.display}, None)
         s.delete(row)
         s.add(m.ListChange(list_name=list_name, token=token))
-        s.commit()
+        _commit(s, check)
     return True
 
 
@@ -254,6 +267,7 @@ def import_entries(
     expires_at: datetime | None = None,
     note: str | None = None,
     source: str = "",
+    check: SessionCheck | None = None,
 ) -> ImportCounts:
     """Put ``(token, display)`` values on ``list_name``, as ``add_entry`` does each, in transactions of
     ``IMPORT_BATCH``: a value already there has its expiry (and note, if one is given) restated. Each batch is
@@ -301,7 +315,7 @@ def import_entries(
                         None,
                         {**stated, "source": source, "expires_at": expires_at.isoformat() if expires_at else None},
                     )
-                s.commit()
+                _commit(s, check)
             return done
 
         done = retry_on_race(write)  # a value another process added meanwhile is then found stored
