@@ -224,8 +224,9 @@ def http_compare(rounds: int, seconds: float) -> tuple[dict[str, dict[str, float
     alternating pairs (service first, then bare first, and so on), so that both meet the machine at the same
     moments; then p50/p99 at 1,000 requests/s for each. Returns each server's figures (its median round) and
     each pair's service/bare throughput."""
-    started = [serve("service"), serve("bare")]
+    started: list[tuple[subprocess.Popen[bytes], int, str | None]] = []
     try:
+        started += [serve("service"), serve("bare")]  # each stopped below, even if the other does not start
         streams = {"service": endless_requests(started[0][2]), "bare": endless_requests(None)}
         ports = {"service": started[0][1], "bare": started[1][1]}
         tops: dict[str, list[Result]] = {"service": [], "bare": []}
