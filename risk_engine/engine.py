@@ -19,17 +19,18 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from functools import cached_property, partial, wraps
+from functools import partial, wraps
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import orjson
 from sqlalchemy import ColumnElement, case, func, select, true, update
 from sqlalchemy import Engine as SqlEngine
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from risk_engine import __version__
+from risk_engine import labels as label_store
 from risk_engine.api_keys import (
     KeyCache,
     Principal,
@@ -77,6 +78,7 @@ from risk_engine.features.lists import (
 from risk_engine.features.velocity import GRACE_S, VelocityState
 from risk_engine.forked import FORK_AVAILABLE, exit_code, fork_and_run
 from risk_engine.known_ids import KnownIds
+from risk_engine.labels import LabelRequest
 from risk_engine.marketplace import MarketplaceState, PlacedOrder
 from risk_engine.merchants import rollup
 from risk_engine.money import BaseCurrency, load_base_currency
@@ -99,7 +101,7 @@ from risk_engine.storage.db import DatabaseUnavailable, make_engine, migrate, re
 from risk_engine.storage.event_listing import EventListing
 from risk_engine.storage.labels import EVENT_OUTCOME_SQL
 from risk_engine.storage.labels import outcome as label_outcome
-from risk_engine.storage.rule_hits import HitTally, Tally, hour_of, rule_codes, tally_labels
+from risk_engine.storage.rule_hits import HitTally, Tally, hour_of, rule_codes
 from risk_engine.storage.shadow_tallies import ShadowOutcome
 from risk_engine.storage.writer import (
     DuplicateRow,
@@ -120,7 +122,6 @@ log = logging.getLogger(__name__)
 
 BASE_SCHEMAS: dict[str, SubjectSchema] = {name: kind.schema for name, kind in SUBJECT_KINDS.items()}
 Detector = StreamingDetector | PopulationDetector
-LABELS = {label: fraud for kind in SUBJECT_KINDS.values() for label, fraud in kind.labels.items()}
 RECENT_CACHE = 50_000
 # 2: orders carry their shipping address; 3: the state is of the events it has read by id, from every worker;
 # 4: velocity windows keep their times in arrays
@@ -157,46 +158,6 @@ def _in_label_order(method: Callable[Concatenate[RiskEngine, P], R]) -> Callable
             return method(engine, *args, **kwargs)
 
     return locked
-
-
-@dataclass(frozen=True)
-class LabelRequest:
-    """One outcome as a caller sends it: for ``event_id`` of ``subject``, idempotent on ``label_id``."""
-
-    label_id: str
-    event_id: str
-    label: str
-    occurred_at: datetime | None
-    source: str | None
-    subject: str = "payment"
-
-    @cached_property
-    def digest(self) -> str:
-        """The request's hash, to tell a replay from another label under the same ``label_id``."""
-        body: dict[str, Any] = {
-            "label_id": self.label_id,
-            "payment_id": self.event_id,
-            "label": self.label,
-            "occurred_at": self.occurred_at.isoformat() if self.occurred_at else None,
-            "source": self.source,
-        }
-        if self.subject != "payment":
-            body["subject"] = self.subject
-        return request_digest(body)
-
-    def row(self, now: datetime) -> m.Label:
-        """The label's row, received ``now``."""
-        return m.Label(
-            label_id=self.label_id,
-            subject=self.subject,
-            event_id=self.event_id,
-            label=self.label,
-            is_fraud=LABELS[self.label],
-            occurred_at=self.occurred_at or now,
-            received_at=now,
-            source=self.source,
-            request_hash=self.digest,
-        )
 
 
 _ATTRIBUTE_OK: dict[FieldType | None, Any] = {
@@ -289,11 +250,6 @@ def sha256_hex(data: bytes) -> str:
     for start in range(0, len(view), _GIL_HELD_CHUNK):
         digest.update(view[start : start + _GIL_HELD_CHUNK])
     return digest.hexdigest()
-
-
-def request_digest(payload: Mapping[str, Any]) -> str:
-    """Canonical hash of a request body, to tell a replay from a different request under the same key."""
-    return sha256_hex(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS))
 
 
 @dataclass
@@ -2290,7 +2246,7 @@ class RiskEngine:
         try:
             with self._session() as s:
                 row = s.scalars(select(m.Event).where(m.Event.subject == subject, m.Event.event_id == event_id)).first()
-                labels = s.scalars(
+                stored_labels = s.scalars(
                     select(m.Label)
                     .where(m.Label.subject == subject, m.Label.event_id == event_id)
                     .order_by(m.Label.received_at, m.Label.id)
@@ -2316,7 +2272,7 @@ class RiskEngine:
             "features": stored_vectors(
                 row.features, row.record, {d.name: d.features.names for d in self._detectors_of(subject)}
             ),
-            "labels": [self._label_view(label) for label in labels],
+            "labels": [label_store.label_view(label) for label in stored_labels],
         }
 
     def list_events(self, subject: str, query: EventListing | None = None) -> list[dict[str, Any]]:
@@ -2336,94 +2292,20 @@ class RiskEngine:
         subject: str = "payment",
     ) -> tuple[dict[str, Any], bool]:
         """Store an outcome for an event (a payment unless ``subject`` says otherwise), idempotently on
-        ``label_id``. Returns (label, created)."""
+        ``label_id`` (``storage.labels.store_label``), and teach it to the detectors. Returns (label, created)."""
         request = LabelRequest(label_id, payment_id, label, occurred_at, source, subject)
-        try:
-            with self._session() as s:
-                existing = s.scalars(select(m.Label).where(m.Label.label_id == label_id)).first()
-                if existing is not None:
-                    if existing.request_hash != request.digest:
-                        raise Conflict(f"label_id {label_id} was already used for a different label")
-                    return self._label_view(existing), False
-                exists = s.scalar(select(m.Event.id).where(m.Event.subject == subject, m.Event.event_id == payment_id))
-                if exists is None:
-                    raise NotFound(f"no {subject} {payment_id}")
-                row = request.row(now_utc())
-                s.add(row)
-                try:
-                    tally_labels(s, [row], self.origin)
-                    s.commit()
-                except IntegrityError:
-                    s.rollback()
-                    return self.record_label(label_id, payment_id, label, occurred_at, source, subject)
-                view = self._label_view(row)
-                learned = [(row.id, row.subject, row.event_id, row.is_fraud)]
-        except OperationalError as exc:
-            raise DatabaseUnavailable(type(exc).__name__) from exc
-        self._learn_from_labels(learned)
-        return view, True
+        view, new = label_store.store_label(self._session, request, self.origin)
+        if new is not None:
+            self._learn_from_labels([new])
+        return view, new is not None
 
     @_in_label_order
     def record_label_batch(self, requests: Sequence[LabelRequest]) -> tuple[list[dict[str, Any]], int]:
-        """Store many outcomes in one transaction, each idempotent on its ``label_id`` as ``record_label`` is;
-        returns every label's view, in order, and how many were new. If any is wrong (its event unknown, its
-        ``label_id`` already used for another label, here or before) none is stored: an ``InvalidInput``
-        names each by its place in the batch."""
-
-        def write() -> tuple[list[dict[str, Any]], list[m.Label]]:
-            digests = [r.digest for r in requests]
-            errors: list[dict[str, Any]] = []
-            first: dict[str, int] = {}  # label id -> its first place in the batch
-            for i, (r, digest) in enumerate(zip(requests, digests, strict=True)):
-                j = first.setdefault(r.label_id, i)
-                if j != i and digests[j] != digest:
-                    errors.append(
-                        {
-                            "field": f"labels.{i}.label_id",
-                            "reason": f"{r.label_id} is label {j} too, with another label",
-                        }
-                    )
-            with self._session() as s:
-                stored = {
-                    row.label_id: row for row in s.scalars(select(m.Label).where(m.Label.label_id.in_(list(first))))
-                }
-                wanted = {(r.subject, r.event_id) for r in requests if r.label_id not in stored}
-                known: set[tuple[str, str]] = set()
-                for subject in {subject for subject, _ in wanted}:
-                    ids = [e for sub, e in wanted if sub == subject]
-                    known.update(
-                        (subject, e)
-                        for e in s.scalars(
-                            select(m.Event.event_id).where(m.Event.subject == subject, m.Event.event_id.in_(ids))
-                        )
-                    )
-                for i, (r, digest) in enumerate(zip(requests, digests, strict=True)):
-                    before = stored.get(r.label_id)
-                    if before is not None and before.request_hash != digest:
-                        errors.append(
-                            {
-                                "field": f"labels.{i}.label_id",
-                                "reason": f"{r.label_id} was already used for a different label",
-                            }
-                        )
-                    elif before is None and (r.subject, r.event_id) not in known:
-                        errors.append({"field": f"labels.{i}.payment_id", "reason": f"no {r.subject} {r.event_id}"})
-                if errors:
-                    raise InvalidInput(errors)
-                now = now_utc()
-                new = {r.label_id: r.row(now) for r in requests if r.label_id not in stored}
-                s.add_all(new.values())
-                tally_labels(s, list(new.values()), self.origin)
-                s.commit()
-                views = [self._label_view(stored.get(r.label_id) or new[r.label_id]) for r in requests]
-                return views, list(new.values())
-
-        try:
-            views, new_rows = retry_on_race(write)  # a label id another request stored meanwhile: read again
-        except OperationalError as exc:
-            raise DatabaseUnavailable(type(exc).__name__) from exc
-        self._learn_from_labels([(row.id, row.subject, row.event_id, row.is_fraud) for row in new_rows])
-        return views, len(new_rows)
+        """Store many outcomes in one transaction, all or none (``storage.labels.store_label_batch``), and teach
+        the new ones to the detectors; returns every label's view, in order, and how many were new."""
+        views, new = label_store.store_label_batch(self._session, requests, self.origin)
+        self._learn_from_labels(new)
+        return views, len(new)
 
     @_in_label_order
     def refresh_labels(self, limit: int = 10_000) -> int:
@@ -2440,17 +2322,7 @@ class RiskEngine:
         for det in readers:
             det.expire_label_gaps()
             gaps.update(det.label_gaps)
-        wanted = m.Label.id > after
-        if gaps:  # labels that committed after a higher id had been read (PostgreSQL, several workers)
-            wanted = wanted | m.Label.id.in_(sorted(gaps))
-        with self._session() as s:
-            rows = s.execute(
-                select(m.Label.id, m.Label.subject, m.Label.event_id, m.Label.is_fraud)
-                .where(wanted)
-                .order_by(m.Label.id)
-                .limit(limit)
-            ).all()
-        return self._learn_from_labels([(i, sub, e, f) for i, sub, e, f in rows])
+        return self._learn_from_labels(label_store.labels_after(self._session, after, gaps, limit))
 
     def _learn_from_labels(self, labels: list[tuple[int, str, str, bool]]) -> int:
         """Take labels ``(label id, subject, event id, fraud)`` in label order: each supervised detector that
@@ -2551,53 +2423,14 @@ class RiskEngine:
 
     @_in_label_order
     def record_labels(
-        self, labels: list[tuple[str, str, datetime | None]], source: str, subject: str = "payment"
+        self, outcomes: list[tuple[str, str, datetime | None]], source: str, subject: str = "payment"
     ) -> int:
-        """Store many outcomes ``(event id, label, occurred_at)`` in one transaction, idempotently: each
-        gets the label id ``source:event id``. Returns how many were new."""
-        outcomes = SUBJECT_KINDS[subject].labels
-        unknown = sorted({label for _, label, _ in labels if label not in outcomes})
-        if unknown:
-            raise ValueError(f"a {subject} takes {', '.join(outcomes)}, not {', '.join(unknown)}")
-        now = now_utc()
-        rows = {
-            f"{source}:{pid}": m.Label(
-                label_id=f"{source}:{pid}",
-                subject=subject,
-                event_id=pid,
-                label=label,
-                is_fraud=LABELS[label],
-                occurred_at=at or now,
-                received_at=now,
-                source=source,
-                request_hash=request_digest({"payment_id": pid, "label": label, "source": source}),
-            )
-            for pid, label, at in labels
-        }
-        try:
-            with self._session() as s:
-                known = set(s.scalars(select(m.Label.label_id).where(m.Label.label_id.in_(list(rows)))))
-                new = [row for key, row in rows.items() if key not in known]
-                s.add_all(new)
-                tally_labels(s, new, self.origin)
-                s.commit()
-                learned = [(row.id, row.subject, row.event_id, row.is_fraud) for row in new]
-        except OperationalError as exc:
-            raise DatabaseUnavailable(type(exc).__name__) from exc
-        self._learn_from_labels(learned)
-        return len(rows) - len(known)
-
-    @staticmethod
-    def _label_view(row: m.Label) -> dict[str, Any]:
-        return {
-            "label_id": row.label_id,
-            "payment_id": row.event_id,
-            "label": row.label,
-            "is_fraud": row.is_fraud,
-            "occurred_at": row.occurred_at.isoformat(),
-            "received_at": row.received_at.isoformat(),
-            "source": row.source,
-        }
+        """Store many outcomes ``(event id, label, occurred_at)`` in one transaction, idempotently, each under
+        the label id ``source:event id`` (``storage.labels.store_source_labels``), and teach the new ones to the
+        detectors. Returns how many were new."""
+        new = label_store.store_source_labels(self._session, outcomes, source, subject, self.origin)
+        self._learn_from_labels(new)
+        return len(new)
 
     # -- erasure ------------------------------------------------------------------------------------------------
     def erase_pii(self, kind: str, value: str, actor: str) -> dict[str, Any]:

@@ -14,7 +14,8 @@ import pytest
 from sqlalchemy import delete, func, select, text
 from sqlalchemy.orm import Session
 
-from risk_engine.engine import LabelRequest, RiskEngine
+from risk_engine.engine import RiskEngine
+from risk_engine.labels import LabelRequest
 from risk_engine.policies import PolicyWorkflow, RuleStat
 from risk_engine.storage import models as m
 from risk_engine.storage import rule_hits

@@ -200,7 +200,8 @@ def test_a_label_that_commits_after_a_higher_id_is_still_learned(tmp_path: Path,
     """On PostgreSQL, label ids come from a sequence: a label inserted first can commit after one inserted later
     by another worker. A worker that has learned the higher id must still learn the lower one when it appears
     (rows with chosen ids stand in for the two commits, so the same test runs on SQLite)."""
-    from risk_engine.engine import LabelRequest, now_utc
+    from risk_engine.engine import now_utc
+    from risk_engine.labels import LabelRequest
 
     settings = make_settings(tmp_path / "var", database_url, policy_poll_s=3600)  # polled by hand below
     client, api = open_api(settings)

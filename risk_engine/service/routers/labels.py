@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from risk_engine.engine import LabelRequest
+from risk_engine.labels import LabelRequest
 from risk_engine.service.deps import EngineDep, Scorer
 from risk_engine.service.responses import JsonResponse
 from risk_engine.service.schemas import ERRORS, LabelBatchIn, LabelBatchOut, LabelIn, LabelOut, errors
