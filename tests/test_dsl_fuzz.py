@@ -10,14 +10,17 @@ swapped or replaced by the language's own tokens, so the edits reach deep into t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from risk_engine.config import Settings
-from risk_engine.dsl import DslErrors, compile_policy
+from risk_engine.dsl import CompiledPolicy, Decision, DslErrors, compile_policy
 from risk_engine.engine import load_environments
+from risk_engine.pipeline import decision_for
+from risk_engine.schema import FieldType
 from tests.conftest import REPO
 
 ENVS, _, _ = load_environments(
@@ -132,8 +135,8 @@ def edited_policy(draw: st.DrawFn) -> str:
     return text
 
 
-def assert_checked(text: str) -> None:
-    """Compiled, or refused with errors that each point inside the text."""
+def assert_checked(text: str) -> CompiledPolicy | None:
+    """Compiled, or refused with errors that each point inside the text; the policy if it compiled."""
     lines = text.split("\n")
     try:
         policy = compile_policy(text, ENVS, "edited.rules")
@@ -146,8 +149,54 @@ def assert_checked(text: str) -> None:
                 assert error.column <= len(lines[error.line - 1]) + 1, (error, lines[error.line - 1])
             assert error.message.strip(), error
             assert f"{error.line}:{error.column}" in str(exc)
-    else:
-        assert policy.subject in ENVS
+        return None
+    assert policy.subject in ENVS
+    return policy
+
+
+# what the contracts let into a record: finite numbers within their bounds, any text, or nothing at all
+NUMBERS = st.one_of(
+    st.integers(-(10**15), 10**15), st.floats(-1e15, 1e15, allow_nan=False), st.sampled_from([0, 0.0, -0.0, 1e-320])
+)
+VALUES = {
+    FieldType.NUMBER: NUMBERS,
+    FieldType.DURATION: st.floats(0, 1e10, allow_nan=False),
+    FieldType.STRING: st.text(max_size=12),
+    FieldType.PII: st.text(max_size=12),
+    FieldType.BOOL: st.booleans(),
+}
+
+
+@st.composite
+def policy_and_inputs(draw: st.DrawFn) -> tuple[CompiledPolicy, dict[str, Any], dict[str, Any], dict[str, Any]]:
+    policy = None
+    while policy is None:
+        policy = assert_checked(draw(edited_policy()))
+    env = ENVS[policy.subject]
+    record = {
+        path: draw(st.none() | VALUES[spec.type]) for path, spec in env.schema.fields.items() if draw(st.booleans())
+    }
+    aggregates = {a.id: draw(st.none() | NUMBERS) for a in policy.aggregates}
+    models = {name: draw(st.floats(0, 1)) for name in env.models}
+    return policy, record, aggregates, models
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(policy_and_inputs(), st.data())
+def test_a_policy_that_compiles_decides_every_record_its_contract_lets_in(
+    inputs: tuple[CompiledPolicy, dict[str, Any], dict[str, Any], dict[str, Any]], data: st.DataObject
+) -> None:
+    # a rule that cannot be evaluated on a record (a missing field, a division by zero) does not fire; the
+    # others decide, and the score stays within 0-100 whatever the rules add up to
+    policy, record, aggregates, models = inputs
+    lists = {
+        name: frozenset(data.draw(st.lists(st.text(max_size=12), max_size=3))) for name in ENVS[policy.subject].lists
+    }
+    hits = policy.evaluate(record, aggregates, lists, models)
+    assert all(isinstance(i, int) and 0 <= i < len(policy.rules) for i in hits)
+    assert len(set(hits)) == len(hits)
+    decision, score = decision_for(policy, hits, data.draw(st.floats(0, 100)))
+    assert decision in set(Decision) and 0 <= score <= 100
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
