@@ -473,6 +473,7 @@ class RiskEngine:
             for det in rt.detectors:
                 if isinstance(det, StreamingDetector):
                     det.pickle_on_learn = True
+        engine._snapshot_as_started()
         engine.writer.start()
         engine.refresh_policies()  # a version put in shadow before this start
         if settings.gc_tuning:
@@ -482,6 +483,20 @@ class RiskEngine:
             if settings.follow_poll_s > 0:
                 engine._start_follower()
         return engine
+
+    def _snapshot_as_started(self) -> None:
+        """Snapshot the streaming detectors as the start restored them, under this worker's name.
+
+        A restored detector replays what the worker that wrote its snapshot scored after it (``_restore_detector``).
+        Were this worker to die before its first snapshot, the next start would restore the snapshot this one
+        started from, which names another worker, and the events this one scored would never be learned. From
+        this snapshot on, they are: they are this worker's, after its start."""
+        with self._lock:
+            for rt in self.subjects.values():
+                for det in rt.detectors:
+                    if isinstance(det, StreamingDetector):
+                        det.last_seq, det.last_origin = self._start_seq, self.origin
+            self.snapshot_detectors(background=True)
 
     def close(self) -> None:
         """Flush writes, snapshot detectors, velocity and cross-subject state. Again: nothing."""

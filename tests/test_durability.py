@@ -100,6 +100,46 @@ def test_restart_keeps_decisions_velocity_and_model_state(
         client.__exit__(None, None, None)
 
 
+def test_a_worker_that_died_before_its_first_snapshot_has_its_events_learned_by_the_next(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the first worker stops cleanly; the second scores and dies before the detectors' snapshot that comes every
+    # thousand events; the third must learn the second one's events as if nobody had died, as velocity does
+    before, during, after = traffic(100), traffic(60, start=100), traffic(30, start=160)
+    expected = run_control(tmp_path, before + during + after)[len(before) + len(during) :]
+
+    settings = make_settings(tmp_path / "var", database_url, snapshot_every=1_000)
+    client, api = open_api(settings)
+    for p in before:
+        api.score(p)
+    client.__exit__(None, None, None)
+
+    client, api = open_api(settings)
+    for p in during:
+        api.score(p)
+    api.engine.flush_snapshots()  # whatever this worker wrote by now is on disk
+    # it dies: its stop writes nothing (its events are committed, as a crash leaves them)
+    monkeypatch.setattr(api.engine, "snapshot_detectors", lambda background=False: None)
+    monkeypatch.setattr(api.engine, "_write_state_snapshot", lambda: None)
+    client.__exit__(None, None, None)
+
+    client, api = open_api(settings)
+    try:
+        models = {m["name"]: m for m in api.client.get("/v1/models", headers=api.headers()).json()}
+        assert models["payment_anomaly"]["events_seen"] == len(before) + len(during)
+        got = [comparable(api.score(p)) for p in after]
+        assert got == expected  # velocity and detector state exactly as if nobody had died
+    finally:
+        client.__exit__(None, None, None)
+
+    client, api = open_api(settings)  # and a clean restart after that learns nothing twice
+    try:
+        models = {m["name"]: m for m in api.client.get("/v1/models", headers=api.headers()).json()}
+        assert models["payment_anomaly"]["events_seen"] == len(before) + len(during) + len(after)
+    finally:
+        client.__exit__(None, None, None)
+
+
 def test_database_outage_on_sqlite_is_503_and_nothing_is_half_written(tmp_path: Path) -> None:
     db_path = tmp_path / "risk.db"
     settings = make_settings(tmp_path / "var", f"sqlite:///{db_path}", db_busy_timeout_s=0.2)
