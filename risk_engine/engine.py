@@ -496,7 +496,7 @@ class RiskEngine:
                 for det in rt.detectors:
                     if isinstance(det, StreamingDetector):
                         det.last_seq, det.last_origin = self._start_seq, self.origin
-            self.snapshot_detectors(background=True)
+            self.snapshot_detectors()  # on disk before the first event is scored
 
     def close(self) -> None:
         """Flush writes, snapshot detectors, velocity and cross-subject state. Again: nothing."""

@@ -1,0 +1,84 @@
+"""Any sequence of payments, replays, clean stops and crashes: every answer is the one a service that never
+stopped gives, and the detectors have learned each stored payment exactly once.
+
+A crash is a stop that writes nothing (no detector or state snapshot) with every scored payment committed, as a
+process killed after its answers went out leaves it. Hypothesis draws the sequences; the control is a second
+service on its own database that scores the same payments and never stops.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from risk_engine.config import Settings
+from tests.conftest import make_settings, open_api
+from tests.test_durability import comparable, traffic
+
+
+class RestartsAndCrashes(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmp = Path(tempfile.mkdtemp(prefix="risk-engine-restarts-"))
+        self.settings: Settings = make_settings(self.tmp / "var", f"sqlite:///{self.tmp / 'risk.db'}", snapshot_every=7)
+        self.client, self.api = open_api(self.settings)
+        self.control_client, self.control = open_api(
+            make_settings(self.tmp / "control", f"sqlite:///{self.tmp / 'control.db'}")
+        )
+        self.answers: list[dict[str, Any]] = []  # each scored payment's first answer, in order
+        self.sent: list[dict[str, Any]] = []
+
+    def _open(self) -> None:
+        self.client, self.api = open_api(self.settings)
+
+    @rule(n=st.integers(1, 9))
+    def score(self, n: int) -> None:
+        for body in traffic(n, start=len(self.sent)):
+            got = comparable(self.api.score(body))
+            assert got == comparable(self.control.score(body)), body["payment_id"]
+            self.sent.append(body)
+            self.answers.append(got)
+
+    @rule(data=st.data())
+    def replay(self, data: st.DataObject) -> None:
+        if not self.sent:
+            return
+        i = data.draw(st.integers(0, len(self.sent) - 1))
+        assert comparable(self.api.score(self.sent[i])) == self.answers[i]
+
+    @rule()
+    def stop_cleanly(self) -> None:
+        self.client.__exit__(None, None, None)
+        self._open()
+
+    @rule()
+    def crash(self) -> None:
+        engine = self.api.engine
+        engine.flush_snapshots()  # what it wrote while serving is on disk; what a stop would write, never
+        engine.snapshot_detectors = lambda background=False: None  # type: ignore[method-assign]
+        engine._write_state_snapshot = lambda: None  # type: ignore[method-assign]
+        self.client.__exit__(None, None, None)
+        self._open()
+
+    @invariant()
+    def every_payment_learned_once(self) -> None:
+        models = self.api.client.get("/v1/models", headers=self.api.headers()).json()
+        seen = {m["name"]: m["events_seen"] for m in models}
+        assert seen["payment_anomaly"] == len(self.sent)
+
+    def teardown(self) -> None:
+        for client in (self.client, self.control_client):
+            client.__exit__(None, None, None)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+RestartsAndCrashes.TestCase.settings = settings(
+    max_examples=15, stateful_step_count=8, deadline=None, suppress_health_check=list(HealthCheck)
+)
+test_any_sequence_of_stops_and_crashes_answers_as_a_service_that_never_stopped = RestartsAndCrashes.TestCase
