@@ -1,5 +1,5 @@
-"""Any sequence of payments, replays, clean stops and crashes: every answer is the one a service that never
-stopped gives, and the detectors have learned each stored payment exactly once.
+"""Any sequence of payments, reviews, labels, replays, clean stops and crashes: every answer is the one a service
+that never stopped gives, and the detectors have learned each stored event and each label exactly once.
 
 A crash is a stop that writes nothing (no detector or state snapshot) with every scored payment committed, as a
 process killed after its answers went out leaves it. Hypothesis draws the sequences; the control is a second
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from risk_engine.config import Settings
-from tests.conftest import make_settings, open_api
+from tests.conftest import BASE_REVIEW, Api, make_settings, open_api
 from tests.test_durability import comparable, traffic
 
 
@@ -33,6 +33,8 @@ class RestartsAndCrashes(RuleBasedStateMachine):
         )
         self.answers: list[dict[str, Any]] = []  # each scored payment's first answer, in order
         self.sent: list[dict[str, Any]] = []
+        self.reviews = 0
+        self.labels = 0
 
     def _open(self) -> None:
         self.client, self.api = open_api(self.settings)
@@ -44,6 +46,46 @@ class RestartsAndCrashes(RuleBasedStateMachine):
             assert got == comparable(self.control.score(body)), body["payment_id"]
             self.sent.append(body)
             self.answers.append(got)
+
+    @rule(n=st.integers(1, 6), reviewers=st.integers(1, 3))
+    def score_reviews(self, n: int, reviewers: int) -> None:
+        for _ in range(n):
+            i = self.reviews
+            body = {
+                **BASE_REVIEW,
+                "review_id": f"r{i}",
+                "order_id": f"o{i}",
+                "reviewer": {**BASE_REVIEW["reviewer"], "id": f"rv{i % reviewers}"},
+                "rating": 1 + i % 5,
+                "text": ["Great, as described.", "Broken on arrival!!", "ok"][i % 3] + f" #{i}",
+                "occurred_at": f"2026-11-23T{i // 60 % 24:02d}:{i % 60:02d}:00Z",
+            }
+            got, want = (self._post(api, "/v1/reviews/score", body) for api in (self.api, self.control))
+            assert got == want, body["review_id"]
+            self.reviews += 1
+
+    @rule(data=st.data(), fraud=st.booleans())
+    def label(self, data: st.DataObject, fraud: bool) -> None:
+        if not self.sent:
+            return
+        i = data.draw(st.integers(0, len(self.sent) - 1))
+        body = {
+            "label_id": f"l{self.labels}",
+            "payment_id": self.sent[i]["payment_id"],
+            "label": "chargeback" if fraud else "legitimate",
+            "occurred_at": "2026-11-24T00:00:00Z",
+        }
+        got, want = (self._post(api, "/v1/labels", body) for api in (self.api, self.control))
+        assert {k: v for k, v in got.items() if k != "received_at"} == {
+            k: v for k, v in want.items() if k != "received_at"
+        }
+        self.labels += 1
+
+    @staticmethod
+    def _post(api: Api, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        response = api.client.post(path, json=body, headers=api.headers())
+        assert response.status_code in (200, 201), response.text
+        return comparable(response.json())
 
     @rule(data=st.data())
     def replay(self, data: st.DataObject) -> None:
@@ -67,10 +109,16 @@ class RestartsAndCrashes(RuleBasedStateMachine):
         self._open()
 
     @invariant()
-    def every_payment_learned_once(self) -> None:
-        models = self.api.client.get("/v1/models", headers=self.api.headers()).json()
-        seen = {m["name"]: m["events_seen"] for m in models}
-        assert seen["payment_anomaly"] == len(self.sent)
+    def every_event_and_label_learned_once(self) -> None:
+        models = {m["name"]: m for m in self.api.client.get("/v1/models", headers=self.api.headers()).json()}
+        control = {m["name"]: m for m in self.control.client.get("/v1/models", headers=self.control.headers()).json()}
+        assert models["payment_anomaly"]["events_seen"] == len(self.sent)
+        assert models["review_anomaly"]["events_seen"] == self.reviews
+        for name, model in models.items():  # the supervised ones' labels too
+            assert (model["events_seen"], model.get("labels_seen")) == (
+                control[name]["events_seen"],
+                control[name].get("labels_seen"),
+            ), name
 
     def teardown(self) -> None:
         for client in (self.client, self.control_client):
