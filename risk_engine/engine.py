@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import secrets
 import threading
 import time
@@ -50,6 +51,7 @@ from risk_engine.detectors.snapshot import (
     encode_state,
     open_signed,
     open_state,
+    remove_stale_scratch,
     sign_encoded,
     snapshot_state,
     write_encoded,
@@ -491,6 +493,7 @@ class RiskEngine:
         Were this worker to die before its first snapshot, the next start would restore the snapshot this one
         started from, which names another worker, and the events this one scored would never be learned. From
         this snapshot on, they are: they are this worker's, after its start."""
+        remove_stale_scratch(self.settings.snapshot_dir)
         with self._lock:
             for rt in self.subjects.values():
                 for det in rt.detectors:
@@ -1149,7 +1152,8 @@ class RiskEngine:
         if not FORK_AVAILABLE or not self._state_saving.acquire(blocking=False):
             return False
         started = time.perf_counter()
-        scratch = self.state_snapshot_path.with_suffix(".pickle.tmp")
+        # this process's own: workers sharing a home save their states at the same moments
+        scratch = self.state_snapshot_path.with_suffix(f".{os.getpid()}.{self.origin}.pickle.tmp")
         scratch.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.writer.barrier().wait(SAVE_COMMIT_WAIT_S)  # off the lock: what is queued now commits

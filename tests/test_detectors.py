@@ -110,6 +110,52 @@ def test_snapshot_round_trip_gives_identical_scores(tmp_path: Path) -> None:
     assert restored.events_seen == 400
 
 
+def test_workers_sharing_a_snapshot_file_each_replace_it_whole(tmp_path: Path) -> None:
+    # workers on one host share RISK_ENGINE_HOME, and so each detector's snapshot file: two that write it at the
+    # same moment (at their starts, say) must each put a whole, signed file in place, neither failing
+    import threading
+
+    path = tmp_path / "payment_anomaly.snapshot"
+    failures: list[BaseException] = []
+    go = threading.Barrier(2)
+
+    def write(fill: int) -> None:
+        go.wait()
+        for round_ in range(40):
+            try:
+                write_snapshot(path, {"by": fill, "round": round_, "pad": bytes([fill]) * 2_000_000}, b"k" * 32)
+            except BaseException as exc:
+                failures.append(exc)
+
+    threads = [threading.Thread(target=write, args=(fill,)) for fill in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    state = read_snapshot(path, b"k" * 32)  # whole and signed: one writer's last, not a mix of both
+    assert state["pad"] == bytes([state["by"]]) * 2_000_000
+    assert not list(tmp_path.glob("*.tmp"))  # no scratch file left behind
+
+
+def test_a_start_removes_the_scratch_files_of_writers_that_died_mid_write_only(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from risk_engine.engine import RiskEngine
+
+    settings = make_settings(tmp_path / "var", f"sqlite:///{tmp_path / 'risk.db'}")
+    settings.snapshot_dir.mkdir(parents=True)
+    dead = settings.snapshot_dir / "payment_anomaly.snapshot.dead1234.tmp"
+    dead.write_bytes(b"half a snapshot")
+    an_hour_ago = time.time() - 3_700
+    os.utime(dead, (an_hour_ago, an_hour_ago))
+    writing = settings.snapshot_dir / "payment_anomaly.snapshot.live5678.tmp"  # another worker's, under way
+    writing.write_bytes(b"a snapshot being written")
+    RiskEngine.open(settings).close()
+    assert not dead.exists() and writing.exists()
+
+
 def test_tampered_or_foreign_snapshot_is_refused(tmp_path: Path) -> None:
     det = detector(tmp_path)
     path = tmp_path / "snap"

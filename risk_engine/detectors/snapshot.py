@@ -6,6 +6,8 @@ import hashlib
 import hmac
 import os
 import pickle
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +35,39 @@ def sign_encoded(payload: bytes, key: bytes) -> bytes:
 
 
 def write_encoded(path: Path, payload: bytes, key: bytes) -> None:
-    """Sign an encoded state and replace ``path`` atomically (fsynced)."""
+    """Sign an encoded state and replace ``path`` atomically (fsynced).
+
+    Through a scratch file of its own: workers sharing a home write the same snapshots, and two writing one
+    scratch file at once mixed their bytes, then one renamed the mix into place and the other failed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(sign_encoded(payload, key))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    fd, scratch = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(sign_encoded(payload, key))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(scratch, path)
+    except BaseException:
+        Path(scratch).unlink(missing_ok=True)
+        raise
+
+
+SCRATCH_KEPT_S = 3600.0  # a scratch file this old belongs to no write under way: its writer died
+
+
+def remove_stale_scratch(directory: Path, older_than_s: float = SCRATCH_KEPT_S) -> int:
+    """Delete the scratch files that writers which died mid-write left in ``directory`` (another worker's
+    write under way is younger). Returns how many."""
+    removed = 0
+    cutoff = time.time() - older_than_s
+    for scratch in directory.glob("*.tmp") if directory.is_dir() else ():
+        try:
+            if scratch.stat().st_mtime < cutoff:
+                scratch.unlink()
+                removed += 1
+        except FileNotFoundError:  # another worker's start removed it first
+            continue
+    return removed
 
 
 def read_snapshot(path: Path, key: bytes) -> Any:
