@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import ast as pyast
+import gc
+import sys
+import threading
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from risk_engine.dsl import Decision, DslErrors, Environment, compile_features, compile_policy, read_policy_file
+from risk_engine.dsl.ast import Binary, String
 from risk_engine.dsl.parser import parse_expression
 from risk_engine.payments import PAYMENT_SCHEMA
 from risk_engine.pipeline import ModelScore, decide
@@ -31,6 +40,15 @@ ERRORS: list[tuple[str, str, int, int, str, str, str | None]] = [
     ("single-quoted string", one_rule("channel == 'app'"), 3, 19, "syntax.character", '"\'"', "double quotes"),
     ("&& instead of and", one_rule("buyer.verified && true"), 3, 23, "syntax.character", "'&'", "and"),
     ("missing then", "subject payment\nrule r {\n  when true\n  block\n}\n", 4, 3, "syntax.token", "'block'", "then"),
+    (
+        "escape that is no character",
+        one_rule('channel == "ab\\x4"'),
+        3,
+        22,
+        "syntax.escape",
+        "2 hex digits",
+        "backslash",
+    ),
     (
         "missing closing brace",
         "subject payment\nrule r {\n  when true\n  then block\n",
@@ -364,3 +382,78 @@ def test_forced_decision_precedence() -> None:
     assert verdict({"channel": "api", "attributes.V1": 2}, contribution=20)[0] is Decision.ALLOW
     assert verdict({"channel": "web"})[0] is Decision.REVIEW
     assert verdict({"channel": "web", "attributes.V1": 2}, contribution=20)[0] is Decision.BLOCK
+
+
+STRING_PIECES = [
+    *("a", "Z", "7", " ", "{", "}", "x", "N", "'", "\u00e9", "\u676d"),  # plain characters, accented and Chinese too
+    *(r"\"", r"\\", r"\n", r"\t", r"\a", r"\v", r"\0", r"\7", r"\101", r"\1234", r"\8", r"\d", "\\\u00e9"),
+    *(
+        r"\x41",
+        r"\x4",
+        r"\u00e9",
+        r"\u12",
+        r"\U0001F600",
+        r"\U00110000",
+        r"\N{LATIN SMALL LETTER A}",
+        r"\N{NOPE}",
+        r"\N",
+    ),
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(STRING_PIECES), max_size=10))
+def test_string_literals_read_as_python_reads_them(pieces: list[str]) -> None:
+    # the language's strings are Python's: each escape means what Python makes of it, and one that stands for no
+    # character is an error at its place
+    token = '"' + "".join(pieces) + '"'
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Python warns of unknown escapes (\d), which it keeps as written
+        try:
+            want: str | None = pyast.literal_eval(token)
+        except SyntaxError:
+            want = None
+    text = f"channel == {token}"
+    try:
+        got = parse_expression(text)
+    except DslErrors as exc:
+        (error,) = exc.errors
+        assert want is None and error.code == "syntax.escape", (token, error)
+        assert text[error.column - 1] == "\\"  # at the escape's backslash
+    else:
+        assert isinstance(got, Binary) and isinstance(got.right, String)
+        assert got.right.value == want, token
+
+
+def test_policies_parse_in_many_threads_while_the_collector_runs_python() -> None:
+    # Python 3.11 counts the depth of the syntax trees ``ast`` builds in one counter for every thread: read through
+    # ``ast.literal_eval``, a string in a policy failed when a collection's callback (the engine's collector tuning
+    # has one) let another thread parse meanwhile: "AST constructor recursion depth mismatch"
+    def let_others_in(phase: str, info: dict[str, int]) -> None:
+        time.sleep(0)
+
+    before = sys.getswitchinterval()
+    thresholds = gc.get_threshold()
+    failures: list[BaseException] = []
+
+    def parse(worker: int) -> None:
+        for i in range(1_500):
+            try:
+                parse_expression(f'channel == "w{worker}_{i}" or device.user_agent contains "curl/{i}"')
+            except BaseException as exc:  # every failure is the finding
+                failures.append(exc)
+
+    gc.callbacks.append(let_others_in)
+    sys.setswitchinterval(1e-6)
+    gc.set_threshold(5, 1, 1)
+    try:
+        threads = [threading.Thread(target=parse, args=(w,)) for w in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        gc.callbacks.remove(let_others_in)
+        sys.setswitchinterval(before)
+        gc.set_threshold(*thresholds)
+    assert failures == []

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import ast as pyast
 import re
+import unicodedata
 from functools import cache, lru_cache
 from pathlib import Path as FsPath
 from typing import Any
@@ -207,10 +207,64 @@ def _flatten_bool(pos: ast.Pos, op: str, items: list[ast.Expr]) -> ast.Expr:
     return ast.BoolOp(operands[0].pos if operands else pos, op, tuple(operands))
 
 
+# a string literal's escapes, as Python writes them: one character, or a code point in hex, octal or by name
+_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|N\{[^}]*\}|[0-7]{1,3}|.)")
+_SIMPLE_ESCAPES = {
+    "\\": "\\",
+    "'": "'",
+    '"': '"',
+    "a": "\a",
+    "b": "\b",
+    "f": "\f",
+    "n": "\n",
+    "r": "\r",
+    "t": "\t",
+    "v": "\v",
+}
+
+
+_HEX_DIGITS = {"x": 2, "u": 4, "U": 8}
+
+
+class BadEscape(ValueError):
+    """An escape in a string literal that stands for no character (``\\x4``, ``\\N{no such name}``)."""
+
+    def __init__(self, line: int, column: int, message: str) -> None:
+        super().__init__(message)
+        self.line, self.column = line, column
+
+
 def _unquote(tok: Token | str) -> str:
-    value = pyast.literal_eval(str(tok))  # a STRING token is a valid Python string literal by construction
-    assert isinstance(value, str)
-    return value
+    """A STRING token's text, its escapes read as Python reads them (an unknown one, ``\\d``, kept as written).
+
+    Not through ``ast.literal_eval``: Python 3.11 counts the depth of the syntax trees it builds in one counter
+    for every thread, and a collection whose callback let another thread parse meanwhile failed a policy with
+    "AST constructor recursion depth mismatch" (the engine's collector tuning has such a callback)."""
+    text = str(tok)[1:-1]
+    if "\\" not in text:
+        return text
+
+    def character(match: re.Match[str]) -> str:
+        escape = match.group(1)
+        simple = _SIMPLE_ESCAPES.get(escape)
+        if simple is not None:
+            return simple
+        head = escape[0]
+        if head in "01234567":
+            return chr(int(escape, 8))
+        if head not in "xuUN":
+            return "\\" + escape  # not an escape: the backslash stays
+        if len(escape) == 1:
+            wanted = f"{_HEX_DIGITS[head]} hex digits" if head in _HEX_DIGITS else "a character's name in {}"
+            reason = f"'\\{head}' must be followed by {wanted}"
+        else:
+            try:
+                return unicodedata.lookup(escape[2:-1]) if head == "N" else chr(int(escape[1:], 16))
+            except (KeyError, ValueError):
+                reason = f"'\\{escape}' stands for no character"
+        raise BadEscape(getattr(tok, "line", 1), getattr(tok, "column", 0) + 1 + match.start(), reason)
+
+    return _ESCAPE.sub(character, text)
 
 
 def _describe_expected(expected: set[str]) -> str:
@@ -316,6 +370,9 @@ def _parsed(text: str, start: str) -> ast.Policy | ast.Expr | DslError:
     try:
         node: ast.Policy | ast.Expr = _ToAst().transform(tree)
     except VisitError as exc:
+        if isinstance(exc.orig_exc, BadEscape):
+            bad = exc.orig_exc
+            return DslError(bad.line, bad.column, "syntax.escape", str(bad), "write a backslash itself as \\\\")
         what = "policy" if start == "start" else "expression"
         return DslError(1, 1, "syntax", f"cannot read {what}: {exc.orig_exc}")
     return node
