@@ -1829,9 +1829,7 @@ class RiskEngine:
         """
         encoded = []
         for rt in self.subjects.values():
-            for det in rt.detectors:
-                if det.last_seq > self._start_seq:  # it learned this worker's events since its start
-                    det.last_origin = self.origin
+            for det in rt.detectors:  # each streaming one names this worker since its start (_snapshot_as_started)
                 state = det.state()
                 per_key = state.pop("per_key", None)  # the changes since the last: applied off the lock
                 encoded.append((self.snapshot_path(det), encode_state(state), per_key))

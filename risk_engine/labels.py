@@ -124,7 +124,7 @@ def store_label(sessions: Sessions, request: LabelRequest, origin: str) -> tuple
             s.add(row)
             tally_labels(s, [row], origin)
             s.commit()  # the same label id stored meanwhile: IntegrityError, and the write is read again
-            return label_view(row), _new([row])[0]
+            return label_view(row), (row.id, row.subject, row.event_id, row.is_fraud)
 
     return _available(write)
 
