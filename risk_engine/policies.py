@@ -100,6 +100,27 @@ class PolicyWorkflow:
             raise NotFound(f"no version {version} of the {subject} policy")
         return row
 
+    def _check_again(self, subject: str, version: int) -> None:
+        """Compile a stored version (its text never changes) against today's schema and lists, before any lock is
+        taken: a version that no longer checks cannot go live or into shadow. Raises NotFound or DslErrors."""
+        self._subject(subject)
+        with self._session() as s:
+            text = self._row(s, subject, version).text
+        compile_policy(text, self.engine.environments, f"{subject}:v{version}")
+
+    @staticmethod
+    def _take_statuses(s: Session, subject: str) -> None:
+        """Hold the subject's policy versions for the rest of this transaction, before reading which is live or in
+        shadow: two workers changing them at once then take turns, each reading what the other wrote. A write
+        that changes nothing takes the lock: the rows' on PostgreSQL, the database's on SQLite, whose driver starts
+        a transaction at the first write (reads before it see a moment that another worker's change can follow)."""
+        s.execute(
+            update(m.PolicyVersion)
+            .where(m.PolicyVersion.subject == subject)
+            .values(status=m.PolicyVersion.status)
+            .execution_options(synchronize_session=False)
+        )
+
     @staticmethod
     def _shadow_row(s: Session, subject: str) -> m.PolicyVersion | None:
         return s.scalars(
@@ -187,15 +208,15 @@ class PolicyWorkflow:
     def publish(self, subject: str, version: int, actor: str, rollback: bool = False) -> dict[str, Any]:
         """Make a version live (check it again first); the previous live version is archived. A ``rollback``
         returns only to a version that was live before, and is audited as one."""
-        self._subject(subject)
+        self._check_again(subject, version)
         with self._session() as s:
+            self._take_statuses(s, subject)
             row = self._row(s, subject, version)
             if rollback and row.status not in ("archived", "published"):
                 raise Conflict(
                     f"{subject}:v{version} was never published ({row.status}): a rollback returns to a version "
                     "that was live before; publish it instead"
                 )
-            compile_policy(row.text, self.engine.environments, f"{subject}:v{version}")  # raises DslErrors
             current = s.scalars(
                 select(m.PolicyVersion).where(m.PolicyVersion.subject == subject, m.PolicyVersion.status == "published")
             ).first()
@@ -223,10 +244,10 @@ class PolicyWorkflow:
 
     def start_shadow(self, subject: str, version: int, actor: str) -> dict[str, Any]:
         """Score live events with this version too, recording its decisions only (one shadow per subject)."""
-        self._subject(subject)
+        self._check_again(subject, version)
         with self._session() as s:
+            self._take_statuses(s, subject)
             row = self._row(s, subject, version)
-            compile_policy(row.text, self.engine.environments, f"{subject}:v{version}")  # raises DslErrors
             if row.status == "published":
                 raise Conflict(f"{subject}:v{version} is the published version; shadow a draft")
             previous = self._shadow_row(s, subject)
@@ -234,6 +255,7 @@ class PolicyWorkflow:
                 return _view(row)
             if previous is not None:
                 previous.status = "draft"
+                s.flush()  # before the new shadow: one shadow a subject, which the database holds to
             row.status = "shadow"
             # every event this version decides in shadow is stored after this one: its report reads from here
             from_event_id = s.scalar(select(func.max(m.Event.id)).where(m.Event.subject == subject)) or 0
@@ -254,6 +276,7 @@ class PolicyWorkflow:
         """Stop the shadow; its version becomes a draft again."""
         self._subject(subject)
         with self._session() as s:
+            self._take_statuses(s, subject)
             row = self._shadow_row(s, subject)
             if row is None:
                 raise NotFound(f"no {subject} policy is in shadow")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,9 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from risk_engine.errors import Conflict
 from risk_engine.payments import PaymentIn
+from risk_engine.policies import PolicyWorkflow
 from risk_engine.storage import models as m
 from risk_engine.subjects import SUBJECT_KINDS
 from tests.conftest import REPO, Api, make_settings, open_api, payment
@@ -597,3 +600,76 @@ def test_a_shadow_report_reads_only_the_events_stored_since_the_version_first_we
         first_new = s.scalar(select(m.Event.id).where(m.Event.event_id == "new0"))
     assert len(starts) == 2 and min(starts) < first_new  # the first run's start bounds the read
     assert all(min(starts) in parameters for _, parameters in statements)
+
+
+def _live_and_shadow(api: Api, subject: str = "payment") -> tuple[list[int], list[int]]:
+    with api.engine.db.connect() as conn:
+        rows = conn.execute(
+            select(m.PolicyVersion.version, m.PolicyVersion.status).where(m.PolicyVersion.subject == subject)
+        ).all()
+    return sorted(v for v, s in rows if s == "published"), sorted(v for v, s in rows if s == "shadow")
+
+
+def test_two_workers_changing_the_live_version_at_once_leave_one_live_version_both_follow(
+    tmp_path: Path, database_url: str
+) -> None:
+    """Two analysts publish at the same moment through two workers, or one publishes a version as the other
+    puts it in shadow: one change wins whole, never two live versions (PostgreSQL kept both, and every worker's
+    poll then switched between them, ending on whichever its query returned last) nor none."""
+    import threading
+
+    settings = make_settings(tmp_path / "var", database_url, policy_poll_s=0, follow_poll_s=0)
+    client_a, a = open_api(settings)
+    client_b, b = open_api(settings)
+    try:
+        a_flow, b_flow = PolicyWorkflow(a.engine), PolicyWorkflow(b.engine)
+        versions = [
+            a_flow.create_draft("payment", DEFAULT.replace("challenge at 35", f"challenge at {11 + i}"), "t")[0][
+                "version"
+            ]
+            for i in range(24)
+        ]
+        failures: list[BaseException] = []
+
+        def at_once(*changes: Callable[[], object]) -> None:
+            barrier = threading.Barrier(len(changes))
+
+            def run(change: Callable[[], object]) -> None:
+                barrier.wait()
+                try:
+                    change()
+                except Conflict:  # publishing what just went live, or shadowing it: refused, and fine
+                    pass
+                except BaseException as exc:  # reported below
+                    failures.append(exc)
+
+            threads = [threading.Thread(target=run, args=(c,)) for c in changes]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+
+        for first, second in zip(versions[::2], versions[1::2], strict=True):
+            if first % 4:  # two publishes
+                at_once(
+                    lambda v=first: a_flow.publish("payment", v, "t"),
+                    lambda v=second: b_flow.publish("payment", v, "t"),
+                )
+            else:  # one version published on one worker and put in shadow on the other
+                at_once(
+                    lambda v=first: a_flow.publish("payment", v, "t"),
+                    lambda v=first: b_flow.start_shadow("payment", v, "t"),
+                )
+            live, shadow = _live_and_shadow(a)
+            assert len(live) == 1 and len(shadow) <= 1 and not set(live) & set(shadow), (first, live, shadow)
+            for api in (a, b):
+                api.engine.refresh_policies()
+                rt = api.engine.subjects["payment"]
+                assert rt.policy.version == live[0]
+                assert (rt.shadow.version if rt.shadow else None) == (shadow[0] if shadow else None)
+            if shadow:
+                a_flow.stop_shadow("payment", "t")
+        assert failures == []
+    finally:
+        client_b.__exit__(None, None, None)
+        client_a.__exit__(None, None, None)

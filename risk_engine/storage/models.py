@@ -24,6 +24,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
+from sqlalchemy import text as sql_text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -219,7 +220,20 @@ class PolicyVersion(Base):
     """A version of a subject's policy text."""
 
     __tablename__ = "policy_versions"
-    __table_args__ = (UniqueConstraint("subject", "version", name="uq_policy_versions_subject_version"),)
+    __table_args__ = (
+        UniqueConstraint("subject", "version", name="uq_policy_versions_subject_version"),
+        # one live version and at most one in shadow, a subject
+        *(
+            Index(
+                f"uq_policy_versions_one_{status}",
+                "subject",
+                unique=True,
+                sqlite_where=sql_text(f"status = '{status}'"),
+                postgresql_where=sql_text(f"status = '{status}'"),
+            )
+            for status in ("published", "shadow")
+        ),
+    )
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     subject: Mapped[str] = mapped_column(String(32))
     version: Mapped[int] = mapped_column(Integer)
