@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from risk_engine.errors import Conflict, NotFound
 from risk_engine.storage import models as m
 from risk_engine.storage.audit import audit
-from risk_engine.storage.db import DatabaseUnavailable
+from risk_engine.storage.db import DatabaseUnavailable, hold_rows
 
 ROLES = ("scorer", "analyst", "admin")
 ROLE_RANK = {role: i for i, role in enumerate(ROLES)}
@@ -109,18 +109,17 @@ def revoke_api_key(db: SqlEngine, key_id: str, actor: str, keep_an_admin: bool =
     manage keys over HTTP; the CLI, which can always create one, may. Raises ``NotFound`` or ``Conflict``.
     """
     with Session(db, expire_on_commit=False) as s:
+        if keep_an_admin:
+            # every live admin key held first, so that two revocations at once cannot both pass the count below
+            hold_rows(s, m.ApiKey.role, m.ApiKey.role == "admin", m.ApiKey.revoked_at.is_(None))
         row = s.get(m.ApiKey, key_id, with_for_update=True)
         if row is None:
             raise NotFound(f"no API key {key_id}")
         if row.revoked_at is not None:
             return api_key_view(row)
         if keep_an_admin and row.role == "admin":
-            # every live admin row locked (PostgreSQL), so two revocations at once cannot both pass the count
             live_admins = s.scalars(
-                select(m.ApiKey.key_id)
-                .where(m.ApiKey.role == "admin", m.ApiKey.revoked_at.is_(None))
-                .order_by(m.ApiKey.key_id)
-                .with_for_update()
+                select(m.ApiKey.key_id).where(m.ApiKey.role == "admin", m.ApiKey.revoked_at.is_(None))
             ).all()
             if set(live_admins) <= {key_id}:
                 raise Conflict(f"key {key_id} is the last live admin key: create another admin key first")

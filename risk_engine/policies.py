@@ -33,7 +33,7 @@ from risk_engine.features.velocity import GRACE_S
 from risk_engine.jobs import Job
 from risk_engine.storage import models as m
 from risk_engine.storage import rule_hits, shadow_tallies
-from risk_engine.storage.db import retry_on_race
+from risk_engine.storage.db import hold_rows, retry_on_race
 from risk_engine.storage.labels import event_outcome
 from risk_engine.storage.labels import outcome as label_outcome
 
@@ -107,19 +107,6 @@ class PolicyWorkflow:
         with self._session() as s:
             text = self._row(s, subject, version).text
         compile_policy(text, self.engine.environments, f"{subject}:v{version}")
-
-    @staticmethod
-    def _take_statuses(s: Session, subject: str) -> None:
-        """Hold the subject's policy versions for the rest of this transaction, before reading which is live or in
-        shadow: two workers changing them at once then take turns, each reading what the other wrote. A write
-        that changes nothing takes the lock: the rows' on PostgreSQL, the database's on SQLite, whose driver starts
-        a transaction at the first write (reads before it see a moment that another worker's change can follow)."""
-        s.execute(
-            update(m.PolicyVersion)
-            .where(m.PolicyVersion.subject == subject)
-            .values(status=m.PolicyVersion.status)
-            .execution_options(synchronize_session=False)
-        )
 
     @staticmethod
     def _shadow_row(s: Session, subject: str) -> m.PolicyVersion | None:
@@ -210,7 +197,7 @@ class PolicyWorkflow:
         returns only to a version that was live before, and is audited as one."""
         self._check_again(subject, version)
         with self._session() as s:
-            self._take_statuses(s, subject)
+            hold_rows(s, m.PolicyVersion.status, m.PolicyVersion.subject == subject)  # changes take turns
             row = self._row(s, subject, version)
             if rollback and row.status not in ("archived", "published"):
                 raise Conflict(
@@ -246,7 +233,7 @@ class PolicyWorkflow:
         """Score live events with this version too, recording its decisions only (one shadow per subject)."""
         self._check_again(subject, version)
         with self._session() as s:
-            self._take_statuses(s, subject)
+            hold_rows(s, m.PolicyVersion.status, m.PolicyVersion.subject == subject)  # changes take turns
             row = self._row(s, subject, version)
             if row.status == "published":
                 raise Conflict(f"{subject}:v{version} is the published version; shadow a draft")
@@ -276,7 +263,7 @@ class PolicyWorkflow:
         """Stop the shadow; its version becomes a draft again."""
         self._subject(subject)
         with self._session() as s:
-            self._take_statuses(s, subject)
+            hold_rows(s, m.PolicyVersion.status, m.PolicyVersion.subject == subject)  # changes take turns
             row = self._shadow_row(s, subject)
             if row is None:
                 raise NotFound(f"no {subject} policy is in shadow")

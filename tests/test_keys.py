@@ -3,11 +3,16 @@ revoke so that the key is refused at once, never locking the last admin out."""
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select
 
+from risk_engine.api_keys import create_api_key, revoke_api_key
+from risk_engine.errors import Conflict
 from risk_engine.storage import models as m
+from risk_engine.storage.db import make_engine, migrate
 from tests.conftest import Api, payment
 
 
@@ -111,3 +116,44 @@ def test_a_key_request_is_checked(api: Api) -> None:
         response = api.client.post("/v1/keys", json=body, headers=api.headers("admin"))
         assert response.status_code == 422, (body, response.text)
         assert [e["field"] for e in response.json()["errors"]] == [field], response.text
+
+
+def revoke(db: Engine, key_id: str, barrier: threading.Barrier, outcomes: list[str]) -> None:
+    """Revoke an admin key as the API does, at the barrier's moment; note whether it was revoked or refused."""
+    barrier.wait()
+    try:
+        revoke_api_key(db, key_id, "test", keep_an_admin=True)
+        outcomes.append("revoked")
+    except Conflict:
+        outcomes.append("refused")
+
+
+def test_two_workers_revoking_the_last_two_admin_keys_at_once_leave_one(tmp_path: Path, database_url: str) -> None:
+    """Each revocation counts the live admin keys before revoking; two at once, through two workers' connections,
+    must not both count two and leave none (SQLite read the count before its transaction began)."""
+    databases = [make_engine(database_url), make_engine(database_url)]
+    migrate(databases[0])
+    try:
+        live = [create_api_key(databases[0], "admin", "ops")[1]["key_id"]]
+        for _ in range(12):
+            live.append(create_api_key(databases[0], "admin", "ops")[1]["key_id"])
+            barrier = threading.Barrier(2)
+            outcomes: list[str] = []
+            threads = [
+                threading.Thread(target=revoke, args=(db, k, barrier, outcomes))
+                for db, k in zip(databases, live, strict=True)
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            with databases[0].connect() as conn:
+                live = list(
+                    conn.execute(
+                        select(m.ApiKey.key_id).where(m.ApiKey.role == "admin", m.ApiKey.revoked_at.is_(None))
+                    ).scalars()
+                )
+            assert sorted(outcomes) == ["refused", "revoked"] and len(live) == 1, (outcomes, live)
+    finally:
+        for db in databases:
+            db.dispose()

@@ -10,8 +10,9 @@ from typing import Any, TypeVar
 import orjson
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import ColumnElement, Engine, create_engine, event, inspect, select, text, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 RACE_ATTEMPTS = 5  # tries at a write that concurrent writers may race for (a version number, seeded entries)
@@ -118,3 +119,18 @@ def retry_on_race(write: Callable[[], T]) -> T:
         except IntegrityError:
             continue
     return write()
+
+
+def hold_rows(s: Session, column: InstrumentedAttribute[Any], *where: ColumnElement[bool]) -> None:
+    """Hold the rows ``where`` selects, of ``column``'s table, until the session's transaction ends, before
+    reading them to decide a write: two workers deciding at once then take turns, the second reading what the
+    first wrote. PostgreSQL locks the rows, in the order of their primary key (so that two holders of
+    overlapping sets cannot deadlock). SQLite has one write lock for the database, and its driver begins a
+    transaction only at the first write, so that reads before it see a moment that another worker's write can
+    follow: a write that changes nothing takes that lock here."""
+    model = column.class_
+    if s.get_bind().dialect.name == "sqlite":
+        s.execute(update(model).where(*where).values({column.key: column}).execution_options(synchronize_session=False))
+    else:
+        key = inspect(model).primary_key[0]
+        s.execute(select(key).where(*where).order_by(key).with_for_update())
