@@ -356,3 +356,68 @@ def test_list_changes_past_a_week_are_pruned_and_a_worker_behind_them_reloads_ev
         assert b.engine.lists.sets["blocked_devices"] >= {"dev_2", "dev_3", "dev_4", "dev_5"}
         assert "dev_1" not in b.engine.lists.sets["blocked_devices"]
         assert b.engine.lists.counts() == a.engine.lists.counts()
+
+
+def test_an_entry_updated_on_one_worker_as_another_removes_it_ends_as_one_then_the_other(
+    tmp_path: Path, database_url: str
+) -> None:
+    """A new expiry for an entry and its removal, through two workers at the same moment: one comes wholly after
+    the other (the entry gone, or added again with the new expiry), each audited, never a failed write (the
+    update used to find its row deleted under it: a 500)."""
+    import threading
+    from functools import partial
+
+    from risk_engine.storage.db import migrate
+
+    databases = [make_engine(database_url), make_engine(database_url)]
+    migrate(databases[0])
+    failures: list[BaseException] = []
+
+    def at_barrier(change: Any, barrier: threading.Barrier) -> None:
+        barrier.wait()
+        try:
+            change()
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    def remove_noting(db: Engine, token: str, removed: list[bool]) -> None:
+        removed.append(list_entries.remove_entry(db, "blocked_devices", token, "ops"))
+
+    try:
+        for i in range(15):
+            token = f"dev_{i}"
+            list_entries.add_entry(databases[0], "blocked_devices", token, token, "ops")
+            later = datetime(2030, 1, 1, tzinfo=UTC) + timedelta(days=i)
+            changes = [
+                partial(list_entries.add_entry, databases[0], "blocked_devices", token, token, "ops", expires_at=later),
+                partial(list_entries.remove_entry, databases[1], "blocked_devices", token, "ops"),
+            ]
+            barrier = threading.Barrier(2)
+            threads = [threading.Thread(target=at_barrier, args=(c, barrier)) for c in changes]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert failures == [], (i, failures)
+            left = list_entries.find_entry(databases[0], "blocked_devices", token)
+            assert left is None or left["expires_at"] == later.isoformat(), left
+            # and two removals at once: one removes it, the other finds it gone
+            list_entries.add_entry(databases[0], "blocked_devices", token, token, "ops")
+            removed: list[bool] = []
+            barrier = threading.Barrier(2)
+            threads = [
+                threading.Thread(target=at_barrier, args=(partial(remove_noting, db, token, removed), barrier))
+                for db in databases
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert failures == [] and sorted(removed) == [False, True], (i, failures, removed)
+        with Session(databases[0]) as s:
+            actions = s.scalars(select(m.AuditEntry.action).where(m.AuditEntry.action.like("list.%"))).all()
+        # each round: its add; its update and removal, or removal and add again; an add or update, and one removal
+        assert len(actions) == 15 * 5 and actions.count("list.remove") == 15 * 2
+    finally:
+        for db in databases:
+            db.dispose()

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from risk_engine.storage import models as m
 from risk_engine.storage.audit import audit
-from risk_engine.storage.db import retry_on_race
+from risk_engine.storage.db import hold_rows, retry_on_race
 from risk_engine.watermark import MAX_GAPS, IdWatermark
 
 STATE_BATCH = 500  # entries read back per statement (bound parameters stay far below both databases' limits)
@@ -60,6 +60,7 @@ def add_entry(
 
     def write() -> m.ListEntry:
         with _session(db) as s:
+            hold_rows(s, m.ListEntry.token, m.ListEntry.list_name == list_name, m.ListEntry.token == token)
             row = s.scalars(
                 select(m.ListEntry).where(m.ListEntry.list_name == list_name, m.ListEntry.token == token)
             ).first()
@@ -89,6 +90,8 @@ def add_entry(
 def remove_entry(db: Engine, list_name: str, token: str, actor: str, check: SessionCheck | None = None) -> bool:
     """Remove ``token`` from ``list_name`` (audited). False if it was not there. ``check``: as ``add_entry``'s."""
     with _session(db) as s:
+        # held, as add_entry holds it: an update of the entry at the same moment comes wholly before or after
+        hold_rows(s, m.ListEntry.token, m.ListEntry.list_name == list_name, m.ListEntry.token == token)
         row = s.scalars(
             select(m.ListEntry).where(m.ListEntry.list_name == list_name, m.ListEntry.token == token)
         ).first()
