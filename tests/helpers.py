@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx2 as httpx
 
@@ -91,3 +92,24 @@ def wait_until(check: Callable[[], object], timeout: float = 60.0) -> bool:
             pass
         time.sleep(0.1)
     return False
+
+
+def at_the_same_moment(*calls: Callable[[], Any]) -> list[Any]:
+    """Run each call in a thread of its own, all released at one barrier (as two workers acting at one moment);
+    what each returned, or the exception it raised, in the calls' order."""
+    barrier = threading.Barrier(len(calls))
+    outcomes: list[Any] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            outcomes[i] = calls[i]()
+        except BaseException as exc:  # handed to the caller
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outcomes

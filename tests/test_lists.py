@@ -19,6 +19,7 @@ from risk_engine.storage import list_entries
 from risk_engine.storage import models as m
 from risk_engine.storage.db import make_engine
 from tests.conftest import Api, make_settings, open_api, payment, two_workers
+from tests.helpers import at_the_same_moment
 
 
 def decides(api: Api, payment_id: str, minute: int) -> tuple[str, list[str]]:
@@ -364,55 +365,31 @@ def test_an_entry_updated_on_one_worker_as_another_removes_it_ends_as_one_then_t
     """A new expiry for an entry and its removal, through two workers at the same moment: one comes wholly after
     the other (the entry gone, or added again with the new expiry), each audited, never a failed write (the
     update used to find its row deleted under it: a 500)."""
-    import threading
     from functools import partial
 
     from risk_engine.storage.db import migrate
 
     databases = [make_engine(database_url), make_engine(database_url)]
     migrate(databases[0])
-    failures: list[BaseException] = []
-
-    def at_barrier(change: Any, barrier: threading.Barrier) -> None:
-        barrier.wait()
-        try:
-            change()
-        except BaseException as exc:  # reported below
-            failures.append(exc)
-
-    def remove_noting(db: Engine, token: str, removed: list[bool]) -> None:
-        removed.append(list_entries.remove_entry(db, "blocked_devices", token, "ops"))
-
     try:
         for i in range(15):
             token = f"dev_{i}"
             list_entries.add_entry(databases[0], "blocked_devices", token, token, "ops")
             later = datetime(2030, 1, 1, tzinfo=UTC) + timedelta(days=i)
-            changes = [
+            outcomes = at_the_same_moment(
                 partial(list_entries.add_entry, databases[0], "blocked_devices", token, token, "ops", expires_at=later),
                 partial(list_entries.remove_entry, databases[1], "blocked_devices", token, "ops"),
-            ]
-            barrier = threading.Barrier(2)
-            threads = [threading.Thread(target=at_barrier, args=(c, barrier)) for c in changes]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            )
+            failures = [o for o in outcomes if isinstance(o, BaseException)]
             assert failures == [], (i, failures)
             left = list_entries.find_entry(databases[0], "blocked_devices", token)
             assert left is None or left["expires_at"] == later.isoformat(), left
             # and two removals at once: one removes it, the other finds it gone
             list_entries.add_entry(databases[0], "blocked_devices", token, token, "ops")
-            removed: list[bool] = []
-            barrier = threading.Barrier(2)
-            threads = [
-                threading.Thread(target=at_barrier, args=(partial(remove_noting, db, token, removed), barrier))
-                for db in databases
-            ]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            removed = at_the_same_moment(
+                *(partial(list_entries.remove_entry, db, "blocked_devices", token, "ops") for db in databases)
+            )
+            failures = [o for o in removed if isinstance(o, BaseException)]
             assert failures == [] and sorted(removed) == [False, True], (i, failures, removed)
         with Session(databases[0]) as s:
             actions = s.scalars(select(m.AuditEntry.action).where(m.AuditEntry.action.like("list.%"))).all()

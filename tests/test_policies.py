@@ -18,6 +18,7 @@ from risk_engine.policies import PolicyWorkflow
 from risk_engine.storage import models as m
 from risk_engine.subjects import SUBJECT_KINDS
 from tests.conftest import REPO, Api, make_settings, open_api, payment
+from tests.helpers import at_the_same_moment
 
 DEFAULT = (REPO / "rules" / "payment.rules").read_text()
 NEW_RULE = """
@@ -616,8 +617,6 @@ def test_two_workers_changing_the_live_version_at_once_leave_one_live_version_bo
     """Two analysts publish at the same moment through two workers, or one publishes a version as the other
     puts it in shadow: one change wins whole, never two live versions (PostgreSQL kept both, and every worker's
     poll then switched between them, ending on whichever its query returned last) nor none."""
-    import threading
-
     settings = make_settings(tmp_path / "var", database_url, policy_poll_s=0, follow_poll_s=0)
     client_a, a = open_api(settings)
     client_b, b = open_api(settings)
@@ -632,22 +631,10 @@ def test_two_workers_changing_the_live_version_at_once_leave_one_live_version_bo
         failures: list[BaseException] = []
 
         def at_once(*changes: Callable[[], object]) -> None:
-            barrier = threading.Barrier(len(changes))
-
-            def run(change: Callable[[], object]) -> None:
-                barrier.wait()
-                try:
-                    change()
-                except Conflict:  # publishing what just went live, or shadowing it: refused, and fine
-                    pass
-                except BaseException as exc:  # reported below
-                    failures.append(exc)
-
-            threads = [threading.Thread(target=run, args=(c,)) for c in changes]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            for outcome in at_the_same_moment(*changes):
+                # a Conflict (publishing what just went live, or shadowing it) is a refusal, and fine
+                if isinstance(outcome, BaseException) and not isinstance(outcome, Conflict):
+                    failures.append(outcome)
 
         for first, second in zip(versions[::2], versions[1::2], strict=True):
             if first % 4:  # two publishes
