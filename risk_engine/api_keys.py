@@ -93,6 +93,26 @@ def create_api_key(
     return f"rk_{key_id}_{secret}", api_key_view(row)
 
 
+# the request id of the first admin key a start creates: outside the API's id pattern, so no caller can take it
+FIRST_ADMIN_REQUEST_ID = "first admin key (bootstrap)"
+
+
+def create_first_admin_key(db: SqlEngine) -> str | None:
+    """Create an admin key if the database holds no key at all, and return it; None if it holds one.
+
+    Workers starting together on a new database all find it empty: the first key is created under one request
+    id, whose unique index lets one of them create it, and the others get None (they used to create one each,
+    each but the last written to ``admin.key`` then held by nobody).
+    """
+    if has_api_keys(db):
+        return None
+    try:
+        key, _ = create_api_key(db, "admin", "bootstrap", actor="system", request_id=FIRST_ADMIN_REQUEST_ID)
+    except Conflict:
+        return None
+    return key
+
+
 def list_api_keys(db: SqlEngine, include_revoked: bool = True) -> list[dict[str, Any]]:
     """Every key's view, oldest first."""
     stmt = select(m.ApiKey).order_by(m.ApiKey.created_at, m.ApiKey.key_id)

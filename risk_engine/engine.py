@@ -36,6 +36,7 @@ from risk_engine.api_keys import (
     KeyCache,
     Principal,
     create_api_key,
+    create_first_admin_key,
     has_api_keys,
     list_api_keys,
     revoke_api_key,
@@ -2509,6 +2510,10 @@ class RiskEngine:
         view = revoke_api_key(self.db, key_id, actor, keep_an_admin)
         self.keys.forget()
         return view
+
+    def create_first_admin_key(self) -> str | None:
+        """An admin key, created if the database holds no key; None if it holds one (``api_keys``)."""
+        return create_first_admin_key(self.db)
 
     def has_api_keys(self) -> bool:
         """True once any key exists."""

@@ -7,13 +7,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, delete, func, select
 
 from risk_engine.api_keys import create_api_key, revoke_api_key
+from risk_engine.engine import RiskEngine
 from risk_engine.errors import Conflict
+from risk_engine.service.app import bootstrap_admin_key
 from risk_engine.storage import models as m
 from risk_engine.storage.db import make_engine, migrate
-from tests.conftest import Api, payment
+from tests.conftest import Api, make_settings, payment
 from tests.helpers import at_the_same_moment
 
 
@@ -148,3 +150,28 @@ def test_two_workers_revoking_the_last_two_admin_keys_at_once_leave_one(tmp_path
     finally:
         for db in databases:
             db.dispose()
+
+
+def test_workers_starting_together_on_a_new_database_create_one_admin_key(tmp_path: Path, database_url: str) -> None:
+    """Each start that finds no key creates the first admin key and writes it to the home's ``admin.key``; two
+    starting at once used to create one each, and the one not left in the file was a live admin key nobody
+    held. One is created, and the file holds it."""
+    settings = make_settings(tmp_path / "var", database_url)
+    engines = [RiskEngine.open(settings), RiskEngine.open(settings)]
+    key_file = settings.home / "admin.key"
+    try:
+        for _ in range(8):
+            with engines[0].db.begin() as conn:
+                conn.execute(delete(m.ApiKey))
+            key_file.unlink(missing_ok=True)
+            outcomes = at_the_same_moment(*(partial(bootstrap_admin_key, engine) for engine in engines))
+            assert [o for o in outcomes if o is not None] == []
+            with engines[0].db.connect() as conn:
+                stored = conn.execute(select(m.ApiKey.key_id, m.ApiKey.role)).all()
+            assert len(stored) == 1 and stored[0].role == "admin", stored
+            principal = engines[1].authenticate(key_file.read_text().strip())
+            assert principal is not None and principal.key_id == stored[0].key_id
+        assert engines[0].create_first_admin_key() is None  # a key exists: none is made
+    finally:
+        for engine in engines:
+            engine.close()

@@ -56,10 +56,11 @@ twice; the key with another request is a 409.
 
 
 def bootstrap_admin_key(engine: RiskEngine) -> None:
-    """On a database with no keys, create an admin key and write it to ``$RISK_ENGINE_HOME/admin.key`` (0600)."""
-    if engine.has_api_keys():
+    """On a database with no keys, create an admin key and write it to ``$RISK_ENGINE_HOME/admin.key`` (0600);
+    of workers starting together on a new database, one does."""
+    key = engine.create_first_admin_key()
+    if key is None:  # keys exist, or a worker starting at the same moment created the first
         return
-    key, _ = engine.create_api_key("admin", "bootstrap", actor="system")
     path = engine.settings.home / "admin.key"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
