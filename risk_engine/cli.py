@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
-from risk_engine.config import Settings
+from risk_engine.config import Settings, configure_logging
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -47,17 +47,21 @@ app.add_typer(pii_app, name="pii")
 T = TypeVar("T")
 
 
-def _logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-
-
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind (0: any free one).", min=0, max=65535)] = 8000,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     access_log: Annotated[bool, typer.Option(help="Log each request line (paths only, never bodies).")] = True,
+    workers: Annotated[
+        int,
+        typer.Option(
+            help="Worker processes on the one port, each a whole engine sharing the database (README: Several "
+            "workers). A worker that dies is replaced; SIGHUP replaces them one by one.",
+            min=1,
+            max=256,
+        ),
+    ] = 1,
 ) -> None:
     """Migrate the database and serve the API."""
     import uvicorn
@@ -65,7 +69,21 @@ def serve(
     from risk_engine.engine import RiskEngine
     from risk_engine.service import create_app
 
-    _logging()
+    configure_logging()
+    if workers > 1:
+        # opened and closed once here first: a set-up failure is printed as for one worker, before any worker
+        # starts, and the workers start from the state this writes on closing instead of each rebuilding it
+        RiskEngine.open(Settings()).close()
+        uvicorn.run(
+            "risk_engine.service.app:worker_app",
+            factory=True,
+            workers=workers,
+            host=host,
+            port=port,
+            log_level=log_level,
+            access_log=access_log,
+        )
+        return
     # opened here rather than in the app's start-up, where uvicorn would print a set-up failure as a traceback;
     # closed by the app's shutdown: after a SIGTERM uvicorn raises the signal again once it has shut down, and the
     # process ends there, so the ``finally`` below only covers a server that never started
@@ -80,7 +98,7 @@ def serve(
 @app.command()
 def migrate() -> None:
     """Bring the database schema up to date."""
-    _logging()
+    configure_logging()
     _migrated_database(Settings()).dispose()
     typer.echo("ok: schema up to date")
 
@@ -171,7 +189,7 @@ def rules_backtest(
     from risk_engine.dsl.parser import parse_duration
     from risk_engine.policies import PolicyWorkflow
 
-    _logging(logging.WARNING)
+    configure_logging(logging.WARNING)
     try:
         since_s = parse_duration(since)
     except ValueError as exc:
@@ -209,7 +227,7 @@ def rules_evaluate(
     then one JSON line."""
     from risk_engine.policies import PolicyWorkflow
 
-    _logging(logging.WARNING)
+    configure_logging(logging.WARNING)
     subject, answer = _on_policy_file(
         file, lambda engine, subject, text: PolicyWorkflow(engine).evaluate_stored(subject, text, str(file), event_id)
     )
@@ -234,7 +252,7 @@ def keys_create(
     if role not in ROLES:
         typer.echo(f"role must be one of {', '.join(ROLES)}", err=True)
         raise typer.Exit(2)
-    _logging(logging.WARNING)
+    configure_logging(logging.WARNING)
     db = _migrated_database(Settings())  # the database only: no velocity or detector rebuild from history
     try:
         key, _ = create_api_key(db, role, name, actor="cli")
@@ -251,7 +269,7 @@ def keys_list(
     """List API keys: id, role, name, created, revoked (never a secret). A JSON array on the last line."""
     from risk_engine.api_keys import list_api_keys
 
-    _logging(logging.WARNING)
+    configure_logging(logging.WARNING)
     db = _migrated_database(Settings())
     try:
         keys = list_api_keys(db, include_revoked=not active)
@@ -271,7 +289,7 @@ def keys_revoke(
     from risk_engine.api_keys import KEY_CACHE_S, revoke_api_key
     from risk_engine.errors import NotFound
 
-    _logging(logging.WARNING)
+    configure_logging(logging.WARNING)
     if key_id.startswith("rk_"):  # a whole key was pasted: its id is the part after rk_
         key_id = key_id.split("_", 2)[1]
     db = _migrated_database(Settings())
@@ -303,7 +321,7 @@ def pii_expire(
     from risk_engine.storage.erasure import expire
     from risk_engine.subjects import SUBJECT_KINDS
 
-    _logging(logging.WARNING)
+    configure_logging(logging.WARNING)
     settings = Settings()
     days = older_than_days if older_than_days is not None else settings.pii_retention_days
     if days is None:
@@ -346,7 +364,7 @@ def vault_rotate_master_key() -> None:
     from risk_engine.storage.data_keys import rotate_master_key
     from risk_engine.vault import VaultKeyError, decode_key
 
-    _logging(logging.WARNING)
+    configure_logging(logging.WARNING)
     settings = Settings()
     given_new = decode_key(settings.new_master_key, "new_master_key") if settings.new_master_key else None
     key_file = settings.home / "master.key"
@@ -409,7 +427,7 @@ def vault_rotate_blind_index_key(
         replace_key_chain_file,
     )
 
-    _logging(logging.WARNING)
+    configure_logging(logging.WARNING)
     settings = Settings()
     given_new = (
         decode_key(settings.new_blind_index_key, "new_blind_index_key") if settings.new_blind_index_key else None
@@ -500,7 +518,7 @@ def lists_add(
     from risk_engine.service.schemas import ListEntryIn
     from risk_engine.storage.list_entries import add_entry
 
-    _logging(logging.WARNING)
+    configure_logging(logging.WARNING)
     if expires is not None and expires.tzinfo is None:
         expires = expires.replace(tzinfo=UTC)
     try:  # the API's own checks: lengths, no NUL, an expiry within 1970-2200
@@ -525,7 +543,7 @@ def lists_remove(list_name: str, value: str) -> None:
     """Remove a value from a named list (audited); running services stop enforcing it within a second."""
     from risk_engine.storage.list_entries import remove_entry
 
-    _logging(logging.WARNING)
+    configure_logging(logging.WARNING)
     db, vault, decl = _list_context(list_name)
     try:
         removed = remove_entry(db, list_name, _list_token(decl, value, vault), "cli")
@@ -557,7 +575,7 @@ def lists_import(
     from risk_engine.service.schemas import ListEntryIn
     from risk_engine.storage.list_entries import import_entries
 
-    _logging(logging.WARNING)
+    configure_logging(logging.WARNING)
     if expires is not None and expires.tzinfo is None:
         expires = expires.replace(tzinfo=UTC)
     lines: list[int] = []
@@ -601,7 +619,7 @@ def lists_show(list_name: str) -> None:
     """A list's entries, oldest first (PII lists masked): one per line, then a JSON array on the last line."""
     from risk_engine.storage.list_entries import entry_views
 
-    _logging(logging.WARNING)
+    configure_logging(logging.WARNING)
     db, _, _ = _list_context(list_name)
     entries = []
     try:
@@ -636,7 +654,7 @@ def evaluate(
     if not data.exists():
         typer.echo(f"no such file: {data}", err=True)
         raise typer.Exit(2)
-    _logging(logging.WARNING)
+    configure_logging(logging.WARNING)
     settings = Settings(home=Path(tempfile.mkdtemp(prefix="risk-engine-eval-")))
     try:
         result, arrays = evaluate(subject, data, label_delay, settings, limit)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from pydantic import Field
@@ -104,3 +105,9 @@ class Settings(BaseSettings):
     def snapshot_dir(self) -> Path:
         """Where detector snapshots are written."""
         return self.home / "snapshots"
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """The log format of the CLI's commands and of each worker process ``serve --workers`` starts."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)

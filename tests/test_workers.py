@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import httpx2 as httpx
 from sqlalchemy import func, select
 
 from risk_engine.storage import models as m
+from risk_engine.storage.db import make_engine
 from tests.conftest import REPO, Api, make_settings, open_api, payment, run_cli, two_workers
 from tests.helpers import wait_until
 
@@ -27,10 +29,10 @@ def free_port() -> int:
 
 
 def start_worker(
-    home: Path, database_url: str, port: int, log: Path | None = None, **settings: str
+    home: Path, database_url: str, port: int, log: Path | None = None, workers: int = 1, **settings: str
 ) -> subprocess.Popen[bytes]:
     """``risk-engine serve`` in a process of its own; ``settings``: more ``RISK_ENGINE_*`` variables, by setting
-    name; ``log``: where its output goes (else nowhere)."""
+    name; ``log``: where its output goes (else nowhere); ``workers``: its ``--workers``."""
     env = {
         **os.environ,
         "RISK_ENGINE_HOME": str(home),
@@ -50,6 +52,8 @@ def start_worker(
             "--log-level",
             "warning",
             "--no-access-log",
+            "--workers",
+            str(workers),
         ],
         cwd=REPO,
         env=env,
@@ -105,6 +109,54 @@ def test_a_publish_reaches_a_second_worker_process(tmp_path: Path, database_url:
     finally:
         first.terminate()
         first.wait(20)
+
+
+def worker_processes(parent: int) -> list[int]:
+    """The worker processes ``serve --workers`` started (uvicorn spawns them; a resource tracker is not one)."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return [int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def test_serve_with_two_workers_answers_on_one_port_and_replaces_a_worker_that_dies(
+    tmp_path: Path, database_url: str
+) -> None:
+    """``serve --workers 2``: two engines behind one port. A payment is answered the same by either, one killed
+    outright is replaced while the other serves, and a SIGTERM stops both cleanly with every answer stored."""
+    home = tmp_path / "var"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_worker(home, database_url, port, log=tmp_path / "serve.log", workers=2)
+    try:
+        assert wait_until(lambda: httpx.get(f"{url}/healthz", timeout=2).status_code == 200)
+        assert wait_until(lambda: len(worker_processes(server.pid)) == 2)
+        auth = {"Authorization": f"Bearer {(home / 'admin.key').read_text().strip()}"}
+
+        def score(i: int) -> httpx.Response:  # a connection each: the kernel hands each to either worker
+            body = payment(payment_id=f"mw{i}", order_id=f"ord_mw{i}")
+            return httpx.post(f"{url}/v1/payments/score", json=body, headers=auth, timeout=10)
+
+        answers = {i: score(i).json() for i in range(30)}
+        killed = worker_processes(server.pid)[0]
+        os.kill(killed, signal.SIGKILL)
+        answers |= {i: score(i).json() for i in range(30, 40)}  # the other worker serves meanwhile
+        assert wait_until(lambda: len(worker_processes(server.pid)) == 2 and killed not in worker_processes(server.pid))
+        for i, first in answers.items():  # replays, on whichever worker, answer as the first time
+            again = score(i)
+            assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
+            assert again.json() == first
+        workers = worker_processes(server.pid)
+    finally:
+        server.terminate()
+        exit_code = server.wait(60)
+    assert exit_code == 0
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            stored = conn.execute(select(func.count()).where(m.Event.subject == "payment")).scalar_one()
+    finally:
+        engine.dispose()
+    assert stored == 40  # the killed worker's answers too: each was given once its row was committed
 
 
 def test_workers_starting_together_on_a_new_database_all_start(database_url: str, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from risk_engine import __version__
-from risk_engine.config import Settings
+from risk_engine.config import Settings, configure_logging
 from risk_engine.engine import RiskEngine
 from risk_engine.jobs import Jobs
 from risk_engine.payments import ATTRIBUTE_NUMBER_LIMIT
@@ -191,3 +191,10 @@ def create_app(
     if settings.scoring_fast_path:
         app.scoring_front = ScoringFastPath(app.full_stack, fastapi_app=app, max_body_bytes=settings.max_body_bytes)
     return app
+
+
+def worker_app() -> FastAPI:
+    """The app of each worker process ``risk-engine serve --workers N`` starts (uvicorn's factory): settings from
+    the environment, the engine opened by the worker's start-up and closed by its shutdown."""
+    configure_logging()
+    return create_app(Settings())
