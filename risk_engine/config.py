@@ -62,7 +62,18 @@ class Settings(BaseSettings):
         "stored since. Where os.fork is missing, only at a clean stop.",
     )
     writer_batch_max: int = Field(default=1000, description="Largest group commit.")
-    db_busy_timeout_s: float = Field(default=5.0, description="How long SQLite waits on a lock before failing.")
+    db_busy_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How long a write waits on another's lock before failing (SQLite's busy timeout; on PostgreSQL "
+        "the group commits' lock_timeout), and about how soon a dead PostgreSQL server or network is noticed.",
+    )
+    commit_wait_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="How long a scoring answer waits for its row's commit before answering 503 (the write may "
+        "still commit: a retry with the same id is answered from it, or scored anew if the write failed).",
+    )
     policy_poll_s: float = Field(default=1.0, description="How often a worker looks for newly published policies.")
     follow_poll_s: float = Field(
         default=0.25,

@@ -8,6 +8,8 @@ import sqlite3
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -16,6 +18,7 @@ import pytest
 from sqlalchemy import create_engine, func, select, text
 
 from risk_engine.payments import PaymentIn
+from risk_engine.service.errors import UNAVAILABLE, UNCONFIRMED
 from risk_engine.storage import models as m
 from tests.conftest import BASE_REVIEW, REPO, make_settings, open_api, payment
 from tests.helpers import TcpProxy, wait_until
@@ -447,6 +450,103 @@ def test_database_outage_on_postgres_is_503_and_nothing_is_half_written(tmp_path
     with direct.connect() as conn:
         assert conn.execute(text("select count(*) from events")).scalar_one() == 3
     direct.dispose()
+
+
+@contextmanager
+def writes_blocked(database_url: str) -> Iterator[None]:
+    """Another client holds a lock that every write of scored events waits for, until the block ends: the
+    database answers reads and neither fails nor takes the writes (a stall, not an outage)."""
+    if database_url.startswith("sqlite"):
+        locker = sqlite3.connect(database_url.split("///", 1)[1], timeout=5)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            yield
+        finally:
+            locker.rollback()
+            locker.close()
+        return
+    engine = create_engine(database_url)
+    with engine.connect() as conn:
+        conn.execute(text("LOCK TABLE events IN EXCLUSIVE MODE"))
+        try:
+            yield
+        finally:
+            conn.rollback()
+    engine.dispose()
+
+
+HANG = 60  # s: how long a request may go unanswered before the test calls it hung (never reached when it passes)
+
+
+def answer_within_hang(api: Any, body: dict[str, Any]) -> Any:
+    """Post a payment from a thread of its own, and its answer, which must come before ``HANG`` seconds (so that a
+    request left waiting fails the test rather than hanging it with the database still blocked)."""
+    out: dict[str, Any] = {}
+
+    def post() -> None:
+        out["response"] = api.client.post("/v1/payments/score", json=body, headers=api.headers())
+
+    thread = threading.Thread(target=post, daemon=True)
+    thread.start()
+    thread.join(HANG)
+    assert "response" in out, "the request waited for as long as the database was blocked"
+    return out["response"]
+
+
+def test_a_write_waiting_for_a_lock_fails_after_the_busy_timeout_and_counts_nothing(
+    tmp_path: Path, database_url: str
+) -> None:
+    """A write that waits for another client's lock gives up after the busy timeout: a 503 saying nothing was
+    stored, and the payment scored anew once the lock is gone. On PostgreSQL it used to wait as long as the
+    lock was held, and the request with it."""
+    client, api = open_api(make_settings(tmp_path / "var", database_url, db_busy_timeout_s=1, commit_wait_s=HANG))
+    try:
+        api.score(payment(payment_id="ok1", occurred_at="2026-11-22T10:00:00Z"))
+        body = payment(payment_id="p2", occurred_at="2026-11-22T10:01:00Z")
+        with writes_blocked(database_url):
+            refused = answer_within_hang(api, body)
+            assert refused.status_code == 503 and refused.json()["message"] == UNAVAILABLE, refused.text
+        again = api.client.post("/v1/payments/score", json=body, headers=api.headers())
+        assert again.status_code == 200 and "Idempotent-Replayed" not in again.headers  # scored anew, once
+        stored = api.client.get("/v1/payments/p2", headers=api.headers()).json()
+        assert stored["aggregates"][CARD_AGG] == 1  # ok1 only: the refused attempt was taken back out
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_an_answer_waits_for_its_commit_at_most_commit_wait_s_and_a_retry_gets_the_write_once_it_lands(
+    tmp_path: Path, database_url: str
+) -> None:
+    """A database that stalls without failing: the scoring answer stops waiting after ``commit_wait_s`` (a 503
+    saying the write may still land), ``/healthz`` turns 503 while the commit waits, a retry meanwhile is not
+    scored again, and once the stall ends the retry gets the stored answer."""
+    settings = make_settings(tmp_path / "var", database_url, db_busy_timeout_s=HANG, commit_wait_s=0.5)
+    client, api = open_api(settings)
+    try:
+        api.score(payment(payment_id="ok1", occurred_at="2026-11-22T10:00:00Z"))
+        body = payment(payment_id="p2", occurred_at="2026-11-22T10:01:00Z")
+        with writes_blocked(database_url):
+            pending = answer_within_hang(api, body)
+            assert pending.status_code == 503 and pending.json()["message"] == UNCONFIRMED, pending.text
+            assert pending.headers["Retry-After"] == "1"
+
+            def unhealthy() -> bool:
+                health = api.client.get("/healthz")
+                return health.status_code == 503 and health.json()["writes"] is False
+
+            assert wait_until(unhealthy, timeout=HANG)
+            assert api.client.get("/healthz").json()["database"] is True  # it answers reads all along
+            retry = answer_within_hang(api, body)  # it meets the same pending write
+            assert retry.status_code == 503 and retry.json()["message"] == UNCONFIRMED
+        assert wait_until(lambda: api.client.get("/healthz").status_code == 200, timeout=HANG)
+        landed = api.client.post("/v1/payments/score", json=body, headers=api.headers())
+        assert landed.status_code == 200 and landed.headers["Idempotent-Replayed"] == "true", landed.text
+        stored = api.client.get("/v1/payments/p2", headers=api.headers()).json()
+        assert stored["decision"] == landed.json() and stored["aggregates"][CARD_AGG] == 1
+        with api.engine.db.connect() as conn:
+            assert conn.execute(select(func.count()).select_from(m.Event)).scalar_one() == 2
+    finally:
+        client.__exit__(None, None, None)
 
 
 PII = {

@@ -3,6 +3,7 @@ writer recovers once the database takes writes again."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -15,9 +16,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import Column, Engine, Integer, MetaData, String, Table, UniqueConstraint, func, select
 
+from risk_engine.service.commits import CommitWaiter
 from risk_engine.storage.checkpoint import checkpoint
 from risk_engine.storage.db import make_engine
-from risk_engine.storage.writer import DuplicateRow, GroupCommitWriter, RawInsert, WriteFailed, sqlite_time
+from risk_engine.storage.writer import DuplicateRow, GroupCommitWriter, RawInsert, Ticket, WriteFailed, sqlite_time
 
 metadata = MetaData()
 items = Table(
@@ -318,3 +320,29 @@ def test_a_lone_write_is_committed_without_waiting_for_company(tmp_path: Path) -
         for i in range(3):
             assert writer.submit(insert, {"name": f"n{i}", "value": i}).wait(30)
         assert writer.batches == 3
+
+
+def test_a_commit_wait_ends_with_its_commit_or_its_timeout_and_no_wait_is_kept_after() -> None:
+    """The service's waits for commits: each ends when its write is done, or after the timeout with the write
+    still pending; the waits are forgotten either way (kept, each request would leak one)."""
+
+    async def run() -> None:
+        waiter = CommitWaiter(asyncio.get_running_loop(), timeout_s=0.3)
+        committed = [Ticket() for _ in range(200)]
+        stalled = Ticket()
+        waits = [waiter.wait(t) for t in committed] + [waiter.wait(stalled)]
+        for ticket in committed:
+            ticket.set_result(None)
+        await asyncio.wait_for(asyncio.gather(*waits[:-1]), 5)
+        assert not waits[-1].done() and waiter.timed_out == 0  # the commits did not end the stalled wait
+        await asyncio.wait_for(waits[-1], 5)
+        assert not stalled.done() and waiter.timed_out == 1  # ended by the timeout, the write left pending
+        assert not waiter._waiters and not waiter._deadlines and not waiter._sweeping
+        late = Ticket()
+        wait = waiter.wait(late)  # the timer starts again for a new wait
+        late.set_result(None)
+        await asyncio.wait_for(wait, 5)
+        await asyncio.sleep(0.5)
+        assert waiter.timed_out == 1 and not waiter._waiters and not waiter._sweeping
+
+    asyncio.run(run())

@@ -162,7 +162,7 @@ def create_app(
         bootstrap_admin_key(live)
         app.state.engine = live
         app.state.metrics = Metrics(live)
-        app.state.commits = CommitWaiter(asyncio.get_running_loop())
+        app.state.commits = CommitWaiter(asyncio.get_running_loop(), live.settings.commit_wait_s)
         app.state.scoring_bursts = Bursts(asyncio.get_running_loop())
         app.state.metrics.registry.register(BurstCollector(app.state.scoring_bursts))
         app.state.jobs = Jobs(live.db)

@@ -14,10 +14,15 @@ from risk_engine.dsl import DslErrors
 from risk_engine.errors import Conflict, InvalidInput, NotFound
 from risk_engine.service.responses import JsonResponse
 from risk_engine.storage.db import DatabaseUnavailable
+from risk_engine.storage.writer import WriteUnconfirmed
 from risk_engine.vault import BlindIndexesRetired
 
 log = logging.getLogger(__name__)
 UNAVAILABLE = "storage is unavailable; nothing was decided or stored, retry later"
+UNCONFIRMED = (
+    "storage did not confirm the write in time; it may still be stored: retry with the same id (a stored answer "
+    "is replayed, one that was not stored is scored anew)"
+)
 
 
 def _field(loc: tuple[Any, ...] | list[Any]) -> str:
@@ -79,6 +84,11 @@ def install_error_handlers(app: FastAPI) -> None:
             503,
             headers={"Retry-After": "1"},
         )
+
+    @app.exception_handler(WriteUnconfirmed)
+    async def _unconfirmed(_: Request, exc: WriteUnconfirmed) -> JsonResponse:
+        log.error("a scoring answer's write was %s", exc)
+        return JsonResponse(error_body("unavailable", UNCONFIRMED), 503, headers={"Retry-After": "1"})
 
     @app.exception_handler(BlindIndexesRetired)
     async def _retired(_: Request, exc: BlindIndexesRetired) -> JsonResponse:

@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse
 from starlette.types import Send
 
 from risk_engine.engine import RiskEngine, ScoreOutcome
+from risk_engine.storage.writer import WriteUnconfirmed
 
 
 class JsonResponse(JSONResponse):
@@ -25,9 +26,11 @@ class JsonResponse(JSONResponse):
 async def settled(outcome: ScoreOutcome, state: State) -> ScoreOutcome:
     """What a scoring answers once its row is committed: itself, or another worker's answer, as a replay, if it
     stored the same request first; else the engine's error for a failed write (503 or 409 through the error
-    handlers)."""
+    handlers), or :class:`WriteUnconfirmed` (503) if the write is still pending when the wait ends."""
     if not outcome.committed.done():
         await state.commits.wait(outcome.committed)
+        if not outcome.committed.done():
+            raise WriteUnconfirmed(f"not committed within {state.commits.timeout_s:g} s")
     engine: RiskEngine = state.engine
     return engine.settle(outcome)
 

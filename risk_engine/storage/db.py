@@ -38,6 +38,22 @@ def _json_dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
+def _postgres_connect_args(busy_timeout_s: float) -> dict[str, int]:
+    """libpq's settings for a connection that notices a dead server or network within about the busy timeout,
+    where it would otherwise wait for the kernel's retransmissions to give up (a quarter of an hour): data sent
+    and not acknowledged for that long ends it (``tcp_user_timeout``), and so do keepalive probes unanswered on
+    a connection waiting for an answer. A server that is alive acknowledges both, however long its query runs."""
+    seconds = max(1, round(busy_timeout_s))
+    return {
+        "connect_timeout": seconds,
+        "keepalives": 1,
+        "keepalives_idle": seconds,
+        "keepalives_interval": 1,
+        "keepalives_count": 3,
+        "tcp_user_timeout": seconds * 1000,
+    }
+
+
 def make_engine(url: str, busy_timeout_s: float = 5.0) -> Engine:
     """A SQLAlchemy engine; SQLite gets WAL mode and its parent directory created."""
     if url.startswith("sqlite"):
@@ -54,7 +70,7 @@ def make_engine(url: str, busy_timeout_s: float = 5.0) -> Engine:
         return engine
     return create_engine(
         url,
-        connect_args={"connect_timeout": max(1, int(busy_timeout_s))},
+        connect_args=_postgres_connect_args(busy_timeout_s),
         pool_pre_ping=True,
         pool_size=5,
         max_overflow=5,

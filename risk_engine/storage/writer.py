@@ -54,6 +54,10 @@ class WriteFailed(Exception):
         self.driver_error = driver_error
 
 
+class WriteUnconfirmed(Exception):
+    """A write neither committed nor failed within the time its caller would wait: it may yet commit."""
+
+
 class RawInsert:
     """A prebuilt INSERT for one table and dialect, and the conversion of a row to driver parameters."""
 
@@ -255,10 +259,16 @@ class _Refused(Exception):
 class GroupCommitWriter:
     """Background writer: ``submit`` queues a row and returns a future resolved after commit."""
 
-    def __init__(self, engine: Engine, batch_max: int = 1000, linger_s: float = 0.002) -> None:
+    def __init__(
+        self, engine: Engine, batch_max: int = 1000, linger_s: float = 0.002, lock_timeout_s: float | None = None
+    ) -> None:
         self.engine = engine
         self.batch_max = batch_max
         self.linger_s = linger_s
+        # PostgreSQL: how long a batch waits for another transaction's lock before it fails (SQLite's busy timeout,
+        # set on every connection, does the same there); None: as long as it takes
+        self.lock_timeout_s = lock_timeout_s if engine.dialect.name == "postgresql" else None
+        self.writing_since: float | None = None  # monotonic time the batch being written began; None when idle
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="risk-engine-writer", daemon=True)
         self._started = False
@@ -327,6 +337,9 @@ class GroupCommitWriter:
             try:
                 if self._checkpointer is not None:  # back to the pool as other connections are
                     self._pragma(conn, f"PRAGMA wal_autocheckpoint={SQLITE_AUTOCHECKPOINT_PAGES}")
+                if self.lock_timeout_s is not None:
+                    self._pragma(conn, "RESET lock_timeout")
+                    conn.commit()
                 conn.close()
             except Exception:
                 log.debug("closing the writer's connection failed", exc_info=True)
@@ -357,7 +370,11 @@ class GroupCommitWriter:
                     break
                 batch.append(item)
             last_rows = len(batch)
-            self._write(batch)
+            self.writing_since = time.monotonic()
+            try:
+                self._write(batch)
+            finally:
+                self.writing_since = None
             if stop:
                 return
 
@@ -366,8 +383,16 @@ class GroupCommitWriter:
             conn = self.engine.raw_connection()
             if self._checkpointer is not None:
                 self._pragma(conn, "PRAGMA wal_autocheckpoint=0")
+            if self.lock_timeout_s is not None:  # for this session; reset before it goes back to the pool
+                self._pragma(conn, f"SET lock_timeout = {max(1, round(self.lock_timeout_s * 1000))}")
+                conn.commit()
             self._conn = conn
         return self._conn
+
+    def stalled_s(self) -> float:
+        """How long the batch being written has waited for the database so far (0 when none is)."""
+        since = self.writing_since
+        return time.monotonic() - since if since is not None else 0.0
 
     @staticmethod
     def _pragma(conn: Any, sql: str) -> None:

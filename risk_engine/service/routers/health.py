@@ -13,11 +13,16 @@ router = APIRouter(tags=["health"])
 
 @router.get("/healthz")
 def healthz(engine: EngineDep) -> JsonResponse:
-    """200 when the database answers, 503 when it does not."""
-    ok = engine.ping()
+    """200 when the database answers and takes writes. 503 when it does not answer ("database": false), or when a
+    write has waited for it longer than a scoring answer waits, RISK_ENGINE_COMMIT_WAIT_S ("writes": false: a
+    database that stalls without failing, whose reads may still be answered)."""
+    answers = engine.ping()
+    writes = engine.writer.stalled_s() <= engine.settings.commit_wait_s
+    ok = answers and writes
     policies = {s: rt.policy.label for s, rt in engine.subjects.items()}
     return JsonResponse(
-        {"status": "ok" if ok else "unavailable", "database": ok, "policies": policies}, status_code=200 if ok else 503
+        {"status": "ok" if ok else "unavailable", "database": answers, "writes": writes, "policies": policies},
+        status_code=200 if ok else 503,
     )
 
 
