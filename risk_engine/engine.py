@@ -1963,6 +1963,9 @@ class RiskEngine:
         replay = self._replay(kind, event_id, request_hash, event)
         if replay is not None:
             return replay
+        if self.writer.writing_since is not None and self.writer.stalled_s() > self.settings.commit_wait_s:
+            # the database has stalled: refused at once, before anything is counted, not queued behind the stall
+            raise DatabaseUnavailable("writes stalled")
         key = f"{subject}\x1f{event_id}"
         with self._lock:
             pending = self._recent.get(key)

@@ -519,7 +519,8 @@ def test_an_answer_waits_for_its_commit_at_most_commit_wait_s_and_a_retry_gets_t
 ) -> None:
     """A database that stalls without failing: the scoring answer stops waiting after ``commit_wait_s`` (a 503
     saying the write may still land), ``/healthz`` turns 503 while the commit waits, a retry meanwhile is not
-    scored again, and once the stall ends the retry gets the stored answer."""
+    scored again, a new payment is refused outright (counted nowhere), and once the stall ends the retry gets
+    the stored answer."""
     settings = make_settings(tmp_path / "var", database_url, db_busy_timeout_s=HANG, commit_wait_s=0.5)
     client, api = open_api(settings)
     try:
@@ -538,13 +539,20 @@ def test_an_answer_waits_for_its_commit_at_most_commit_wait_s_and_a_retry_gets_t
             assert api.client.get("/healthz").json()["database"] is True  # it answers reads all along
             retry = answer_within_hang(api, body)  # it meets the same pending write
             assert retry.status_code == 503 and retry.json()["message"] == UNCONFIRMED
+            later = payment(payment_id="p3", occurred_at="2026-11-22T10:02:00Z")
+            refused = answer_within_hang(api, later)  # a new payment, while the writes stall: refused outright
+            assert refused.status_code == 503 and refused.json()["message"] == UNAVAILABLE, refused.text
         assert wait_until(lambda: api.client.get("/healthz").status_code == 200, timeout=HANG)
         landed = api.client.post("/v1/payments/score", json=body, headers=api.headers())
         assert landed.status_code == 200 and landed.headers["Idempotent-Replayed"] == "true", landed.text
         stored = api.client.get("/v1/payments/p2", headers=api.headers()).json()
         assert stored["decision"] == landed.json() and stored["aggregates"][CARD_AGG] == 1
+        after = api.client.post("/v1/payments/score", json=later, headers=api.headers())
+        assert after.status_code == 200 and "Idempotent-Replayed" not in after.headers  # scored now, once
+        stored = api.client.get("/v1/payments/p3", headers=api.headers()).json()
+        assert stored["aggregates"][CARD_AGG] == 2  # ok1 and p2: the refused attempt counted nothing
         with api.engine.db.connect() as conn:
-            assert conn.execute(select(func.count()).select_from(m.Event)).scalar_one() == 2
+            assert conn.execute(select(func.count()).select_from(m.Event)).scalar_one() == 3
     finally:
         client.__exit__(None, None, None)
 
