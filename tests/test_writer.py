@@ -67,6 +67,23 @@ def test_a_duplicate_fails_alone_and_its_batch_neighbours_commit(database_url: s
             assert conn.execute(select(items.c.value).where(items.c.name == "a")).scalar_one() == 1  # not replaced
 
 
+def test_a_fault_in_the_writer_thread_does_not_stop_it(database_url: str) -> None:
+    """The writer thread must outlive a fault of its own code, here a batch listener that raises once the batch
+    has committed: the thread died of it, and every later write waited forever, the service answering nothing."""
+    with _writer(database_url) as (engine, insert, writer):
+        faults = iter([RuntimeError("a listener's fault")])
+
+        def listener(_: int) -> None:
+            fault = next(faults, None)
+            if fault is not None:
+                raise fault
+
+        writer.on_batch = listener
+        assert writer.submit(insert, {"name": "a", "value": 1}).exception(10) is None  # it committed before
+        assert writer.submit(insert, {"name": "b", "value": 2}).exception(10) is None  # the writer carried on
+        assert _names(engine) == ["a", "b"]
+
+
 def test_the_ids_of_committed_rows_are_reported_and_only_theirs(database_url: str) -> None:
     with _writer(database_url) as (engine, insert, writer):
         reported: list[list[int]] = []

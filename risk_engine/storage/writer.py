@@ -373,6 +373,11 @@ class GroupCommitWriter:
             self.writing_since = time.monotonic()
             try:
                 self._write(batch)
+            except Exception:  # a fault of ours, not the database's: this batch fails, and the writer carries on
+                log.exception("group commit of %d rows failed unexpectedly", len(batch))
+                for job in batch:
+                    if not job.future.done():  # the batch was rolled back: each caller's event is taken out
+                        job.future.set_exception(WriteFailed("internal error"))
             finally:
                 self.writing_since = None
             if stop:
