@@ -47,6 +47,9 @@ app.add_typer(pii_app, name="pii")
 T = TypeVar("T")
 
 
+WORKER_HEALTHCHECK_S = 60
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
@@ -82,6 +85,10 @@ def serve(
             port=port,
             log_level=log_level,
             access_log=access_log,
+            # how long a worker may take to answer the supervisor, and a new one (SIGHUP) to start serving, before
+            # it is replaced (the old one kept): a start restores and replays state, which takes longer than
+            # uvicorn's 5 s on a large deployment
+            timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
         )
         return
     # opened here rather than in the app's start-up, where uvicorn would print a set-up failure as a traceback;
