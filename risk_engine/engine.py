@@ -392,6 +392,7 @@ class RiskEngine:
         self._lists_edited: dict[tuple[str, str], int] = {}  # undo it: the entries edited, at which edit
         self.counters = _Counters()
         self._lock = threading.RLock()
+        self._refreshing = threading.Lock()  # policy refreshes take turns (refresh_policies)
         # labels are stored and learned one request at a time, so the detectors learn them in id order (one
         # learned after a later one would be a gap to look for again: see risk_engine.watermark)
         self._labels_lock = threading.RLock()
@@ -780,7 +781,16 @@ class RiskEngine:
         return velocity
 
     def refresh_policies(self) -> list[str]:
-        """Pick up versions published by other workers. Returns the labels newly activated."""
+        """Score with the versions the database holds live and in shadow, whoever changed them (a change made
+        here, by another worker or another thread). Returns the labels newly activated.
+
+        Refreshes take turns, each reading the database once it has its turn: the last one reads the newest
+        state, so this process ends on it. (Activating what each change had made left it on the one whose
+        activation, a long policy's compile, say, ended last.)"""
+        with self._refreshing:
+            return self._refresh_policies()
+
+    def _refresh_policies(self) -> list[str]:
         with self._session() as s:
             rows = s.execute(
                 select(

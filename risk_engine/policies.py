@@ -224,9 +224,8 @@ class PolicyWorkflow:
                 {"version": version},
             )
             s.commit()
-            text = row.text
             view = _view(row)
-        self.engine.activate_policy(subject, text, version)
+        self.engine.refresh_policies()  # what is live now: a change that committed after this one may have won
         return view
 
     def start_shadow(self, subject: str, version: int, actor: str) -> dict[str, Any]:
@@ -255,8 +254,8 @@ class PolicyWorkflow:
                 {"shadow": version, "from_event_id": from_event_id},
             )
             s.commit()
-            text, view = row.text, _view(row)
-        self.engine.set_shadow(subject, text, version)
+            view = _view(row)
+        self.engine.refresh_policies()
         return view
 
     def stop_shadow(self, subject: str, actor: str) -> dict[str, Any]:
@@ -273,7 +272,7 @@ class PolicyWorkflow:
             )
             s.commit()
             view = _view(row)
-        self.engine.set_shadow(subject, None, None)
+        self.engine.refresh_policies()
         return view
 
     def shadow_report(self, subject: str) -> dict[str, Any]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -660,3 +662,47 @@ def test_two_workers_changing_the_live_version_at_once_leave_one_live_version_bo
     finally:
         client_b.__exit__(None, None, None)
         client_a.__exit__(None, None, None)
+
+
+def test_two_publishes_at_once_in_one_worker_leave_it_scoring_with_the_version_that_won(
+    tmp_path: Path, database_url: str
+) -> None:
+    """Two analysts publish through the same worker at once: the database takes one change after the other, and
+    the worker must end on the one that came last, without waiting for its next poll. Each publish used to
+    activate its own version once committed, so a long policy, slow to compile, committed first and activated
+    after a short one that followed it, and the worker scored with a version no longer live until its poll."""
+    settings = make_settings(tmp_path / "var", database_url, policy_poll_s=0, follow_poll_s=0)
+    client, api = open_api(settings)
+    try:
+        flow = PolicyWorkflow(api.engine)
+        extra = "".join(
+            f"\nrule extra_{i} {{\n  when amount.major > {1_000_000 + i} and buyer.account_age < {i + 1}d\n"
+            f"  then score +1, reason EXTRA_{i}\n}}\n"
+            for i in range(1000)
+        )
+        wrong = []
+        switching = sys.getswitchinterval()
+        sys.setswitchinterval(0.0002)  # the threads take turns at the interpreter often, as they would on more cores
+        for i in range(6):
+            slow = flow.create_draft(
+                "payment", DEFAULT.replace("challenge at 35", f"challenge at {20 + i}") + extra, "t"
+            )
+            quick = flow.create_draft("payment", DEFAULT.replace("challenge at 35", f"challenge at {40 + i}"), "t")
+
+            def publish_quick_while_the_slow_one_activates(quick: int, slow: int) -> None:
+                while _live_and_shadow(api)[0] != [slow]:  # the slow one committed: it now compiles to activate
+                    time.sleep(0.001)
+                flow.publish("payment", quick, "t")
+
+            at_the_same_moment(
+                partial(flow.publish, "payment", slow[0]["version"], "t"),
+                partial(publish_quick_while_the_slow_one_activates, quick[0]["version"], slow[0]["version"]),
+            )
+            live, _ = _live_and_shadow(api)
+            active = api.engine.subjects["payment"].policy.version
+            if active != live[0]:
+                wrong.append((active, live[0]))
+        assert wrong == []
+    finally:
+        sys.setswitchinterval(switching)
+        client.__exit__(None, None, None)
