@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import random
 import secrets
 import threading
 import time
@@ -409,6 +410,7 @@ class RiskEngine:
         self._follower: threading.Thread | None = None
         self._snapshot_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="risk-engine-snapshot")
         self._state_saving = threading.Lock()  # held while a state snapshot is saved beside serving
+        self.state_save_offset_s = 0.0  # how far into its first period the poller's first save comes early
         # what the last state saved while serving held: (the last own event's number, the followed watermark)
         self._state_saved_of = (0, 0)
         self._stopping = threading.Event()
@@ -816,7 +818,10 @@ class RiskEngine:
         pii_expired_at = time.monotonic()  # ... but leaves the PII to the day's run (or ``risk-engine pii expire``)
         collected_at = time.monotonic()
         full_every_s = self.settings.gc_full_every_hours * 3600.0 if self.settings.gc_tuning else 0.0
-        state_saved_at = time.monotonic()
+        # the first save comes at a random point of the first period: workers started together (serve --workers)
+        # then fork their copies for saving at different moments, not all at once, each copy the process's size
+        self.state_save_offset_s = random.uniform(0.0, self.settings.state_snapshot_every_s)
+        state_saved_at = time.monotonic() - self.state_save_offset_s
         self._state_saved_of = (self._seq, self._events_read.last)
 
         def poll() -> None:

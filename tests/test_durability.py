@@ -17,6 +17,8 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 from sqlalchemy import create_engine, func, select, text
 
+import risk_engine.engine as engine_module
+from risk_engine.engine import RiskEngine
 from risk_engine.payments import PaymentIn
 from risk_engine.service.errors import UNAVAILABLE, UNCONFIRMED
 from risk_engine.storage import models as m
@@ -817,6 +819,33 @@ def test_the_worker_saves_its_state_while_serving_only_when_it_changed(tmp_path:
         assert state_file.stat().st_mtime_ns == saved_at
         api.score(payment(payment_id="one_more", occurred_at="2026-11-22T10:00:30Z"))
         assert wait_until(lambda: state_file.stat().st_mtime_ns != saved_at, timeout=20)
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_workers_started_together_save_their_state_at_different_moments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each save while serving forks a copy of its process, so workers started together (``serve --workers``)
+    must not all fork at once, period after period: each one's first save comes at a point of the first period
+    of its own drawing, and the next ones a period apart."""
+    settings = make_settings(tmp_path / "var", f"sqlite:///{tmp_path / 'risk.db'}", state_snapshot_every_s=600)
+    engines = [RiskEngine.open(settings) for _ in range(3)]
+    try:
+        offsets = [engine.state_save_offset_s for engine in engines]
+        assert len(set(offsets)) == 3 and all(0.0 <= o <= 600 for o in offsets), offsets
+    finally:
+        for engine in engines:
+            engine.close()
+    # the drawn point is where the first save comes: drawn near the period's end, a 30 s period saves at once
+    monkeypatch.setattr(engine_module.random, "uniform", lambda low, high: high - 0.2)
+    settings = make_settings(
+        tmp_path / "var2", f"sqlite:///{tmp_path / 'risk2.db'}", policy_poll_s=0.1, state_snapshot_every_s=30
+    )
+    client, api = open_api(settings)
+    try:
+        api.score(payment(payment_id="saved_early"))
+        assert wait_until(lambda: api.engine.counters.state_saves.get("saved", 0) >= 1, timeout=20)
     finally:
         client.__exit__(None, None, None)
 
