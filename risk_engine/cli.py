@@ -69,14 +69,9 @@ def serve(
     """Migrate the database and serve the API."""
     import uvicorn
 
-    from risk_engine.engine import RiskEngine
-    from risk_engine.service import create_app
-
     configure_logging()
     if workers > 1:
-        # opened and closed once here first: a set-up failure is printed as for one worker, before any worker
-        # starts, and the workers start from the state this writes on closing instead of each rebuilding it
-        RiskEngine.open(Settings()).close()
+        _open_and_close_apart()
         uvicorn.run(
             "risk_engine.service.app:worker_app",
             factory=True,
@@ -91,6 +86,9 @@ def serve(
             timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
         )
         return
+    from risk_engine.engine import RiskEngine
+    from risk_engine.service import create_app
+
     # opened here rather than in the app's start-up, where uvicorn would print a set-up failure as a traceback;
     # closed by the app's shutdown: after a SIGTERM uvicorn raises the signal again once it has shut down, and the
     # process ends there, so the ``finally`` below only covers a server that never started
@@ -100,6 +98,33 @@ def serve(
         uvicorn.run(app_, host=host, port=port, log_level=log_level, access_log=access_log)
     finally:
         engine.close()
+
+
+def _open_and_close_apart() -> None:
+    """Open the engine once and close it, in a process of its own, before ``serve --workers`` starts any: a
+    set-up failure is printed as for one worker (and exits 1), the workers start from the state it writes on
+    closing instead of each rebuilding it, and the supervisor, which only watches them, keeps none of its memory."""
+    import multiprocessing
+
+    check = multiprocessing.get_context("spawn").Process(target=_open_and_close, name="risk-engine-start")
+    check.start()
+    check.join()
+    if check.exitcode != 0:
+        raise typer.Exit(1)
+
+
+def _open_and_close() -> None:
+    from risk_engine.engine import RiskEngine
+
+    configure_logging()
+    try:
+        RiskEngine.open(Settings()).close()
+    except Exception as exc:
+        message = _operator_error(exc)
+        if message is None or os.environ.get("RISK_ENGINE_TRACEBACK"):
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
 
 
 @app.command()

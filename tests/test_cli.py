@@ -189,7 +189,8 @@ def test_models_check_names_each_detector(tmp_path: Path) -> None:
 
 def test_a_set_up_failure_is_one_line_without_the_password_and_exit_status_1(tmp_path: Path) -> None:
     unreachable = {"RISK_ENGINE_DATABASE_URL": "postgresql+psycopg://ops:s3cret-pw@127.0.0.1:1/risk"}
-    for command in (("migrate",), ("serve", "--port", "1")):  # serve fails before it binds
+    # serve fails before it binds, with one worker or several
+    for command in (("migrate",), ("serve", "--port", "1"), ("serve", "--port", "1", "--workers", "2")):
         result = run_cli(*command, home=tmp_path / "var", env=unreachable, timeout=120)
         assert result.returncode == 1, result.stderr
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
