@@ -117,14 +117,7 @@ def _open_and_close() -> None:
     from risk_engine.engine import RiskEngine
 
     configure_logging()
-    try:
-        RiskEngine.open(Settings()).close()
-    except Exception as exc:
-        message = _operator_error(exc)
-        if message is None or os.environ.get("RISK_ENGINE_TRACEBACK"):
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
+    _as_operator_errors(lambda: RiskEngine.open(Settings()).close())
 
 
 @app.command()
@@ -863,9 +856,15 @@ def main() -> None:
     """Entry point of the console script: a set-up failure is an ``error:`` line on stderr (one per problem)
     and exit status 1 (set RISK_ENGINE_TRACEBACK=1 for the traceback); anything else raises as usual."""
     try:
-        app()
+        _as_operator_errors(app)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def _as_operator_errors(run: Callable[[], object]) -> None:
+    """Run ``run``; a set-up failure it raises becomes ``error:`` lines and exit status 1 (``main``)."""
+    try:
+        run()
     except Exception as exc:
         message = _operator_error(exc)
         if message is None or os.environ.get("RISK_ENGINE_TRACEBACK"):
