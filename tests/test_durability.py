@@ -523,7 +523,7 @@ def test_an_answer_waits_for_its_commit_at_most_commit_wait_s_and_a_retry_gets_t
     saying the write may still land), ``/healthz`` turns 503 while the commit waits, a retry meanwhile is not
     scored again, a new payment is refused outright (counted nowhere), and once the stall ends the retry gets
     the stored answer."""
-    settings = make_settings(tmp_path / "var", database_url, db_busy_timeout_s=HANG, commit_wait_s=0.5)
+    settings = make_settings(tmp_path / "var", database_url, db_busy_timeout_s=HANG, commit_wait_s=1.0)
     client, api = open_api(settings)
     try:
         api.score(payment(payment_id="ok1", occurred_at="2026-11-22T10:00:00Z"))
