@@ -38,7 +38,6 @@ from risk_engine.api_keys import (
     Principal,
     create_api_key,
     create_first_admin_key,
-    has_api_keys,
     list_api_keys,
     revoke_api_key,
 )
@@ -2532,10 +2531,6 @@ class RiskEngine:
     def create_first_admin_key(self) -> str | None:
         """An admin key, created if the database holds no key; None if it holds one (``api_keys``)."""
         return create_first_admin_key(self.db)
-
-    def has_api_keys(self) -> bool:
-        """True once any key exists."""
-        return has_api_keys(self.db)
 
     def authenticate(self, token: str) -> Principal | None:
         """The principal behind a bearer token, or None (``api_keys.KeyCache``)."""
