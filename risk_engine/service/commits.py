@@ -40,13 +40,12 @@ class CommitWaiter:
         """An asyncio future that completes (always with None) once ``committed`` is done, or after
         ``timeout_s`` with it still pending."""
         waiter: asyncio.Future[None] = self.loop.create_future()
-        committed.add_done_callback(lambda _: self._finished(waiter))
-        if not waiter.done():
-            self._deadlines.append(self.loop.time() + self.timeout_s)
-            self._waiters.append(waiter)
-            if not self._sweeping:
-                self._sweeping = True
-                self.loop.call_later(min(self.timeout_s, SWEEP_EVERY_S), self._sweep)
+        committed.add_done_callback(lambda _: self._finished(waiter))  # resolves it later, on the loop
+        self._deadlines.append(self.loop.time() + self.timeout_s)
+        self._waiters.append(waiter)
+        if not self._sweeping:
+            self._sweeping = True
+            self.loop.call_later(min(self.timeout_s, SWEEP_EVERY_S), self._sweep)
         return waiter
 
     def _sweep(self) -> None:
