@@ -65,8 +65,8 @@ class Settings(BaseSettings):
     db_busy_timeout_s: float = Field(
         default=5.0,
         gt=0,
-        description="How long a write waits on another's lock before failing (SQLite's busy timeout; on PostgreSQL "
-        "the group commits' lock_timeout), and about how soon a dead PostgreSQL server or network is noticed.",
+        description="How long a statement waits on another's lock before failing (SQLite's busy timeout, "
+        "PostgreSQL's lock_timeout), and about how soon a dead PostgreSQL server or network is noticed.",
     )
     commit_wait_s: float = Field(
         default=10.0,

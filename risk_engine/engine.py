@@ -379,7 +379,7 @@ class RiskEngine:
         self.db = db
         self.vault = vault
         self.signing_key = signing_key
-        self.writer = GroupCommitWriter(db, settings.writer_batch_max, lock_timeout_s=settings.db_busy_timeout_s)
+        self.writer = GroupCommitWriter(db, settings.writer_batch_max)
         self.writer.precondition = blind_index_rotation.stale_chain_guard(vault)  # no token of a retired chain
         self._list_check = blind_index_rotation.session_chain_check(vault)  # nor in a list edit
         self.subjects: dict[str, SubjectRuntime] = {}

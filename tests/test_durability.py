@@ -455,9 +455,10 @@ def test_database_outage_on_postgres_is_503_and_nothing_is_half_written(tmp_path
 
 
 @contextmanager
-def writes_blocked(database_url: str) -> Iterator[None]:
-    """Another client holds a lock that every write of scored events waits for, until the block ends: the
-    database answers reads and neither fails nor takes the writes (a stall, not an outage)."""
+def writes_blocked(database_url: str, *tables: str) -> Iterator[None]:
+    """Another client holds a lock that every write to ``tables`` (scored events unless named) waits for, until
+    the block ends: the database answers reads and neither fails nor takes the writes (a stall, not an outage).
+    On SQLite the lock is the database's one write lock, whatever the tables."""
     if database_url.startswith("sqlite"):
         locker = sqlite3.connect(database_url.split("///", 1)[1], timeout=5)
         locker.execute("BEGIN EXCLUSIVE")
@@ -469,7 +470,7 @@ def writes_blocked(database_url: str) -> Iterator[None]:
         return
     engine = create_engine(database_url)
     with engine.connect() as conn:
-        conn.execute(text("LOCK TABLE events IN EXCLUSIVE MODE"))
+        conn.execute(text(f"LOCK TABLE {', '.join(tables or ('events',))} IN EXCLUSIVE MODE"))
         try:
             yield
         finally:
@@ -480,18 +481,21 @@ def writes_blocked(database_url: str) -> Iterator[None]:
 HANG = 60  # s: how long a request may go unanswered before the test calls it hung (never reached when it passes)
 
 
-def answer_within_hang(api: Any, body: dict[str, Any]) -> Any:
-    """Post a payment from a thread of its own, and its answer, which must come before ``HANG`` seconds (so that a
-    request left waiting fails the test rather than hanging it with the database still blocked)."""
+def answer_within_hang(
+    api: Any, body: dict[str, Any], path: str = "/v1/payments/score", headers: dict[str, str] | None = None
+) -> Any:
+    """Post ``body`` (a payment unless ``path`` says otherwise) from a thread of its own, and its answer, which
+    must come before ``HANG`` seconds (so that a request left waiting fails the test rather than hanging it with
+    the database still blocked)."""
     out: dict[str, Any] = {}
 
     def post() -> None:
-        out["response"] = api.client.post("/v1/payments/score", json=body, headers=api.headers())
+        out["response"] = api.client.post(path, json=body, headers=headers or api.headers())
 
     thread = threading.Thread(target=post, daemon=True)
     thread.start()
     thread.join(HANG)
-    assert "response" in out, "the request waited for as long as the database was blocked"
+    assert "response" in out, f"the request to {path} waited for as long as the database was blocked"
     return out["response"]
 
 
@@ -514,6 +518,79 @@ def test_a_write_waiting_for_a_lock_fails_after_the_busy_timeout_and_counts_noth
         assert stored["aggregates"][CARD_AGG] == 1  # ok1 only: the refused attempt was taken back out
     finally:
         client.__exit__(None, None, None)
+
+
+def test_an_analysts_write_waiting_for_a_lock_fails_after_the_busy_timeout_and_stores_nothing(
+    tmp_path: Path, database_url: str
+) -> None:
+    """A list edit or a label that waits for another client's lock gives up after the busy timeout, as a scoring
+    write does: a 503, nothing stored, and the same request done once the lock is gone. On PostgreSQL only the
+    group commits had a lock timeout, and these waited as long as the lock was held."""
+    client, api = open_api(make_settings(tmp_path / "var", database_url, db_busy_timeout_s=1, commit_wait_s=HANG))
+    try:
+        api.score(payment(payment_id="p1"))
+        writes = (
+            ("/v1/lists/blocked_devices/entries", {"value": "dev_locked_out"}),
+            ("/v1/labels", {"label_id": "lbl_1", "payment_id": "p1", "label": "chargeback", "source": "issuer"}),
+        )
+
+        def stored() -> tuple[int, int]:
+            with api.engine.db.connect() as conn:
+                entries = conn.execute(select(func.count()).select_from(m.ListEntry)).scalar_one()
+                return entries, conn.execute(select(func.count()).select_from(m.Label)).scalar_one()
+
+        before = stored()
+        with writes_blocked(database_url, "list_entries", "labels"):
+            for path, body in writes:
+                refused = answer_within_hang(api, body, path, api.headers("analyst"))
+                assert refused.status_code == 503 and refused.json()["message"] == UNAVAILABLE, refused.text
+        assert stored() == before
+        for path, body in writes:
+            done = api.client.post(path, json=body, headers=api.headers("analyst"))
+            assert done.status_code == 201, done.text
+        assert stored() == (before[0] + 1, before[1] + 1)
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_a_request_whose_idempotency_key_waits_for_the_database_holds_up_no_other_request(
+    tmp_path: Path, pg_schema_url: str
+) -> None:
+    """The ``Idempotency-Key`` layer claims and stores its keys off the event loop: while one keyed list edit
+    waits for a lock on the keys' table, payments are scored. The claim used to run on the loop, and every
+    request of the worker waited with it."""
+    client, api = open_api(make_settings(tmp_path / "var", pg_schema_url, db_busy_timeout_s=HANG))
+    watcher = create_engine(pg_schema_url)
+
+    def claim_waiting() -> bool:
+        with watcher.connect() as conn:
+            waiting = "select count(*) from pg_locks where not granted and relation = to_regclass('idempotency_keys')"
+            return bool(conn.execute(text(waiting)).scalar_one())
+
+    try:
+        api.score(payment(payment_id="p1"))
+        keyed: dict[str, Any] = {}
+        headers = {**api.headers("analyst"), "Idempotency-Key": "edit-1"}
+
+        def edit() -> None:
+            keyed["response"] = api.client.post(
+                "/v1/lists/blocked_devices/entries", json={"value": "dev_9"}, headers=headers
+            )
+
+        editor = threading.Thread(target=edit, daemon=True)
+        with writes_blocked(pg_schema_url, "idempotency_keys"):
+            editor.start()
+            assert wait_until(claim_waiting, timeout=HANG)
+            scored = answer_within_hang(api, payment(payment_id="p2", occurred_at="2026-11-22T10:20:00Z"))
+            assert scored.status_code == 200, scored.text
+            assert editor.is_alive() and "response" not in keyed  # still waiting for its claim
+        editor.join(HANG)
+        assert keyed["response"].status_code == 201, keyed["response"].text
+        again = api.client.post("/v1/lists/blocked_devices/entries", json={"value": "dev_9"}, headers=headers)
+        assert again.status_code == 201 and again.headers["idempotent-replayed"] == "true"
+    finally:
+        client.__exit__(None, None, None)
+        watcher.dispose()
 
 
 def test_an_answer_waits_for_its_commit_at_most_commit_wait_s_and_a_retry_gets_the_write_once_it_lands(

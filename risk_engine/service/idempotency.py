@@ -5,7 +5,9 @@ stored, the same request again gets that answer (``Idempotent-Replayed: true``) 
 A pure ASGI layer, inside the request guard (body limits, media types) and outside FastAPI. The key belongs to
 the API key that sent it, so the request is authenticated before anything is replayed. The same key with
 another request (method, path, query or body) is a 409, as is a retry while the first is still being
-answered. An answer of 5xx is not kept: the work did not happen, so a retry does it. The scoring endpoints
+answered. An answer of 5xx is not kept: the work did not happen, so a retry does it. The keys are claimed and
+stored from a worker thread, never on the event loop: a claim waiting for the database (a lock held elsewhere)
+holds up its own request, not every request of the worker. The scoring endpoints
 are idempotent on the event's own id and are not looked at here; nor is key creation, whose answer holds a
 secret that must never be stored (it is idempotent on its ``request_id``).
 """
@@ -17,6 +19,8 @@ import hmac
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio
+from anyio.to_thread import run_sync
 from sqlalchemy.exc import DBAPIError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -78,8 +82,8 @@ class IdempotencyKeys:
         signed = b"\0".join((scope["method"].encode(), path.encode(), body))
         digest = hmac.new(engine.signing_key, signed, hashlib.sha256).hexdigest()
         try:
-            claim = idempotency.claim(
-                engine.db, principal.key_id, key, scope["method"], path, digest, datetime.now(UTC)
+            claim = await run_sync(
+                idempotency.claim, engine.db, principal.key_id, key, scope["method"], path, digest, datetime.now(UTC)
             )
         except DBAPIError:
             await send_json(send, 503, error_body("unavailable", UNAVAILABLE), [(b"retry-after", b"1")])
@@ -121,12 +125,14 @@ class IdempotencyKeys:
         try:
             await self.app(scope, receive, keeping_send)
         except BaseException:
-            idempotency.release(engine.db, row)
+            with anyio.CancelScope(shield=True):  # a request cancelled (its client gone) still gives its claim up
+                await run_sync(idempotency.release, engine.db, row)
             raise
-        if status >= 500:
-            idempotency.release(engine.db, row)
-        else:
-            idempotency.complete(engine.db, row, status, content_type, b"".join(chunks))
+        with anyio.CancelScope(shield=True):
+            if status >= 500:
+                await run_sync(idempotency.release, engine.db, row)
+            else:
+                await run_sync(idempotency.complete, engine.db, row, status, content_type, b"".join(chunks))
 
 
 def _headers(scope: Scope) -> tuple[str | None, str | None]:

@@ -54,8 +54,20 @@ def _postgres_connect_args(busy_timeout_s: float) -> dict[str, int]:
     }
 
 
+def _postgres_session(busy_timeout_s: float) -> Any:
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # every statement waits for another transaction's lock at most the busy timeout, then fails (a 503), as
+        # SQLite's busy timeout has every statement there; without it a write waits as long as the lock is held
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(f"SET lock_timeout = {max(1, round(busy_timeout_s * 1000))}")
+        dbapi_connection.commit()
+
+    return on_connect
+
+
 def make_engine(url: str, busy_timeout_s: float = 5.0) -> Engine:
-    """A SQLAlchemy engine; SQLite gets WAL mode and its parent directory created."""
+    """A SQLAlchemy engine. SQLite gets WAL mode and its parent directory created; on either database a
+    statement waits for a lock at most ``busy_timeout_s`` (migrations excepted: they wait their turn)."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -68,7 +80,7 @@ def make_engine(url: str, busy_timeout_s: float = 5.0) -> Engine:
         )
         event.listen(engine, "connect", _sqlite_pragmas(busy_timeout_s))
         return engine
-    return create_engine(
+    engine = create_engine(
         url,
         connect_args=_postgres_connect_args(busy_timeout_s),
         pool_pre_ping=True,
@@ -77,6 +89,8 @@ def make_engine(url: str, busy_timeout_s: float = 5.0) -> Engine:
         json_serializer=_json_dumps,
         json_deserializer=orjson.loads,
     )
+    event.listen(engine, "connect", _postgres_session(busy_timeout_s))
+    return engine
 
 
 def alembic_config(engine: Engine) -> Config:
@@ -118,6 +132,7 @@ def _upgrade(engine: Engine) -> None:
     cfg = alembic_config(engine)
     with engine.begin() as connection:
         if engine.dialect.name == "postgresql":
+            connection.execute(text("SET LOCAL lock_timeout = 0"))  # a concurrent migration may take a while
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")

@@ -259,15 +259,10 @@ class _Refused(Exception):
 class GroupCommitWriter:
     """Background writer: ``submit`` queues a row and returns a future resolved after commit."""
 
-    def __init__(
-        self, engine: Engine, batch_max: int = 1000, linger_s: float = 0.002, lock_timeout_s: float | None = None
-    ) -> None:
+    def __init__(self, engine: Engine, batch_max: int = 1000, linger_s: float = 0.002) -> None:
         self.engine = engine
         self.batch_max = batch_max
         self.linger_s = linger_s
-        # PostgreSQL: how long a batch waits for another transaction's lock before it fails (SQLite's busy timeout,
-        # set on every connection, does the same there); None: as long as it takes
-        self.lock_timeout_s = lock_timeout_s if engine.dialect.name == "postgresql" else None
         self.writing_since: float | None = None  # monotonic time the batch being written began; None when idle
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="risk-engine-writer", daemon=True)
@@ -337,9 +332,6 @@ class GroupCommitWriter:
             try:
                 if self._checkpointer is not None:  # back to the pool as other connections are
                     self._pragma(conn, f"PRAGMA wal_autocheckpoint={SQLITE_AUTOCHECKPOINT_PAGES}")
-                if self.lock_timeout_s is not None:
-                    self._pragma(conn, "RESET lock_timeout")
-                    conn.commit()
                 conn.close()
             except Exception:
                 log.debug("closing the writer's connection failed", exc_info=True)
@@ -388,9 +380,6 @@ class GroupCommitWriter:
             conn = self.engine.raw_connection()
             if self._checkpointer is not None:
                 self._pragma(conn, "PRAGMA wal_autocheckpoint=0")
-            if self.lock_timeout_s is not None:  # for this session; reset before it goes back to the pool
-                self._pragma(conn, f"SET lock_timeout = {max(1, round(self.lock_timeout_s * 1000))}")
-                conn.commit()
             self._conn = conn
         return self._conn
 
