@@ -826,13 +826,18 @@ def _operator_error(exc: BaseException) -> str | None:
     from risk_engine.dsl import DslErrors
     from risk_engine.money import CurrencyConfigError
     from risk_engine.schema import ConfigError
-    from risk_engine.storage.db import DatabaseUnavailable
+    from risk_engine.storage.db import DatabaseUnavailable, lock_wait_timed_out
     from risk_engine.vault import VaultKeyError
 
     if isinstance(exc, DatabaseUnavailable) and isinstance(exc.__cause__, OperationalError):
         exc = exc.__cause__
     if isinstance(exc, OperationalError):
         first = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else type(exc).__name__
+        if lock_wait_timed_out(exc):
+            return (
+                f"the database is busy: another client held a lock longer than RISK_ENGINE_DB_BUSY_TIMEOUT_S; "
+                f"retry ({first})"
+            )
         return f"cannot reach the database: {first}"
     if isinstance(exc, ArgumentError):
         return f"RISK_ENGINE_DATABASE_URL is not a database URL ({exc})"

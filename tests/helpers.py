@@ -1,15 +1,19 @@
-"""Test helpers: a TCP proxy that can cut a real database off, to test outages without mocks."""
+"""Test helpers: a TCP proxy that can cut a real database off, and a lock held by another client, to test
+outages and stalls without mocks."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx2 as httpx
+from sqlalchemy import create_engine, text
 
 
 class TcpProxy:
@@ -113,3 +117,27 @@ def at_the_same_moment(*calls: Callable[[], Any]) -> list[Any]:
     for t in threads:
         t.join()
     return outcomes
+
+
+@contextmanager
+def writes_blocked(database_url: str, *tables: str) -> Iterator[None]:
+    """Another client holds a lock that every write to ``tables`` (scored events unless named) waits for, until
+    the block ends: the database answers reads and neither fails nor takes the writes (a stall, not an outage).
+    On SQLite the lock is the database's one write lock, whatever the tables."""
+    if database_url.startswith("sqlite"):
+        locker = sqlite3.connect(database_url.split("///", 1)[1], timeout=5)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            yield
+        finally:
+            locker.rollback()
+            locker.close()
+        return
+    engine = create_engine(database_url)
+    with engine.connect() as conn:
+        conn.execute(text(f"LOCK TABLE {', '.join(tables or ('events',))} IN EXCLUSIVE MODE"))
+        try:
+            yield
+        finally:
+            conn.rollback()
+    engine.dispose()

@@ -11,6 +11,7 @@ from risk_engine.config import Settings
 from risk_engine.engine import RiskEngine
 from risk_engine.policies import PolicyWorkflow
 from tests.conftest import REPO, run_cli
+from tests.helpers import writes_blocked
 
 run = run_cli
 
@@ -201,6 +202,24 @@ def test_a_set_up_failure_is_one_line_without_the_password_and_exit_status_1(tmp
     assert "error: settings (RISK_ENGINE_*): policy_poll_s:" in bad_setting.stderr
     traced = run_cli("migrate", home=tmp_path / "var", env={**unreachable, "RISK_ENGINE_TRACEBACK": "1"}, timeout=120)
     assert traced.returncode != 0 and "OperationalError" in traced.stderr
+
+
+def test_a_command_waiting_for_another_clients_lock_says_the_database_is_busy(
+    tmp_path: Path, database_url: str
+) -> None:
+    """A lock held elsewhere for longer than the busy timeout is a busy database, not an unreachable one: one line
+    saying so, exit status 1, nothing stored; the same command works once the lock is gone."""
+    env = {"RISK_ENGINE_DATABASE_URL": database_url, "RISK_ENGINE_DB_BUSY_TIMEOUT_S": "0.5"}
+    assert run("migrate", home=tmp_path / "var", env=env).returncode == 0
+    with writes_blocked(database_url, "list_entries"):
+        result = run("lists", "add", "blocked_devices", "dev_busy", home=tmp_path / "var", env=env)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert errors and errors[-1].startswith("error: the database is busy: another client held a lock"), errors
+    shown = run("lists", "show", "blocked_devices", home=tmp_path / "var", env=env)
+    assert json.loads(shown.stdout.strip().splitlines()[-1]) == []
+    added = run("lists", "add", "blocked_devices", "dev_busy", home=tmp_path / "var", env=env)
+    assert added.returncode == 0, added.stderr
 
 
 def test_serve_refuses_a_port_that_cannot_be_bound_before_opening_anything(tmp_path: Path) -> None:

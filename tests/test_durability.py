@@ -8,8 +8,6 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -23,7 +21,7 @@ from risk_engine.payments import PaymentIn
 from risk_engine.service.errors import UNAVAILABLE, UNCONFIRMED
 from risk_engine.storage import models as m
 from tests.conftest import BASE_REVIEW, REPO, make_settings, open_api, payment
-from tests.helpers import TcpProxy, wait_until
+from tests.helpers import TcpProxy, wait_until, writes_blocked
 
 CARD_AGG = "count(by payment_method.card_fingerprint within 1h)"
 
@@ -452,30 +450,6 @@ def test_database_outage_on_postgres_is_503_and_nothing_is_half_written(tmp_path
     with direct.connect() as conn:
         assert conn.execute(text("select count(*) from events")).scalar_one() == 3
     direct.dispose()
-
-
-@contextmanager
-def writes_blocked(database_url: str, *tables: str) -> Iterator[None]:
-    """Another client holds a lock that every write to ``tables`` (scored events unless named) waits for, until
-    the block ends: the database answers reads and neither fails nor takes the writes (a stall, not an outage).
-    On SQLite the lock is the database's one write lock, whatever the tables."""
-    if database_url.startswith("sqlite"):
-        locker = sqlite3.connect(database_url.split("///", 1)[1], timeout=5)
-        locker.execute("BEGIN EXCLUSIVE")
-        try:
-            yield
-        finally:
-            locker.rollback()
-            locker.close()
-        return
-    engine = create_engine(database_url)
-    with engine.connect() as conn:
-        conn.execute(text(f"LOCK TABLE {', '.join(tables or ('events',))} IN EXCLUSIVE MODE"))
-        try:
-            yield
-        finally:
-            conn.rollback()
-    engine.dispose()
 
 
 HANG = 60  # s: how long a request may go unanswered before the test calls it hung (never reached when it passes)

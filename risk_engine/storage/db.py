@@ -11,7 +11,7 @@ import orjson
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import ColumnElement, Engine, create_engine, event, inspect, select, text, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -63,6 +63,14 @@ def _postgres_session(busy_timeout_s: float) -> Any:
         dbapi_connection.commit()
 
     return on_connect
+
+
+def lock_wait_timed_out(exc: DBAPIError) -> bool:
+    """Whether the database refused ``exc``'s statement because another client held a lock it waited for longer
+    than the busy timeout (PostgreSQL's lock_not_available, SQLite's busy): a busy database, not an absent one."""
+    if getattr(exc.orig, "sqlstate", None) == "55P03":
+        return True
+    return getattr(exc.orig, "sqlite_errorname", None) in ("SQLITE_BUSY", "SQLITE_LOCKED")
 
 
 def make_engine(url: str, busy_timeout_s: float = 5.0) -> Engine:
