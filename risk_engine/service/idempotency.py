@@ -5,17 +5,19 @@ stored, the same request again gets that answer (``Idempotent-Replayed: true``) 
 A pure ASGI layer, inside the request guard (body limits, media types) and outside FastAPI. The key belongs to
 the API key that sent it, so the request is authenticated before anything is replayed. The same key with
 another request (method, path, query or body) is a 409, as is a retry while the first is still being
-answered. An answer of 5xx is not kept: the work did not happen, so a retry does it. The keys are claimed and
-stored from a worker thread, never on the event loop: a claim waiting for the database (a lock held elsewhere)
-holds up its own request, not every request of the worker. The scoring endpoints
-are idempotent on the event's own id and are not looked at here; nor is key creation, whose answer holds a
-secret that must never be stored (it is idempotent on its ``request_id``).
+answered. An answer is stored before its last byte is sent, so a retry made as soon as the client has it finds
+it, in any worker. An answer of 5xx is not kept: the work did not happen, so a retry does it. Keys are claimed
+and stored from a worker thread, never on the event loop: a claim waiting for the database (a lock held
+elsewhere) holds up its own request, not every request of the worker. The scoring endpoints are idempotent on
+the event's own id and are not looked at here; nor is key creation, whose answer holds a secret that must never
+be stored (it is idempotent on its ``request_id``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,6 +34,7 @@ from risk_engine.service.responses import send_json, send_raw
 from risk_engine.storage import idempotency
 from risk_engine.storage.db import DatabaseUnavailable
 
+log = logging.getLogger(__name__)
 HEADER = b"idempotency-key"
 # a created key's answer holds its secret, which is never stored: that request is idempotent on its request_id
 NEVER_KEPT = frozenset({"/v1/keys"})
@@ -110,6 +113,20 @@ class IdempotencyKeys:
         status = 500
         content_type: str | None = None
         chunks: list[bytes] = []
+        settled = False  # the claim kept with its answer, or given up
+
+        async def settle() -> None:
+            nonlocal settled
+            settled = True
+            with anyio.CancelScope(shield=True):  # a request cancelled (its client gone) still settles its claim
+                try:
+                    if status >= 500:
+                        await run_sync(idempotency.release, engine.db, row)
+                    else:
+                        body = b"".join(chunks)
+                        await run_sync(idempotency.complete, engine.db, row, status, content_type, body)
+                except DBAPIError as exc:  # the answer stands; a retry after ABANDONED_S does the work again
+                    log.warning("idempotency key not settled: %s", type(exc.orig or exc).__name__)
 
         async def keeping_send(message: Message) -> None:
             nonlocal status, content_type
@@ -120,19 +137,18 @@ class IdempotencyKeys:
                         content_type = value.decode("latin-1")
             elif message["type"] == "http.response.body":
                 chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    # kept before the answer's end is sent: a client that retries as soon as it has the answer
+                    # (in this worker or another) finds it stored, not still "being answered"
+                    await settle()
             await send(message)
 
         try:
             await self.app(scope, receive, keeping_send)
-        except BaseException:
-            with anyio.CancelScope(shield=True):  # a request cancelled (its client gone) still gives its claim up
-                await run_sync(idempotency.release, engine.db, row)
-            raise
-        with anyio.CancelScope(shield=True):
-            if status >= 500:
-                await run_sync(idempotency.release, engine.db, row)
-            else:
-                await run_sync(idempotency.complete, engine.db, row, status, content_type, b"".join(chunks))
+        finally:
+            if not settled:  # no whole answer was sent: the work did not happen, or not all of it
+                status = 500
+                await settle()
 
 
 def _headers(scope: Scope) -> tuple[str | None, str | None]:
