@@ -129,8 +129,9 @@ RECENT_CACHE = 50_000
 # 2: orders carry their shipping address; 3: the state is of the events it has read by id, from every worker;
 # 4: velocity windows keep their times in arrays
 # 5: orders as tuples (marketplace._Order); 6: a seller's devices bounded, in order; 7: credit windows cut in
-# bulk; 8: merchant flags kept when not ok, with each decision's latest time
-STATE_SNAPSHOT_FORMAT = 8
+# bulk; 8: merchant flags kept when not ok, with each decision's latest time; 9: velocity windows keep where the
+# entries dropped by the cap end
+STATE_SNAPSHOT_FORMAT = 9
 COMMITTED = done_ticket()  # the ticket of every remembered answer whose write is done (never changes again)
 ORDERS_KEPT_S = 180 * 86_400.0  # payments whose orders a restart reloads for the review link
 # a new aggregate's windows are replayed without the state lock in up to this many rounds after the first, until

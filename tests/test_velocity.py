@@ -250,6 +250,46 @@ def test_memory_is_bounded_per_key_and_quiet_keys_are_swept() -> None:
     assert state.key_count() == 0
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(min_value=0, max_value=300, allow_nan=False).map(lambda t: round(t, 0)),
+            st.integers(min_value=1, max_value=9),
+            st.integers(min_value=0, max_value=7).map(lambda n: n == 0),  # a write that failed: taken back out
+        ),
+        max_size=120,
+    ),
+    st.integers(min_value=1, max_value=12),
+)
+def test_a_key_at_its_cap_holds_exactly_its_newest_entries(stream: list[tuple[float, int, bool]], cap: int) -> None:
+    """However the entries came (late ones, failed writes taken back out), a key at its cap holds its ``cap``
+    newest entries, the oldest dropped first: each aggregate is the one over those entries. The dropped ones are
+    deleted from the arrays a batch at a time, which must change nothing a query sees."""
+    specs = (
+        AggSpec("count", None, "ip", 100.0),
+        AggSpec("sum", "amount", "ip", 150.0),
+        AggSpec("distinct", "amount", "ip", 120.0),
+    )
+    state = VelocityState(specs, max_events_per_key=cap)
+    held: list[tuple[float, int]] = []  # the model: sorted by time, a new entry after those of its time
+    for ts, amount, failed in stream:
+        record = {"ip": "busy", "amount": amount}
+        got = state.query(record, ts)
+        for spec in specs:
+            rows = [a for t, a in held if ts - spec.window_s < t <= ts]
+            want = {"count": len(rows), "sum": sum(rows), "distinct": len(set(rows))}[spec.func]
+            assert got[spec.id] == want, (spec.func, ts, got[spec.id], want)
+        state.add(record, ts)
+        position = next((i for i, (t, _) in enumerate(held) if t > ts), len(held))
+        held.insert(position, (ts, amount))
+        del held[: max(0, len(held) - cap)]
+        if failed:
+            state.retract(record, ts)
+            if (ts, amount) in held:  # already dropped, it is not there to take out
+                held.remove((ts, amount))
+
+
 def test_a_capped_distinct_count_forgets_the_oldest_values_first() -> None:
     spec = AggSpec("distinct", "buyer", "card", 3600.0)
     state = VelocityState([spec], max_events_per_key=3)

@@ -21,6 +21,7 @@ from typing import Any
 from risk_engine.dsl import AggSpec
 
 GRACE_S = 3600.0  # how late an event may arrive and still be counted exactly
+DROP_BATCH = 4096  # entries a key at its cap drops before they are deleted from its arrays
 SWEEP_EVERY = 20_000
 _NEVER = -math.inf  # float("-inf") parses a string at every call
 _NO_TIMES = array("d")
@@ -37,12 +38,13 @@ class SlidingWindow:
     with the same pair are interchangeable and need no identity of their own.
     """
 
-    __slots__ = ("cursor", "max_ts", "times", "window")
+    __slots__ = ("cursor", "max_ts", "start", "times", "window")
 
     def __init__(self, window: float) -> None:
         self.window = window
         self.times = _NO_TIMES.__copy__()  # sorted; a copy costs half of array("d")
-        self.cursor = 0
+        self.start = 0  # the entries before it were dropped by the cap, and are deleted a batch at a time
+        self.cursor = 0  # the running value holds the entries from it on (never before ``start``)
         self.max_ts = _NEVER
 
     # the value hooks: a count keeps no values, so these do nothing in it
@@ -68,6 +70,9 @@ class SlidingWindow:
     def _exclude_at(self, pos: int) -> None:
         pass
 
+    def _include_at(self, pos: int) -> None:
+        pass
+
     def _exclude(self, value: Any) -> None:
         pass
 
@@ -82,7 +87,8 @@ class SlidingWindow:
         if ts >= self.max_ts:
             self._evict(ts - self.window)
             return self._current()
-        return self._between(bisect_right(self.times, ts - self.window), bisect_right(self.times, ts))
+        times, start = self.times, self.start
+        return self._between(bisect_right(times, ts - self.window, start), bisect_right(times, ts, start))
 
     def _evict(self, horizon: float) -> None:
         """Move the cursor past the entries at or before ``horizon``, taking them out of the running value."""
@@ -103,22 +109,22 @@ class SlidingWindow:
             self.max_ts = ts
             self._include(value)
         else:
-            pos = bisect_right(times, ts)
+            pos = bisect_right(times, ts, self.start)
             times.insert(pos, ts)
             self._insert_value(pos, value)
             if pos < self.cursor:
                 self.cursor += 1  # already behind the live part
             else:
                 self._include(value)  # a later query evicts it if it is already too old
-        if len(times) > cap:
-            self._drop_oldest(len(times) - cap)
+        if len(times) - self.start > cap:
+            self._drop_oldest(len(times) - self.start - cap)
         elif self.cursor > 256 and self.cursor * 2 > len(times):
             self._compact()
 
     def retract(self, ts: float, value: Any) -> bool:
         """Remove an entry added by mistake (its write failed). True if one with this time and value was found."""
         times = self.times
-        lo = bisect_left(times, ts)
+        lo = bisect_left(times, ts, self.start)
         pos = self._find(lo, bisect_right(times, ts, lo), value)
         if pos < 0:
             return False
@@ -128,20 +134,36 @@ class SlidingWindow:
             self.cursor -= 1
         else:
             self._exclude(value)
-        self.max_ts = times[-1] if times else _NEVER
+        max_ts = times[-1] if len(times) > self.start else _NEVER
+        if max_ts < self.max_ts:
+            # the newest entry went: a query in time order may now reach back further than the last one did, so
+            # the entries since moved past that are inside the window ending at the new newest time come back
+            back = bisect_right(times, max_ts - self.window, self.start)
+            for at in range(back, self.cursor):
+                self._include_at(at)
+            self.cursor = min(self.cursor, back)
+        self.max_ts = max_ts
         return True
 
     def _drop_oldest(self, n: int) -> None:
-        for pos in range(self.cursor, n):
+        """Drop the ``n`` oldest entries held. They are deleted from the arrays a batch at a time: deleting the
+        first entry of a key at its cap moved every other down, each time (97 µs an add at 100,000 entries)."""
+        start = self.start + n
+        for pos in range(self.cursor, start):
             self._exclude_at(pos)
-        self._delete(n)
-        self.cursor = max(self.cursor - n, 0)
+        self.start = start
+        self.cursor = max(self.cursor, start)
+        if start >= DROP_BATCH or start * 2 > len(self.times):
+            self._delete(start)
+            self.cursor -= start
+            self.start = 0
 
     def _compact(self) -> None:
-        cut = bisect_right(self.times, self.max_ts - self.window - GRACE_S, 0, self.cursor)
+        cut = max(bisect_right(self.times, self.max_ts - self.window - GRACE_S, 0, self.cursor), self.start)
         if cut:
             self._delete(cut)
             self.cursor -= cut
+            self.start = 0
 
     def _delete(self, n: int) -> None:
         del self.times[:n]
@@ -200,7 +222,7 @@ class CountWindow(SlidingWindow):
 
     def add(self, ts: float, value: Any, cap: int) -> None:
         times = self.times
-        if ts >= self.max_ts and len(times) < cap and self.cursor <= 256:
+        if ts >= self.max_ts and len(times) - self.start < cap and self.cursor <= 256:
             times.append(ts)
             self.max_ts = ts
             return
@@ -241,6 +263,9 @@ class ValuedWindow(SlidingWindow):
 
     def _exclude_at(self, pos: int) -> None:
         self._exclude(self.values[pos])
+
+    def _include_at(self, pos: int) -> None:
+        self._include(self.values[pos])
 
 
 class SumWindow(ValuedWindow):
@@ -303,7 +328,8 @@ class SumWindow(ValuedWindow):
         """Entries in the window ending at ``ts`` (call after :meth:`query`)."""
         if ts >= self.max_ts:
             return len(self.times) - self.cursor
-        return bisect_right(self.times, ts) - bisect_right(self.times, ts - self.window)
+        times, start = self.times, self.start
+        return bisect_right(times, ts, start) - bisect_right(times, ts - self.window, start)
 
 
 class DistinctWindow(ValuedWindow):
@@ -334,7 +360,7 @@ class DistinctWindow(ValuedWindow):
 
     def add(self, ts: float, value: Any, cap: int) -> None:
         times = self.times
-        if ts >= self.max_ts and len(times) < cap and self.cursor <= 256:
+        if ts >= self.max_ts and len(times) - self.start < cap and self.cursor <= 256:
             times.append(ts)
             self.values.append(value)
             self.max_ts = ts
