@@ -222,7 +222,7 @@ class CountWindow(SlidingWindow):
 
     def add(self, ts: float, value: Any, cap: int) -> None:
         times = self.times
-        if ts >= self.max_ts and len(times) - self.start < cap and self.cursor <= 256:
+        if ts >= self.max_ts and len(times) < cap and self.cursor <= 256:  # below the cap, nothing dropped
             times.append(ts)
             self.max_ts = ts
             return
@@ -360,7 +360,7 @@ class DistinctWindow(ValuedWindow):
 
     def add(self, ts: float, value: Any, cap: int) -> None:
         times = self.times
-        if ts >= self.max_ts and len(times) - self.start < cap and self.cursor <= 256:
+        if ts >= self.max_ts and len(times) < cap and self.cursor <= 256:  # below the cap, nothing dropped
             times.append(ts)
             self.values.append(value)
             self.max_ts = ts
