@@ -21,7 +21,9 @@ from risk_engine.storage import models as m
 from risk_engine.storage import rule_hits
 from risk_engine.storage.labels import event_outcome
 from risk_engine.storage.labels import outcome as label_outcome
+from risk_engine.storage.shadow_tallies import ShadowOutcome
 from tests.conftest import REPO, Api, make_settings, payment, two_workers
+from tests.helpers import wait_until
 
 # seconds before the latest payment, each at an edge of a window or beside one
 AGES = (0, 10, 1799, 3599, 3600, 3601, 7200, 43_200, 86_399, 86_400, 86_401, 172_800, 2_592_000, 2_592_001)
@@ -211,3 +213,81 @@ def test_two_transactions_labelling_one_event_at_once_count_its_change_once(tmp_
         # none -> legitimate (the first), legitimate -> fraud (the second): labelled once, fraud once
         for code in set(codes):
             assert labelled[code] == codes.count(code) and fraud[code] == codes.count(code)
+
+
+def test_a_batchs_counts_and_a_labels_counts_lock_their_rows_in_one_order(tmp_path: Path, pg_schema_url: str) -> None:
+    """A worker's group commit and a label it stores add to the same ``rule_hits`` and ``shadow_tallies`` rows
+    (the worker's own). Taken in opposite orders, PostgreSQL found a deadlock and failed one: under load,
+    a batch of payments or a label answered 503 every few seconds. Here the batch waits on its first rule row
+    (held by another client) when the label comes; in one order the label goes through, and then the batch."""
+    settings = make_settings(tmp_path / "var", pg_schema_url, policy_poll_s=3600)
+    with two_workers(settings) as (a, _):
+        engine = a.engine
+        engine.set_shadow("payment", (REPO / "rules" / "payment.rules").read_text(), 99)
+        answer = a.score(payment(payment_id="lock_order", billing_country="US"))
+        codes = tuple(r["code"] for r in answer["reasons"] if r["source"] == "rule")
+        assert codes and all(code > "AAA" for code in codes)
+        db, origin = engine.db, "w"
+        with Session(db) as s:
+            event = s.scalars(select(m.Event).where(m.Event.event_id == "lock_order")).one()
+            hour = rule_hits.hour_of(event.occurred_at.timestamp())
+            outcome = ShadowOutcome.of(event.decision, event.shadow)
+            assert outcome is not None
+            s.add(m.RuleHit(subject="payment", hour=hour, code="AAA", origin=origin, hits=1, labelled=0, fraud=0))
+            s.commit()
+        blocker = db.connect()
+        blocker.begin()
+        blocker.execute(text("SELECT 1 FROM rule_hits WHERE code = 'AAA' FOR UPDATE"))
+        failures: list[BaseException] = []
+
+        def batch() -> None:  # what the writer adds with a batch holding one more payment that fired "AAA" too
+            raw = db.raw_connection()
+            try:
+                cursor = raw.cursor()
+                tally = rule_hits.Tally("payment", hour, ("AAA", *codes), outcome)
+                rule_hits.HitTally(db, origin).execute(cursor, [tally])
+                raw.commit()
+            except BaseException as exc:  # reported below
+                failures.append(exc)
+            finally:
+                raw.close()
+
+        def label() -> None:
+            try:
+                with Session(db) as s:
+                    s.add(LabelRequest("lock_order_1", "lock_order", "chargeback", None, "t").row(datetime.now(UTC)))
+                    rule_hits.tally_labels(s, list(s.new), origin)
+                    s.commit()
+            except BaseException as exc:  # reported below
+                failures.append(exc)
+
+        def waiting() -> int:
+            with db.connect() as conn:
+                return int(
+                    conn.execute(
+                        text(
+                            "SELECT count(*) FROM pg_stat_activity"
+                            " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                        )
+                    ).scalar_one()
+                )
+
+        batch_thread, label_thread = threading.Thread(target=batch), threading.Thread(target=label)
+        batch_thread.start()
+        assert wait_until(lambda: waiting() == 1), "the batch never waited on the row held"
+        label_thread.start()
+        assert wait_until(lambda: not label_thread.is_alive() or waiting() == 2)
+        blocker.rollback()
+        blocker.close()
+        batch_thread.join(30)
+        label_thread.join(30)
+        assert not failures, failures
+        with Session(db) as s:
+            rows = {
+                r.code: (r.hits, r.labelled, r.fraud)
+                for r in s.scalars(select(m.RuleHit).where(m.RuleHit.origin == origin))
+            }
+            tallies = s.scalars(select(m.ShadowTally).where(m.ShadowTally.origin == origin)).all()
+        for code in set(codes):
+            assert rows[code] == (codes.count(code),) * 3  # the batch's hits; the label's labelled and fraud
+        assert [(t.events, t.labelled, t.fraud) for t in tallies] == [(1, 1, 1)]

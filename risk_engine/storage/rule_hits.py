@@ -75,15 +75,16 @@ class HitTally:
                 counts[tally.subject, tally.hour, code] += 1
             if tally.shadow is not None:
                 shadows.append(tally.shadow)
+        if counts:
+            group = "(" + ", ".join([self._marker] * 5) + ", 0, 0)"
+            sql = self._head + ", ".join(group for _ in counts) + self._tail
+            params: list[Any] = []
+            for (subject, hour, code), n in sorted(counts.items()):  # one order: no two batches lock crosswise
+                params += (subject, hour, code, self.origin, n)
+            cursor.execute(sql, tuple(params))
+        # after the rule rows, as a label's transaction takes them (``tally_labels``): a batch and a label of
+        # one worker add to the same rows, and taken crosswise PostgreSQL fails one of them as a deadlock
         shadow_tallies.add(cursor, self._marker, self.origin, shadows)
-        if not counts:
-            return
-        group = "(" + ", ".join([self._marker] * 5) + ", 0, 0)"
-        sql = self._head + ", ".join(group for _ in counts) + self._tail
-        params: list[Any] = []
-        for (subject, hour, code), n in sorted(counts.items()):  # one order: no two batches lock crosswise
-            params += (subject, hour, code, self.origin, n)
-        cursor.execute(sql, tuple(params))
 
 
 def tally_labels(session: Session, labels: Sequence[m.Label], origin: str) -> None:
@@ -136,6 +137,7 @@ def tally_labels(session: Session, labels: Sequence[m.Label], origin: str) -> No
             {"subject": subject, "hour": hour, "code": code, "origin": origin, "hits": 0, "labelled": 0, "fraud": 0},
         )
         counted[column] += n
+    # the rule rows first, then the shadow's, as the writer's batches take them (``HitTally``)
     add_counts(
         session,
         m.RuleHit,
