@@ -1989,12 +1989,12 @@ class RiskEngine:
                     raise Conflict(f"{kind.id_field} {event_id} was already scored with a different request")
                 identity = (subject, event_id, request_hash)
                 return ScoreOutcome(pending[1], self._ticket_of(key), replayed=True, identity=identity)
-            self._seq += 1
-            seq = self._seq
             if self._retractions:
                 self._apply_retractions()
             if self._marketplace_stale:
                 self._refresh_marketplace()
+            self._seq += 1  # after the retractions: the writer fails the events numbered before them
+            seq = self._seq
             self.marketplace.enrich(subject, record, ts)  # seller credit, flag, order link: stored with the record
             if self.base_currency is not None and "amount.major" in record:
                 # after the request hash, as the enrichment: new rates do not make a replay a conflict
@@ -2053,7 +2053,7 @@ class RiskEngine:
             tally = Tally(
                 subject, hour_of(ts), rule_codes(response), ShadowOutcome.of(verdict.decision.value, ev.shadow)
             )
-            self.writer.submit(self._event_insert, row, committed, tally)
+            self.writer.submit(self._event_insert, row, committed, tally, counted_as=seq)
         except BaseException as exc:
             # the answer is remembered with this ticket: failing it takes the event back out and lets a
             # replay fail as this call does, instead of waiting for a write that will never come
@@ -2258,7 +2258,9 @@ class RiskEngine:
 
     def _apply_retractions(self) -> None:
         """Take the events of failed writes back out of velocity, and their tickets out of ``_in_flight`` unless a
-        retry's has taken their place (lock held)."""
+        retry's has taken their place (lock held). Then the writer fails the writes of the events decided
+        before, which counted them."""
+        failures = self.writer.failed_counted  # read first: each failure it counts has queued its retraction
         while self._retractions:
             rt, record, ts, key, write, placed = self._retractions.popleft()
             rt.velocity.retract(record, ts)
@@ -2266,6 +2268,7 @@ class RiskEngine:
                 self._marketplace_stale = True  # the order changed since: rebuilt before the next scoring
             if self._in_flight.get(key) is write:
                 del self._in_flight[key]
+        self.writer.state_repaired(failures, self._seq)
 
     # -- reading back -----------------------------------------------------------------------------------------
     def _detectors_of(self, subject: str) -> Sequence[Detector]:

@@ -494,6 +494,37 @@ def test_a_write_waiting_for_a_lock_fails_after_the_busy_timeout_and_counts_noth
         client.__exit__(None, None, None)
 
 
+def test_a_payment_decided_while_a_failing_write_was_counted_is_not_stored_with_that_count(
+    tmp_path: Path, database_url: str
+) -> None:
+    """A payment is decided with the payments before it counted, their writes still queued. When one of those
+    fails, a payment decided before it was taken back out counted a payment never stored: its write fails too
+    (503), and its retry is decided without it. It used to be stored, its windows counting the lost payment."""
+    settings = make_settings(tmp_path / "var", database_url, db_busy_timeout_s=1, commit_wait_s=HANG, follow_poll_s=0)
+    client, api = open_api(settings)
+    engine = api.engine
+    try:
+        api.score(payment(payment_id="first", occurred_at="2026-11-22T10:00:00Z"))
+        lost_body = payment(payment_id="lost", occurred_at="2026-11-22T10:01:00Z")
+        counted_body = payment(payment_id="counted", occurred_at="2026-11-22T10:02:00Z")
+        with writes_blocked(database_url):
+            lost = engine.score_payment(PaymentIn.model_validate(lost_body))
+            assert wait_until(lambda: engine.writer.writing_since is not None, timeout=10)
+            counted = engine.score_payment(PaymentIn.model_validate(counted_body))  # queued behind the stall
+            assert counted.response["payment_id"] == "counted"
+            assert lost.committed.exception(30) is not None
+        # the lock is gone before the writer's next batch gives up on it: that write could commit now
+        assert counted.committed.exception(30) is not None, "stored with the lost payment counted"
+        for body, before in ((lost_body, 1), (counted_body, 2)):  # each retry decided anew, on what is stored
+            again = api.client.post("/v1/payments/score", json=body, headers=api.headers())
+            assert again.status_code == 200 and "Idempotent-Replayed" not in again.headers, again.text
+            stored = api.client.get(f"/v1/payments/{body['payment_id']}", headers=api.headers()).json()
+            assert stored["aggregates"][CARD_AGG] == before  # "first", then "first" and "lost"
+        assert engine._retractions == deque() and engine._in_flight == {}
+    finally:
+        client.__exit__(None, None, None)
+
+
 def test_an_analysts_write_waiting_for_a_lock_fails_after_the_busy_timeout_and_stores_nothing(
     tmp_path: Path, database_url: str
 ) -> None:

@@ -243,6 +243,7 @@ class _Job:
     params: tuple[Any, ...]
     future: Ticket = field(default_factory=Ticket)
     tally: Tally | None = None  # the rule hits (and shadow decision) to count with the row
+    counted_as: int = 0  # the number of the event the row stores, counted in the engine's state (0: none)
 
 
 _STOP = object()
@@ -289,6 +290,13 @@ class GroupCommitWriter:
         self.precondition: Callable[[Any], BaseException | None] | None = None
         # SQLite: the log is copied back beside the commits, not inside one (see storage.checkpoint)
         self._checkpointer = WalCheckpointer(engine) if engine.dialect.name == "sqlite" else None
+        # Rows of counted events (``counted_as``): each event was decided with those before it in the engine's
+        # state, their writes still queued. When one fails for want of the database, every event decided before
+        # the engine took it back out counted an event never stored, so those rows fail too (their callers get
+        # 503 and a retry is decided anew), rather than store decisions made on it.
+        self.failed_counted = 0  # rows of counted events failed so far (each after its ticket's callbacks ran)
+        self._repaired_failures = 0  # how many of those the engine has taken back out (``state_repaired``)
+        self._tainted_through = 0  # events numbered up to this were decided before that
 
     def start(self) -> None:
         """Start the writer thread (idempotent)."""
@@ -304,12 +312,45 @@ class GroupCommitWriter:
         row: dict[str, Any],
         ticket: Ticket | None = None,
         tally: Tally | None = None,
+        counted_as: int = 0,
     ) -> Ticket:
         """Queue one insert; the ticket completes after its batch commits. ``tally``: rule hits and a shadow
-        decision counted (by ``hits``) in the same transaction."""
-        job = _Job(insert, insert.params(row), ticket if ticket is not None else Ticket(), tally)
+        decision counted (by ``hits``) in the same transaction. ``counted_as``: the number of the event the row
+        stores, which the caller counted in its state when it decided it (rows so numbered are queued in number
+        order); such a row fails when an earlier one did and the caller has not yet said, by
+        :meth:`state_repaired`, that it decided this one without it."""
+        job = _Job(insert, insert.params(row), ticket if ticket is not None else Ticket(), tally, counted_as)
         self._queue.put(job)
         return job.future
+
+    def state_repaired(self, failures: int, through: int) -> None:
+        """The caller has taken the events of the first ``failures`` failed rows of counted events (as
+        ``failed_counted`` read before it began) back out of its state; it had decided the events numbered up to
+        ``through`` before that, so those still queued fail too."""
+        self._tainted_through = max(self._tainted_through, through)
+        self._repaired_failures = max(self._repaired_failures, failures)
+
+    def _tainted(self, job: _Job) -> bool:
+        """Whether a counted event's row was decided with a failed one in the state."""
+        return job.counted_as > 0 and (
+            self.failed_counted > self._repaired_failures or job.counted_as <= self._tainted_through
+        )
+
+    def _fail(self, job: _Job, error: BaseException) -> None:
+        """Fail a row whose write the database could not take (its failure taints the counted events after it)."""
+        job.future.set_exception(error)
+        if job.counted_as:
+            self.failed_counted += 1
+
+    def _without_tainted(self, batch: list[_Job]) -> list[_Job]:
+        """The batch less the rows of events decided with a failed one counted, which fail."""
+        kept = []
+        for job in batch:
+            if self._tainted(job):
+                self._fail(job, WriteFailed("an earlier write failed"))
+            else:
+                kept.append(job)
+        return kept
 
     def barrier(self) -> Ticket:
         """A ticket done once every write queued before it has committed (or failed)."""
@@ -362,14 +403,17 @@ class GroupCommitWriter:
                     break
                 batch.append(item)
             last_rows = len(batch)
+            if self.failed_counted > self._repaired_failures or self._tainted_through:
+                batch = self._without_tainted(batch)
             self.writing_since = time.monotonic()
             try:
-                self._write(batch)
+                if batch:
+                    self._write(batch)
             except Exception:  # a fault of ours, not the database's: this batch fails, and the writer carries on
                 log.exception("group commit of %d rows failed unexpectedly", len(batch))
                 for job in batch:
                     if not job.future.done():  # the batch was rolled back: each caller's event is taken out
-                        job.future.set_exception(WriteFailed("internal error"))
+                        self._fail(job, WriteFailed("internal error"))
             finally:
                 self.writing_since = None
             if stop:
@@ -435,13 +479,13 @@ class GroupCommitWriter:
                 raise
         except _Refused as precondition:
             for job in batch:
-                job.future.set_exception(precondition.error)
+                self._fail(job, precondition.error)
             return
         except self._unavailable as exc:
             error = self._failed(exc)
             log.error("group commit of %d rows failed: %s", len(batch), type(exc).__name__)
             for job in batch:
-                job.future.set_exception(error)
+                self._fail(job, error)
             return
         except Exception:
             # a row the database refused (a duplicate, a value it cannot store) or the driver could not bind:
@@ -465,6 +509,9 @@ class GroupCommitWriter:
             if job.insert is None:
                 job.future.set_result(None)
                 continue
+            if self._tainted(job):  # a row before it failed for want of the database
+                self._fail(job, WriteFailed("an earlier write failed"))
+                continue
             try:
                 conn = self._connection()
                 try:
@@ -480,11 +527,11 @@ class GroupCommitWriter:
                     conn.rollback()
                     raise
             except _Refused as precondition:
-                job.future.set_exception(precondition.error)
-            except self._integrity_error as exc:
+                self._fail(job, precondition.error)
+            except self._integrity_error as exc:  # stored by another worker: the event is counted all the same
                 job.future.set_exception(DuplicateRow(type(exc).__name__))
             except self._unavailable as exc:
-                job.future.set_exception(self._failed(exc))
+                self._fail(job, self._failed(exc))
             except Exception as exc:  # this row only: the connection is still good
                 log.error("a row for %s was refused: %s", job.insert.table.name, type(exc).__name__)
                 refused = WriteFailed(type(exc).__name__) if isinstance(exc, self._dbapi_errors) else exc
