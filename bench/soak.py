@@ -1,0 +1,644 @@
+"""A soak: minutes of mixed traffic against ``risk-engine serve``, with restarts, then checks of what was stored.
+
+Client threads score payments stamped with the wall clock as they are sent (some a little late, a few up to
+55 minutes late), many sharing busy keys (one IP, e-mail, seller, card, device, buyer), replay one in ten and
+label one in fifty. An analyst thread meanwhile drafts and publishes policy versions that add new windows,
+rolls back, puts versions in shadow, backtests, reads the rule statistics and edits a list, each change with an
+``Idempotency-Key`` and retried. Every ``--restart-every`` seconds the server is killed (SIGKILL, or with
+several workers one worker) or stopped (SIGTERM) and started again; a request cut off is retried, as a payment
+flow would, until it is answered.
+
+Then the server is stopped and the database read back:
+
+* every payment answered is stored once, with the answer it was given; every replay got the first answer;
+* every label answered is stored once; every analyst request and its retry got the same answer;
+* the counts kept as events and labels are stored (rule hits, shadow decisions) equal a count of the stored
+  events and their labels;
+* with one worker, every stored payment's windowed aggregates equal brute force over the payments stored
+  before it (in scoring order, as of its time): across restarts, late events and publishes that add windows.
+  With several workers an aggregate cannot count the other workers' events still in their group commit, so
+  each must lie between brute force over the events it must have counted (its worker's scored before it, the
+  others' scored seconds before it) and over those it may have (its worker's, and the others' stored before it).
+
+Prints what it did and found, then one JSON object on the last line; exits 1 when a check fails.
+Usage: python bench/soak.py [--seconds 180] [--workers 1] [--database-url URL] [--restart-every 45]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.machine import print_footer  # noqa: E402
+
+BUSY_IP = "203.0.113.7"
+RETRYABLE = {502, 503, 504}
+FOLLOW_SLACK_S = 2.0  # another worker's event is taken in within 0.25 s of its commit: well within this
+AGGREGATE_ID = re.compile(r"^(count|sum|avg|distinct)\((?:(\S+) )?by (\S+) within (\d+)(ms|w|d|h|m|s)\)$")
+UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """``risk-engine serve`` in a process of its own, stopped and started as the soak says."""
+
+    def __init__(self, home: Path, database_url: str | None, workers: int) -> None:
+        self.home, self.database_url, self.workers = home, database_url, workers
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = home / "serve.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "RISK_ENGINE_HOME": str(self.home)}
+        if self.database_url:
+            env["RISK_ENGINE_DATABASE_URL"] = self.database_url
+        command = [sys.executable, "-m", "risk_engine.cli", "serve", "--port", str(self.port)]
+        command += ["--log-level", "warning", "--no-access-log", "--workers", str(self.workers)]
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.process.poll() is not None:
+                raise SystemExit(f"the server exited ({self.process.returncode}); see {self.log}")
+            time.sleep(0.1)
+        raise SystemExit(f"the server did not answer /healthz within 120 s; see {self.log}")
+
+    def kill(self) -> str:
+        """SIGKILL the server (one worker) or one of its workers (the server replaces it)."""
+        assert self.process is not None
+        if self.workers == 1:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(30)
+            self.start()
+            return "SIGKILL"
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        os.kill(int(children[0]), signal.SIGKILL)
+        return "SIGKILL of a worker"
+
+    def stop(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(120)
+
+
+class Journal:
+    """What the clients sent and were answered, shared by the threads."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.answers: dict[str, dict[str, Any]] = {}  # payment id -> its first answer
+        self.labels: dict[str, str] = {}  # label id -> payment id
+        self.statuses: Counter[str] = Counter()
+        self.failures: list[str] = []
+        self.policy_steps: Counter[str] = Counter()
+
+    def fail(self, what: str) -> None:
+        with self.lock:
+            if len(self.failures) < 50:
+                self.failures.append(what)
+            self.statuses["failures"] += 1
+
+
+def send(
+    client: httpx.Client, server: Server, stop_by: float, method: str, path: str, **kwargs: Any
+) -> httpx.Response | None:
+    """The request, retried while the server restarts or answers 5xx (what a payment flow does); None when it
+    got no answer by ``stop_by``."""
+    while time.monotonic() < stop_by:
+        try:
+            response = client.request(method, f"{server.url}{path}", **kwargs)
+        except httpx.HTTPError:
+            time.sleep(0.05)
+            continue
+        if response.status_code not in RETRYABLE:
+            return response
+        time.sleep(0.05)
+    return None
+
+
+def payment_body(rng: random.Random, payment_id: str) -> dict[str, Any]:
+    """A payment stamped now (8% up to two minutes late, 2% up to 55 minutes: the engine counts events up to an
+    hour late exactly), on busy keys about as often as a marketplace's NAT gateways, large sellers and
+    card-testing bursts put them."""
+    at = datetime.now(UTC)
+    late = rng.random()
+    if late < 0.02:
+        at -= timedelta(seconds=rng.uniform(0, 55 * 60))
+    elif late < 0.10:
+        at -= timedelta(seconds=rng.uniform(0, 120))
+    buyer = "sb_busy" if rng.random() < 0.05 else f"sb_{rng.randrange(3000)}"
+    return {
+        "payment_id": payment_id,
+        "occurred_at": at.isoformat(),
+        "amount": {"value": rng.randrange(100, 500_000), "currency": rng.choice(["CNY", "CNY", "CNY", "USD"])},
+        "order_id": f"o_{payment_id}",
+        "seller_id": "s_busy" if rng.random() < 0.3 else f"s_{rng.randrange(50)}",
+        "buyer": {
+            "id": buyer,
+            "created_at": "2025-03-01T00:00:00Z",
+            "email": "busy@example.com" if rng.random() < 0.05 else f"{buyer}@example.com",
+            "phone": f"+86138{rng.randrange(10**8):08d}",
+            "name": "Soak Buyer",
+            "verified": rng.random() < 0.7,
+        },
+        "payment_method": {
+            "type": "card",
+            "card_bin": "622202",
+            "card_last4": "4321",
+            "card_fingerprint": "fp_busy" if rng.random() < 0.05 else f"fp_{buyer}_{rng.randrange(2)}",
+            "issuer_country": "CN",
+        },
+        "device": {
+            "id": "dev_busy" if rng.random() < 0.03 else f"dev_{buyer}",
+            "ip": BUSY_IP if rng.random() < 0.2 else f"10.{rng.randrange(256)}.{rng.randrange(256)}.1",
+            "user_agent": "Mozilla/5.0",
+        },
+        "shipping_address": {
+            "country": "CN",
+            "city": "Hangzhou",
+            "postal_code": "310000",
+            "line1": "1 Busy Rd" if rng.random() < 0.1 else f"{rng.randrange(500)} Wenyi Rd",
+        },
+        "billing_country": "CN",
+        "item_count": rng.randrange(1, 4),
+        "channel": rng.choice(["app", "web"]),
+        "attributes": {},
+    }
+
+
+def same_answer(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return {**a, "elapsed_ms": 0} == {**b, "elapsed_ms": 0}
+
+
+def scorer(seed: int, server: Server, journal: Journal, token: str, stop: threading.Event, stop_by: float) -> None:
+    """Score payments; replay one in ten and label one in fifty of those answered."""
+    rng = random.Random(seed)
+    sent: list[dict[str, Any]] = []
+    with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {token}"}) as client:
+        n = 0
+        while not stop.is_set():
+            roll = rng.random()
+            if sent and roll < 0.10:
+                body = rng.choice(sent)
+                response = send(client, server, stop_by, "POST", "/v1/payments/score", json=body)
+                if response is None:
+                    continue
+                journal.statuses[f"replay {response.status_code}"] += 1
+                first = journal.answers[body["payment_id"]]
+                if response.status_code != 200 or not same_answer(response.json(), first):
+                    journal.fail(f"replay of {body['payment_id']}: {response.status_code} {response.text[:300]}")
+            elif sent and roll < 0.12:
+                target = rng.choice(sent)["payment_id"]
+                label_id = f"l_{seed}_{n}"
+                n += 1
+                label = {"label_id": label_id, "payment_id": target, "source": "soak"}
+                label |= {"label": rng.choice(["chargeback", "confirmed_fraud", "legitimate"])}
+                label |= {"occurred_at": datetime.now(UTC).isoformat()}
+                for attempt in range(2 if rng.random() < 0.2 else 1):  # a fifth retried: a replay
+                    response = send(client, server, stop_by, "POST", "/v1/labels", json=label)
+                    if response is None:
+                        break
+                    journal.statuses[f"label {response.status_code}"] += 1
+                    if response.status_code not in (200, 201) or (attempt and response.status_code != 200):
+                        journal.fail(f"label {label_id} (attempt {attempt}): {response.status_code} {response.text}")
+                    else:
+                        with journal.lock:
+                            journal.labels[label_id] = target
+            else:
+                body = payment_body(rng, f"soak_{seed}_{n}")
+                n += 1
+                response = send(client, server, stop_by, "POST", "/v1/payments/score", json=body)
+                if response is None:
+                    continue
+                journal.statuses[f"score {response.status_code}"] += 1
+                if response.status_code != 200:
+                    journal.fail(f"score {body['payment_id']}: {response.status_code} {response.text[:300]}")
+                    continue
+                with journal.lock:
+                    journal.answers[body["payment_id"]] = response.json()
+                sent.append(body)
+
+
+def keyed(
+    client: httpx.Client,
+    server: Server,
+    journal: Journal,
+    stop_by: float,
+    what: str,
+    method: str,
+    path: str,
+    **kwargs: Any,
+) -> httpx.Response | None:
+    """An analyst's request with an ``Idempotency-Key``, sent again at once: the retry must be the replay."""
+    key = f"soak-{what}-{random.random()}"
+    headers = {"Idempotency-Key": key}
+    first = send(client, server, stop_by, method, path, headers=headers, **kwargs)
+    if first is None:
+        return None
+    journal.policy_steps[f"{what} {first.status_code}"] += 1
+    again = send(client, server, stop_by, method, path, headers=headers, **kwargs)
+    if again is not None and (again.status_code != first.status_code or again.json() != first.json()):
+        journal.fail(
+            f"{what} retried: {first.status_code} {first.text[:200]} then {again.status_code} {again.text[:200]}"
+        )
+    return first
+
+
+def analyst(
+    server: Server, journal: Journal, token: str, stop: threading.Event, stop_by: float, every_s: float
+) -> None:
+    """Draft and publish versions that add windows, roll back, shadow, edit a list: one step every ``every_s``."""
+    rng = random.Random(99)
+    base = (ROOT / "rules" / "payment.rules").read_text()
+    published: list[int] = []
+    step = 0
+    with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {token}"}) as client:
+        while not stop.wait(every_s):
+            step += 1
+            minutes, other = rng.randrange(1, 180), rng.randrange(1, 180)
+            text = base + (
+                f'\nrule soak_{step} {{\n  description "soak step {step}"\n'
+                f"  when count(by buyer.id within {minutes}m) > 1000000"
+                f" or distinct(device.id by buyer.email within {other}m) > 1000000\n"
+                f"  then score +1, reason SOAK_{step}\n}}\n"
+            )
+            draft = send(client, server, stop_by, "POST", "/v1/policies/payment/drafts", json={"text": text})
+            if draft is None:
+                return
+            if draft.status_code not in (200, 201):
+                journal.fail(f"draft: {draft.status_code} {draft.text[:300]}")
+                continue
+            version = draft.json()["version"]
+            if step % 4 == 0:
+                keyed(
+                    client,
+                    server,
+                    journal,
+                    stop_by,
+                    "shadow",
+                    "POST",
+                    f"/v1/policies/payment/versions/{version}/shadow",
+                )
+            elif step % 4 == 3 and len(published) >= 2:
+                to = published[-2]
+                done = keyed(
+                    client,
+                    server,
+                    journal,
+                    stop_by,
+                    "rollback",
+                    "POST",
+                    "/v1/policies/payment/rollback",
+                    json={"to_version": to},
+                )
+                if done is not None and done.status_code == 200:
+                    published.append(to)
+            else:
+                done = keyed(
+                    client,
+                    server,
+                    journal,
+                    stop_by,
+                    "publish",
+                    "POST",
+                    f"/v1/policies/payment/versions/{version}/publish",
+                )
+                if done is not None and done.status_code == 200:
+                    published.append(version)
+            if step % 5 == 0:
+                keyed(
+                    client,
+                    server,
+                    journal,
+                    stop_by,
+                    "backtest",
+                    "POST",
+                    f"/v1/policies/payment/drafts/{version}/backtest",
+                    json={"since": "1d"},
+                )
+            stats = send(client, server, stop_by, "GET", "/v1/policies/payment/rules/stats?days=1")
+            if stats is not None and stats.status_code != 200:
+                journal.fail(f"rule statistics: {stats.status_code} {stats.text[:300]}")
+            keyed(
+                client,
+                server,
+                journal,
+                stop_by,
+                "list add",
+                "POST",
+                "/v1/lists/blocked_devices/entries",
+                json={"value": f"dev_soak_{step}", "note": "soak"},
+            )
+
+
+def restarter(server: Server, journal: Journal, stop: threading.Event, every_s: float) -> None:
+    """Kill and stop the server in turn, every ``every_s``."""
+    turn = 0
+    while not stop.wait(every_s):
+        turn += 1
+        if turn % 2:
+            how = server.kill()
+        else:
+            server.stop()
+            server.start()
+            how = "SIGTERM"
+        journal.policy_steps[f"restart ({how})"] += 1
+        print(f"  {time.strftime('%H:%M:%S')} restarted the server ({how})", flush=True)
+
+
+def fresh_schema(database_url: str) -> str:
+    """The URL with its search_path set to a new, empty schema (kept afterwards, to be looked into)."""
+    from urllib.parse import quote
+
+    from sqlalchemy import text
+
+    from risk_engine.storage.db import make_engine
+
+    schema = f"soak_{int(time.time())}"
+    engine = make_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    engine.dispose()
+    return f"{database_url}{'&' if '?' in database_url else '?'}options={quote(f'-csearch_path={schema}')}"
+
+
+def stored_events(database_url: str) -> tuple[list[dict[str, Any]], int]:
+    """Every stored payment in scoring order, and the number of stored labels."""
+    from sqlalchemy import text
+
+    from risk_engine.storage.db import make_engine
+
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            rows = (
+                conn.execute(
+                    text(
+                        "SELECT id, event_id, occurred_at, created_at, ingest_seq, origin, record, aggregates, "
+                        "response FROM events WHERE subject = 'payment' ORDER BY ingest_seq, id"
+                    )
+                )
+                .mappings()
+                .all()
+            )
+            labels = conn.execute(text("SELECT count(*) FROM labels")).scalar_one()
+    finally:
+        engine.dispose()
+
+    def loaded(value: Any) -> Any:
+        return json.loads(value) if isinstance(value, str | bytes) else value
+
+    def timestamp(at: Any) -> float:
+        at = datetime.fromisoformat(at) if isinstance(at, str) else at
+        return float((at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp())
+
+    events = []
+    for row in rows:
+        events.append(
+            {
+                "id": row["id"],
+                "event_id": row["event_id"],
+                "ts": timestamp(row["occurred_at"]),
+                "scored_at": timestamp(row["created_at"]),
+                "seq": row["ingest_seq"],
+                "origin": row["origin"],
+                "record": loaded(row["record"]),
+                "aggregates": loaded(row["aggregates"]),
+                "response": loaded(row["response"]),
+            }
+        )
+    return events, int(labels)
+
+
+def count_mismatches(database_url: str) -> list[str]:
+    """The counts kept as events and labels are stored (``rule_hits``, ``shadow_tallies``, summed over the
+    workers) against a count of the stored events and their labels: where they differ."""
+    from sqlalchemy import text
+
+    from risk_engine.storage.db import make_engine
+
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT event_id, decision, response, shadow FROM events")).all()
+            labels = conn.execute(text("SELECT event_id, is_fraud FROM labels")).all()
+            kept_hits = conn.execute(
+                text("SELECT code, SUM(hits), SUM(labelled), SUM(fraud) FROM rule_hits GROUP BY code")
+            ).all()
+            kept_shadow = conn.execute(
+                text(
+                    "SELECT version, live, shadow, SUM(events), SUM(labelled), SUM(fraud) FROM shadow_tallies "
+                    "GROUP BY version, live, shadow"
+                )
+            ).all()
+    finally:
+        engine.dispose()
+    fraud: dict[str, bool] = {}
+    for event_id, is_fraud in labels:
+        fraud[event_id] = fraud.get(event_id, False) or bool(is_fraud)
+    hits: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    shadowed: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
+    for event_id, decision, response, shadow in rows:
+        response = json.loads(response) if isinstance(response, str | bytes) else response
+        shadow = json.loads(shadow) if isinstance(shadow, str | bytes) else shadow
+        outcome = (1, 1 if event_id in fraud else 0, 1 if fraud.get(event_id) else 0)
+        for reason in response["reasons"]:
+            if reason["source"] == "rule":
+                hits[reason["code"]] = [a + b for a, b in zip(hits[reason["code"]], outcome, strict=True)]
+        if shadow and shadow.get("version"):
+            key = (shadow["version"], decision, shadow["decision"])
+            shadowed[key] = [a + b for a, b in zip(shadowed[key], outcome, strict=True)]
+    wrong = []
+    kept = {code: [int(h), int(lab), int(f)] for code, h, lab, f in kept_hits}
+    for code in sorted(set(kept) | set(hits)):
+        if kept.get(code, [0, 0, 0]) != hits.get(code, [0, 0, 0]):
+            wrong.append(f"rule_hits {code}: kept {kept.get(code)}, stored events {hits.get(code)}")
+    kept_s = {(v, live, sh): [int(e), int(lab), int(f)] for v, live, sh, e, lab, f in kept_shadow}
+    for key in sorted(set(kept_s) | set(shadowed)):
+        if kept_s.get(key, [0, 0, 0]) != shadowed.get(key, [0, 0, 0]):
+            wrong.append(f"shadow_tallies {key}: kept {kept_s.get(key)}, stored events {shadowed.get(key)}")
+    return wrong
+
+
+def measure(func: str, values: list[Any], mask: Any) -> float:
+    """``func`` over the events ``mask`` picks (``values``: each one's value field)."""
+    if func == "count":
+        return int(mask.sum())
+    chosen = [values[j] for j in np.flatnonzero(mask) if values[j] is not None]
+    return len(set(chosen)) if func == "distinct" else float(sum(chosen))
+
+
+def brute_force_mismatches(events: list[dict[str, Any]], exact: bool) -> tuple[int, int, list[str]]:
+    """Stored aggregates checked against brute force over the stored events, with times in ``(t - window, t]``:
+    (aggregates checked, mismatches, a few examples).
+
+    ``exact`` (one worker, whose sequence numbers go on across restarts): each must equal brute force over the
+    events scored before it. Else each must lie between brute force over the events it must have counted (its
+    own worker's scored before it, and other workers' scored over ``FOLLOW_SLACK_S`` before it: followed by
+    then) and over those it may have counted (its worker's, and other workers' stored before it)."""
+    names = sorted({name for e in events for name in e["aggregates"]})
+    checked = wrong = 0
+    examples: list[str] = []
+    origins = {origin: n for n, origin in enumerate(sorted({str(e["origin"]) for e in events}))}
+    for name in names:
+        match = AGGREGATE_ID.match(name)
+        if match is None:
+            continue
+        func, value_field, key_field = match.group(1), match.group(2), match.group(3)
+        if func == "avg":
+            continue  # neither bound holds for a mean
+        window = int(match.group(4)) * UNIT_S[match.group(5)]
+        groups: dict[Any, list[int]] = defaultdict(list)
+        for i, e in enumerate(events):
+            key = e["record"].get(key_field)
+            if key is not None:
+                groups[key].append(i)
+        for members in groups.values():
+            ts = np.array([events[i]["ts"] for i in members])
+            seq = np.array([events[i]["seq"] for i in members])
+            row_id = np.array([events[i]["id"] for i in members])
+            scored_at = np.array([events[i]["scored_at"] for i in members])
+            origin = np.array([origins[str(events[i]["origin"])] for i in members])
+            values = [events[i]["record"].get(value_field) for i in members] if value_field else []
+
+            for position, i in enumerate(members):
+                stored = events[i]["aggregates"].get(name)
+                if stored is None:
+                    continue
+                t = ts[position]
+                in_window = (ts > t - window) & (ts <= t)
+                if exact:
+                    low = high = measure(func, values, in_window & (seq < seq[position]))
+                else:
+                    own = (origin == origin[position]) & (seq < seq[position])
+                    other = origin != origin[position]
+                    must = other & (scored_at < scored_at[position] - FOLLOW_SLACK_S)
+                    low = measure(func, values, in_window & (own | must))
+                    high = measure(func, values, in_window & (own | (other & (row_id < row_id[position]))))
+                checked += 1
+                slack = 1e-6 * max(1.0, abs(high))
+                if not low - slack <= float(stored) <= high + slack:
+                    wrong += 1
+                    if len(examples) < 10:
+                        want = low if low == high else f"{low}..{high}"
+                        examples.append(f"{events[i]['event_id']} {name}: stored {stored}, brute force {want}")
+    return checked, wrong, examples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=180)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--database-url", default=None, help="default: an SQLite file in a new home; PostgreSQL: a new schema in it"
+    )
+    parser.add_argument("--restart-every", type=float, default=45, help="seconds; 0: never")
+    parser.add_argument("--publish-every", type=float, default=7)
+    parser.add_argument("--clients", type=int, default=6)
+    args = parser.parse_args()
+
+    home = Path(tempfile.mkdtemp(prefix="soak-"))
+    database_url = args.database_url or f"sqlite:///{home / 'risk_engine.db'}"
+    if database_url.startswith("postgresql"):
+        database_url = fresh_schema(database_url)
+    server = Server(home, database_url, args.workers)
+    print(f"soak: {args.seconds:.0f} s, {args.workers} worker(s), {args.clients} clients, home {home}", flush=True)
+    server.start()
+    token = (home / "admin.key").read_text().strip()
+    journal = Journal()
+    stop = threading.Event()
+    started = time.monotonic()
+    stop_by = started + args.seconds + 120  # a request in flight at the end still gets its answer
+    threads = [
+        threading.Thread(target=scorer, args=(seed, server, journal, token, stop, stop_by))
+        for seed in range(args.clients)
+    ]
+    threads.append(threading.Thread(target=analyst, args=(server, journal, token, stop, stop_by, args.publish_every)))
+    background: list[threading.Thread] = []
+    if args.restart_every:
+        background.append(threading.Thread(target=restarter, args=(server, journal, stop, args.restart_every)))
+    for t in threads + background:
+        t.start()
+    time.sleep(args.seconds)
+    stop.set()
+    for t in background + threads:
+        t.join()
+    elapsed = time.monotonic() - started
+    server.stop()
+
+    events, labels_stored = stored_events(database_url)
+    by_id = {e["event_id"]: e for e in events}
+    check: Callable[[bool, str], None] = lambda ok, what: None if ok else journal.fail(what)  # noqa: E731
+    check(len(by_id) == len(events), f"{len(events) - len(by_id)} payments stored twice")
+    for payment_id, answer in journal.answers.items():
+        stored = by_id.get(payment_id)
+        if stored is None:
+            journal.fail(f"{payment_id} was answered and is not stored")
+        elif not same_answer(stored["response"], answer):
+            journal.fail(f"{payment_id} is stored with another answer than it was given")
+    unanswered = len(set(by_id) - set(journal.answers))
+    check(labels_stored == len(journal.labels), f"{labels_stored} labels stored, {len(journal.labels)} answered")
+    for mismatch in count_mismatches(database_url):
+        journal.fail(mismatch)
+    checked, wrong, examples = brute_force_mismatches(events, exact=args.workers == 1)
+    for example in examples:
+        journal.fail(f"aggregate: {example}")
+    print(f"answers: {dict(sorted(journal.statuses.items()))}")
+    print(f"analyst and restarts: {dict(sorted(journal.policy_steps.items()))}")
+    print(f"stored: {len(events)} payments ({unanswered} never answered), {labels_stored} labels")
+    print(f"aggregates checked against brute force: {checked}, mismatched {wrong}")
+    for example in examples[:5]:
+        print(f"  {example}")
+    for failure in journal.failures[:20]:
+        print(f"FAILED: {failure}")
+    figures = {
+        "seconds": round(elapsed, 1),
+        "workers": args.workers,
+        "database": database_url.split(":")[0],
+        "payments_answered": len(journal.answers),
+        "payments_per_s": round(len(journal.answers) / elapsed, 1),
+        "payments_stored": len(events),
+        "labels_stored": labels_stored,
+        "aggregates_checked": checked,
+        "aggregates_mismatched": wrong,
+        "restarts": sum(v for k, v in journal.policy_steps.items() if k.startswith("restart")),
+        "failures": journal.statuses["failures"],
+    }
+    print_footer(figures)
+    sys.exit(1 if journal.statuses["failures"] else 0)
+
+
+if __name__ == "__main__":
+    main()
