@@ -5,8 +5,9 @@ Client threads score payments stamped with the wall clock as they are sent (some
 label one in fifty. An analyst thread meanwhile drafts and publishes policy versions that add new windows,
 rolls back, puts versions in shadow, backtests, reads the rule statistics and edits a list, each change with an
 ``Idempotency-Key`` and retried. Every ``--restart-every`` seconds the server is killed (SIGKILL, or with
-several workers one worker) or stopped (SIGTERM) and started again; a request cut off is retried, as a payment
-flow would, until it is answered.
+several workers one worker) or stopped (SIGTERM) and started again, and every ``--outage-every`` seconds
+the events' write lock is held for longer than the busy timeout; a request cut off or refused (503) is retried,
+as a payment flow would, until it is answered.
 
 Then the server is stopped and the database read back:
 
@@ -268,6 +269,9 @@ def keyed(
     if first is None:
         return None
     journal.policy_steps[f"{what} {first.status_code}"] += 1
+    if first.status_code >= 400:
+        sent = kwargs.get("json", "")
+        print(f"  {time.strftime('%H:%M:%S')} {what} {path} {sent}: {first.status_code} {first.text[:200]}")
     again = send(client, server, stop_by, method, path, headers=headers, **kwargs)
     if again is not None and (again.status_code != first.status_code or again.json() != first.json()):
         journal.fail(
@@ -376,6 +380,35 @@ def restarter(server: Server, journal: Journal, stop: threading.Event, every_s: 
             how = "SIGTERM"
         journal.policy_steps[f"restart ({how})"] += 1
         print(f"  {time.strftime('%H:%M:%S')} restarted the server ({how})", flush=True)
+
+
+def outages(database_url: str, journal: Journal, stop: threading.Event, every_s: float, hold_s: float) -> None:
+    """Every ``every_s``, take the lock that the events' writes need for ``hold_s`` (SQLite's write lock, or an
+    exclusive lock on PostgreSQL's ``events``): a database that answers but takes no writes, so batches fail
+    after the busy timeout and the clients retry."""
+    import sqlite3
+
+    from sqlalchemy import text
+
+    from risk_engine.storage.db import make_engine
+
+    while not stop.wait(every_s):
+        if database_url.startswith("sqlite"):
+            locker = sqlite3.connect(database_url.split("///", 1)[1], timeout=30)
+            locker.execute("BEGIN EXCLUSIVE")
+            time.sleep(hold_s)
+            locker.rollback()
+            locker.close()
+        else:
+            engine = make_engine(database_url)
+            with engine.connect() as conn:
+                conn.execute(text("SET lock_timeout = 0"))
+                conn.execute(text("LOCK TABLE events IN EXCLUSIVE MODE"))
+                time.sleep(hold_s)
+                conn.rollback()
+            engine.dispose()
+        journal.policy_steps["outage"] += 1
+        print(f"  {time.strftime('%H:%M:%S')} held the events' write lock for {hold_s:g} s", flush=True)
 
 
 def fresh_schema(database_url: str) -> str:
@@ -565,6 +598,8 @@ def main() -> None:
         "--database-url", default=None, help="default: an SQLite file in a new home; PostgreSQL: a new schema in it"
     )
     parser.add_argument("--restart-every", type=float, default=45, help="seconds; 0: never")
+    parser.add_argument("--outage-every", type=float, default=0, help="seconds between write outages; 0: none")
+    parser.add_argument("--outage-s", type=float, default=7, help="how long each outage holds the write lock")
     parser.add_argument("--publish-every", type=float, default=7)
     parser.add_argument("--clients", type=int, default=6)
     args = parser.parse_args()
@@ -589,6 +624,9 @@ def main() -> None:
     background: list[threading.Thread] = []
     if args.restart_every:
         background.append(threading.Thread(target=restarter, args=(server, journal, stop, args.restart_every)))
+    if args.outage_every:
+        outage_args = (database_url, journal, stop, args.outage_every, args.outage_s)
+        background.append(threading.Thread(target=outages, args=outage_args))
     for t in threads + background:
         t.start()
     time.sleep(args.seconds)
