@@ -12,6 +12,9 @@ as a payment flow would, until it is answered.
 Then the server is stopped and the database read back:
 
 * every payment answered is stored once, with the answer it was given; every replay got the first answer;
+* every review and merchant event answered is stored once, with the answer it was given;
+* each seller's credit served at the end equals what a start without the state snapshot rebuilds from the
+  stored events;
 * every label answered is stored once; every analyst request and its retry got the same answer;
 * the counts kept as events and labels are stored (rule hits, shadow decisions) equal a count of the stored
   events and their labels;
@@ -120,6 +123,7 @@ class Journal:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.answers: dict[str, dict[str, Any]] = {}  # payment id -> its first answer
+        self.other_answers: dict[tuple[str, str], dict[str, Any]] = {}  # (subject, id) of reviews, merchant events
         self.labels: dict[str, str] = {}  # label id -> payment id
         self.statuses: Counter[str] = Counter()
         self.failures: list[str] = []
@@ -199,6 +203,62 @@ def payment_body(rng: random.Random, payment_id: str) -> dict[str, Any]:
     }
 
 
+REVIEW_TEXTS = (
+    "Arrived on time, exactly as described.",
+    "Great seller, fast shipping, would buy again!!! Best best best",
+    "The colour is darker than in the photos, but it fits well.",
+    "Good product. Good product. Good product. Five stars.",
+)
+
+
+def other_event(rng: random.Random, suffix: str, paid: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """A review of a paid order, by its buyer: (subject, path, body)."""
+    body = {
+        "review_id": f"r_{suffix}",
+        "occurred_at": datetime.now(UTC).isoformat(),
+        "order_id": paid["order_id"],
+        "item_id": f"item_{rng.randrange(100)}",
+        "seller_id": paid["seller_id"],
+        "reviewer": {
+            "id": paid["buyer"]["id"],
+            "created_at": "2025-03-01T00:00:00Z",
+            "device_id": paid["device"]["id"],
+            "ip": paid["device"]["ip"],
+        },
+        "rating": rng.randrange(1, 6),
+        "text": rng.choice(REVIEW_TEXTS),
+    }
+    return "review", "/v1/reviews/score", body
+
+
+def merchant_event(rng: random.Random, suffix: str, paid: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """Something the seller of a paid order did, or that happened to the order: (subject, path, body)."""
+    kind = rng.choice(
+        [
+            "order_shipped",
+            "order_shipped",
+            "order_delivered",
+            "order_cancelled_by_seller",
+            "refund_issued",
+            "dispute_opened",
+            "dispute_resolved",
+            "login",
+        ]
+    )
+    body: dict[str, Any] = {"event_id": f"m_{suffix}", "occurred_at": datetime.now(UTC).isoformat(), "type": kind}
+    if kind != "login":
+        body["order_id"] = paid["order_id"]
+    if kind == "order_shipped":
+        body["late"] = rng.random() < 0.2
+    elif kind == "refund_issued":
+        body["amount"] = paid["amount"]
+    elif kind == "dispute_resolved":
+        body["outcome"] = rng.choice(["buyer_won", "seller_won"])
+    elif kind == "login":
+        body["ip"] = paid["device"]["ip"]
+    return "merchant", f"/v1/merchants/{paid['seller_id']}/events", body
+
+
 def same_answer(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return {**a, "elapsed_ms": 0} == {**b, "elapsed_ms": 0}
 
@@ -237,6 +297,21 @@ def scorer(seed: int, server: Server, journal: Journal, token: str, stop: thread
                     else:
                         with journal.lock:
                             journal.labels[label_id] = target
+            elif sent and roll < 0.19:
+                paid = rng.choice(sent)
+                subject, path, body = (
+                    other_event(rng, f"{seed}_{n}", paid) if roll < 0.16 else merchant_event(rng, f"{seed}_{n}", paid)
+                )
+                n += 1
+                response = send(client, server, stop_by, "POST", path, json=body)
+                if response is None:
+                    continue
+                journal.statuses[f"{subject} {response.status_code}"] += 1
+                if response.status_code != 200:
+                    journal.fail(f"{subject} {body}: {response.status_code} {response.text[:300]}")
+                    continue
+                with journal.lock:
+                    journal.other_answers[subject, body.get("review_id") or body["event_id"]] = response.json()
             else:
                 body = payment_body(rng, f"soak_{seed}_{n}")
                 n += 1
@@ -409,6 +484,38 @@ def outages(database_url: str, journal: Journal, stop: threading.Event, every_s:
             engine.dispose()
         journal.policy_steps["outage"] += 1
         print(f"  {time.strftime('%H:%M:%S')} held the events' write lock for {hold_s:g} s", flush=True)
+
+
+def seller_credit(server: Server, token: str, sellers: list[str]) -> dict[str, Any]:
+    """Each seller's credit as the server gives it."""
+    with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {token}"}) as client:
+        return {s: client.get(f"{server.url}/v1/sellers/{s}/credit").json() for s in sellers}
+
+
+def other_mismatches(database_url: str, answers: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+    """Reviews and merchant events answered that are not stored, or stored with another answer."""
+    from sqlalchemy import text
+
+    from risk_engine.storage.db import make_engine
+
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT subject, event_id, response FROM events WHERE subject IN ('review', 'merchant')")
+            ).all()
+    finally:
+        engine.dispose()
+    stored = {(subject, event_id): json.loads(r) if isinstance(r, str | bytes) else r for subject, event_id, r in rows}
+    wrong = []
+    if len(rows) != len(stored):
+        wrong.append(f"{len(rows) - len(stored)} reviews or merchant events stored twice")
+    for key, answer in answers.items():
+        if key not in stored:
+            wrong.append(f"{key} was answered and is not stored")
+        elif not same_answer(stored[key], answer):
+            wrong.append(f"{key} is stored with another answer than it was given")
+    return wrong
 
 
 def fresh_schema(database_url: str) -> str:
@@ -634,7 +741,19 @@ def main() -> None:
     for t in background + threads:
         t.join()
     elapsed = time.monotonic() - started
+    # the cross-subject state a worker built as events came (and went, on failed writes) against the same state
+    # rebuilt from the stored events alone: a start without the state snapshot
+    time.sleep(2)  # every worker has followed the others' last events
+    sellers = [f"s_{i}" for i in range(50)] + ["s_busy"]
+    live = seller_credit(server, token, sellers)
     server.stop()
+    (home / "snapshots" / "state.snapshot").unlink(missing_ok=True)
+    server.start()
+    rebuilt = seller_credit(server, token, sellers)
+    server.stop()
+    for seller in sellers:
+        if live[seller] != rebuilt[seller]:
+            journal.fail(f"seller {seller}'s credit: served {live[seller]}, rebuilt from storage {rebuilt[seller]}")
 
     events, labels_stored = stored_events(database_url)
     by_id = {e["event_id"]: e for e in events}
@@ -648,7 +767,7 @@ def main() -> None:
             journal.fail(f"{payment_id} is stored with another answer than it was given")
     unanswered = len(set(by_id) - set(journal.answers))
     check(labels_stored == len(journal.labels), f"{labels_stored} labels stored, {len(journal.labels)} answered")
-    for mismatch in count_mismatches(database_url):
+    for mismatch in count_mismatches(database_url) + other_mismatches(database_url, journal.other_answers):
         journal.fail(mismatch)
     checked, wrong, examples = brute_force_mismatches(events, exact=args.workers == 1)
     for example in examples:
@@ -657,6 +776,9 @@ def main() -> None:
     print(f"analyst and restarts: {dict(sorted(journal.policy_steps.items()))}")
     print(f"stored: {len(events)} payments ({unanswered} never answered), {labels_stored} labels")
     print(f"aggregates checked against brute force: {checked}, mismatched {wrong}")
+    busy = live["s_busy"]
+    facts = {c["name"]: c["detail"] for c in busy.get("components", [])}
+    print(f"seller credit served and rebuilt: {len(sellers)} sellers; s_busy {busy.get('score')} ({facts})")
     for example in examples[:5]:
         print(f"  {example}")
     for failure in journal.failures[:20]:
