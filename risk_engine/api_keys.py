@@ -163,14 +163,21 @@ class KeyCache:
         self.db = db
         self._known: dict[str, tuple[float, Principal | None]] = {}
 
+    def cached(self, token: str) -> tuple[bool, Principal | None]:
+        """(whether the token was read within ``KEY_CACHE_S``, its principal or None): no database read, so an
+        event loop may call it; on a miss, :meth:`authenticate` off the loop."""
+        cached = self._known.get(token)
+        if cached is not None and time.monotonic() - cached[0] < KEY_CACHE_S:
+            return True, cached[1]
+        return False, None
+
     def authenticate(self, token: str) -> Principal | None:
         """The principal behind a bearer token (``rk_<key id>_<secret>``), or None. Raises
         ``DatabaseUnavailable`` when the key must be read and cannot be."""
+        known, principal = self.cached(token)
+        if known:
+            return principal
         now = time.monotonic()
-        cached = self._known.get(token)
-        if cached is not None and now - cached[0] < KEY_CACHE_S:
-            return cached[1]
-        principal = None
         parts = token.split("_", 2)
         if len(parts) == 3 and parts[0] == "rk":
             key_id, secret = parts[1], parts[2]

@@ -455,6 +455,13 @@ def test_database_outage_on_postgres_is_503_and_nothing_is_half_written(tmp_path
 HANG = 60  # s: how long a request may go unanswered before the test calls it hung (never reached when it passes)
 
 
+def lock_awaited(db: Any, table: str) -> bool:
+    """Whether a PostgreSQL session waits for a lock on ``table``."""
+    with db.connect() as conn:
+        waiting = "select count(*) from pg_locks where not granted and relation = to_regclass(:table)"
+        return bool(conn.execute(text(waiting), {"table": table}).scalar_one())
+
+
 def answer_within_hang(
     api: Any, body: dict[str, Any], path: str = "/v1/payments/score", headers: dict[str, str] | None = None
 ) -> Any:
@@ -566,12 +573,6 @@ def test_a_request_whose_idempotency_key_waits_for_the_database_holds_up_no_othe
     request of the worker waited with it."""
     client, api = open_api(make_settings(tmp_path / "var", pg_schema_url, db_busy_timeout_s=HANG))
     watcher = create_engine(pg_schema_url)
-
-    def claim_waiting() -> bool:
-        with watcher.connect() as conn:
-            waiting = "select count(*) from pg_locks where not granted and relation = to_regclass('idempotency_keys')"
-            return bool(conn.execute(text(waiting)).scalar_one())
-
     try:
         api.score(payment(payment_id="p1"))
         keyed: dict[str, Any] = {}
@@ -585,7 +586,7 @@ def test_a_request_whose_idempotency_key_waits_for_the_database_holds_up_no_othe
         editor = threading.Thread(target=edit, daemon=True)
         with writes_blocked(pg_schema_url, "idempotency_keys"):
             editor.start()
-            assert wait_until(claim_waiting, timeout=HANG)
+            assert wait_until(lambda: lock_awaited(watcher, "idempotency_keys"), timeout=HANG)
             scored = answer_within_hang(api, payment(payment_id="p2", occurred_at="2026-11-22T10:20:00Z"))
             assert scored.status_code == 200, scored.text
             assert editor.is_alive() and "response" not in keyed  # still waiting for its claim
@@ -593,6 +594,42 @@ def test_a_request_whose_idempotency_key_waits_for_the_database_holds_up_no_othe
         assert keyed["response"].status_code == 201, keyed["response"].text
         again = api.client.post("/v1/lists/blocked_devices/entries", json={"value": "dev_9"}, headers=headers)
         assert again.status_code == 201 and again.headers["idempotent-replayed"] == "true"
+    finally:
+        client.__exit__(None, None, None)
+        watcher.dispose()
+
+
+def test_a_request_whose_key_is_read_while_the_database_stalls_holds_up_no_other_request(
+    tmp_path: Path, pg_schema_url: str
+) -> None:
+    """A key not read in the last few seconds is read off the event loop: while a request with a new key waits
+    for the keys' table, a payment with a key read lately is scored. The read used to run on the loop, and
+    every request of the worker waited with it."""
+    from risk_engine.api_keys import create_api_key
+
+    client, api = open_api(make_settings(tmp_path / "var", pg_schema_url, db_busy_timeout_s=HANG))
+    watcher = create_engine(pg_schema_url)
+    try:
+        api.score(payment(payment_id="p1"))  # the admin key is read, and cached
+        new_key, _ = create_api_key(api.engine.db, "scorer", "new")
+        waited: dict[str, Any] = {}
+
+        def score_with_new_key() -> None:
+            body = payment(payment_id="p_new", occurred_at="2026-11-22T10:10:00Z")
+            headers = {"Authorization": f"Bearer {new_key}"}
+            waited["response"] = api.client.post("/v1/payments/score", json=body, headers=headers)
+
+        newcomer = threading.Thread(target=score_with_new_key, daemon=True)
+        with watcher.connect() as locker:
+            locker.execute(text("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE"))
+            newcomer.start()
+            assert wait_until(lambda: lock_awaited(watcher, "api_keys"), timeout=HANG)
+            scored = answer_within_hang(api, payment(payment_id="p2", occurred_at="2026-11-22T10:20:00Z"))
+            assert scored.status_code == 200, scored.text
+            assert newcomer.is_alive() and "response" not in waited  # its key still being read
+            locker.rollback()
+        newcomer.join(HANG)
+        assert waited["response"].status_code == 200, waited["response"].text
     finally:
         client.__exit__(None, None, None)
         watcher.dispose()

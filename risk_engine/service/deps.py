@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
+from anyio.to_thread import run_sync
 from fastapi import Depends, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
@@ -15,6 +16,16 @@ from risk_engine.engine import RiskEngine
 from risk_engine.storage.event_listing import EventListing
 
 bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer rk_...`")
+
+
+async def authenticate(engine: RiskEngine, token: str) -> Principal | None:
+    """The principal behind a bearer token, from the key cache, or read in a worker thread when the cache has
+    not read it lately: a database that stalls (a lock, a network) must not hold up the event loop and every
+    request on it. Raises ``DatabaseUnavailable`` as ``RiskEngine.authenticate`` does."""
+    known, principal = engine.keys.cached(token)
+    if known:
+        return principal
+    return await run_sync(engine.authenticate, token)
 
 
 async def get_engine(request: Request) -> RiskEngine:
@@ -39,7 +50,7 @@ def require(role: str) -> Callable[..., Coroutine[Any, Any, Principal]]:
             raise HTTPException(
                 401, "missing API key: send Authorization: Bearer <key>", headers={"WWW-Authenticate": "Bearer"}
             )
-        principal = engine.authenticate(credentials.credentials)
+        principal = await authenticate(engine, credentials.credentials)
         if principal is None:
             raise HTTPException(401, "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
         if not principal.can(role):

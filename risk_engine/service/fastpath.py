@@ -30,6 +30,7 @@ from risk_engine.engine import RiskEngine, ScoreOutcome
 from risk_engine.errors import Conflict, InvalidInput
 from risk_engine.service.bodies import read_body, replay_receive
 from risk_engine.service.bursts import Bursts
+from risk_engine.service.deps import authenticate
 from risk_engine.service.metrics import observe_request
 from risk_engine.service.responses import send_raw, settled
 from risk_engine.storage.db import DatabaseUnavailable
@@ -114,14 +115,14 @@ class ScoringFastPath:
         if engine is None or bursts is None or token is None:
             return None
         subject = SCORING_PATHS[scope["path"]]
+        try:
+            principal = await authenticate(engine, token)
+        except DatabaseUnavailable:
+            return None
+        if principal is None or not principal.can("scorer"):
+            return None
 
         def decide() -> ScoreOutcome | None:
-            try:
-                principal = engine.authenticate(token)
-            except DatabaseUnavailable:
-                return None
-            if principal is None or not principal.can("scorer"):
-                return None
             try:
                 event = model.model_validate_json(body)
             except ValidationError:

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from risk_engine.engine import RiskEngine
 from risk_engine.service.bodies import read_body, replay_receive
+from risk_engine.service.deps import authenticate
 from risk_engine.service.errors import UNAVAILABLE, error_body
 from risk_engine.service.fastpath import SCORING_PATHS, bearer_token
 from risk_engine.service.responses import send_json, send_raw
@@ -70,7 +71,7 @@ class IdempotencyKeys:
             return
         engine: RiskEngine | None = getattr(self.fastapi_app.state, "engine", None)
         try:
-            principal = engine.authenticate(token) if engine is not None and token else None
+            principal = await authenticate(engine, token) if engine is not None and token else None
         except DatabaseUnavailable:
             principal = None
         if engine is None or principal is None:  # FastAPI answers: 401, or 503
