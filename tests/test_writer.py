@@ -20,6 +20,7 @@ from risk_engine.service.commits import CommitWaiter
 from risk_engine.storage.checkpoint import checkpoint
 from risk_engine.storage.db import make_engine
 from risk_engine.storage.writer import DuplicateRow, GroupCommitWriter, RawInsert, Ticket, WriteFailed, sqlite_time
+from tests.helpers import wait_until
 
 metadata = MetaData()
 items = Table(
@@ -181,6 +182,47 @@ def test_a_locked_database_fails_the_batch_whole_and_the_writer_recovers(tmp_pat
         writer.submit(insert, {"name": "after", "value": 9}).result(10)
         assert _names(engine) == ["after", "before"]  # none of the failed batch, half or whole
         assert writer.rows == 2
+    finally:
+        locker.close()
+        writer.close()
+        engine.dispose()
+
+
+def test_counted_rows_decided_while_a_failed_one_was_counted_fail_too_and_no_others(tmp_path: Path) -> None:
+    """Rows of counted events (numbered) queued behind one that fails for want of the database fail with it
+    until the engine says it took that one back out (``state_repaired``); a row not counted, a row numbered
+    after that, and rows queued while the engine applies a retraction of no failed row (a duplicate's) commit."""
+    path = tmp_path / "t.db"
+    engine = make_engine(f"sqlite:///{path}", busy_timeout_s=2)
+    metadata.create_all(engine)
+    insert = RawInsert(items, engine)
+    writer = GroupCommitWriter(engine, linger_s=0.0)
+    writer.start()
+    locker = sqlite3.connect(path, timeout=5)
+
+    def stalled_then(*rows: tuple[str, int]) -> list[Ticket]:
+        """The first row's batch waits for the lock; the others queue behind it."""
+        first = writer.submit(insert, {"name": rows[0][0], "value": 0}, counted_as=rows[0][1])
+        assert wait_until(lambda: writer.writing_since is not None, timeout=10)
+        return [first] + [writer.submit(insert, {"name": n, "value": 0}, counted_as=c) for n, c in rows[1:]]
+
+    try:
+        writer.submit(insert, {"name": "a", "value": 0}, counted_as=1).result(10)
+        locker.execute("BEGIN EXCLUSIVE")
+        b, c = stalled_then(("b", 2), ("c", 3))
+        writer.state_repaired(writer.failed_counted, 3)  # a duplicate's retraction applied: no failure among them
+        locker.rollback()  # before the busy timeout: b commits
+        assert b.exception(10) is None and c.exception(10) is None
+        locker.execute("BEGIN EXCLUSIVE")
+        d, e, uncounted = stalled_then(("d", 4), ("e", 5), ("g", 0))
+        assert isinstance(d.exception(10), WriteFailed)
+        locker.rollback()  # e could be written now, but it was decided with d counted
+        error = e.exception(10)
+        assert isinstance(error, WriteFailed) and error.driver_error == "an earlier write failed"
+        assert uncounted.exception(10) is None
+        writer.state_repaired(writer.failed_counted, 5)  # d and e taken back out; 6 on decided without them
+        writer.submit(insert, {"name": "f", "value": 0}, counted_as=6).result(10)
+        assert _names(engine) == ["a", "b", "c", "f", "g"]
     finally:
         locker.close()
         writer.close()

@@ -326,9 +326,11 @@ class GroupCommitWriter:
     def state_repaired(self, failures: int, through: int) -> None:
         """The caller has taken the events of the first ``failures`` failed rows of counted events (as
         ``failed_counted`` read before it began) back out of its state; it had decided the events numbered up to
-        ``through`` before that, so those still queued fail too."""
-        self._tainted_through = max(self._tainted_through, through)
-        self._repaired_failures = max(self._repaired_failures, failures)
+        ``through`` before that, so those still queued fail too. A retraction of no new failure (a duplicate of
+        another worker's row, a policy swap's cut) taints nothing."""
+        if failures > self._repaired_failures:
+            self._tainted_through = max(self._tainted_through, through)  # first: the writer reads them in turn
+            self._repaired_failures = failures
 
     def _tainted(self, job: _Job) -> bool:
         """Whether a counted event's row was decided with a failed one in the state."""
