@@ -39,9 +39,11 @@ def _names(engine: object) -> list[str]:
 
 
 @contextmanager
-def _writer(database_url: str, linger_s: float = 0.05) -> Iterator[tuple[Engine, RawInsert, GroupCommitWriter]]:
+def _writer(
+    database_url: str, linger_s: float = 0.05, busy_timeout_s: float = 5.0
+) -> Iterator[tuple[Engine, RawInsert, GroupCommitWriter]]:
     """A started writer on the ``writer_items`` table, which is dropped afterwards."""
-    engine = make_engine(database_url)
+    engine = make_engine(database_url, busy_timeout_s=busy_timeout_s)
     metadata.create_all(engine)
     writer = GroupCommitWriter(engine, linger_s=linger_s)
     writer.start()
@@ -163,15 +165,21 @@ def test_a_refusing_precondition_fails_the_whole_batch_and_writes_none_of_it(dat
         assert _names(engine) == ["a", "e"]
 
 
+@contextmanager
+def _sqlite_writer_and_locker(
+    path: Path, busy_timeout_s: float, linger_s: float = 0.05
+) -> Iterator[tuple[Engine, RawInsert, GroupCommitWriter, sqlite3.Connection]]:
+    """A started writer on an SQLite file, and another connection to take its write lock with."""
+    with _writer(f"sqlite:///{path}", linger_s=linger_s, busy_timeout_s=busy_timeout_s) as (engine, insert, writer):
+        locker = sqlite3.connect(path, timeout=5)
+        try:
+            yield engine, insert, writer, locker
+        finally:
+            locker.close()
+
+
 def test_a_locked_database_fails_the_batch_whole_and_the_writer_recovers(tmp_path: Path) -> None:
-    path = tmp_path / "w.db"
-    engine = make_engine(f"sqlite:///{path}", busy_timeout_s=0.1)
-    metadata.create_all(engine)
-    insert = RawInsert(items, engine)
-    writer = GroupCommitWriter(engine, linger_s=0.05)
-    writer.start()
-    locker = sqlite3.connect(path, timeout=0.1)
-    try:
+    with _sqlite_writer_and_locker(tmp_path / "w.db", busy_timeout_s=0.1) as (engine, insert, writer, locker):
         writer.submit(insert, {"name": "before", "value": 0}).result(10)
         locker.execute("BEGIN EXCLUSIVE")
         failed = [writer.submit(insert, {"name": f"x{i}", "value": i}) for i in range(3)]
@@ -182,31 +190,25 @@ def test_a_locked_database_fails_the_batch_whole_and_the_writer_recovers(tmp_pat
         writer.submit(insert, {"name": "after", "value": 9}).result(10)
         assert _names(engine) == ["after", "before"]  # none of the failed batch, half or whole
         assert writer.rows == 2
-    finally:
-        locker.close()
-        writer.close()
-        engine.dispose()
 
 
 def test_counted_rows_decided_while_a_failed_one_was_counted_fail_too_and_no_others(tmp_path: Path) -> None:
     """Rows of counted events (numbered) queued behind one that fails for want of the database fail with it
     until the engine says it took that one back out (``state_repaired``); a row not counted, a row numbered
     after that, and rows queued while the engine applies a retraction of no failed row (a duplicate's) commit."""
-    path = tmp_path / "t.db"
-    engine = make_engine(f"sqlite:///{path}", busy_timeout_s=2)
-    metadata.create_all(engine)
-    insert = RawInsert(items, engine)
-    writer = GroupCommitWriter(engine, linger_s=0.0)
-    writer.start()
-    locker = sqlite3.connect(path, timeout=5)
+    with _sqlite_writer_and_locker(tmp_path / "t.db", busy_timeout_s=2, linger_s=0.0) as (
+        engine,
+        insert,
+        writer,
+        locker,
+    ):
 
-    def stalled_then(*rows: tuple[str, int]) -> list[Ticket]:
-        """The first row's batch waits for the lock; the others queue behind it."""
-        first = writer.submit(insert, {"name": rows[0][0], "value": 0}, counted_as=rows[0][1])
-        assert wait_until(lambda: writer.writing_since is not None, timeout=10)
-        return [first] + [writer.submit(insert, {"name": n, "value": 0}, counted_as=c) for n, c in rows[1:]]
+        def stalled_then(*rows: tuple[str, int]) -> list[Ticket]:
+            """The first row's batch waits for the lock; the others queue behind it."""
+            first = writer.submit(insert, {"name": rows[0][0], "value": 0}, counted_as=rows[0][1])
+            assert wait_until(lambda: writer.writing_since is not None, timeout=10)
+            return [first] + [writer.submit(insert, {"name": n, "value": 0}, counted_as=c) for n, c in rows[1:]]
 
-    try:
         writer.submit(insert, {"name": "a", "value": 0}, counted_as=1).result(10)
         locker.execute("BEGIN EXCLUSIVE")
         b, c = stalled_then(("b", 2), ("c", 3))
@@ -223,10 +225,6 @@ def test_counted_rows_decided_while_a_failed_one_was_counted_fail_too_and_no_oth
         writer.state_repaired(writer.failed_counted, 5)  # d and e taken back out; 6 on decided without them
         writer.submit(insert, {"name": "f", "value": 0}, counted_as=6).result(10)
         assert _names(engine) == ["a", "b", "c", "f", "g"]
-    finally:
-        locker.close()
-        writer.close()
-        engine.dispose()
 
 
 def test_a_barrier_waits_for_what_was_queued_before_it(tmp_path: Path) -> None:
