@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
+from weakref import WeakKeyDictionary
 
 from anyio.to_thread import run_sync
 from fastapi import Depends, HTTPException, Query, Request
@@ -11,11 +13,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from risk_engine.api_keys import Principal
+from risk_engine.api_keys import KeyCache, Principal
 from risk_engine.engine import RiskEngine
 from risk_engine.storage.event_listing import EventListing
 
 bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer rk_...`")
+
+
+# the reads of keys under way, per key cache (one per engine): requests with a key not read lately wait for one
+# read of it, and go on in the order they came, as they would have with the key cached
+_key_reads: WeakKeyDictionary[KeyCache, dict[str, asyncio.Future[Principal | None]]] = WeakKeyDictionary()
 
 
 async def authenticate(engine: RiskEngine, token: str) -> Principal | None:
@@ -25,7 +32,18 @@ async def authenticate(engine: RiskEngine, token: str) -> Principal | None:
     known, principal = engine.keys.cached(token)
     if known:
         return principal
-    return await run_sync(engine.authenticate, token)
+    reads = _key_reads.setdefault(engine.keys, {})
+    read = reads.get(token)
+    if read is None:
+        read = reads[token] = asyncio.ensure_future(_read_key(engine, token, reads))
+    return await asyncio.shield(read)  # a caller that goes away leaves the read to the others
+
+
+async def _read_key(engine: RiskEngine, token: str, reads: dict[str, Any]) -> Principal | None:
+    try:
+        return await run_sync(engine.authenticate, token)
+    finally:
+        reads.pop(token, None)
 
 
 async def get_engine(request: Request) -> RiskEngine:
