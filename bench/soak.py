@@ -2,17 +2,20 @@
 
 Client threads score payments stamped with the wall clock as they are sent (some a little late, a few up to
 55 minutes late), many sharing busy keys (one IP, e-mail, seller, card, device, buyer), replay one in ten and
-label one in fifty. An analyst thread meanwhile drafts and publishes policy versions that add new windows,
-rolls back, puts versions in shadow, backtests, reads the rule statistics and edits a list, each change with an
-``Idempotency-Key`` and retried. Every ``--restart-every`` seconds the server is killed (SIGKILL, or with
-several workers one worker) or stopped (SIGTERM) and started again, and every ``--outage-every`` seconds
-the events' write lock is held for longer than the busy timeout; a request cut off or refused (503) is retried,
-as a payment flow would, until it is answered.
+label one in fifty (alone or in batches), and score reviews, merchant and account events beside them. An
+admin thread creates, uses and revokes keys and erases buyers' PII. An analyst thread drafts and publishes
+policy versions that add new windows, rolls back, puts versions in shadow, backtests, reads the rule statistics
+and edits a list, each change with an ``Idempotency-Key`` and retried. Every ``--restart-every`` seconds the
+server is killed (SIGKILL, or with several workers one worker) or stopped (SIGTERM) and started again, and every
+``--outage-every`` seconds the events' write lock is held for longer than the busy timeout; a request cut off
+or refused (503) is retried, as a payment flow would, until it is answered.
 
 Then the server is stopped and the database read back:
 
 * every payment answered is stored once, with the answer it was given; every replay got the first answer;
-* every review and merchant event answered is stored once, with the answer it was given;
+* every review, merchant and account event answered is stored once, with the answer it was given;
+* a revoked key is refused by every worker once their caches read it again; an erased e-mail's payments show no
+  PII;
 * each seller's credit served at the end equals what a start without the state snapshot rebuilds from the
   stored events;
 * every label answered is stored once; every analyst request and its retry got the same answer;
@@ -26,6 +29,7 @@ Then the server is stopped and the database read back:
 
 Prints what it did and found, then one JSON object on the last line; exits 1 when a check fails.
 Usage: python bench/soak.py [--seconds 180] [--workers 1] [--database-url URL] [--restart-every 45]
+       [--outage-every 0] [--publish-every 7] [--admin-every 10]
 """
 
 from __future__ import annotations
@@ -128,6 +132,7 @@ class Journal:
         self.statuses: Counter[str] = Counter()
         self.failures: list[str] = []
         self.policy_steps: Counter[str] = Counter()
+        self.paid_by_email: dict[str, list[str]] = defaultdict(list)  # e-mail -> payments answered with it
 
     def fail(self, what: str) -> None:
         with self.lock:
@@ -231,6 +236,21 @@ def other_event(rng: random.Random, suffix: str, paid: dict[str, Any]) -> tuple[
     return "review", "/v1/reviews/score", body
 
 
+def account_event(rng: random.Random, suffix: str, paid: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """An account's behaviour scored as a whole (the seller of a paid order, before a payout): (subject, path,
+    body)."""
+    body = {
+        "account_id": f"acct_{suffix}",
+        "occurred_at": datetime.now(UTC).isoformat(),
+        "subject_id": paid["seller_id"],
+        "role": "seller",
+        "created_at": "2026-11-22T02:00:00Z",
+        "country": "CN",
+        "attributes": {"sent_tnx": rng.randrange(100), "received_tnx": rng.randrange(100), "total_ether_balance": 1.5},
+    }
+    return "account", "/v1/accounts/score", body
+
+
 def merchant_event(rng: random.Random, suffix: str, paid: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
     """Something the seller of a paid order did, or that happened to the order: (subject, path, body)."""
     kind = rng.choice(
@@ -280,6 +300,28 @@ def scorer(seed: int, server: Server, journal: Journal, token: str, stop: thread
                 first = journal.answers[body["payment_id"]]
                 if response.status_code != 200 or not same_answer(response.json(), first):
                     journal.fail(f"replay of {body['payment_id']}: {response.status_code} {response.text[:300]}")
+            elif sent and 0.12 <= roll < 0.125:
+                batch = []
+                for _ in range(rng.randrange(2, 6)):
+                    batch.append({"label_id": f"lb_{seed}_{n}", "payment_id": rng.choice(sent)["payment_id"]})
+                    batch[-1] |= {
+                        "label": rng.choice(["chargeback", "legitimate"]),
+                        "occurred_at": "2026-12-08T00:00:00Z",
+                    }
+                    n += 1
+                for attempt in range(2 if rng.random() < 0.2 else 1):  # a fifth retried: every label a replay
+                    response = send(client, server, stop_by, "POST", "/v1/labels/batch", json={"labels": batch})
+                    if response is None:
+                        break
+                    journal.statuses[f"label batch {response.status_code}"] += 1
+                    counts = response.json() if response.status_code in (200, 201) else {}
+                    if counts.get("created", 0) + counts.get("replayed", 0) != len(batch) or (
+                        attempt and counts.get("replayed") != len(batch)
+                    ):
+                        journal.fail(f"label batch (attempt {attempt}): {response.status_code} {response.text[:300]}")
+                    else:
+                        with journal.lock:
+                            journal.labels.update((lab["label_id"], lab["payment_id"]) for lab in batch)
             elif sent and roll < 0.12:
                 target = rng.choice(sent)["payment_id"]
                 label_id = f"l_{seed}_{n}"
@@ -300,7 +342,11 @@ def scorer(seed: int, server: Server, journal: Journal, token: str, stop: thread
             elif sent and roll < 0.19:
                 paid = rng.choice(sent)
                 subject, path, body = (
-                    other_event(rng, f"{seed}_{n}", paid) if roll < 0.16 else merchant_event(rng, f"{seed}_{n}", paid)
+                    account_event(rng, f"{seed}_{n}", paid)
+                    if roll < 0.135
+                    else other_event(rng, f"{seed}_{n}", paid)
+                    if roll < 0.16
+                    else merchant_event(rng, f"{seed}_{n}", paid)
                 )
                 n += 1
                 response = send(client, server, stop_by, "POST", path, json=body)
@@ -311,7 +357,8 @@ def scorer(seed: int, server: Server, journal: Journal, token: str, stop: thread
                     journal.fail(f"{subject} {body}: {response.status_code} {response.text[:300]}")
                     continue
                 with journal.lock:
-                    journal.other_answers[subject, body.get("review_id") or body["event_id"]] = response.json()
+                    event_id = body.get("review_id") or body.get("account_id") or body["event_id"]
+                    journal.other_answers[subject, event_id] = response.json()
             else:
                 body = payment_body(rng, f"soak_{seed}_{n}")
                 n += 1
@@ -324,6 +371,7 @@ def scorer(seed: int, server: Server, journal: Journal, token: str, stop: thread
                     continue
                 with journal.lock:
                     journal.answers[body["payment_id"]] = response.json()
+                    journal.paid_by_email[body["buyer"]["email"]].append(body["payment_id"])
                 sent.append(body)
 
 
@@ -442,6 +490,56 @@ def analyst(
             )
 
 
+def admin(server: Server, journal: Journal, token: str, stop: threading.Event, stop_by: float, every_s: float) -> None:
+    """Every ``every_s``: create a scorer key, use it, revoke it (every worker must refuse it once its cache has
+    read it again); erase the PII of a buyer's e-mail (every payment answered with it before shows none)."""
+    from risk_engine.api_keys import KEY_CACHE_S
+
+    rng = random.Random(7)
+    step = 0
+    with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {token}"}) as client:
+        while not stop.wait(every_s):
+            step += 1
+            asked = {"role": "scorer", "name": f"soak {step}", "request_id": f"soak_key_{step}"}
+            created = send(client, server, stop_by, "POST", "/v1/keys", json=asked)
+            if created is None:
+                return
+            journal.policy_steps[f"key create {created.status_code}"] += 1
+            if created.status_code == 201:
+                key, key_id = created.json()["key"], created.json()["key_id"]
+                used = send(client, server, stop_by, "GET", "/v1/models", headers={"Authorization": f"Bearer {key}"})
+                if used is None or used.status_code != 200:
+                    journal.fail(f"a new key was refused: {used.status_code if used else None}")
+                revoked = send(client, server, stop_by, "POST", f"/v1/keys/{key_id}/revoke")
+                if revoked is None or revoked.status_code != 200:
+                    journal.fail(f"revoking a key: {revoked.status_code if revoked else None}")
+                time.sleep(KEY_CACHE_S + 1)
+                for _ in range(6):  # new connections: whichever worker takes each
+                    try:
+                        late = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {key}"})
+                    except httpx.HTTPError:
+                        continue  # a restart
+                    journal.policy_steps[f"revoked key {late.status_code}"] += 1
+                    if late.status_code not in (401, 503):
+                        journal.fail(f"a key revoked {KEY_CACHE_S + 1} s before was answered {late.status_code}")
+            with journal.lock:
+                emails = [e for e, paid in journal.paid_by_email.items() if e != "busy@example.com" and paid]
+                email = rng.choice(emails) if emails else None
+                paid_before = list(journal.paid_by_email[email]) if email else []
+            if email is None:
+                continue
+            erased = send(client, server, stop_by, "POST", "/v1/pii/erase", json={"kind": "email", "value": email})
+            if erased is None:
+                return
+            journal.policy_steps[f"pii erase {erased.status_code}"] += 1
+            if erased.status_code != 200 or erased.json()["events"] < 1:
+                journal.fail(f"erasing {email}: {erased.status_code} {erased.text[:200]}")
+            for payment_id in paid_before[:5]:
+                shown = send(client, server, stop_by, "GET", f"/v1/payments/{payment_id}")
+                if shown is None or shown.status_code != 200 or shown.json()["pii_erased"] is not True:
+                    journal.fail(f"{payment_id}, paid with {email} before its erasure, still shows PII")
+
+
 def restarter(server: Server, journal: Journal, stop: threading.Event, every_s: float) -> None:
     """Kill and stop the server in turn, every ``every_s``."""
     turn = 0
@@ -493,7 +591,7 @@ def seller_credit(server: Server, token: str, sellers: list[str]) -> dict[str, A
 
 
 def other_mismatches(database_url: str, answers: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
-    """Reviews and merchant events answered that are not stored, or stored with another answer."""
+    """Reviews, merchant and account events answered that are not stored, or stored with another answer."""
     from sqlalchemy import text
 
     from risk_engine.storage.db import make_engine
@@ -502,7 +600,9 @@ def other_mismatches(database_url: str, answers: dict[tuple[str, str], dict[str,
     try:
         with engine.connect() as conn:
             rows = conn.execute(
-                text("SELECT subject, event_id, response FROM events WHERE subject IN ('review', 'merchant')")
+                text(
+                    "SELECT subject, event_id, response FROM events WHERE subject IN ('review', 'merchant', 'account')"
+                )
             ).all()
     finally:
         engine.dispose()
@@ -709,6 +809,7 @@ def main() -> None:
     parser.add_argument("--outage-s", type=float, default=7, help="how long each outage holds the write lock")
     parser.add_argument("--publish-every", type=float, default=7)
     parser.add_argument("--clients", type=int, default=6)
+    parser.add_argument("--admin-every", type=float, default=10, help="seconds between key and erasure rounds")
     args = parser.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="soak-"))
@@ -728,6 +829,7 @@ def main() -> None:
         for seed in range(args.clients)
     ]
     threads.append(threading.Thread(target=analyst, args=(server, journal, token, stop, stop_by, args.publish_every)))
+    threads.append(threading.Thread(target=admin, args=(server, journal, token, stop, stop_by, args.admin_every)))
     background: list[threading.Thread] = []
     if args.restart_every:
         background.append(threading.Thread(target=restarter, args=(server, journal, stop, args.restart_every)))
