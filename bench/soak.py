@@ -27,7 +27,8 @@ Then the server is stopped and the database read back:
   each must lie between brute force over the events it must have counted (its worker's scored before it, the
   others' scored seconds before it) and over those it may have (its worker's, and the others' stored before it).
 
-Prints what it did and found, then one JSON object on the last line; exits 1 when a check fails.
+Prints what it did and found, then one JSON object on the last line; exits 1 when a check fails, keeping the
+home (and the PostgreSQL schema) to look into, else removes them.
 Usage: python bench/soak.py [--seconds 180] [--workers 1] [--database-url URL] [--restart-every 45]
        [--outage-every 0] [--publish-every 7] [--admin-every 10]
 """
@@ -39,6 +40,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -618,20 +620,27 @@ def other_mismatches(database_url: str, answers: dict[tuple[str, str], dict[str,
     return wrong
 
 
-def fresh_schema(database_url: str) -> str:
-    """The URL with its search_path set to a new, empty schema (kept afterwards, to be looked into)."""
+def fresh_schema(database_url: str) -> tuple[str, str]:
+    """A new, empty schema: (the URL with its search_path set to it, its name)."""
     from urllib.parse import quote
 
+    schema = f"soak_{int(time.time())}"
+    run_sql(database_url, f'CREATE SCHEMA "{schema}"')
+    return f"{database_url}{'&' if '?' in database_url else '?'}options={quote(f'-csearch_path={schema}')}", schema
+
+
+def run_sql(database_url: str, sql: str) -> None:
+    """One statement, in a transaction of its own."""
     from sqlalchemy import text
 
     from risk_engine.storage.db import make_engine
 
-    schema = f"soak_{int(time.time())}"
     engine = make_engine(database_url)
-    with engine.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    engine.dispose()
-    return f"{database_url}{'&' if '?' in database_url else '?'}options={quote(f'-csearch_path={schema}')}"
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(sql))
+    finally:
+        engine.dispose()
 
 
 def stored_events(database_url: str) -> tuple[list[dict[str, Any]], int]:
@@ -802,7 +811,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=180)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument(
-        "--database-url", default=None, help="default: an SQLite file in a new home; PostgreSQL: a new schema in it"
+        "--database-url",
+        default=None,
+        help="default: an SQLite file in a new home; PostgreSQL: a new schema in it (dropped if every check passed)",
     )
     parser.add_argument("--restart-every", type=float, default=45, help="seconds; 0: never")
     parser.add_argument("--outage-every", type=float, default=0, help="seconds between write outages; 0: none")
@@ -814,8 +825,9 @@ def main() -> None:
 
     home = Path(tempfile.mkdtemp(prefix="soak-"))
     database_url = args.database_url or f"sqlite:///{home / 'risk_engine.db'}"
+    schema = None
     if database_url.startswith("postgresql"):
-        database_url = fresh_schema(database_url)
+        database_url, schema = fresh_schema(database_url)
     server = Server(home, database_url, args.workers)
     print(f"soak: {args.seconds:.0f} s, {args.workers} worker(s), {args.clients} clients, home {home}", flush=True)
     server.start()
@@ -898,6 +910,12 @@ def main() -> None:
         "restarts": sum(v for k, v in journal.policy_steps.items() if k.startswith("restart")),
         "failures": journal.statuses["failures"],
     }
+    if journal.statuses["failures"]:
+        print(f"kept to be looked into: {home}" + (f" and the schema {schema}" if schema else ""))
+    else:  # nothing to look into: a soak run again and again leaves nothing behind
+        if schema is not None and args.database_url is not None:
+            run_sql(args.database_url, f'DROP SCHEMA "{schema}" CASCADE')
+        shutil.rmtree(home, ignore_errors=True)
     print_footer(figures)
     sys.exit(1 if journal.statuses["failures"] else 0)
 
