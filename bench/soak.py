@@ -61,6 +61,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import print_footer  # noqa: E402
+from risk_engine.subjects import SUBJECT_KINDS  # noqa: E402
 
 BUSY_IP = "203.0.113.7"
 RETRYABLE = {502, 503, 504}
@@ -218,7 +219,7 @@ REVIEW_TEXTS = (
 )
 
 
-def other_event(rng: random.Random, suffix: str, paid: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+def review_event(rng: random.Random, suffix: str, paid: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
     """A review of a paid order, by its buyer: (subject, path, body)."""
     body = {
         "review_id": f"r_{suffix}",
@@ -285,6 +286,22 @@ def same_answer(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return {**a, "elapsed_ms": 0} == {**b, "elapsed_ms": 0}
 
 
+def scored(
+    client: httpx.Client, server: Server, journal: Journal, stop_by: float, subject: str, path: str, body: Any
+) -> dict[str, Any] | None:
+    """An event of ``subject`` scored: its answer, or None (no answer in time, or a failure noted)."""
+    response = send(client, server, stop_by, "POST", path, json=body)
+    if response is None:
+        return None
+    journal.statuses[f"{subject} {response.status_code}"] += 1
+    if response.status_code != 200:
+        event_id = body[SUBJECT_KINDS[subject].id_field]
+        journal.fail(f"{subject} {event_id}: {response.status_code} {response.text[:300]}")
+        return None
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
 def scorer(seed: int, server: Server, journal: Journal, token: str, stop: threading.Event, stop_by: float) -> None:
     """Score payments; replay one in ten and label one in fifty of those answered."""
     rng = random.Random(seed)
@@ -343,38 +360,22 @@ def scorer(seed: int, server: Server, journal: Journal, token: str, stop: thread
                             journal.labels[label_id] = target
             elif sent and roll < 0.19:
                 paid = rng.choice(sent)
-                subject, path, body = (
-                    account_event(rng, f"{seed}_{n}", paid)
-                    if roll < 0.135
-                    else other_event(rng, f"{seed}_{n}", paid)
-                    if roll < 0.16
-                    else merchant_event(rng, f"{seed}_{n}", paid)
-                )
+                make = account_event if roll < 0.135 else review_event if roll < 0.16 else merchant_event
+                subject, path, body = make(rng, f"{seed}_{n}", paid)
                 n += 1
-                response = send(client, server, stop_by, "POST", path, json=body)
-                if response is None:
-                    continue
-                journal.statuses[f"{subject} {response.status_code}"] += 1
-                if response.status_code != 200:
-                    journal.fail(f"{subject} {body}: {response.status_code} {response.text[:300]}")
-                    continue
-                with journal.lock:
-                    event_id = body.get("review_id") or body.get("account_id") or body["event_id"]
-                    journal.other_answers[subject, event_id] = response.json()
+                answer = scored(client, server, journal, stop_by, subject, path, body)
+                if answer is not None:
+                    with journal.lock:
+                        journal.other_answers[subject, body[SUBJECT_KINDS[subject].id_field]] = answer
             else:
                 body = payment_body(rng, f"soak_{seed}_{n}")
                 n += 1
-                response = send(client, server, stop_by, "POST", "/v1/payments/score", json=body)
-                if response is None:
-                    continue
-                journal.statuses[f"score {response.status_code}"] += 1
-                if response.status_code != 200:
-                    journal.fail(f"score {body['payment_id']}: {response.status_code} {response.text[:300]}")
-                    continue
-                with journal.lock:
-                    journal.answers[body["payment_id"]] = response.json()
-                    journal.paid_by_email[body["buyer"]["email"]].append(body["payment_id"])
-                sent.append(body)
+                answer = scored(client, server, journal, stop_by, "payment", "/v1/payments/score", body)
+                if answer is not None:
+                    with journal.lock:
+                        journal.answers[body["payment_id"]] = answer
+                        journal.paid_by_email[body["buyer"]["email"]].append(body["payment_id"])
+                    sent.append(body)
 
 
 def keyed(
@@ -608,7 +609,7 @@ def other_mismatches(database_url: str, answers: dict[tuple[str, str], dict[str,
             ).all()
     finally:
         engine.dispose()
-    stored = {(subject, event_id): json.loads(r) if isinstance(r, str | bytes) else r for subject, event_id, r in rows}
+    stored = {(subject, event_id): decoded(r) for subject, event_id, r in rows}
     wrong = []
     if len(rows) != len(stored):
         wrong.append(f"{len(rows) - len(stored)} reviews or merchant events stored twice")
@@ -618,6 +619,11 @@ def other_mismatches(database_url: str, answers: dict[tuple[str, str], dict[str,
         elif not same_answer(stored[key], answer):
             wrong.append(f"{key} is stored with another answer than it was given")
     return wrong
+
+
+def decoded(value: Any) -> Any:
+    """A JSON column's value: SQLite's driver gives its text, PostgreSQL's the decoded value."""
+    return json.loads(value) if isinstance(value, str | bytes) else value
 
 
 def fresh_schema(database_url: str) -> tuple[str, str]:
@@ -666,9 +672,6 @@ def stored_events(database_url: str) -> tuple[list[dict[str, Any]], int]:
     finally:
         engine.dispose()
 
-    def loaded(value: Any) -> Any:
-        return json.loads(value) if isinstance(value, str | bytes) else value
-
     def timestamp(at: Any) -> float:
         at = datetime.fromisoformat(at) if isinstance(at, str) else at
         return float((at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp())
@@ -683,9 +686,9 @@ def stored_events(database_url: str) -> tuple[list[dict[str, Any]], int]:
                 "scored_at": timestamp(row["created_at"]),
                 "seq": row["ingest_seq"],
                 "origin": row["origin"],
-                "record": loaded(row["record"]),
-                "aggregates": loaded(row["aggregates"]),
-                "response": loaded(row["response"]),
+                "record": decoded(row["record"]),
+                "aggregates": decoded(row["aggregates"]),
+                "response": decoded(row["response"]),
             }
         )
     return events, int(labels)
@@ -720,8 +723,7 @@ def count_mismatches(database_url: str) -> list[str]:
     hits: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
     shadowed: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
     for event_id, decision, response, shadow in rows:
-        response = json.loads(response) if isinstance(response, str | bytes) else response
-        shadow = json.loads(shadow) if isinstance(shadow, str | bytes) else shadow
+        response, shadow = decoded(response), decoded(shadow)
         outcome = (1, 1 if event_id in fraud else 0, 1 if fraud.get(event_id) else 0)
         for reason in response["reasons"]:
             if reason["source"] == "rule":
